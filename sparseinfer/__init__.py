@@ -1,0 +1,24 @@
+"""sparseinfer: sparse and quantized inference for PyTorch models.
+
+    import sparseinfer as si
+    w = si.pack(weight, "int4", group_size=128)
+    y = si.linear(x, w, bias)
+    model = si.compress(model, "2:4+int8")
+    si.save(model, "model.sinf"); model = si.load("model.sinf")
+
+Importing never initialises a GPU or requires the optional pieces (the C++ extension, Triton):
+those report what is missing when used (``si.backends()``).
+"""
+
+from ._version import __version__
+from .api import compress, explain
+from .backends import backends
+from .formats import CSRWeight, Int4Weight, Int8Weight, NMWeight, PackedWeight, pack
+from .recipe import Recipe, parse_layer_recipe
+from .runtime.linear import linear
+from .runtime.modules import CompressedConv2d, CompressedLinear
+from .runtime.serialization import ArtifactError, load, save
+
+__all__ = ["__version__", "pack", "linear", "compress", "explain", "save", "load", "backends", "ArtifactError",
+           "PackedWeight", "Int8Weight", "Int4Weight", "NMWeight", "CSRWeight", "CompressedLinear",
+           "CompressedConv2d", "Recipe", "parse_layer_recipe"]

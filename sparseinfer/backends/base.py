@@ -1,0 +1,41 @@
+"""The interface every execution backend implements.
+
+A backend turns ``y = x @ W.T + bias`` with a packed W into a kernel call. Backends are looked
+up by name in ``sparseinfer.backends.BACKENDS``; ``resolve()`` picks the best one for a call.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..formats import PackedWeight
+
+
+class BackendUnavailable(RuntimeError):
+    """Raised when an explicitly requested backend cannot run here; the message says why."""
+
+
+class Backend:
+    name: str = ""
+    priority: int = 0  # higher wins when several backends support a call
+
+    def availability(self) -> tuple[bool, str]:
+        """(available, a one-line reason or detail, e.g. the active ISA or what is missing)."""
+        raise NotImplementedError
+
+    def supports(self, w: PackedWeight, x: torch.Tensor) -> bool:
+        """Whether this backend has a kernel for this format, device and activation dtype."""
+        raise NotImplementedError
+
+    def linear(self, x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+        """y [..., N] = x [..., K] @ W.T + bias, in x.dtype. ``x`` already has a valid shape,
+        dtype and device (checked by ``sparseinfer.linear``)."""
+        raise NotImplementedError
+
+    def prepack(self, w: PackedWeight) -> None:
+        """Repack ``w`` into this backend's preferred layout now (load time) instead of on the
+        first call. Default: nothing to do."""
+
+    def kernel_name(self, w: PackedWeight, batch: int) -> str:
+        """The kernel a call with ``batch`` rows would run (for ``explain``)."""
+        return f"{self.name}:{w.fmt}"

@@ -1,0 +1,34 @@
+"""The ``sparseinfer`` command line. Each subcommand lives in ``sparseinfer/commands/<name>.py``
+and exposes ``register(subparsers)``, which adds its parser with ``func=<callable(args) -> int>``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = ("compress", "inspect", "run", "demo", "bench", "sweep")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ._version import __version__
+
+    parser = argparse.ArgumentParser(prog="sparseinfer", description="Compress PyTorch models and run them fast.")
+    parser.add_argument("--version", action="version", version=f"sparseinfer {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"sparseinfer.commands.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as err:  # bad input: a message, not a traceback
+        print(f"sparseinfer {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""PackedWeight: the common shape of every canonical packed format, plus shared validation
+and quantization helpers.
+
+A packed weight stands for a dense matrix W of shape (N, K) = (out_features, in_features).
+Each concrete format documents its tensors; all of them can:
+
+* ``to_dense()``   -- rebuild the exact dequantized W (float32 unless asked otherwise);
+* ``nbytes``       -- the true size of the packed tensors;
+* ``tensors()`` / ``params()`` -- named tensors and the JSON-able keyword arguments of ``pack``;
+  with ``shape`` that is all that is written to disk, and ``from_parts(tensors, shape, params)``
+  validates and rebuilds from it.
+
+Packing is canonical: ``pack(w.to_dense(), w.fmt, **w.params())`` reproduces ``w`` exactly,
+tensor for tensor. The quantizers below are built so that this holds by construction.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return _DTYPE_NAMES[dtype]
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    for dtype, n in _DTYPE_NAMES.items():
+        if n == name:
+            return dtype
+    raise ValueError(f"unknown float dtype name {name!r}; expected one of {sorted(_DTYPE_NAMES.values())}")
+
+
+class PackedWeight:
+    """Base class of the canonical packed formats (see the subclasses for layouts)."""
+
+    fmt: str  # the format name, e.g. "int4" or "2:4+int8"
+    kind: ClassVar[str]  # the family: "int8", "int4", "nm", "csr"
+    shape: tuple[int, int]  # true (N, K) of the dense weight
+
+    def __init__(self) -> None:
+        # Backend-specific repacked layouts, built once on first use (see ``prepacked``).
+        self._prepacked: dict[str, Any] = {}
+
+    # -- interface every format implements --------------------------------------------------
+    dense_dtype: torch.dtype = torch.float32  # what to_dense() returns by default
+
+    def to_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The exact dense weight [N, K] this packed weight stands for."""
+        raise NotImplementedError
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def params(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_parts(cls, tensors: dict[str, torch.Tensor], shape, params: dict[str, Any]) -> "PackedWeight":
+        raise NotImplementedError
+
+    # -- shared behaviour ------------------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    @property
+    def dense_nbytes(self) -> int:
+        """Size of the same weight stored dense in float32."""
+        return self.shape[0] * self.shape[1] * 4
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.tensors().values())).device
+
+    def to(self, device: torch.device | str) -> "PackedWeight":
+        from . import from_parts  # the registry imports this module
+
+        if torch.device(device) == self.device:
+            return self
+        moved = {k: v.to(device) for k, v in self.tensors().items()}
+        return from_parts(self.fmt, moved, self.shape, self.params())
+
+    def prepacked(self, key: str, build):
+        """Memoise a backend's repacked layout of this weight (built once, e.g. at load)."""
+        if key not in self._prepacked:
+            self._prepacked[key] = build(self)
+        return self._prepacked[key]
+
+    def equal(self, other: "PackedWeight") -> bool:
+        """Exact equality of format, parameters and every tensor (bit for bit)."""
+        if type(self) is not type(other) or self.shape != other.shape or self.params() != other.params():
+            return False
+        a, b = self.tensors(), other.tensors()
+        return a.keys() == b.keys() and all(
+            a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a
+        )
+
+    def __repr__(self) -> str:
+        n, k = self.shape
+        return f"{type(self).__name__}(fmt={self.fmt!r}, shape=({n}, {k}), nbytes={self.nbytes})"
+
+
+# -- validation ------------------------------------------------------------------------------
+
+def check_weight(weight: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Validate a dense weight for packing; returns it unchanged."""
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"pack({fmt!r}): weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"pack({fmt!r}): weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    if weight.dtype not in FLOAT_DTYPES:
+        raise ValueError(
+            f"pack({fmt!r}): weight dtype {weight.dtype} is not supported (shape {tuple(weight.shape)}); "
+            f"use float32, float16 or bfloat16"
+        )
+    if weight.numel() == 0:
+        raise ValueError(f"pack({fmt!r}): weight of shape {tuple(weight.shape)} is empty")
+    if not torch.isfinite(weight).all():
+        bad = int((~torch.isfinite(weight)).sum())
+        raise ValueError(f"pack({fmt!r}): weight of shape {tuple(weight.shape)} has {bad} NaN/Inf entries")
+    return weight
+
+
+def check_group_size(group_size: int | None, k: int, fmt: str, shape) -> int:
+    """Resolve ``group_size`` (None = one group per row) to an int; reject bad values."""
+    if group_size is None or group_size == -1:
+        return k
+    if not isinstance(group_size, int) or isinstance(group_size, bool):
+        raise ValueError(f"pack({fmt!r}): group_size must be an int or None, got {group_size!r}")
+    if group_size <= 0 or group_size & (group_size - 1):
+        raise ValueError(f"pack({fmt!r}): group_size={group_size} is not a power of two (weight shape {tuple(shape)})")
+    if group_size > k:
+        raise ValueError(f"pack({fmt!r}): group_size={group_size} is larger than K={k} (weight shape {tuple(shape)})")
+    return group_size
+
+
+def check_tensor(tensors: dict, name: str, dtype: torch.dtype, shape: tuple, fmt: str) -> torch.Tensor:
+    """Used by ``from_parts`` to validate tensors read back from disk or handed in by a user."""
+    if name not in tensors:
+        raise ValueError(f"{fmt}: missing tensor {name!r}")
+    t = tensors[name]
+    if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{fmt}: tensor {name!r} should be {dtype} {tuple(shape)}, got {t.dtype} {tuple(t.shape)}")
+    return t.contiguous()
+
+
+def pad_k(w: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad the last dim up to a multiple of ``multiple``."""
+    k = w.shape[-1]
+    kp = math.ceil(k / multiple) * multiple
+    return w if kp == k else torch.nn.functional.pad(w, (0, kp - k))
+
+
+# -- quantizers ------------------------------------------------------------------------------
+#
+# Symmetric codes use the "signed absmax" rule: in each group the entry of largest magnitude,
+# with its sign, maps to the most negative code (-128 or -8), so scale = m / qmin is exact
+# (a power-of-two division) and all 2^b codes are used. Re-quantizing the dequantized group
+# finds the same entry (the only one with |code| = 2^(b-1)) and hence the same scale:
+# packing is idempotent by construction.
+
+def symmetric_quantize(groups: torch.Tensor, bits: int, scale: torch.Tensor | None = None):
+    """groups: float32 [..., g] -> (codes int32 in [-2^(b-1), 2^(b-1)-1], scale float32 [...])."""
+    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    if scale is None:
+        idx = groups.abs().argmax(dim=-1, keepdim=True)
+        m = groups.gather(-1, idx).squeeze(-1)
+        scale = torch.where(m == 0, torch.ones_like(m), m / qmin)
+    codes = torch.round(groups / scale.unsqueeze(-1)).clamp_(qmin, qmax).to(torch.int32)
+    return codes, scale.to(torch.float32)
+
+
+def _round_up_mantissa(x: torch.Tensor, keep_bits: int) -> torch.Tensor:
+    """Round positive float32 values up to ``keep_bits`` significant bits, so that products with
+    small integers (and their differences) are exact in float32."""
+    drop = 24 - keep_bits
+    bits = x.contiguous().view(torch.int32)
+    bits = (bits + ((1 << drop) - 1)) & ~((1 << drop) - 1)
+    return bits.view(torch.float32)
+
+
+def asymmetric_quantize(groups: torch.Tensor, bits: int, scale=None, zero=None):
+    """groups float32 [..., g] -> (codes int32 in [0, 2^b-1], scale float32 [...], zero int32 [...]).
+
+    Dequantization is ``(code - zero) * scale``. The range is widened to include 0 so that 0 is
+    exact. Scales keep 19 significant bits (exact products with codes), and the result is iterated
+    to its fixed point so that re-packing the dequantized weight reproduces it exactly.
+    """
+    levels = (1 << bits) - 1
+    if scale is not None:
+        zero = zero.to(torch.int32)
+        codes = (torch.round(groups / scale.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp_(0, levels).to(torch.int32)
+        return codes, scale.to(torch.float32), zero
+    for _ in range(16):
+        lo = groups.amin(dim=-1).clamp(max=0)
+        hi = groups.amax(dim=-1).clamp(min=0)
+        span = hi - lo
+        scale = torch.where(span == 0, torch.ones_like(span), _round_up_mantissa(span / levels, 19))
+        zero = torch.round(-lo / scale).clamp_(0, levels).to(torch.int32)
+        codes = (torch.round(groups / scale.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp_(0, levels).to(torch.int32)
+        deq = (codes - zero.unsqueeze(-1)).to(torch.float32) * scale.unsqueeze(-1)
+        if torch.equal(deq, groups):
+            break
+        groups = deq
+    return codes, scale, zero

@@ -1,0 +1,99 @@
+"""CSR: compressed sparse rows, for unstructured sparsity.
+
+Layout (N = out_features, nnz = stored non-zeros)::
+
+    crow    int64 [N + 1]   row n holds entries crow[n] .. crow[n+1]-1
+    col     int32 [nnz]     column of each entry, increasing within a row
+    values  [nnz]           float (the weight's dtype), or int8 with
+    scale   float32 [N]     a per-row scale (csr+int8, signed absmax as in int8)
+
+Only non-zero entries are stored (an int8 code of 0 is dropped), which makes packing canonical.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import FLOAT_DTYPES, PackedWeight, check_tensor, check_weight, symmetric_quantize
+
+
+class CSRWeight(PackedWeight):
+    kind = "csr"
+
+    def __init__(self, crow, col, values, scale, k: int):
+        super().__init__()
+        self.crow, self.col, self.values, self.scale = crow, col, values, scale
+        self.shape = (crow.shape[0] - 1, k)
+        self.quantized = scale is not None
+        self.fmt = "csr+int8" if self.quantized else "csr"
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, values: str | None = None, fmt: str = "csr") -> "CSRWeight":
+        check_weight(weight, fmt)
+        scale = None
+        if values == "int8":
+            codes, scale = symmetric_quantize(weight.float(), 8)
+            weight = codes.to(torch.int8)
+        elif values is not None:
+            raise ValueError(f"pack({fmt!r}): unknown CSR value format {values!r}; expected int8 or none")
+        mask = weight != 0
+        crow = torch.zeros(weight.shape[0] + 1, dtype=torch.int64, device=weight.device)
+        crow[1:] = mask.sum(dim=1).cumsum(0)
+        col = mask.nonzero()[:, 1].to(torch.int32)  # row-major order: rows, then columns ascending
+        return cls(crow, col, weight[mask].contiguous(), scale, weight.shape[1])
+
+    @property
+    def nnz(self) -> int:
+        return self.col.numel()
+
+    @property
+    def density(self) -> float:
+        return self.nnz / (self.shape[0] * self.shape[1])
+
+    @property
+    def dense_dtype(self) -> torch.dtype:
+        return torch.float32 if self.quantized else self.values.dtype
+
+    def row_values(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """values [nnz], dequantized."""
+        dtype = dtype or self.dense_dtype
+        if not self.quantized:
+            return self.values.to(dtype)
+        rows = torch.repeat_interleave(torch.arange(self.shape[0], device=self.crow.device), self.crow.diff())
+        return (self.values.float() * self.scale[rows]).to(dtype)
+
+    def to_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or self.dense_dtype
+        rows = torch.repeat_interleave(torch.arange(self.shape[0], device=self.crow.device), self.crow.diff())
+        dense = torch.zeros(self.shape, dtype=dtype, device=self.crow.device)
+        dense[rows, self.col.long()] = self.row_values(dtype)
+        return dense
+
+    def tensors(self):
+        t = {"crow": self.crow, "col": self.col, "values": self.values}
+        if self.quantized:
+            t["scale"] = self.scale
+        return t
+
+    def params(self):
+        return {}
+
+    @classmethod
+    def from_parts(cls, tensors, shape, params, fmt: str = "csr"):
+        rows, k = shape
+        crow = check_tensor(tensors, "crow", torch.int64, (rows + 1,), fmt)
+        nnz = int(crow[-1]) if crow.numel() else 0
+        if int(crow[0]) != 0 or (crow.diff() < 0).any() or (crow.diff() > k).any():
+            raise ValueError(f"{fmt}: corrupt crow (must start at 0, be non-decreasing, at most K={k} per row)")
+        col = check_tensor(tensors, "col", torch.int32, (nnz,), fmt)
+        if nnz and (int(col.min()) < 0 or int(col.max()) >= k):
+            raise ValueError(f"{fmt}: column index out of range 0..{k - 1}")
+        if fmt == "csr+int8":
+            values = check_tensor(tensors, "values", torch.int8, (nnz,), fmt)
+            scale = check_tensor(tensors, "scale", torch.float32, (rows,), fmt)
+        else:
+            values = tensors.get("values")
+            if values is None or values.dtype not in FLOAT_DTYPES:
+                raise ValueError(f"{fmt}: missing or non-float tensor 'values'")
+            values, scale = check_tensor(tensors, "values", values.dtype, (nnz,), fmt), None
+        return cls(crow, col, values, scale, k)

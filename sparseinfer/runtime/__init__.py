@@ -1,0 +1,1 @@
+"""The runtime: linear(), the compressed modules, the custom op and save/load."""

@@ -1,0 +1,46 @@
+"""``linear``: the one entry point every compressed layer calls."""
+
+from __future__ import annotations
+
+import torch
+
+from ..backends import resolve
+from ..formats import PackedWeight
+
+ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_linear_args(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None) -> None:
+    if not isinstance(w, PackedWeight):
+        raise TypeError(f"linear: w must be a PackedWeight (from sparseinfer.pack), got {type(w).__name__}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"linear: x must be a torch.Tensor, got {type(x).__name__}")
+    n, k = w.shape
+    if x.dim() == 0 or x.shape[-1] != k:
+        raise ValueError(f"linear: x of shape {tuple(x.shape)} does not match weight {w.fmt} of shape ({n}, {k}): "
+                         f"the last dim must be K={k}")
+    if x.dtype not in ACTIVATION_DTYPES:
+        raise ValueError(f"linear: activation dtype {x.dtype} is not supported (x shape {tuple(x.shape)}); "
+                         f"use float32, bfloat16 or float16")
+    if x.device != w.device:
+        raise ValueError(f"linear: x is on {x.device} but the packed weight is on {w.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n,):
+            got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise ValueError(f"linear: bias must have shape ({n},), got {got}")
+        if bias.device != x.device:
+            raise ValueError(f"linear: bias is on {bias.device} but x is on {x.device}")
+
+
+def linear(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, backend: str | None = None):
+    """y [..., N] = x [..., K] @ W.T + bias, with W the packed weight ``w`` of shape (N, K).
+
+    x: float32, bfloat16 or float16, any number of leading dims; the result has x's dtype.
+    backend: "reference", "cpu", "triton", or None for the best available for x's device,
+    the weight's format and x's dtype (see ``sparseinfer.backends()``).
+    """
+    check_linear_args(x, w, bias)
+    b = resolve(w, x, backend)
+    lead = x.shape[:-1]
+    y = b.linear(x.reshape(-1, w.shape[1]), w, bias)
+    return y.reshape(*lead, w.shape[0])

@@ -1,0 +1,87 @@
+"""nn.Modules that hold one PackedWeight and run it through ``linear``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..formats import PackedWeight, from_parts
+from . import ops
+from .linear import linear
+
+
+def _buffer_name(tensor_name: str) -> str:
+    return "packed_" + tensor_name.replace(".", "__")
+
+
+class CompressedLinear(nn.Module):
+    """Drop-in for nn.Linear with a packed weight. The packed tensors are registered as buffers
+    (``packed_<name>``), so state_dict, ``.to(device)`` and export see them."""
+
+    def __init__(self, packed: PackedWeight, bias: torch.Tensor | None = None, backend: str | None = None):
+        super().__init__()
+        self.in_features, self.out_features = packed.shape[1], packed.shape[0]
+        self.backend = backend
+        self._fmt, self._params = packed.fmt, packed.params()
+        self._names = list(packed.tensors())
+        for name, t in packed.tensors().items():
+            self.register_buffer(_buffer_name(name), t)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.packed = packed
+
+    def _rebuild(self) -> None:
+        tensors = {n: getattr(self, _buffer_name(n)) for n in self._names}
+        if any(t is not self.packed.tensors()[n] for n, t in tensors.items()):
+            self.packed = from_parts(self._fmt, tensors, (self.out_features, self.in_features), self._params)
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._rebuild()  # the buffers were replaced (device / dtype move): rebuild the packed view
+        return out
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._rebuild()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_exporting():
+            tensors = [getattr(self, _buffer_name(n)) for n in self._names]
+            return torch.ops.sparseinfer.packed_linear(x, tensors, ops.make_spec(self.packed), self.bias)
+        return linear(x, self.packed, self.bias, self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, fmt={self._fmt!r}, "
+                f"params={self._params}, bias={self.bias is not None}")
+
+
+class CompressedConv2d(nn.Module):
+    """nn.Conv2d (groups=1, zero padding) run as a GEMM: unfold the input into patches and
+    multiply by the packed weight [out_channels, in_channels * kh * kw]."""
+
+    def __init__(self, linear_layer: CompressedLinear, kernel_size, stride, padding, dilation):
+        super().__init__()
+        self.linear = linear_layer
+        self.kernel_size, self.stride, self.padding, self.dilation = kernel_size, stride, padding, dilation
+
+    @staticmethod
+    def eligible(conv: nn.Conv2d) -> str | None:
+        """None if ``conv`` can be compressed, else why not."""
+        if conv.groups != 1:
+            return f"groups={conv.groups} (only groups=1 runs as one GEMM)"
+        if conv.padding_mode != "zeros":
+            return f"padding_mode={conv.padding_mode!r}"
+        if isinstance(conv.padding, str):
+            return f"padding={conv.padding!r}"
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        patches = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # [B, C*kh*kw, L]
+        y = self.linear(patches.transpose(1, 2))  # [B, L, O]
+        oh = (h + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
+        ow = (w + 2 * self.padding[1] - self.dilation[1] * (self.kernel_size[1] - 1) - 1) // self.stride[1] + 1
+        return y.transpose(1, 2).reshape(b, -1, oh, ow)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, dilation={self.dilation}"
