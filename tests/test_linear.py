@@ -1,0 +1,89 @@
+"""sparseinfer.linear on the reference backend: math against float64, shapes, dtypes, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sparseinfer as si
+from sparseinfer.backends import BackendUnavailable
+
+FORMATS = ["int8", "int4", "2:4", "2:4+int8", "2:4+int4", "4:8", "csr", "csr+int8"]
+# ||y - y64|| / ||y64||: fp32 accumulation over K <= 300 stays far below 1e-5; bf16/fp16 inputs
+# and outputs are rounded to 8/11 bits, so the bound is a few units of their epsilon.
+TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def _packed(fmt, n, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    params = {"group_size": 32} if fmt in ("int4", "2:4+int4") else {}
+    return si.pack(w, fmt, **params)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("m,n,k", [(1, 7, 100), (3, 33, 129), (17, 1, 64), (2, 5, 260)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_reference_matches_float64(fmt, m, n, k, dtype):
+    w = _packed(fmt, n, k, seed=m * n + k)
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    bias = torch.randn(n, generator=g)
+    y = si.linear(x, w, bias, backend="reference")
+    assert y.dtype == dtype and y.shape == (m, n)
+    ref = x.double() @ w.to_dense().double().T + bias.double()
+    err = ((y.double() - ref).norm() / ref.norm()).item()
+    assert err < TOL[dtype], f"{fmt} {m}x{n}x{k} {dtype}: rel err {err:.2e}"
+
+
+def test_leading_batch_dims_and_no_bias():
+    w = _packed("int4", 12, 64)
+    x = torch.randn(2, 3, 5, 64)
+    y = si.linear(x, w)
+    assert y.shape == (2, 3, 5, 12)
+    assert torch.allclose(y, x @ w.to_dense().T, rtol=1e-5, atol=1e-5)
+
+
+def test_non_contiguous_input():
+    w = _packed("int8", 9, 40)
+    x = torch.randn(40, 6).T  # non-contiguous [6, 40]
+    assert torch.allclose(si.linear(x, w), x @ w.to_dense().T, rtol=1e-5, atol=1e-5)
+
+
+def test_default_backend_is_available_one():
+    w = _packed("2:4", 4, 16)
+    report = si.backends()
+    assert report["reference"]["available"]
+    y = si.linear(torch.randn(2, 16), w)
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize(
+    "x,bias,match",
+    [
+        (torch.randn(3, 63), None, r"\(3, 63\).*K=64"),
+        (torch.randn(3, 64).double(), None, r"float64"),
+        (torch.randint(0, 3, (3, 64)), None, r"int64"),
+        (torch.randn(3, 64), torch.randn(7), r"bias must have shape \(8,\), got \(7,\)"),
+        (torch.tensor(1.0), None, r"last dim must be K=64"),
+    ],
+)
+def test_bad_linear_arguments(x, bias, match):
+    w = _packed("int8", 8, 64)
+    with pytest.raises(ValueError, match=match):
+        si.linear(x, w, bias)
+
+
+def test_bad_backend_names():
+    w = _packed("int8", 8, 64)
+    with pytest.raises(ValueError, match="unknown backend 'gpu9'"):
+        si.linear(torch.randn(1, 64), w, backend="gpu9")
+    unavailable = [name for name, r in si.backends().items() if not r["available"]]
+    for name in unavailable:
+        with pytest.raises(BackendUnavailable, match=f"backend '{name}' is not available"):
+            si.linear(torch.randn(1, 64), w, backend=name)
+
+
+def test_weight_must_be_packed():
+    with pytest.raises(TypeError, match="PackedWeight"):
+        si.linear(torch.randn(1, 4), torch.randn(4, 4))
