@@ -51,6 +51,8 @@ def resolve(w: PackedWeight, x: torch.Tensor, backend: str | None = None) -> Bac
             )
         return b
     for b in sorted(BACKENDS.values(), key=lambda b: -b.priority):
+        if b.auto_devices is not None and x.device.type not in b.auto_devices:
+            continue
         if b.availability()[0] and b.supports(w, x):
             return b
     return BACKENDS["reference"]

@@ -18,6 +18,9 @@ class BackendUnavailable(RuntimeError):
 class Backend:
     name: str = ""
     priority: int = 0  # higher wins when several backends support a call
+    # Device types this backend is chosen for automatically (backend=None); None = any. It can
+    # still run elsewhere when named explicitly (e.g. Triton's CPU interpreter, for tests).
+    auto_devices: frozenset[str] | None = None
 
     def availability(self) -> tuple[bool, str]:
         """(available, a one-line reason or detail, e.g. the active ISA or what is missing)."""

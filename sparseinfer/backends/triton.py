@@ -1,16 +1,159 @@
-"""The Triton GPU backend. Placeholder until the kernels land: reports itself unavailable."""
+"""The Triton GPU backend: the kernels in ``kernels/`` (installed as ``sparseinfer.kernels``).
+
+It runs every format on CUDA tensors (the default there: priority 20) and, for testing, on CPU
+tensors through Triton's interpreter when ``TRITON_INTERPRET=1`` was set before triton was first
+imported. Importing this module never imports triton: availability is read from the installed
+package metadata, and the kernels are imported at the first call.
+
+Prepack (once per weight, memoised with ``w.prepacked("triton", ...)``):
+
+* int8 / int4: scales (and int4 zero points) transposed to [G, N], so that the scales of a tile
+  of output rows are contiguous; the codes keep their canonical K-contiguous rows.
+* N:M: the same for quantized values; metadata widened to power-of-two bit fields (4:8's 3-bit
+  indices to 4 bits) so that no index straddles a byte; 2:4 metadata is used as is.
+* CSR: a ``CSRPlan`` that builds the torch.sparse tensor lazily and remembers, per batch bucket,
+  whether the Triton SpMM or torch.sparse.mm measured faster.
+"""
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
+import importlib.util
+import os
+
+import torch
+
+from ..formats import CSRWeight, Int4Weight, Int8Weight, NMWeight, PackedWeight
 from .base import Backend
+
+ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_NM_GROUP = 32  # N:M kernels handle groups up to 32 wide (kernels.nm_linear.MAX_M)
+
+
+GEMV_MAX_M = 8  # batch rows up to which the GEMV kernels run (the kernels' GEMV_MAX_M; a test checks)
+
+
+@functools.cache
+def _triton_version() -> str | None:
+    """The installed Triton's version, or None; found without importing triton."""
+    try:
+        if importlib.util.find_spec("triton") is None:
+            return None
+    except (ValueError, ImportError):  # sys.modules["triton"] is None or broken
+        return None
+    try:
+        return importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown version"
+
+
+def interpreter_requested() -> bool:
+    """TRITON_INTERPRET as Triton reads it (it must be set before triton is first imported)."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
+
+
+def _cuda_ok() -> bool:
+    return torch.cuda.is_available()
 
 
 class TritonBackend(Backend):
     name = "triton"
     priority = 20
+    auto_devices = frozenset({"cuda"})  # the CPU interpreter is for tests: only when named
 
     def availability(self):
-        return False, "the Triton kernels are not part of this version"
+        version = _triton_version()
+        if version is None:
+            return False, "Triton is not installed (pip install 'sparseinfer[triton]')"
+        if _cuda_ok():
+            return True, f"Triton {version} on {torch.cuda.device_count()} CUDA device(s)"
+        if interpreter_requested():
+            return True, f"Triton {version} interpreter (TRITON_INTERPRET=1): CPU tensors, slowly; for testing"
+        return False, (f"Triton {version} is installed but there is no CUDA GPU; set TRITON_INTERPRET=1 before "
+                       f"triton is imported to run its kernels on CPU tensors through the interpreter")
 
-    def supports(self, w, x):
-        return False
+    def supports(self, w: PackedWeight, x: torch.Tensor) -> bool:
+        if _triton_version() is None or x.dtype not in ACTIVATION_DTYPES:
+            return False
+        if x.device.type == "cuda":
+            if not _cuda_ok():
+                return False
+        elif x.device.type != "cpu" or not interpreter_requested():
+            return False
+        if isinstance(w, (Int8Weight, Int4Weight, CSRWeight)):
+            return True
+        return isinstance(w, NMWeight) and w.m <= MAX_NM_GROUP
+
+    # -- prepack -----------------------------------------------------------------------------
+
+    def prepack(self, w: PackedWeight) -> None:
+        self._packed(w)
+
+    def _packed(self, w: PackedWeight) -> dict:
+        return w.prepacked("triton", _prepack)
+
+    # -- run ---------------------------------------------------------------------------------
+
+    def linear(self, x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+        if x.device != w.device:
+            raise ValueError(f"triton: x is on {x.device} but the packed weight is on {w.device}")
+        if bias is not None and bias.device != x.device:
+            raise ValueError(f"triton: bias is on {bias.device} but x is on {x.device}")
+        if not self.supports(w, x):
+            raise RuntimeError(f"triton: no kernel for format {w.fmt!r} with {x.dtype} activations on {x.device}"
+                               + (" (CPU tensors need TRITON_INTERPRET=1)" if x.device.type == "cpu" else ""))
+        p = self._packed(w)
+        kind = p["kind"]
+        if kind == "int8":
+            from sparseinfer.kernels.int8_linear import int8_linear
+
+            return int8_linear(x, p["qweight"], p["scale_t"], bias)
+        if kind == "int4":
+            from sparseinfer.kernels.int4_linear import int4_linear
+
+            return int4_linear(x, p["qweight"], p["scale_t"], p["zero_t"], bias)
+        if kind == "nm":
+            from sparseinfer.kernels.nm_linear import nm_linear
+
+            return nm_linear(x, p["values"], p["meta"], p["n"], p["m"], bias, scale_t=p["scale_t"],
+                             zero_t=p["zero_t"], value_format=p["value_format"])
+        return p["plan"].linear(x, bias)
+
+    def kernel_name(self, w: PackedWeight, batch: int) -> str:
+        variant = "gemv" if batch <= GEMV_MAX_M else "dot"
+        if isinstance(w, Int8Weight):
+            return f"triton:int8_w8a16_{variant}"
+        if isinstance(w, Int4Weight):
+            return f"triton:int4_w4a16_{variant}"
+        if isinstance(w, NMWeight):
+            return f"triton:nm_{variant}({w.fmt})"
+        return "triton:csr_spmm|torch.sparse.mm (measured per batch)"
+
+
+def _prepack(w: PackedWeight) -> dict:
+    """The kernels' layout of a canonical weight (see the module docstring)."""
+    if isinstance(w, Int8Weight):
+        return {"kind": "int8", "qweight": w.qweight, "scale_t": w.scale.T.contiguous()}
+    if isinstance(w, Int4Weight):
+        return {"kind": "int4", "qweight": w.qweight, "scale_t": w.scale.T.contiguous(),
+                "zero_t": None if w.zero is None else w.zero.T.contiguous()}
+    if isinstance(w, NMWeight):
+        from sparseinfer.kernels.nm_linear import repack_meta
+
+        p = {"kind": "nm", "n": w.n, "m": w.m, "value_format": w.value_format,
+             "meta": repack_meta(w.meta, w.m, w.kc), "scale_t": None, "zero_t": None}
+        if w.value_format is None:
+            p["values"] = w.values
+        else:
+            q = w.values
+            p["values"] = q.qweight
+            p["scale_t"] = q.scale.T.contiguous()
+            if getattr(q, "zero", None) is not None:
+                p["zero_t"] = q.zero.T.contiguous()
+        return p
+    if isinstance(w, CSRWeight):
+        from sparseinfer.kernels.csr_linear import CSRPlan
+
+        return {"kind": "csr", "plan": CSRPlan(w.crow, w.col, w.values, w.scale, w.shape)}
+    raise ValueError(f"triton: no kernels for format {w.fmt!r} ({type(w).__name__})")
