@@ -1,17 +1,123 @@
-"""The C++ CPU backend (sparseinfer._C). Placeholder until the extension lands: reports itself
-unavailable so that dispatch falls back to the reference backend."""
+"""The C++ CPU backend: kernels in ``csrc/`` compiled into ``sparseinfer._C``.
+
+Dispatch inside the extension picks the instruction set once (AVX-512 / AVX2 / NEON / scalar,
+``SPARSEINFER_ISA`` forces one) and a kernel per format and batch size; this module only prepacks
+weights and shapes the call:
+
+* ``prepack(w)`` validates the canonical tensors once and returns an ``_C.Weight`` view of them,
+  memoised on the weight (``w.prepacked("cpu", ...)``); the artifact stays canonical.
+* ``linear(x2d, w, bias)`` allocates ``out`` and calls ``_C.linear`` with ``torch.get_num_threads()``
+  threads (the GIL is released while the kernel runs).
+
+The kernels are inference-only: a call that needs gradients for ``x`` is left to the reference
+backend (``supports`` says no), and a bias that needs gradients is added outside the kernel.
+"""
 
 from __future__ import annotations
 
+import torch
+
+from .. import _native
+from ..formats import CSRWeight, Int4Weight, Int8Weight, NMWeight, PackedWeight
+from ..formats.base import FLOAT_DTYPES
 from .base import Backend
+
+_INT32_MAX = 2**31 - 1
+_PREPACK_KEY = "cpu"
+
+
+def _contig(t: torch.Tensor) -> torch.Tensor:
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _pack_quant(C, w: Int8Weight | Int4Weight):
+    k = w.shape[1]
+    if isinstance(w, Int8Weight):
+        return C.pack_int8(_contig(w.qweight), _contig(w.scale), k)
+    zero = None if w.zero is None else _contig(w.zero)
+    return C.pack_int4(_contig(w.qweight), _contig(w.scale), zero, k)
+
+
+def build_native_weight(w: PackedWeight):
+    """The ``_C.Weight`` for a canonical packed weight (validated by the extension)."""
+    C = _native.require_native()
+    if isinstance(w, (Int8Weight, Int4Weight)):
+        return _pack_quant(C, w)
+    if isinstance(w, NMWeight):
+        values = _pack_quant(C, w.values) if w.value_format else _contig(w.values)
+        return C.pack_nm(_contig(w.meta), w.n, w.m, w.shape[1], values)
+    if isinstance(w, CSRWeight):
+        scale = _contig(w.scale) if w.quantized else None
+        return C.pack_csr(_contig(w.crow), _contig(w.col), _contig(w.values), scale, w.shape[1])
+    raise TypeError(f"cpu backend: no kernels for {type(w).__name__} (format {getattr(w, 'fmt', '?')!r})")
+
+
+def _float_values_ok(w: PackedWeight) -> bool:
+    if isinstance(w, NMWeight) and not w.value_format:
+        return w.values.dtype in FLOAT_DTYPES
+    if isinstance(w, CSRWeight) and not w.quantized:
+        return w.values.dtype in FLOAT_DTYPES
+    return True
 
 
 class CpuBackend(Backend):
     name = "cpu"
     priority = 10
 
-    def availability(self):
-        return False, "the C++ CPU kernels are not built in this version"
+    def __init__(self) -> None:
+        self._availability: tuple[bool, str] | None = None
 
-    def supports(self, w, x):
-        return False
+    def availability(self) -> tuple[bool, str]:
+        if self._availability is None:
+            C = _native._C
+            if C is None:
+                self._availability = (False, f"sparseinfer._C is not built ({_native._C_ERROR}); {_native.BUILD_HINT}")
+            else:
+                try:
+                    isa = C.active_isa()
+                except ValueError as err:  # SPARSEINFER_ISA names an unknown or unsupported ISA
+                    self._availability = (False, str(err))
+                else:
+                    self._availability = (True, f"C++ kernels, ISA {isa} (available: {', '.join(C.available_isas())})")
+        return self._availability
+
+    def supports(self, w: PackedWeight, x: torch.Tensor) -> bool:
+        if not isinstance(w, (Int8Weight, Int4Weight, NMWeight, CSRWeight)) or not _float_values_ok(w):
+            return False
+        if x.device.type != "cpu" or w.device.type != "cpu" or x.dtype not in FLOAT_DTYPES:
+            return False
+        if x.requires_grad and torch.is_grad_enabled():
+            return False  # the kernels do not record autograd history
+        n, k = w.shape
+        rows = x.numel() // k if k else 0
+        return max(n, k, rows) <= _INT32_MAX
+
+    def prepack(self, w: PackedWeight):
+        """Validate and view ``w`` for the kernels now (load time); memoised on ``w``."""
+        return w.prepacked(_PREPACK_KEY, build_native_weight)
+
+    def linear(self, x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+        """y [M, N] = x [M, K] @ W.T + bias in x.dtype (x float32 / bfloat16 / float16, on the CPU)."""
+        C = _native.require_native()
+        handle = self.prepack(w)
+        if x.dim() == 2 and x.shape[1] > 1 and x.stride(1) != 1:
+            x = x.contiguous()  # rows may be strided, elements within a row may not
+        late_bias = None
+        if bias is not None:
+            if bias.requires_grad and torch.is_grad_enabled():
+                late_bias, bias = bias, None  # keep the bias's gradient: add it in autograd
+            elif bias.dtype not in FLOAT_DTYPES:
+                bias = bias.to(torch.float32)
+            if bias is not None:
+                bias = _contig(bias)
+        out = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
+        C.linear(x, handle, out, bias, num_threads=torch.get_num_threads())
+        if late_bias is not None:
+            out = (out.float() + late_bias.float()).to(x.dtype)
+        return out
+
+    def kernel_name(self, w: PackedWeight, batch: int) -> str:
+        C = _native._C
+        if C is None or not self.availability()[0]:
+            return f"cpu:{w.fmt} (unavailable)"
+        return f"cpu:{C.kernel_name(self.prepack(w), batch)}"

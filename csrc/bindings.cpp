@@ -1,0 +1,494 @@
+// sparseinfer._C: the Python face of the CPU kernels (pybind11, no libtorch headers).
+//
+// Torch tensors are read through their Python attributes (dtype, shape, stride(), data_ptr(),
+// device, layout), so the extension builds in seconds against nothing but pybind11. Every
+// argument is checked here -- type, device, dtype, rank, shape, int32 range, strides, overlap --
+// before a kernel sees a pointer, and kernel error codes become messages that name the shapes.
+//
+//   w = _C.pack_int4(qweight, scale, zero, K)      # once per weight (prepack): validates, keeps refs
+//   _C.linear(x, w, out, bias, num_threads, isa)   # per call: checks x / out / bias, releases the GIL
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "sparseinfer/dispatch.h"
+#include "sparseinfer/kernels.h"
+
+namespace py = pybind11;
+using namespace sparseinfer;
+
+namespace {
+
+constexpr int64_t kInt32Max = 2147483647;
+
+// -- torch objects, looked up once -----------------------------------------------------------------
+
+struct TorchTypes {
+  py::object tensor_type, strided;
+  py::object dtypes[int(DType::unknown)];  // indexed by DType
+};
+
+const TorchTypes& torch_types() {
+  PYBIND11_CONSTINIT static py::gil_safe_call_once_and_store<TorchTypes> storage;
+  return storage
+      .call_once_and_store_result([] {
+        py::module_ torch = py::module_::import("torch");
+        TorchTypes t;
+        t.tensor_type = torch.attr("Tensor");
+        t.strided = torch.attr("strided");
+        const char* names[] = {"float32", "bfloat16", "float16", "int8", "uint8", "int32", "int64"};
+        for (int i = 0; i < int(DType::unknown); ++i) t.dtypes[i] = torch.attr(names[i]);
+        return t;
+      })
+      .get_stored();
+}
+
+// -- tensor inspection -------------------------------------------------------------------------------
+
+struct Tensor {
+  std::string name;  // the argument name used in messages
+  uintptr_t ptr = 0;
+  DType dtype = DType::unknown;
+  std::string dtype_str;  // torch's name, also for dtypes we do not know
+  std::vector<int64_t> shape, strides;
+  py::object obj;
+
+  int64_t dim() const { return int64_t(shape.size()); }
+  std::string shape_str() const {
+    std::ostringstream s;
+    s << "(";
+    for (size_t i = 0; i < shape.size(); ++i) s << (i ? ", " : "") << shape[i];
+    s << (shape.size() == 1 ? ",)" : ")");
+    return s.str();
+  }
+  std::string strides_str() const {
+    std::ostringstream s;
+    s << "(";
+    for (size_t i = 0; i < strides.size(); ++i) s << (i ? ", " : "") << strides[i];
+    s << (strides.size() == 1 ? ",)" : ")");
+    return s.str();
+  }
+  std::string desc() const { return name + " " + dtype_str + shape_str(); }
+  // Bytes spanned from the first to one past the last element (0 if empty).
+  int64_t extent_bytes() const {
+    int64_t last = 0;
+    for (size_t i = 0; i < shape.size(); ++i) {
+      if (shape[i] == 0) return 0;
+      last += (shape[i] - 1) * strides[i];
+    }
+    return (last + 1) * int64_t(dtype_size(dtype));
+  }
+};
+
+[[noreturn]] void value_error(const std::string& msg) { throw py::value_error(msg); }
+[[noreturn]] void type_error(const std::string& msg) { throw py::type_error(msg); }
+
+Tensor inspect(py::handle obj, const std::string& name) {
+  const TorchTypes& T = torch_types();
+  if (!py::isinstance(obj, T.tensor_type))
+    type_error(name + " must be a torch.Tensor, got " + std::string(py::str(py::type::of(obj).attr("__name__"))));
+  Tensor t;
+  t.name = name;
+  t.obj = py::reinterpret_borrow<py::object>(obj);
+  const std::string device = py::str(obj.attr("device").attr("type"));
+  if (device != "cpu") value_error(name + " must be on the CPU, got device '" + device + "'");
+  const py::object layout = obj.attr("layout");
+  if (!layout.is(T.strided)) value_error(name + " must be a dense (strided) tensor");
+  py::object dtype = obj.attr("dtype");
+  t.dtype_str = py::str(dtype);
+  if (t.dtype_str.rfind("torch.", 0) == 0) t.dtype_str = t.dtype_str.substr(6);
+  for (int i = 0; i < int(DType::unknown); ++i)
+    if (dtype.is(T.dtypes[i])) t.dtype = DType(i);
+  for (py::handle s : obj.attr("shape")) t.shape.push_back(s.cast<int64_t>());
+  for (py::handle s : obj.attr("stride")()) t.strides.push_back(s.cast<int64_t>());
+  t.ptr = obj.attr("data_ptr")().cast<uintptr_t>();
+  return t;
+}
+
+std::string dtype_list(std::initializer_list<DType> ok) {
+  std::string s;
+  for (DType d : ok) s += (s.empty() ? "" : ", ") + std::string(dtype_name(d));
+  return s;
+}
+
+void check_dtype(const Tensor& t, std::initializer_list<DType> ok) {
+  for (DType d : ok)
+    if (t.dtype == d) return;
+  value_error(t.name + " must have dtype " + dtype_list(ok) + ", got " + t.dtype_str + " (shape " + t.shape_str() + ")");
+}
+
+void check_dim(const Tensor& t, int64_t dim) {
+  if (t.dim() != dim)
+    value_error(t.name + " must be " + std::to_string(dim) + "-D, got shape " + t.shape_str());
+}
+
+void check_shape(const Tensor& t, const std::vector<int64_t>& want, const std::string& why) {
+  if (t.shape != want) {
+    Tensor w;
+    w.shape = want;
+    value_error(t.name + " must have shape " + w.shape_str() + " (" + why + "), got " + t.shape_str());
+  }
+}
+
+// Sizes the kernels index with 32-bit counters must fit (see kernels.h).
+void check_int32(int64_t v, const std::string& what) {
+  if (v > kInt32Max)
+    value_error(what + " = " + std::to_string(v) + " is larger than INT32_MAX (2147483647), the largest size the "
+                "CPU kernels support");
+}
+
+// Only dims of size > 1 matter: size-1 dims may carry any stride.
+void check_contiguous(const Tensor& t) {
+  int64_t expect = 1;
+  for (int64_t i = t.dim() - 1; i >= 0; --i) {
+    if (t.shape[i] != 1 && t.strides[i] != expect)
+      value_error(t.name + " must be contiguous, got shape " + t.shape_str() + " with strides " + t.strides_str() +
+                  "; call .contiguous() first");
+    expect *= t.shape[i];
+  }
+}
+
+template <class T>
+const T* data(const Tensor& t) { return reinterpret_cast<const T*>(t.ptr); }
+
+// -- prepacked weights --------------------------------------------------------------------------------
+
+struct Weight {
+  WeightView view;
+  std::string fmt;                 // as in sparseinfer.formats: "int4", "2:4+int8", "csr", ...
+  std::string detail;              // for repr and messages
+  std::vector<py::object> keep;    // the tensors (and nested Weights) the view points into
+
+  std::string desc() const {
+    return "weight " + fmt + " of shape (" + std::to_string(view.N) + ", " + std::to_string(view.K) + ")";
+  }
+};
+
+void check_k(int64_t k, int64_t kp, const std::string& what) {
+  if (k < 1 || k > kp)
+    value_error("K = " + std::to_string(k) + " must be in 1.." + std::to_string(kp) + " (the padded " + what + ")");
+  check_int32(k, "K");
+}
+
+// Shared by int8 / int4: scale [N, G] with kp % G == 0.
+QuantView quant_view(const Tensor& scale, int64_t n, int64_t kp, const std::string& fmt) {
+  check_dtype(scale, {DType::f32});
+  check_dim(scale, 2);
+  const int64_t g_count = scale.shape[1];
+  if (scale.shape[0] != n || g_count < 1 || kp % g_count != 0)
+    value_error(fmt + ": scale of shape " + scale.shape_str() + " does not fit qweight with " + std::to_string(n) +
+                " rows of " + std::to_string(kp) + " elements: expected (" + std::to_string(n) +
+                ", G) with G dividing " + std::to_string(kp));
+  check_int32(g_count, "scale groups");
+  check_contiguous(scale);
+  QuantView q;
+  q.scale = data<float>(scale);
+  q.kp = kp, q.n_groups = g_count, q.group = kp / g_count;
+  return q;
+}
+
+Weight pack_int8(py::handle qweight_obj, py::handle scale_obj, int64_t k) {
+  Tensor qw = inspect(qweight_obj, "qweight"), scale = inspect(scale_obj, "scale");
+  check_dtype(qw, {DType::i8});
+  check_dim(qw, 2);
+  const int64_t n = qw.shape[0], kp = qw.shape[1];
+  if (n < 1 || kp < 1) value_error("int8: qweight of shape " + qw.shape_str() + " is empty");
+  check_int32(n, "N"), check_int32(kp, "padded K");
+  check_k(k, kp, "row length of qweight");
+  check_contiguous(qw);
+  Weight w;
+  w.view.q = quant_view(scale, n, kp, "int8");
+  w.view.q.codes = data<int8_t>(qw);
+  w.view.id = KernelId::int8, w.view.N = n, w.view.K = k;
+  w.fmt = "int8";
+  w.detail = "group " + std::to_string(w.view.q.group);
+  w.keep = {qw.obj, scale.obj};
+  return w;
+}
+
+Weight pack_int4(py::handle qweight_obj, py::handle scale_obj, py::handle zero_obj, int64_t k) {
+  Tensor qw = inspect(qweight_obj, "qweight"), scale = inspect(scale_obj, "scale");
+  check_dtype(qw, {DType::u8});
+  check_dim(qw, 2);
+  const int64_t n = qw.shape[0], kp = qw.shape[1] * 2;
+  if (n < 1 || kp < 1) value_error("int4: qweight of shape " + qw.shape_str() + " is empty");
+  check_int32(n, "N"), check_int32(kp, "padded K");
+  check_k(k, kp, "row length of qweight, 2 per byte");
+  check_contiguous(qw);
+  Weight w;
+  w.view.q = quant_view(scale, n, kp, "int4");
+  w.view.q.codes = data<uint8_t>(qw);
+  w.keep = {qw.obj, scale.obj};
+  if (!zero_obj.is_none()) {
+    Tensor zero = inspect(zero_obj, "zero");
+    check_dtype(zero, {DType::u8});
+    check_shape(zero, scale.shape, "one zero point per scale");
+    check_contiguous(zero);
+    w.view.q.zero = data<uint8_t>(zero);
+    w.keep.push_back(zero.obj);
+  }
+  w.view.id = KernelId::int4, w.view.N = n, w.view.K = k;
+  w.fmt = "int4";
+  w.detail = "group " + std::to_string(w.view.q.group) + (w.view.q.zero ? ", asymmetric" : ", symmetric");
+  return w;
+}
+
+int index_bits(int64_t m) {
+  int b = 0;
+  while ((int64_t(1) << b) < m) ++b;
+  return b < 1 ? 1 : b;
+}
+
+Weight pack_nm(py::handle meta_obj, int64_t n_keep, int64_t m, int64_t k, py::handle values_obj) {
+  if (m < 2 || n_keep < 1 || n_keep >= m || m > kInt32Max)
+    value_error("N:M needs integers 1 <= n < m, got n=" + std::to_string(n_keep) + ", m=" + std::to_string(m));
+  const std::string nm_name = std::to_string(n_keep) + ":" + std::to_string(m);
+  Tensor meta = inspect(meta_obj, "meta");
+  check_dtype(meta, {DType::u8});
+  check_dim(meta, 2);
+  const int64_t rows = meta.shape[0];
+  if (rows < 1) value_error(nm_name + ": meta of shape " + meta.shape_str() + " is empty");
+  check_int32(rows, "N");
+  if (k < 1) value_error(nm_name + ": K = " + std::to_string(k) + " must be >= 1");
+  check_int32(k, "K");
+  const int bits = index_bits(m);
+  const int64_t kc = (k + m - 1) / m * n_keep;
+  check_int32(kc, "kept values per row");
+  check_shape(meta, {rows, (kc * bits + 7) / 8},
+              std::to_string(kc) + " kept values per row, " + std::to_string(bits) + " index bits each");
+  check_contiguous(meta);
+
+  Weight w;
+  NMView& v = w.view.nm;
+  v.n = int32_t(n_keep), v.m = int32_t(m), v.bits = bits, v.kc = kc;
+  v.meta = data<uint8_t>(meta), v.meta_stride = meta.shape[1];
+  w.view.N = rows, w.view.K = k;
+  w.keep = {meta.obj};
+  if (py::isinstance<Weight>(values_obj)) {  // N:M+int8 / N:M+int4: a prepacked (rows, kc) matrix
+    const Weight& q = values_obj.cast<const Weight&>();
+    if ((q.view.id != KernelId::int8 && q.view.id != KernelId::int4) || q.view.N != rows || q.view.K != kc)
+      value_error(nm_name + ": quantized values must be an int8 or int4 weight of shape (" + std::to_string(rows) +
+                  ", " + std::to_string(kc) + "), got " + q.desc());
+    w.view.q = q.view.q;
+    v.values = q.view.id == KernelId::int8 ? ValueKind::i8 : ValueKind::i4;
+    w.view.id = q.view.id == KernelId::int8 ? KernelId::nm_int8 : KernelId::nm_int4;
+    w.fmt = nm_name + "+" + q.fmt;
+    w.detail = "values " + q.fmt + ", " + q.detail;
+    w.keep.push_back(py::reinterpret_borrow<py::object>(values_obj));
+  } else {
+    Tensor values = inspect(values_obj, "values");
+    check_dtype(values, {DType::f32, DType::bf16, DType::f16});
+    check_shape(values, {rows, kc}, "rows x kept values per row");
+    check_contiguous(values);
+    v.values = values.dtype == DType::f32 ? ValueKind::f32 : values.dtype == DType::bf16 ? ValueKind::bf16 : ValueKind::f16;
+    v.fvalues = reinterpret_cast<const void*>(values.ptr);
+    w.view.id = KernelId::nm_float;
+    w.fmt = nm_name;
+    w.detail = "values " + values.dtype_str;
+    w.keep.push_back(values.obj);
+  }
+  return w;
+}
+
+Weight pack_csr(py::handle crow_obj, py::handle col_obj, py::handle values_obj, py::handle scale_obj, int64_t k) {
+  Tensor crow = inspect(crow_obj, "crow"), col = inspect(col_obj, "col"), values = inspect(values_obj, "values");
+  check_dtype(crow, {DType::i64});
+  check_dim(crow, 1);
+  const int64_t rows = crow.shape[0] - 1;
+  if (rows < 1) value_error("csr: crow of shape " + crow.shape_str() + " needs N + 1 >= 2 entries");
+  check_int32(rows, "N");
+  if (k < 1) value_error("csr: K = " + std::to_string(k) + " must be >= 1");
+  check_int32(k, "K");
+  check_dtype(col, {DType::i32});
+  check_dim(col, 1);
+  const int64_t nnz = col.shape[0];
+  check_dtype(values, {DType::f32, DType::bf16, DType::f16, DType::i8});
+  check_shape(values, {nnz}, "one value per column index");
+  check_contiguous(crow), check_contiguous(col), check_contiguous(values);
+
+  Weight w;
+  CSRView& c = w.view.csr;
+  c.crow = data<int64_t>(crow), c.col = data<int32_t>(col), c.values = reinterpret_cast<const void*>(values.ptr);
+  c.nnz = nnz;
+  w.keep = {crow.obj, col.obj, values.obj};
+  const bool quantized = values.dtype == DType::i8;
+  if (quantized) {
+    if (scale_obj.is_none()) value_error("csr+int8: int8 values need a per-row scale of shape (" + std::to_string(rows) + ",)");
+    Tensor scale = inspect(scale_obj, "scale");
+    check_dtype(scale, {DType::f32});
+    check_shape(scale, {rows}, "one scale per row");
+    check_contiguous(scale);
+    c.scale = data<float>(scale);
+    c.kind = ValueKind::i8;
+    w.keep.push_back(scale.obj);
+  } else {
+    if (!scale_obj.is_none()) value_error("csr: float values take no scale (pass None)");
+    c.kind = values.dtype == DType::f32 ? ValueKind::f32 : values.dtype == DType::bf16 ? ValueKind::bf16 : ValueKind::f16;
+  }
+  // The kernels index x with these: check every one once, here.
+  if (c.crow[0] != 0 || c.crow[rows] != nnz)
+    value_error("csr: crow must start at 0 and end at nnz = " + std::to_string(nnz) + ", got " +
+                std::to_string(c.crow[0]) + " .. " + std::to_string(c.crow[rows]));
+  for (int64_t r = 0; r < rows; ++r)
+    if (c.crow[r + 1] < c.crow[r])
+      value_error("csr: crow decreases at row " + std::to_string(r) + " (" + std::to_string(c.crow[r]) + " -> " +
+                  std::to_string(c.crow[r + 1]) + ")");
+  for (int64_t e = 0; e < nnz; ++e)
+    if (c.col[e] < 0 || c.col[e] >= k)
+      value_error("csr: column index " + std::to_string(c.col[e]) + " at entry " + std::to_string(e) +
+                  " is outside 0.." + std::to_string(k - 1));
+  w.view.id = quantized ? KernelId::csr_int8 : KernelId::csr_float;
+  w.view.N = rows, w.view.K = k;
+  w.fmt = quantized ? "csr+int8" : "csr";
+  w.detail = "nnz " + std::to_string(nnz) + ", values " + values.dtype_str;
+  return w;
+}
+
+// -- ISA selection ---------------------------------------------------------------------------------------
+
+std::string isa_list(const std::vector<Isa>& isas) {
+  std::string s;
+  for (Isa i : isas) s += (s.empty() ? "" : ", ") + std::string(isa_name(i));
+  return s;
+}
+
+Isa resolve_isa(const py::object& isa) {
+  if (isa.is_none()) {
+    Isa active;
+    std::string error;
+    if (!active_isa(&active, &error)) value_error(error);
+    return active;
+  }
+  if (!py::isinstance<py::str>(isa)) type_error("isa must be a string or None");
+  const std::string name = isa.cast<std::string>();
+  Isa want;
+  if (!parse_isa(name, &want))
+    value_error("unknown isa '" + name + "'; use one of scalar, avx2, avx512, neon (available here: " +
+                isa_list(available_isas()) + ")");
+  if (!isa_available(want))
+    value_error("isa '" + name + "' is not available on this CPU / build (available: " + isa_list(available_isas()) + ")");
+  return want;
+}
+
+// -- linear ------------------------------------------------------------------------------------------------
+
+bool overlaps(const Tensor& a, const Tensor& b) {
+  const int64_t ea = a.extent_bytes(), eb = b.extent_bytes();
+  if (ea == 0 || eb == 0) return false;
+  return a.ptr < b.ptr + uintptr_t(eb) && b.ptr < a.ptr + uintptr_t(ea);
+}
+
+py::object linear(py::handle x_obj, const Weight& w, py::handle out_obj, py::handle bias_obj, int64_t num_threads,
+                  const py::object& isa_obj) {
+  const int64_t N = w.view.N, K = w.view.K;
+  Tensor x = inspect(x_obj, "x");
+  check_dtype(x, {DType::f32, DType::bf16, DType::f16});
+  if (x.dim() != 2 || x.shape[1] != K)
+    value_error("x of shape " + x.shape_str() + " does not match " + w.desc() + ": expected (M, " + std::to_string(K) + ")");
+  const int64_t M = x.shape[0];
+  check_int32(M, "M (rows of x)");
+  if (K > 1 && x.strides[1] != 1)
+    value_error("x must have unit stride along K, got shape " + x.shape_str() + " with strides " + x.strides_str() +
+                "; call .contiguous() first");
+
+  Tensor out = inspect(out_obj, "out");
+  if (out.dtype != x.dtype)
+    value_error("out must have the dtype of x (" + x.dtype_str + "), got " + out.dtype_str);
+  check_shape(out, {M, N}, "M x N for x " + x.shape_str() + " and " + w.desc());
+  if ((N > 1 && out.strides[1] != 1) || (M > 1 && out.strides[0] < N))
+    value_error("out must have unit stride along N and non-overlapping rows, got shape " + out.shape_str() +
+                " with strides " + out.strides_str());
+  if (overlaps(out, x)) value_error("out must not overlap x");
+
+  LinearCall call{};
+  call.x = reinterpret_cast<const void*>(x.ptr), call.x_dtype = x.dtype, call.stride_xm = M > 1 ? x.strides[0] : K;
+  call.y = reinterpret_cast<void*>(out.ptr), call.stride_ym = M > 1 ? out.strides[0] : N;
+  call.M = M;
+  call.bias = nullptr, call.bias_dtype = DType::f32;
+  if (!bias_obj.is_none()) {
+    Tensor bias = inspect(bias_obj, "bias");
+    check_dtype(bias, {DType::f32, DType::bf16, DType::f16});
+    check_shape(bias, {N}, "one per output feature of " + w.desc());
+    check_contiguous(bias);
+    if (overlaps(out, bias)) value_error("out must not overlap bias");
+    call.bias = reinterpret_cast<const void*>(bias.ptr), call.bias_dtype = bias.dtype;
+  }
+  if (num_threads < 1) value_error("num_threads must be >= 1, got " + std::to_string(num_threads));
+  const Isa isa = resolve_isa(isa_obj);
+
+  const KernelImpl* kernel = nullptr;
+  Status s;
+  {
+    py::gil_scoped_release release;
+    s = run_linear(call, w.view, isa, int(num_threads < 4096 ? num_threads : 4096), &kernel);
+  }
+  if (s != Status::ok) {
+    const std::string msg = std::string("sparseinfer._C.linear: ") + status_message(s) + " in kernel " +
+                            (kernel ? kernel->name : "<none>") + " (isa " + isa_name(isa) + ") for x " +
+                            x.dtype_str + x.shape_str() + " and " + w.desc() + " [" + w.detail + "]";
+    if (s == Status::out_of_memory) throw std::bad_alloc();
+    throw std::runtime_error(msg);
+  }
+  return py::reinterpret_borrow<py::object>(out_obj);
+}
+
+std::string kernel_name(const Weight& w, int64_t batch, const py::object& isa_obj) {
+  if (batch < 0) value_error("batch must be >= 0, got " + std::to_string(batch));
+  const KernelImpl* k = select_kernel(w.view.id, resolve_isa(isa_obj), batch);
+  return k ? k->name : "none";
+}
+
+py::list names(const std::vector<Isa>& isas) {
+  py::list out;
+  for (Isa i : isas) out.append(py::str(isa_name(i)));
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "sparseinfer C++ CPU kernels (see csrc/README.md). Private: use sparseinfer.backends.cpu.";
+
+  py::class_<Weight>(m, "Weight", "A packed weight validated and viewed for the CPU kernels (from pack_*).")
+      .def_property_readonly("fmt", [](const Weight& w) { return w.fmt; })
+      .def_property_readonly("shape", [](const Weight& w) { return py::make_tuple(w.view.N, w.view.K); })
+      .def_property_readonly("kernel_family", [](const Weight& w) { return kernel_id_name(w.view.id); })
+      .def("__repr__", [](const Weight& w) {
+        return "<sparseinfer._C.Weight " + w.fmt + " (" + std::to_string(w.view.N) + ", " + std::to_string(w.view.K) +
+               ") " + w.detail + ">";
+      });
+
+  m.def("pack_int8", &pack_int8, py::arg("qweight"), py::arg("scale"), py::arg("k"),
+        "int8: qweight int8 [N, Kp], scale float32 [N, G] (G divides Kp), true K <= Kp.");
+  m.def("pack_int4", &pack_int4, py::arg("qweight"), py::arg("scale"), py::arg("zero"), py::arg("k"),
+        "int4: qweight uint8 [N, Kp/2] (low nibble = even k), scale float32 [N, G], zero uint8 [N, G] or None "
+        "(symmetric, zero 8), true K <= Kp.");
+  m.def("pack_nm", &pack_nm, py::arg("meta"), py::arg("n"), py::arg("m"), py::arg("k"), py::arg("values"),
+        "N:M: meta uint8 [N, ceil(Kc*b/8)], values float [N, Kc] or a Weight from pack_int8 / pack_int4 of shape "
+        "(N, Kc), Kc = ceil(K/m)*n, b = ceil(log2 m).");
+  m.def("pack_csr", &pack_csr, py::arg("crow"), py::arg("col"), py::arg("values"), py::arg("scale"), py::arg("k"),
+        "CSR: crow int64 [N+1], col int32 [nnz] in [0, K), values float [nnz] or int8 [nnz] with scale float32 [N].");
+  m.def("linear", &linear, py::arg("x"), py::arg("weight"), py::arg("out"), py::arg("bias") = py::none(),
+        py::arg("num_threads") = 1, py::arg("isa") = py::none(),
+        "out[M, N] = x[M, K] @ W^T + bias. x float32 / bfloat16 / float16 with unit stride along K (any row "
+        "stride); out preallocated, x's dtype, unit stride along N; bias [N] float or None. Runs on the active "
+        "ISA unless isa names another available one. Returns out.");
+  m.def("kernel_name", &kernel_name, py::arg("weight"), py::arg("batch"), py::arg("isa") = py::none(),
+        "The kernel a call with `batch` rows would run.");
+  m.def("available_isas", [] { return names(available_isas()); },
+        "ISAs this build has kernels for and this CPU runs, scalar first.");
+  m.def("compiled_isas", [] { return names(compiled_isas()); }, "ISA groups compiled into this build.");
+  m.def("active_isa", [] { return isa_name(resolve_isa(py::none())); },
+        "The ISA calls use by default: the best available, or SPARSEINFER_ISA. Raises ValueError if "
+        "SPARSEINFER_ISA names an unknown or unavailable ISA.");
+  m.def("cpu_features", [] {
+        py::dict d;
+        d["arch"] = cpu_arch();
+        for (const auto& f : cpu_feature_list()) d[py::str(f.first)] = f.second;
+        return d;
+      },
+      "Detected CPU features relevant to dispatch, with the architecture under 'arch'.");
+}

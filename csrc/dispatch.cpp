@@ -1,0 +1,407 @@
+// >>> NOTE FROM THE LEAD (read this; delete this note block when you finish your work) <<<
+// This machine AND CI are an AMD family-23 (Zen 1 class) KVM guest: AVX2 + FMA + F16C only.
+// NO AVX-512, NO VNNI (neither AVX512-VNNI nor AVX-VNNI), L3 is 8 MiB (cold = rotate > 16 MiB).
+// The brief's "Zen 5 / AVX-512" is wrong for this machine (check /proc/cpuinfo). AVX-512 code can
+// be neither run nor tested here or in CI, so: put the speed work into AVX2 kernels (integer paths
+// with vpmaddubsw / vpmaddwd instead of vpdpbusd), measured here. Do not add untested AVX-512 code.
+// >>> END NOTE <<<
+// Runtime dispatch: detect the CPU once, honour SPARSEINFER_ISA, pick a kernel from the tables,
+// and run one call over the thread pool. Compiled with no ISA flags, like ref/.
+//
+// Adding a kernel (see csrc/README.md): write csrc/<arch>/<isa>/<format>_<op>_<isa>.cpp, declare
+// it in kernels.h under SPARSEINFER_HAVE_<ISA>, and add a row to that ISA's table below. Rows are
+// tried in order; the first whose id matches, whose max_m admits the batch and whose extra
+// feature bits the CPU has wins, else the search goes on at the level below.
+#include "sparseinfer/dispatch.h"
+
+#include <atomic>
+#include <cstdlib>
+#include <mutex>
+
+#include "sparseinfer/kernel_utils.h"
+#include "sparseinfer/threadpool.h"
+
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
+#define SPARSEINFER_X86 1
+#if defined(__GNUC__) || defined(__clang__)
+#include <cpuid.h>
+#endif
+#elif defined(__aarch64__)
+#define SPARSEINFER_ARM64 1
+#if defined(__linux__)
+#include <sys/auxv.h>
+#elif defined(__APPLE__)
+#include <sys/sysctl.h>
+#endif
+#endif
+
+namespace sparseinfer {
+
+// -- names ----------------------------------------------------------------------------------------
+
+const char* status_message(Status s) {
+  switch (s) {
+    case Status::ok: return "ok";
+    case Status::invalid_argument: return "invalid argument (a size or layout invariant does not hold)";
+    case Status::unsupported_dtype: return "unsupported dtype for this kernel";
+    case Status::no_kernel: return "no kernel for this format on this ISA";
+    case Status::out_of_memory: return "out of memory (scratch buffer)";
+    default: return "internal error";
+  }
+}
+
+const char* dtype_name(DType d) {
+  static const char* names[] = {"float32", "bfloat16", "float16", "int8", "uint8", "int32", "int64", "unknown"};
+  const int i = int(d);
+  return i >= 0 && i <= int(DType::unknown) ? names[i] : "unknown";
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::scalar: return "scalar";
+    case Isa::avx2: return "avx2";
+    case Isa::avx512: return "avx512";
+    case Isa::neon: return "neon";
+    default: return "unknown";
+  }
+}
+
+const char* kernel_id_name(KernelId id) {
+  static const char* names[] = {"int8", "int4", "nm_float", "nm_int8", "nm_int4", "csr_float", "csr_int8"};
+  const int i = int(id);
+  return i >= 0 && i < int(KernelId::count) ? names[i] : "unknown";
+}
+
+bool parse_isa(const std::string& name, Isa* out) {
+  if (name == "scalar" || name == "ref") return *out = Isa::scalar, true;
+  if (name == "avx2") return *out = Isa::avx2, true;
+  if (name == "avx512") return *out = Isa::avx512, true;
+  if (name == "neon") return *out = Isa::neon, true;
+  return false;
+}
+
+// -- CPU detection --------------------------------------------------------------------------------
+
+namespace {
+
+#if SPARSEINFER_X86 && (defined(__GNUC__) || defined(__clang__))
+uint64_t xgetbv0() {
+  uint32_t eax, edx;
+  __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));  // no -mxsave needed, unlike _xgetbv
+  return (uint64_t(edx) << 32) | eax;
+}
+
+uint64_t detect_features() {
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+  const bool fma = c & (1u << 12), osxsave = c & (1u << 27), avx = c & (1u << 28), f16c = c & (1u << 29);
+  if (!osxsave || !avx) return 0;
+  // The OS must save the registers too: XCR0 bits 1-2 (XMM, YMM), 5-7 (opmask, ZMM).
+  const uint64_t xcr0 = xgetbv0();
+  const bool os_ymm = (xcr0 & 0x6) == 0x6, os_zmm = (xcr0 & 0xE6) == 0xE6;
+  if (__get_cpuid_max(0, nullptr) < 7) return 0;
+  __cpuid_count(7, 0, a, b, c, d);
+  const bool avx2 = b & (1u << 5), avx512f = b & (1u << 16), avx512dq = b & (1u << 17),
+             avx512cd = b & (1u << 28), avx512bw = b & (1u << 30), avx512vl = b & (1u << 31),
+             avx512vnni = c & (1u << 11);
+  const unsigned max_sub = a;
+  bool avxvnni = false, avx512bf16 = false;
+  if (max_sub >= 1) {
+    __cpuid_count(7, 1, a, b, c, d);
+    avxvnni = a & (1u << 4), avx512bf16 = a & (1u << 5);
+  }
+  uint64_t f = 0;
+  if (os_ymm && avx2 && fma && f16c) f |= kFeatAvx2;
+  if (os_ymm && avxvnni) f |= kFeatAvxVnni;
+  if ((f & kFeatAvx2) && os_zmm && avx512f && avx512bw && avx512vl && avx512dq && avx512cd) {
+    f |= kFeatAvx512;
+    if (avx512vnni) f |= kFeatAvx512Vnni;
+    if (avx512bf16) f |= kFeatAvx512Bf16;
+  }
+  return f;
+}
+#elif SPARSEINFER_ARM64
+uint64_t detect_features() {
+  uint64_t f = kFeatNeon;  // ASIMD is part of the aarch64 baseline
+#if defined(__linux__)
+  const unsigned long hw = getauxval(AT_HWCAP), hw2 = getauxval(AT_HWCAP2);
+  if (hw & (1ul << 20)) f |= kFeatNeonDot;    // HWCAP_ASIMDDP
+  if (hw2 & (1ul << 13)) f |= kFeatNeonI8mm;  // HWCAP2_I8MM
+  if (hw2 & (1ul << 14)) f |= kFeatNeonBf16;  // HWCAP2_BF16
+#elif defined(__APPLE__)
+  auto has = [](const char* name) {
+    int v = 0;
+    size_t len = sizeof(v);
+    return sysctlbyname(name, &v, &len, nullptr, 0) == 0 && v != 0;
+  };
+  if (has("hw.optional.arm.FEAT_DotProd")) f |= kFeatNeonDot;
+  if (has("hw.optional.arm.FEAT_I8MM")) f |= kFeatNeonI8mm;
+  if (has("hw.optional.arm.FEAT_BF16")) f |= kFeatNeonBf16;
+#endif
+  return f;
+}
+#else
+uint64_t detect_features() { return 0; }
+#endif
+
+}  // namespace
+
+uint64_t cpu_features() {
+  static const uint64_t features = detect_features();  // once (FBGEMM's `static const auto iset`)
+  return features;
+}
+
+const char* cpu_arch() {
+#if SPARSEINFER_X86
+  return "x86_64";
+#elif SPARSEINFER_ARM64
+  return "aarch64";
+#else
+  return "other";
+#endif
+}
+
+std::vector<std::pair<std::string, bool>> cpu_feature_list() {
+  const uint64_t f = cpu_features();
+#if SPARSEINFER_X86
+  return {{"avx2", bool(f & kFeatAvx2)},
+          {"avx512", bool(f & kFeatAvx512)},
+          {"avx_vnni", bool(f & kFeatAvxVnni)},
+          {"avx512_vnni", bool(f & kFeatAvx512Vnni)},
+          {"avx512_bf16", bool(f & kFeatAvx512Bf16)}};
+#elif SPARSEINFER_ARM64
+  return {{"neon", bool(f & kFeatNeon)},
+          {"dotprod", bool(f & kFeatNeonDot)},
+          {"i8mm", bool(f & kFeatNeonI8mm)},
+          {"bf16", bool(f & kFeatNeonBf16)}};
+#else
+  (void)f;
+  return {};
+#endif
+}
+
+// -- kernel tables --------------------------------------------------------------------------------
+
+namespace {
+
+constexpr int64_t kAnyM = INT64_MAX;
+
+const KernelImpl kScalarKernels[] = {
+    {KernelId::int8, int8_gemm_scalar, "int8_gemm_scalar", kAnyM, 0},
+    {KernelId::int4, int4_gemm_scalar, "int4_gemm_scalar", kAnyM, 0},
+    {KernelId::nm_float, nm_gemm_scalar, "nm_gemm_scalar", kAnyM, 0},
+    {KernelId::nm_int8, nm_gemm_scalar, "nm_int8_gemm_scalar", kAnyM, 0},
+    {KernelId::nm_int4, nm_gemm_scalar, "nm_int4_gemm_scalar", kAnyM, 0},
+    {KernelId::csr_float, csr_gemm_scalar, "csr_gemm_scalar", kAnyM, 0},
+    {KernelId::csr_int8, csr_gemm_scalar, "csr_int8_gemm_scalar", kAnyM, 0},
+};
+
+#ifdef SPARSEINFER_HAVE_AVX2
+// Decode-sized batches only: larger batches fall through to the scalar rows for now.
+const KernelImpl kAvx2Kernels[] = {
+    {KernelId::int8, int8_gemv_avx2, "int8_gemv_avx2", 16, 0},
+    {KernelId::int4, int4_gemv_avx2, "int4_gemv_avx2", 16, 0},
+};
+#endif
+
+struct IsaLevel {
+  Isa isa;
+  uint64_t requires;  // feature bits the CPU must have to run anything of this level
+  Isa fallback;       // where to look when this level has no matching row (scalar: none)
+  const KernelImpl* kernels;
+  size_t count;
+  ConvertFn convert;  // nullptr: use the fallback's
+  bool compiled;
+};
+
+#define SI_TABLE(t) t, sizeof(t) / sizeof(t[0])
+const IsaLevel kLevels[int(Isa::count)] = {
+    {Isa::scalar, 0, Isa::scalar, SI_TABLE(kScalarKernels), convert_to_f32_scalar, true},
+#ifdef SPARSEINFER_HAVE_AVX2
+    {Isa::avx2, kFeatAvx2, Isa::scalar, SI_TABLE(kAvx2Kernels), convert_to_f32_avx2, true},
+#else
+    {Isa::avx2, kFeatAvx2, Isa::scalar, nullptr, 0, nullptr, false},
+#endif
+    // avx512: no kernels yet. Its group flags are listed in csrc/CMakeLists.txt.
+    {Isa::avx512, kFeatAvx512 | kFeatAvx2, Isa::avx2, nullptr, 0, nullptr, false},
+    // neon: no kernels yet (the group builds only on aarch64).
+    {Isa::neon, kFeatNeon, Isa::scalar, nullptr, 0, nullptr, false},
+};
+#undef SI_TABLE
+
+const IsaLevel& level(Isa isa) { return kLevels[int(isa)]; }
+
+}  // namespace
+
+std::vector<Isa> compiled_isas() {
+  std::vector<Isa> out;
+  for (const IsaLevel& l : kLevels)
+    if (l.compiled) out.push_back(l.isa);
+  return out;
+}
+
+bool isa_available(Isa isa) {
+  if (int(isa) < 0 || int(isa) >= int(Isa::count)) return false;
+  const IsaLevel& l = level(isa);
+  return l.compiled && (cpu_features() & l.requires) == l.requires;
+}
+
+std::vector<Isa> available_isas() {
+  std::vector<Isa> out;
+  for (const IsaLevel& l : kLevels)
+    if (isa_available(l.isa)) out.push_back(l.isa);
+  return out;
+}
+
+namespace {
+
+std::string join_isas(const std::vector<Isa>& isas) {
+  std::string s;
+  for (Isa i : isas) s += (s.empty() ? "" : ", ") + std::string(isa_name(i));
+  return s;
+}
+
+struct ActiveIsa {
+  Isa isa = Isa::scalar;
+  std::string error;  // non-empty: SPARSEINFER_ISA asked for something we cannot honour
+};
+
+ActiveIsa resolve_active_isa() {
+  ActiveIsa r;
+  const std::vector<Isa> avail = available_isas();
+  r.isa = avail.back();  // the table is ordered; on x86 avx512 > avx2 > scalar
+  const char* env = std::getenv("SPARSEINFER_ISA");
+  if (!env || !*env || std::string(env) == "auto") return r;
+  Isa want;
+  if (!parse_isa(env, &want)) {
+    r.error = std::string("SPARSEINFER_ISA='") + env +
+              "' is not a known ISA; use one of scalar, avx2, avx512, neon or auto (available here: " +
+              join_isas(avail) + ")";
+  } else if (!isa_available(want)) {
+    const bool built = level(want).compiled;
+    r.error = std::string("SPARSEINFER_ISA='") + env + "' is not available here: " +
+              (built ? std::string("this ") + cpu_arch() + " CPU does not support it"
+                     : std::string("this build has no ") + isa_name(want) + " kernels") +
+              " (available: " + join_isas(avail) + ")";
+  } else {
+    r.isa = want;
+  }
+  return r;
+}
+
+}  // namespace
+
+bool active_isa(Isa* out, std::string* error) {
+  static const ActiveIsa active = resolve_active_isa();  // the environment is read once
+  if (!active.error.empty()) {
+    if (error) *error = active.error;
+    return false;
+  }
+  *out = active.isa;
+  return true;
+}
+
+const KernelImpl* select_kernel(KernelId id, Isa isa, int64_t M) {
+  const uint64_t features = cpu_features();
+  for (Isa l = isa;; l = level(l).fallback) {
+    const IsaLevel& lv = level(l);
+    for (size_t i = 0; i < lv.count; ++i) {
+      const KernelImpl& k = lv.kernels[i];
+      if (k.id == id && M <= k.max_m && (features & k.requires) == k.requires) return &k;
+    }
+    if (l == Isa::scalar) return nullptr;
+  }
+}
+
+// -- the driver -----------------------------------------------------------------------------------
+
+namespace {
+
+ConvertFn select_convert(Isa isa) {
+  for (Isa l = isa;; l = level(l).fallback) {
+    if (level(l).convert) return level(l).convert;
+    if (l == Isa::scalar) return convert_to_f32_scalar;
+  }
+}
+
+// Below this many multiply-adds per thread, waking another thread costs more than it saves.
+constexpr int64_t kMinWorkPerThread = int64_t(1) << 16;
+// Column chunks are multiples of this, so SIMD kernels see whole register tiles except at the end.
+constexpr int64_t kColumnAlign = 16;
+
+struct TaskContext {
+  const KernelImpl* kernel;
+  const GemmArgs* args;
+  const WeightView* w;
+  int64_t chunk;
+  std::atomic<int32_t> status{int32_t(Status::ok)};
+};
+
+void run_task(void* p, int64_t task) {
+  TaskContext& c = *static_cast<TaskContext*>(p);
+  const int64_t n0 = task * c.chunk;
+  const int64_t n1 = n0 + c.chunk < c.args->N ? n0 + c.chunk : c.args->N;
+  const Status s = c.kernel->fn(*c.args, *c.w, n0, n1);
+  if (s != Status::ok) {
+    int32_t expected = int32_t(Status::ok);
+    c.status.compare_exchange_strong(expected, int32_t(s));
+  }
+}
+
+// Multiply-adds per output column and batch row, to size the thread split.
+int64_t work_per_column(const WeightView& w) {
+  switch (w.id) {
+    case KernelId::nm_float: case KernelId::nm_int8: case KernelId::nm_int4: return w.nm.kc;
+    case KernelId::csr_float: case KernelId::csr_int8: return w.csr.nnz / w.N + 1;
+    default: return w.K;
+  }
+}
+
+}  // namespace
+
+Status run_linear(const LinearCall& call, const WeightView& w, Isa isa, int threads, const KernelImpl** kernel) {
+  const KernelImpl* k = select_kernel(w.id, isa, call.M);
+  if (kernel) *kernel = k;
+  if (!k) return Status::no_kernel;
+  if (call.M <= 0) return Status::ok;
+  if (!is_float(call.x_dtype) || (call.bias && !is_float(call.bias_dtype))) return Status::unsupported_dtype;
+
+  GemmArgs a;
+  a.M = call.M, a.N = w.N, a.K = w.K;
+  a.y = call.y, a.y_dtype = call.x_dtype, a.stride_ym = call.stride_ym;
+  // Kernels see fp32 activations and bias: convert once here (per call, grow-only scratch of the
+  // calling thread, shared read-only with the workers).
+  if (call.x_dtype == DType::f32) {
+    a.x = static_cast<const float*>(call.x), a.stride_xm = call.stride_xm;
+  } else {
+    float* buf = scratch<float, 0>(size_t(a.M) * size_t(a.K));
+    if (!buf) return Status::out_of_memory;
+    select_convert(isa)(call.x, call.x_dtype, a.M, a.K, call.stride_xm, buf);
+    a.x = buf, a.stride_xm = a.K;
+  }
+  if (call.bias && call.bias_dtype != DType::f32) {
+    float* buf = scratch<float, 1>(size_t(a.N));
+    if (!buf) return Status::out_of_memory;
+    select_convert(isa)(call.bias, call.bias_dtype, 1, a.N, a.N, buf);
+    a.bias = buf;
+  } else {
+    a.bias = static_cast<const float*>(call.bias);
+  }
+
+  // Split the N output columns into one chunk per thread.
+  const int64_t work = a.M * work_per_column(w) * a.N;
+  int64_t nt = work / kMinWorkPerThread;
+  if (nt > threads) nt = threads;
+  if (nt > (a.N + kColumnAlign - 1) / kColumnAlign) nt = (a.N + kColumnAlign - 1) / kColumnAlign;
+  if (nt < 1) nt = 1;
+  int64_t chunk = (a.N + nt - 1) / nt;
+  chunk = (chunk + kColumnAlign - 1) / kColumnAlign * kColumnAlign;
+  const int64_t tasks = (a.N + chunk - 1) / chunk;
+
+  TaskContext ctx;
+  ctx.kernel = k, ctx.args = &a, ctx.w = &w, ctx.chunk = chunk;
+  parallel_run(tasks, int(nt), run_task, &ctx);
+  return Status(ctx.status.load());
+}
+
+}  // namespace sparseinfer

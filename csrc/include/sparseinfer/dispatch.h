@@ -1,0 +1,61 @@
+// Runtime dispatch: CPU detection (once), the SPARSEINFER_ISA override, the kernel tables, and
+// the driver that runs one linear call over the thread pool.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "sparseinfer/kernels.h"
+
+namespace sparseinfer {
+
+// Feature bits of this CPU (kFeat*), detected once.
+uint64_t cpu_features();
+// (name, present) for every feature the dispatcher knows on this architecture, for reports.
+std::vector<std::pair<std::string, bool>> cpu_feature_list();
+const char* cpu_arch();
+
+// ISA levels compiled into this build, and those this CPU can also run (scalar first).
+std::vector<Isa> compiled_isas();
+std::vector<Isa> available_isas();
+bool isa_available(Isa isa);
+// "scalar" (alias "ref"), "avx2", "avx512", "neon" -> Isa; false if the name is unknown.
+bool parse_isa(const std::string& name, Isa* out);
+
+// The ISA that calls without an explicit one use: the best available, or SPARSEINFER_ISA when
+// set. Returns false with a message when SPARSEINFER_ISA names an unknown or unavailable ISA
+// (read once, at the first call).
+bool active_isa(Isa* out, std::string* error);
+
+// One table row: kernel `fn` implements `id` for batches M <= max_m when the CPU has every
+// feature bit in `requires` (beyond its ISA level's own).
+struct KernelImpl {
+  KernelId id;
+  KernelFn fn;
+  const char* name;  // <format>_<op>_<isa>, reported by explain()
+  int64_t max_m;
+  uint64_t requires;
+};
+
+// The kernel a call runs: the first matching row of `isa`'s table, else of the levels below it.
+const KernelImpl* select_kernel(KernelId id, Isa isa, int64_t M);
+
+// One call, as bindings.cpp hands it over (already validated).
+struct LinearCall {
+  const void* x;       // [M, K], unit stride along K
+  DType x_dtype;       // f32 / bf16 / f16; y has the same dtype
+  int64_t stride_xm;
+  const void* bias;    // [N] or nullptr
+  DType bias_dtype;    // f32 / bf16 / f16
+  void* y;             // [M, N], unit stride along N
+  int64_t stride_ym;
+  int64_t M;
+};
+
+// Converts x and bias to fp32 when needed, then runs the kernel over up to `threads` threads,
+// splitting the N output columns. `kernel` (optional) receives the kernel that ran.
+Status run_linear(const LinearCall& call, const WeightView& w, Isa isa, int threads, const KernelImpl** kernel);
+
+}  // namespace sparseinfer

@@ -1,0 +1,169 @@
+// >>> NOTE FROM THE LEAD (read this; delete this note block when you finish your work) <<<
+// This machine AND CI are an AMD family-23 (Zen 1 class) KVM guest: AVX2 + FMA + F16C only.
+// NO AVX-512, NO VNNI (neither AVX512-VNNI nor AVX-VNNI), L3 is 8 MiB (cold = rotate > 16 MiB).
+// The brief's "Zen 5 / AVX-512" is wrong for this machine (check /proc/cpuinfo). AVX-512 code can
+// be neither run nor tested here or in CI, so: put the speed work into AVX2 kernels (integer paths
+// with vpmaddubsw / vpmaddwd instead of vpdpbusd), measured here. Do not add untested AVX-512 code.
+// >>> END NOTE <<<
+// Kernel interface of the C++ CPU backend: what every kernel takes, returns and promises.
+//
+//   y[M, N] = x[M, K] . W^T + bias        W: one canonical packed weight (sparseinfer/formats/*.py)
+//
+// Three thin layers (see docs/architecture.md):
+//   bindings.cpp  checks dtypes, shapes, strides, int32 ranges; builds a WeightView once (prepack)
+//   dispatch.cpp  picks the kernel (ISA x format x batch), converts x/bias to fp32, splits N over threads
+//   kernels       ref/*.cpp, x86/avx2/*.cpp, ... : raw pointers in, a Status out, no allocation
+//                 beyond a grow-only thread-local scratch, no exceptions, no Python.
+//
+// Contract every kernel can rely on (checked by bindings.cpp before any kernel runs):
+//   * 1 <= M, N, K <= INT32_MAX, so SIMD code may count within a row with 32-bit integers;
+//     offsets across rows are int64.
+//   * x is fp32 with unit stride along K and row stride stride_xm >= 0 (dispatch converts
+//     bf16/fp16 activations once per call); bias is fp32 [N] or nullptr.
+//   * y has unit stride along N, row stride stride_ym >= N when M > 1 (rows never overlap), and
+//     the activation dtype; the kernel accumulates in fp32 and rounds once (store_output).
+//   * Every pointer in the WeightView is valid for the sizes it states and every CSR column is
+//     in [0, K) (validated at prepack). N:M indices are NOT trusted: a kernel must ignore kept
+//     values whose column is >= K (they are the zero padding of the last group).
+//   * A kernel computes output columns [n_begin, n_end) for all M rows and touches nothing else:
+//     several threads run the same kernel on disjoint column ranges at once.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace sparseinfer {
+
+// -- error codes --------------------------------------------------------------------------------
+// Kernels never throw; bindings.cpp turns a code into a message that names the shapes.
+enum class Status : int32_t {
+  ok = 0,
+  invalid_argument = 1,   // a size/pointer invariant of the contract above does not hold
+  unsupported_dtype = 2,  // no kernel for this value / activation dtype
+  no_kernel = 3,          // no kernel registered for this format on this ISA (nor on its fallbacks)
+  out_of_memory = 4,      // the per-thread scratch could not grow
+  internal_error = 5,
+};
+const char* status_message(Status s);
+
+// -- element types ------------------------------------------------------------------------------
+enum class DType : int32_t { f32 = 0, bf16, f16, i8, u8, i32, i64, unknown };
+const char* dtype_name(DType d);
+namespace {  // internal linkage in every group, see kernel_utils.h
+inline bool is_float(DType d) { return d == DType::f32 || d == DType::bf16 || d == DType::f16; }
+inline size_t dtype_size(DType d) {
+  switch (d) {
+    case DType::f32: case DType::i32: return 4;
+    case DType::bf16: case DType::f16: return 2;
+    case DType::i8: case DType::u8: return 1;
+    case DType::i64: return 8;
+    default: return 0;
+  }
+}
+}  // namespace
+
+// -- instruction sets ---------------------------------------------------------------------------
+// Ordered: a kernel missing at one level falls back to the level below (avx512 -> avx2 -> scalar,
+// neon -> scalar). A level is "available" when its group was compiled in AND the CPU supports it.
+enum class Isa : int32_t { scalar = 0, avx2, avx512, neon, count };
+const char* isa_name(Isa isa);
+
+// CPU feature bits beyond an ISA level's baseline. A kernel compiled with extra per-file flags
+// (e.g. -mavx512vnni) declares them in its table entry and is only picked when the CPU has them.
+enum Feature : uint64_t {
+  kFeatAvx2 = 1ull << 0,        // with FMA, F16C and OS support for YMM state
+  kFeatAvx512 = 1ull << 1,      // F + BW + VL + DQ + CD, with OS support for ZMM/opmask state
+  kFeatAvxVnni = 1ull << 2,     // VEX-encoded vpdpbusd (Alder Lake, Zen 5)
+  kFeatAvx512Vnni = 1ull << 3,  // Cascade Lake, Ice Lake, Zen 4
+  kFeatAvx512Bf16 = 1ull << 4,  // Cooper Lake, Sapphire Rapids, Zen 4
+  kFeatNeon = 1ull << 8,        // aarch64 ASIMD (always present on aarch64)
+  kFeatNeonDot = 1ull << 9,     // sdot / udot
+  kFeatNeonI8mm = 1ull << 10,   // smmla
+  kFeatNeonBf16 = 1ull << 11,   // bfdot / bfmmla
+};
+
+// -- packed weights -----------------------------------------------------------------------------
+// Views (non-owning) of the canonical tensors; bindings.cpp keeps the tensors alive.
+
+// int8 / int4 codes with per-group scales. Also the quantized values of N:M+int8 / N:M+int4,
+// whose rows have kc (not K) entries.
+struct QuantView {
+  const void* codes = nullptr;    // int8 [rows, kp], or uint8 [rows, kp / 2]: low nibble = even k
+  const float* scale = nullptr;   // [rows, n_groups]
+  const uint8_t* zero = nullptr;  // int4: [rows, n_groups] in 0..15; nullptr = symmetric (zero 8)
+  int64_t kp = 0;                 // padded row length in elements (multiple of group)
+  int64_t group = 0;              // elements per scale
+  int64_t n_groups = 0;           // kp / group
+};
+
+// How the kept values of N:M and CSR are stored.
+enum class ValueKind : int32_t { f32 = 0, bf16, f16, i8, i4 };
+
+struct NMView {
+  int32_t n = 0, m = 0;            // n kept out of every m along K
+  int32_t bits = 0;                // ceil(log2 m): bits per index in meta
+  int64_t kc = 0;                  // kept values per row = ceil(K / m) * n
+  const uint8_t* meta = nullptr;   // [rows, meta_stride]: little-endian bit stream per row
+  int64_t meta_stride = 0;         // bytes per meta row = ceil(kc * bits / 8)
+  ValueKind values = ValueKind::f32;
+  const void* fvalues = nullptr;   // float kinds: [rows, kc] of f32 / bf16 / f16
+  // i8 / i4 kinds: WeightView::q holds the values, a QuantView of shape (rows, kc)
+};
+
+struct CSRView {
+  const int64_t* crow = nullptr;   // [N + 1], crow[0] = 0, non-decreasing
+  const int32_t* col = nullptr;    // [nnz], each in [0, K)
+  const void* values = nullptr;    // [nnz]: f32 / bf16 / f16, or i8 codes
+  ValueKind kind = ValueKind::f32;
+  const float* scale = nullptr;    // i8: per-row scale [N]
+  int64_t nnz = 0;
+};
+
+// One id per kernel family; a table row maps (ISA, id, batch) to a function.
+enum class KernelId : int32_t { int8 = 0, int4, nm_float, nm_int8, nm_int4, csr_float, csr_int8, count };
+const char* kernel_id_name(KernelId id);
+
+struct WeightView {
+  KernelId id = KernelId::count;
+  int64_t N = 0, K = 0;  // true shape of the dense weight
+  QuantView q;           // int8, int4, nm_int8, nm_int4
+  NMView nm;             // nm_*
+  CSRView csr;           // csr_*
+};
+
+// -- one call -----------------------------------------------------------------------------------
+struct GemmArgs {
+  int64_t M = 0, N = 0, K = 0;
+  const float* x = nullptr;      // fp32 [M, K], unit stride along K
+  int64_t stride_xm = 0;         // elements between rows of x (may be 0: broadcast rows)
+  const float* bias = nullptr;   // fp32 [N] or nullptr
+  void* y = nullptr;             // [M, N] in y_dtype (f32 / bf16 / f16), unit stride along N
+  DType y_dtype = DType::f32;
+  int64_t stride_ym = 0;         // elements between rows of y
+};
+
+// Every kernel has this signature: columns [n_begin, n_end) of y, all M rows.
+using KernelFn = Status (*)(const GemmArgs& args, const WeightView& w, int64_t n_begin, int64_t n_end);
+
+// Activation conversion: src [rows, cols] (row stride src_stride elements, unit column stride)
+// of dtype f32 / bf16 / f16 -> dst fp32 [rows, cols] contiguous.
+using ConvertFn = void (*)(const void* src, DType dtype, int64_t rows, int64_t cols, int64_t src_stride,
+                           float* dst);
+
+// -- kernels, by ISA group ----------------------------------------------------------------------
+// ref/: scalar, compiled with no ISA flags, always built. Each handles every M, every value dtype.
+Status int8_gemm_scalar(const GemmArgs&, const WeightView&, int64_t, int64_t);
+Status int4_gemm_scalar(const GemmArgs&, const WeightView&, int64_t, int64_t);
+Status nm_gemm_scalar(const GemmArgs&, const WeightView&, int64_t, int64_t);    // float, int8, int4 values
+Status csr_gemm_scalar(const GemmArgs&, const WeightView&, int64_t, int64_t);   // float, int8 values
+void convert_to_f32_scalar(const void*, DType, int64_t, int64_t, int64_t, float*);
+
+// x86/avx2/, x86/avx512/, arm/neon/: declare <format>_<op>_<isa> functions here under
+// #ifdef SPARSEINFER_HAVE_<ISA> and list them in that ISA's table in dispatch.cpp.
+#ifdef SPARSEINFER_HAVE_AVX2
+Status int8_gemv_avx2(const GemmArgs&, const WeightView&, int64_t, int64_t);
+Status int4_gemv_avx2(const GemmArgs&, const WeightView&, int64_t, int64_t);
+void convert_to_f32_avx2(const void*, DType, int64_t, int64_t, int64_t, float*);
+#endif
+
+}  // namespace sparseinfer
