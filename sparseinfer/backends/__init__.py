@@ -9,10 +9,12 @@ from .base import Backend, BackendUnavailable
 from .reference import ReferenceBackend, reference_linear
 
 BACKENDS: dict[str, Backend] = {}
+_BY_PRIORITY: list[Backend] = []  # BACKENDS sorted for automatic choice, kept by register()
 
 
 def register(backend: Backend) -> Backend:
     BACKENDS[backend.name] = backend
+    _BY_PRIORITY[:] = sorted(BACKENDS.values(), key=lambda b: -b.priority)
     return backend
 
 
@@ -50,7 +52,7 @@ def resolve(w: PackedWeight, x: torch.Tensor, backend: str | None = None) -> Bac
                 f"backend {backend!r} has no kernel for format {w.fmt!r} with {x.dtype} activations on {x.device}"
             )
         return b
-    for b in sorted(BACKENDS.values(), key=lambda b: -b.priority):
+    for b in _BY_PRIORITY:
         if b.auto_devices is not None and x.device.type not in b.auto_devices:
             continue
         if b.availability()[0] and b.supports(w, x):

@@ -16,6 +16,7 @@ tensor for tensor. The quantizers below are built so that this holds by construc
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, ClassVar
 
@@ -74,8 +75,10 @@ class PackedWeight:
         """Size of the same weight stored dense in float32."""
         return self.shape[0] * self.shape[1] * 4
 
-    @property
+    @functools.cached_property
     def device(self) -> torch.device:
+        # Cached: packed tensors never move in place (``to`` builds a new PackedWeight), and
+        # ``linear`` asks on every call.
         return next(iter(self.tensors().values())).device
 
     def to(self, device: torch.device | str) -> "PackedWeight":
