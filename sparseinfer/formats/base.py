@@ -179,36 +179,37 @@ def symmetric_quantize(groups: torch.Tensor, bits: int, scale: torch.Tensor | No
     return codes, scale.to(torch.float32)
 
 
-def _round_up_mantissa(x: torch.Tensor, keep_bits: int) -> torch.Tensor:
-    """Round positive float32 values up to ``keep_bits`` significant bits, so that products with
+def _round_down_mantissa(x: torch.Tensor, keep_bits: int) -> torch.Tensor:
+    """Truncate positive float32 values to ``keep_bits`` significant bits, so that products with
     small integers (and their differences) are exact in float32."""
     drop = 24 - keep_bits
-    bits = x.contiguous().view(torch.int32)
-    bits = (bits + ((1 << drop) - 1)) & ~((1 << drop) - 1)
+    bits = x.contiguous().view(torch.int32) & ~((1 << drop) - 1)
     return bits.view(torch.float32)
+
+
+def _round_half_away(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest, ties away from zero: odd-symmetric, so round(-r) == -round(r)."""
+    return torch.sign(x) * torch.floor(x.abs() + 0.5)
 
 
 def asymmetric_quantize(groups: torch.Tensor, bits: int, scale=None, zero=None):
     """groups float32 [..., g] -> (codes int32 in [0, 2^b-1], scale float32 [...], zero int32 [...]).
 
-    Dequantization is ``(code - zero) * scale``. The range is widened to include 0 so that 0 is
-    exact. Scales keep 19 significant bits (exact products with codes), and the result is iterated
-    to its fixed point so that re-packing the dequantized weight reproduces it exactly.
+    Dequantization is ``(code - zero) * scale``. The range [lo, hi] is widened to include 0 so
+    that 0 is exact. The scale is span / (2^b - 1) truncated to 19 significant bits, so that
+    span / scale >= 2^b - 1; with ties rounded away from zero the group minimum then lands on
+    code 0 and the maximum on code 2^b - 1 (clamped), and the products of scale with codes are
+    exact. Re-packing the dequantized group therefore finds the same span, scale and zero:
+    packing is idempotent by construction.
     """
     levels = (1 << bits) - 1
-    if scale is not None:
-        zero = zero.to(torch.int32)
-        codes = (torch.round(groups / scale.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp_(0, levels).to(torch.int32)
-        return codes, scale.to(torch.float32), zero
-    for _ in range(16):
+    if scale is None:
         lo = groups.amin(dim=-1).clamp(max=0)
         hi = groups.amax(dim=-1).clamp(min=0)
         span = hi - lo
-        scale = torch.where(span == 0, torch.ones_like(span), _round_up_mantissa(span / levels, 19))
-        zero = torch.round(-lo / scale).clamp_(0, levels).to(torch.int32)
-        codes = (torch.round(groups / scale.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp_(0, levels).to(torch.int32)
-        deq = (codes - zero.unsqueeze(-1)).to(torch.float32) * scale.unsqueeze(-1)
-        if torch.equal(deq, groups):
-            break
-        groups = deq
-    return codes, scale, zero
+        scale = _round_down_mantissa(span / levels, 19)
+        scale = torch.where(scale > 0, scale, torch.where(span > 0, span / levels, torch.ones_like(span)))
+        zero = _round_half_away(-lo / scale).clamp_(0, levels).to(torch.int32)
+    zero = zero.to(torch.int32)
+    codes = (_round_half_away(groups / scale.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp_(0, levels)
+    return codes.to(torch.int32), scale.to(torch.float32), zero
