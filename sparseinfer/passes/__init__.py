@@ -45,6 +45,6 @@ def register_method(name: str, stage: str, needs_calibration: bool = False):
     return wrap
 
 
-from . import prune, quantize  # noqa: E402,F401  (register the built-in methods)
+from . import prune, quantize, wanda, sparsegpt, gptq  # noqa: E402,F401  (register the built-in methods)
 
 __all__ = ["Target", "Method", "METHODS", "register_method"]

@@ -1,0 +1,177 @@
+"""GPTQ: second-order weight quantization (Frantar et al., 2022, "GPTQ: Accurate Post-Training
+Quantization for Generative Pre-trained Transformers").
+
+Columns are quantized left to right; each column's rounding error, divided by the diagonal of the
+upper Cholesky factor of H^-1, is spread onto the columns not yet quantized (lazily, per block of
+128 columns), so later columns absorb what earlier ones lost. The result is exactly what ``pack``
+produces from the returned weight and scales:
+
+* the quantizer is the format's own (symmetric: signed absmax, codes -2^(b-1)..2^(b-1)-1; int4
+  asymmetric: min/max with a zero point, see formats/base.py), applied with scales fixed per group;
+* group scales are computed when GPTQ reaches a group's first column, from the weights as updated
+  so far (as in the reference implementation), or all up front from the original weights with
+  act-order ("static groups": the packed formats need groups of consecutive columns, while
+  act-order visits columns by decreasing H diagonal);
+* the method sets ``pack_kwargs["scale"]`` (and ``"zero"`` for asymmetric int4), and leaves
+  ``t.weight`` = the dequantized result, so ``pack(t.weight, fmt, scale=...)`` reproduces it.
+
+N:M + int4/int8 ("2:4+int4" after a prune method): the kept set is the one ``pack`` would select
+from the pruned weight; GPTQ quantizes the survivors only, keeps the pruned entries at 0 (and, as
+SparseGPT does, spreads their error too when a magnitude-pruned weight had them non-zero), and uses
+value groups along the kept values: with group size g (counted in kept values, g a multiple of N)
+a group covers g*M/N consecutive columns of the dense weight, the same for every row.
+
+Methods: "gptq" (columns in order) and "gptq-act" (act-order with static groups), e.g. recipes
+"gptq:int4-g128", "gptq-act:int8", or {"default": "2:4+int4", "methods": {"prune": "wanda",
+"quantize": "gptq"}}.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..formats import parse_format
+from ..formats.base import asymmetric_quantize, symmetric_quantize
+from ..formats.nm import select_nm
+from . import Target, register_method
+from .calibration import calibrate
+from .sparsegpt import BLOCKSIZE, PERCDAMP, inverse_hessian_cholesky
+
+
+def _group_params(values: torch.Tensor, bits: int, symmetric: bool):
+    """Scale (and zero) per row [N] of one group's values [N, g], by the format's own quantizer."""
+    if symmetric:
+        _, scale = symmetric_quantize(values.unsqueeze(1), bits)
+        return scale[:, 0], None
+    _, scale, zero = asymmetric_quantize(values.unsqueeze(1), bits)
+    return scale[:, 0], zero[:, 0]
+
+
+def _quantize(col: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """Dequantized column, bit for bit what the packed format's to_dense() gives."""
+    if zero is None:
+        qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+        return torch.round(col / scale).clamp_(qmin, qmax) * scale
+    codes = (torch.round(col / scale) + zero).clamp_(0, (1 << bits) - 1)
+    return (codes - zero) * scale
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_size: int | None = None,
+                  symmetric: bool = True, keep: torch.Tensor | None = None, act_order: bool = False,
+                  blocksize: int = BLOCKSIZE, percdamp: float = PERCDAMP):
+    """Quantize ``weight`` [N, K] with GPTQ.
+
+    group_size: consecutive columns sharing a scale (None: the whole row). keep: bool [N, K], entries
+    to quantize; the others end at 0 (N:M survivors). Returns (q float32 [N, K] on the quantization
+    grid, scale float32 [N, G], zero int32 [N, G] or None) with G = ceil(K / group_size).
+    """
+    n_out, k = weight.shape
+    if hessian.shape != (k, k):
+        raise ValueError(f"gptq: Hessian of shape {tuple(hessian.shape)} does not match weight {tuple(weight.shape)} "
+                         f"(need {k}x{k})")
+    if bits not in (4, 8) or (bits == 8 and not symmetric):
+        raise ValueError(f"gptq: bits={bits}, symmetric={symmetric} is not a packed format (int8 symmetric, int4)")
+    span = k if group_size is None else group_size
+    ngroups = math.ceil(k / span)
+    w = weight.float().clone()
+    keep = torch.ones_like(w, dtype=torch.bool) if keep is None else keep.to(w.device)
+    h = hessian.to(w.device).double()
+    perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else None
+    zero_f = torch.zeros((), dtype=w.dtype, device=w.device)
+    scale = torch.ones(n_out, ngroups, dtype=torch.float32, device=w.device)
+    zero = None if symmetric else torch.zeros(n_out, ngroups, dtype=torch.int32, device=w.device)
+    if act_order:  # static groups from the original (masked) weights, then visit by decreasing H diagonal
+        for g in range(ngroups):
+            s, z = _group_params(torch.where(keep, w, zero_f)[:, g * span:(g + 1) * span], bits, symmetric)
+            scale[:, g] = s
+            if zero is not None:
+                zero[:, g] = z
+        w, keep, h = w[:, perm], keep[:, perm], h[perm][:, perm]
+    hinv, dead = inverse_hessian_cholesky(h, percdamp)
+    w[:, dead] = 0
+    order = perm if act_order else torch.arange(k, device=w.device)
+    group_of = (order // span).tolist()
+    for i1 in range(0, k, blocksize):
+        i2 = min(i1 + blocksize, k)
+        w1 = w[:, i1:i2].clone()
+        q1 = torch.zeros_like(w1)
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col_idx = i1 + i
+            g = group_of[col_idx]
+            if not act_order and col_idx % span == 0:
+                # the group's current values: this block's part is in w1, later blocks' in w
+                cur = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :span]
+                s, z = _group_params(torch.where(keep[:, col_idx:col_idx + span], cur, zero_f), bits, symmetric)
+                scale[:, g] = s
+                if zero is not None:
+                    zero[:, g] = z
+            col = w1[:, i]
+            z = None if zero is None else zero[:, g].float()
+            q = torch.where(keep[:, col_idx], _quantize(col, scale[:, g], z, bits), zero_f)
+            q1[:, i] = q
+            e = (col - q) / hinv1[i, i]
+            w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        w[:, i1:i2] = q1
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    if act_order:
+        w = w[:, torch.argsort(perm)]
+    return w, scale, zero
+
+
+def _plan(t: Target) -> dict | None:
+    """How to GPTQ a target: bits, symmetric, K-space group size, and the N:M survivors; None if
+    the target has nothing quantized."""
+    spec = parse_format(t.recipe.fmt)
+    values = spec["kind"] if spec["kind"] in ("int8", "int4") else spec.get("values")
+    if values is None:
+        return None
+    if spec["kind"] == "csr":
+        raise ValueError(f"gptq: recipe {t.recipe.text!r} (layer {t.name!r}): csr+int8 derives its per-row scales "
+                         f"in pack and takes none from GPTQ; use rtn (the default) for CSR")
+    bits = 8 if values == "int8" else 4
+    symmetric = t.recipe.params.get("symmetric", True)
+    g = t.recipe.params.get("group_size")
+    plan = {"bits": bits, "symmetric": symmetric, "group_size": g, "keep": None}
+    if spec["kind"] == "nm":
+        n, m = spec["n"], spec["m"]
+        if g is not None and g % n:
+            raise ValueError(f"gptq: recipe {t.recipe.text!r} (layer {t.name!r}): value group size {g} is not a "
+                             f"multiple of N={n}, so value groups would not line up with groups of {m} columns")
+        idx = select_nm(t.weight, n, m)
+        rows, k = t.weight.shape
+        keep = torch.zeros(rows, idx.shape[1] * m, dtype=torch.bool)
+        keep.view(rows, -1, m).scatter_(-1, idx, True)
+        plan["keep"] = keep[:, :k]
+        plan["group_size"] = None if g is None else g * m // n
+    return plan
+
+
+def _gptq_method(act_order: bool):
+    def run(targets: list[Target], calib, model) -> None:
+        plans = {t.name: _plan(t) for t in targets}
+        work = [t for t in targets if plans[t.name] is not None]
+
+        def process(group, stats):
+            for t in group:
+                p = plans[t.name]
+                q, scale, zero = gptq_quantize(t.weight, stats[t.name].hessian(), bits=p["bits"],
+                                               group_size=p["group_size"], symmetric=p["symmetric"],
+                                               keep=p["keep"], act_order=act_order)
+                t.weight = q
+                t.pack_kwargs["scale"] = scale
+                if zero is not None:
+                    t.pack_kwargs["zero"] = zero.to(torch.uint8)
+
+        calibrate(model, work, calib, process, gram=True, desc="gptq-act" if act_order else "gptq")
+
+    run.__doc__ = f"GPTQ on every target with int8 / int4 values (act_order={act_order})."
+    return run
+
+
+register_method("gptq", stage="quantize", needs_calibration=True)(_gptq_method(act_order=False))
+register_method("gptq-act", stage="quantize", needs_calibration=True)(_gptq_method(act_order=True))
