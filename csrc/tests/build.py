@@ -1,0 +1,213 @@
+"""Builds csrc/tests/kernel_test.cpp with the kernels, straight from the sources: no CMake, no Python
+headers, no torch. Used by tests/test_neon_qemu.py (aarch64, cross-compiled, run under qemu-user) and
+tests/test_kernel_sanitizers.py (native, with AddressSanitizer + UBSan).
+
+    python csrc/tests/build.py aarch64 [--sanitize]     # prints the path of the driver binary
+    python csrc/tests/build.py native --sanitize
+
+It compiles what the extension links -- dispatch.cpp, threadpool.cpp, ref/ and the ISA groups of the
+target architecture (natively: those this CPU can run), each group with only its own flags plus
+the per-file options of csrc/CMakeLists.txt -- and the driver. Objects are cached by a hash of the compiler, the flags and
+every source and header (in $SPARSEINFER_KERNEL_TEST_CACHE, else the system temp dir), so a re-run
+after editing one kernel recompiles one file.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CSRC = Path(__file__).resolve().parents[1]
+
+# The ISA groups of csrc/CMakeLists.txt (si_add_group calls), by target architecture: directory,
+# the define dispatch.cpp sees when the group is built, and the group's flags. Keep in step.
+_AVX2 = ["-mavx2", "-mfma", "-mf16c"]
+GROUPS = {
+    "x86_64": [("x86/avx2", "SPARSEINFER_HAVE_AVX2", _AVX2),
+               ("x86/avx512", "SPARSEINFER_HAVE_AVX512",
+                _AVX2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512cd"])],
+    "aarch64": [("arm/neon", "SPARSEINFER_HAVE_NEON", [])],
+}
+# /proc/cpuinfo flags a native build needs to run a group (see host_can_run).
+GROUP_CPU_FLAGS = {
+    "x86/avx2": {"avx2", "fma", "f16c"},
+    "x86/avx512": {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"},
+}
+# As SI_COMMON_FLAGS in csrc/CMakeLists.txt, at -O2 (compile time matters more here than in the module).
+COMMON_FLAGS = ["-std=c++17", "-O2", "-ffp-contract=off", "-Wall", "-Wextra", "-Wno-unused-parameter", "-pthread"]
+# -g1: line tables only, enough for file:line in sanitizer reports, a quarter cheaper to compile than -g.
+SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g1", "-O1"]
+QEMU_SYSROOT = "/usr/aarch64-linux-gnu"
+
+
+class ToolMissing(RuntimeError):
+    """A compiler or emulator is not installed; str() names it."""
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+@dataclass
+class Toolchain:
+    arch: str                                        # "x86_64" / "aarch64"
+    cxx: str                                         # compiler executable
+    runner: list[str] = field(default_factory=list)  # prefix to run a built binary (qemu), or []
+
+    def run(self, binary: Path, args: list[str], timeout: float = 300, env: dict | None = None,
+            cpu: str | None = None) -> subprocess.CompletedProcess:
+        """Runs the driver; ``cpu`` picks qemu's CPU model (ignored when running natively)."""
+        prefix = list(self.runner)
+        if prefix and cpu:
+            prefix[1:1] = ["-cpu", cpu]
+        return subprocess.run(prefix + [str(binary)] + list(args), capture_output=True, text=True, timeout=timeout,
+                              env=env)
+
+
+def host_arch() -> str:
+    m = platform.machine().lower()
+    return {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}.get(m, m)
+
+
+def toolchain(target: str) -> Toolchain:
+    """``native`` or ``aarch64`` (cross-compiled and run under qemu-user unless the host is aarch64).
+    Raises ToolMissing naming the missing executable."""
+    host = host_arch()
+    if target == "native" or target == host:
+        cxx = os.environ.get("CXX", "g++")
+        if not shutil.which(cxx):
+            raise ToolMissing(cxx)
+        return Toolchain(host, cxx)
+    if target != "aarch64":
+        raise ValueError(f"unknown target {target!r}; expected 'native' or 'aarch64'")
+    for tool in ("aarch64-linux-gnu-g++", "qemu-aarch64"):
+        if not shutil.which(tool):
+            raise ToolMissing(tool)
+    return Toolchain("aarch64", "aarch64-linux-gnu-g++", ["qemu-aarch64", "-L", QEMU_SYSROOT])
+
+
+def per_file_options() -> dict[str, list[str]]:
+    """``set_source_files_properties(<files...> PROPERTIES COMPILE_OPTIONS <opts...>)`` calls of
+    csrc/CMakeLists.txt (the one place per-file ISA extras such as VNNI or dotprod are declared), as
+    {file relative to csrc/: options}."""
+    text = "\n".join(line.split("#", 1)[0] for line in (CSRC / "CMakeLists.txt").read_text().splitlines())
+    options: dict[str, list[str]] = {}
+    for call in re.findall(r"set_source_files_properties\((.*?)\)", text, re.S):
+        tokens = call.replace('"', " ").replace(";", " ").split()
+        if "PROPERTIES" not in tokens or "COMPILE_OPTIONS" not in tokens:
+            continue
+        files = tokens[: tokens.index("PROPERTIES")]
+        opts = []
+        for tok in tokens[tokens.index("COMPILE_OPTIONS") + 1:]:
+            if re.fullmatch(r"[A-Z_]+", tok):  # the next property name
+                break
+            opts.append(tok)
+        for f in files:
+            options[f] = opts
+    return options
+
+
+def _digest(*parts) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else str(p).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:20]
+
+
+def cache_root() -> Path:
+    root = os.environ.get("SPARSEINFER_KERNEL_TEST_CACHE")
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return Path(root) if root else Path(tempfile.gettempdir()) / f"sparseinfer-kernel-test-{uid}"
+
+
+def host_can_run(directory: str) -> bool:
+    """Whether this machine's CPU runs a group (Linux /proc/cpuinfo; True when it cannot tell). A
+    native driver skips the groups it could never run: compiling them (the AVX-512 VNNI files under
+    ASan take longer than everything else together) would test nothing."""
+    needed = GROUP_CPU_FLAGS.get(directory)
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), None)
+    return needed is None or flags is None or needed <= set(flags)
+
+
+def sources(arch: str, native: bool = False) -> list[tuple[Path, list[str], list[str]]]:
+    """(source, extra flags, defines) for everything the driver links on ``arch``; ``native``: only
+    the groups this CPU runs."""
+    per_file = per_file_options()
+    units = []
+    defines = []
+    for directory, define, flags in GROUPS.get(arch, []):
+        files = sorted((CSRC / directory).glob("*.cpp"))
+        if native and not host_can_run(directory):
+            continue
+        if files:  # an empty group is skipped, and its define left unset, as in CMake
+            defines.append(f"-D{define}=1")
+            units += [(f, flags + per_file.get(f"{directory}/{f.name}", [])) for f in files]
+    base = [CSRC / "dispatch.cpp", CSRC / "threadpool.cpp", *sorted((CSRC / "ref").glob("*.cpp")),
+            CSRC / "tests" / "kernel_test.cpp"]
+    return [(f, [], defines) for f in base] + [(f, flags, defines) for f, flags in units]
+
+
+DRIVER = CSRC / "tests" / "kernel_test.cpp"
+
+
+def build(target: str, sanitize: bool = False, jobs: int | None = None) -> tuple[Toolchain, Path]:
+    """Compiles (cached) and links the driver for ``target``; returns its toolchain and path."""
+    tc = toolchain(target)
+    version = subprocess.run([tc.cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    headers = _digest(*(p.read_bytes() for p in sorted(CSRC.rglob("*.h"))))
+    flags = COMMON_FLAGS + (SANITIZE_FLAGS if sanitize else []) + [f"-I{CSRC / 'include'}"]
+    out = cache_root() / f"{tc.arch}{'-sanitize' if sanitize else ''}"
+    out.mkdir(parents=True, exist_ok=True)
+
+    def compile_one(unit) -> Path:
+        src, extra, defines = unit
+        # The harness itself is not instrumented (a third of the build time otherwise): the kernels,
+        # dispatch and the pool are, and ASan's allocator still guards every buffer the driver hands them.
+        unit_flags = [f for f in flags if src != DRIVER or not f.startswith("-fsanitize")]
+        cmd = [tc.cxx, *unit_flags, *extra, *defines, "-c", str(src)]
+        obj = out / f"{src.stem}-{_digest(version, cmd, src.read_bytes(), headers)}.o"
+        if not obj.exists():
+            tmp = obj.with_suffix(f".{os.getpid()}.tmp")
+            result = subprocess.run(cmd + ["-o", str(tmp)], capture_output=True, text=True)
+            if result.returncode != 0:
+                raise BuildError(f"{' '.join(cmd)}\n{result.stderr}")
+            os.replace(tmp, obj)  # atomic: a concurrent build never sees half an object
+        return obj
+
+    units = sources(tc.arch, native=not tc.runner)
+    with concurrent.futures.ThreadPoolExecutor(jobs or os.cpu_count() or 2) as pool:
+        objects = list(pool.map(compile_one, units))
+    link = [tc.cxx, *flags, *(str(o) for o in objects)]
+    binary = out / f"kernel_test-{_digest(version, link)}"
+    if not binary.exists():
+        tmp = binary.with_suffix(f".{os.getpid()}.tmp")
+        result = subprocess.run(link + ["-o", str(tmp)], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise BuildError(f"{' '.join(link)}\n{result.stderr}")
+        os.replace(tmp, binary)
+    return tc, binary
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    if not args or args[0] not in ("native", "aarch64") or set(args[1:]) - {"--sanitize"}:
+        sys.exit("usage: python csrc/tests/build.py native|aarch64 [--sanitize]")
+    try:
+        tc, path = build(args[0], sanitize="--sanitize" in args)
+    except ToolMissing as err:
+        sys.exit(f"missing tool: {err}")
+    print(" ".join(tc.runner + [str(path)]))

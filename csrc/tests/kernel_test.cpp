@@ -1,0 +1,516 @@
+// kernel_test: runs the CPU kernels -- without Python or torch -- against reference vectors written
+// by csrc/tests/refvectors.py (sparseinfer.pack + backends.reference_linear), so a cross-compiled
+// build can be checked under qemu against exactly the numbers the Python tests use.
+//
+//   kernel_test VECTORS [--isa NAME]... [--only PREFIX] [--threads T] [--verbose]
+//                                          run every case (or those whose name starts with PREFIX)
+//   kernel_test --features                                          print what dispatch detected
+//
+// Built from dispatch.cpp, threadpool.cpp and the kernel groups (csrc/tests/build.py); it calls
+// the same entry points as the Python binding (run_linear, select_kernel), so dispatch, HWCAP /
+// CPUID detection, activation conversion and the thread split are under test too.
+//
+// Per case (one packed weight, one call) and ISA it checks:
+//   1. run_linear with y poisoned (NaN bit patterns), y rows padded (stride N + 2), and, for fp32 x on
+//      half the calls, x rows padded with NaN (stride K + 3): every output written and finite, no
+//      element of y's padding touched, x never read past K (NaN would reach y), and every element
+//      within the accumulation bound below;
+//   2. the selected kernel called directly on columns [1, N-1) (N >= 3), fp32: columns 0 and N-1 keep
+//      their poison (a kernel writes only its column range: threads share y), the rest as above;
+//   3. int8 / int4 weights, int8 activations (ActMode::int8, on the weight's row tiles): written and
+//      untouched as in 1, bit for bit the scalar int8-activation kernel's result (the contract of
+//      ref/qtile_ref.cpp), and within the activation-quantization bound below of the reference.
+//
+// Output, one line each: "FEATURES ...", "ISAS ...", "PASS|FAIL <case> isa=.. kernel=.. ...", and
+// "SUMMARY pass=P fail=F". Exit status: 0 all passed, 1 a case failed, 2 bad usage or vector file.
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "sparseinfer/dispatch.h"
+#include "sparseinfer/kernel_utils.h"
+
+using namespace sparseinfer;
+
+namespace {
+
+// -- tolerance: an accumulation bound per element (XNNPACK's compute_sum_tolerance) ---------------
+// Kernel and reference both compute y = sum_k x_k w_k + bias in fp32 from the same fp32 products
+// (weights dequantized exactly as to_dense() does), in different orders. Each side's error is at most
+// (K + 2) * 2^-24 * mag, mag = sum_k |x_k w_k| + |bias| (K - 1 additions, one product rounding, the
+// group scaling and the bias addition), so |out - ref| <= 2 (K + 3) 2^-24 mag. With bf16 / fp16 x
+// both sides then round once to x's dtype: at most one more ulp of the larger value, 2^-7 (bf16) or
+// 2^-10 (fp16) relative, plus fp16's smallest subnormal step. A dropped or wrong term is ~mag / K,
+// far above 2 (K + 3) 2^-24 mag for every K tested, so the bound catches it. (A normwise bound would
+// not do: with N = M = 1 the single output may cancel to far below its terms.)
+// int8 activations add, per output, at most (max_k |x[m, k]| / 254) * sum_k |W[n, k]| * (1 + 2^-12):
+// each x is replaced by q * sx, sx = amax_s / 127, with |q - x * 127 / amax_s| <= 1/2 (amax_s <= the
+// row's max |x|); the fp32 roundings of 127 / amax_s, x * inv and amax_s / 127 add at most
+// 762 * 2^-24 < 2^-14 of that, and 2^-12 leaves room. (A worst case: with K = 3 the few rounding
+// errors can all align, and err / bound approaches 1.)
+constexpr double kEpsF32 = 1.0 / 16777216.0;  // 2^-24
+
+double bound(double mag, int64_t K, DType d, double out, double ref) {
+  double b = 2.0 * double(K + 3) * kEpsF32 * mag;
+  const double big = std::fabs(out) > std::fabs(ref) ? std::fabs(out) : std::fabs(ref);
+  if (d == DType::bf16) b += big / 128.0;
+  if (d == DType::f16) b += big / 1024.0 + 1.0 / 16777216.0;
+  return b;
+}
+
+// -- the vector file ----------------------------------------------------------------------------------
+// Little-endian. "SIREFV01", u32 record count, then per record: str name; u32 count + (str key, i64)
+// ints; u32 count + (str key, u32 dtype (DType), u32 ndim, i64 dims[ndim], u64 nbytes, bytes) tensors.
+// str = u32 length + bytes. One record = one packed weight and one call on it.
+
+struct Tensor {
+  DType dtype = DType::unknown;
+  std::vector<int64_t> shape;
+  std::vector<uint8_t> storage;  // exactly nbytes (so ASan sees any overread); new[] aligns to 16
+  size_t nbytes = 0;
+  const void* data() const { return storage.data(); }
+  int64_t numel() const {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    return n;
+  }
+};
+
+struct Record {
+  std::string name;
+  std::map<std::string, int64_t> ints;
+  std::map<std::string, Tensor> tensors;
+  int64_t get(const std::string& key) const {
+    auto it = ints.find(key);
+    if (it == ints.end()) {
+      std::fprintf(stderr, "kernel_test: %s: missing int '%s'\n", name.c_str(), key.c_str());
+      std::exit(2);
+    }
+    return it->second;
+  }
+  const Tensor* find(const std::string& key) const {
+    auto it = tensors.find(key);
+    return it == tensors.end() ? nullptr : &it->second;
+  }
+  const Tensor& tensor(const std::string& key) const {
+    const Tensor* t = find(key);
+    if (!t) {
+      std::fprintf(stderr, "kernel_test: %s: missing tensor '%s'\n", name.c_str(), key.c_str());
+      std::exit(2);
+    }
+    return *t;
+  }
+};
+
+struct Reader {
+  FILE* f;
+  const char* path;
+  void read(void* p, size_t n) {
+    if (n && std::fread(p, 1, n, f) != n) {
+      std::fprintf(stderr, "kernel_test: %s: truncated file\n", path);
+      std::exit(2);
+    }
+  }
+  uint32_t u32() { uint32_t v; read(&v, 4); return v; }
+  uint64_t u64() { uint64_t v; read(&v, 8); return v; }
+  std::string str() {
+    const uint32_t n = u32();
+    if (n > (1u << 20)) { std::fprintf(stderr, "kernel_test: %s: corrupt string\n", path); std::exit(2); }
+    std::string s(n, '\0');
+    read(&s[0], n);
+    return s;
+  }
+};
+
+std::vector<Record> load_vectors(const char* path) {
+  FILE* f = std::fopen(path, "rb");
+  if (!f) { std::fprintf(stderr, "kernel_test: cannot open %s\n", path); std::exit(2); }
+  Reader r{f, path};
+  char magic[8];
+  r.read(magic, 8);
+  if (std::memcmp(magic, "SIREFV01", 8) != 0) { std::fprintf(stderr, "kernel_test: %s: bad magic\n", path); std::exit(2); }
+  std::vector<Record> out(r.u32());
+  for (Record& rec : out) {
+    rec.name = r.str();
+    for (uint32_t i = 0, n = r.u32(); i < n; ++i) {
+      std::string key = r.str();
+      rec.ints[key] = int64_t(r.u64());
+    }
+    for (uint32_t i = 0, n = r.u32(); i < n; ++i) {
+      std::string key = r.str();
+      Tensor t;
+      t.dtype = DType(r.u32());
+      t.shape.resize(r.u32());
+      for (int64_t& d : t.shape) d = int64_t(r.u64());
+      t.nbytes = r.u64();
+      if (t.nbytes != size_t(t.numel()) * dtype_size(t.dtype)) {
+        std::fprintf(stderr, "kernel_test: %s: tensor %s has %zu bytes for its shape\n", rec.name.c_str(), key.c_str(), t.nbytes);
+        std::exit(2);
+      }
+      t.storage.resize(t.nbytes);
+      r.read(t.storage.data(), t.nbytes);
+      rec.tensors[key] = std::move(t);
+    }
+  }
+  std::fclose(f);
+  return out;
+}
+
+// -- the WeightView, built the way bindings.cpp's pack_* build it -------------------------------------
+
+ValueKind value_kind(DType d) {
+  switch (d) {
+    case DType::bf16: return ValueKind::bf16;
+    case DType::f16: return ValueKind::f16;
+    case DType::i8: return ValueKind::i8;
+    default: return ValueKind::f32;
+  }
+}
+
+QuantView quant_view(const Record& r, const std::string& prefix, bool int4) {
+  QuantView q;
+  const Tensor& qw = r.tensor(prefix + "qweight");
+  const Tensor& scale = r.tensor(prefix + "scale");
+  q.codes = qw.data();
+  q.scale = static_cast<const float*>(scale.data());
+  if (const Tensor* z = r.find(prefix + "zero")) q.zero = static_cast<const uint8_t*>(z->data());
+  q.kp = qw.shape[1] * (int4 ? 2 : 1);
+  q.n_groups = scale.shape[1];
+  q.group = q.kp / q.n_groups;
+  return q;
+}
+
+WeightView weight_view(const Record& r) {
+  WeightView w;
+  w.id = KernelId(r.get("kind"));
+  w.N = r.get("N"), w.K = r.get("K");
+  switch (w.id) {
+    case KernelId::int8: w.q = quant_view(r, "", false); break;
+    case KernelId::int4: w.q = quant_view(r, "", true); break;
+    case KernelId::nm_float: case KernelId::nm_int8: case KernelId::nm_int4: {
+      NMView& v = w.nm;
+      v.n = int32_t(r.get("n")), v.m = int32_t(r.get("m"));
+      v.bits = 1;
+      while ((int64_t(1) << v.bits) < v.m) ++v.bits;
+      v.kc = (w.K + v.m - 1) / v.m * v.n;
+      const Tensor& meta = r.tensor("meta");
+      v.meta = static_cast<const uint8_t*>(meta.data()), v.meta_stride = meta.shape[1];
+      if (w.id == KernelId::nm_float) {
+        const Tensor& vals = r.tensor("values");
+        v.values = value_kind(vals.dtype), v.fvalues = vals.data();
+      } else {
+        w.q = quant_view(r, "values.", w.id == KernelId::nm_int4);
+        v.values = w.id == KernelId::nm_int8 ? ValueKind::i8 : ValueKind::i4;
+      }
+      break;
+    }
+    case KernelId::csr_float: case KernelId::csr_int8: {
+      CSRView& c = w.csr;
+      const Tensor& vals = r.tensor("values");
+      c.crow = static_cast<const int64_t*>(r.tensor("crow").data());
+      c.col = static_cast<const int32_t*>(r.tensor("col").data());
+      c.values = vals.data(), c.kind = value_kind(vals.dtype), c.nnz = vals.numel();
+      if (const Tensor* s = r.find("scale")) c.scale = static_cast<const float*>(s->data());
+      break;
+    }
+    default:
+      std::fprintf(stderr, "kernel_test: %s: unknown kernel id %d\n", r.name.c_str(), int(w.id));
+      std::exit(2);
+  }
+  return w;
+}
+
+// -- poisoned buffers -------------------------------------------------------------------------------
+
+// Quiet NaN patterns with a payload no arithmetic produces, so "untouched" is a bit comparison.
+constexpr uint32_t kPoisonF32 = 0x7fc0dead;
+constexpr uint16_t kPoisonHalf16 = 0x7e5a;   // f16 quiet NaN with payload
+constexpr uint16_t kPoisonBf16 = 0x7fda;     // bf16 quiet NaN with payload
+
+// [rows, stride] elements of `dtype`, every element poisoned; exactly that many bytes, so that under
+// AddressSanitizer a kernel reading or writing past the last row is caught.
+struct Buffer {
+  DType dtype;
+  int64_t rows, stride;
+  std::vector<uint8_t> bytes;  // new[] aligns to 16
+  Buffer(DType d, int64_t r, int64_t s) : dtype(d), rows(r), stride(s), bytes(size_t(r * s) * dtype_size(d)) {
+    for (int64_t i = 0; i < r * s; ++i) set_poison(i);
+  }
+  void* data() { return bytes.data(); }
+  void set_poison(int64_t i) {
+    if (dtype == DType::f32) reinterpret_cast<uint32_t*>(bytes.data())[i] = kPoisonF32;
+    else reinterpret_cast<uint16_t*>(bytes.data())[i] = dtype == DType::bf16 ? kPoisonBf16 : kPoisonHalf16;
+  }
+  bool is_poison(int64_t i) const {
+    if (dtype == DType::f32) return reinterpret_cast<const uint32_t*>(bytes.data())[i] == kPoisonF32;
+    const uint16_t v = reinterpret_cast<const uint16_t*>(bytes.data())[i];
+    return v == (dtype == DType::bf16 ? kPoisonBf16 : kPoisonHalf16);
+  }
+  double at(int64_t i) const {
+    if (dtype == DType::f32) return reinterpret_cast<const float*>(bytes.data())[i];
+    const uint16_t v = reinterpret_cast<const uint16_t*>(bytes.data())[i];
+    return dtype == DType::bf16 ? bf16_to_f32(v) : f16_to_f32(v);
+  }
+};
+
+double element(const Tensor& t, int64_t i) {
+  switch (t.dtype) {
+    case DType::f32: return static_cast<const float*>(t.data())[i];
+    case DType::bf16: return bf16_to_f32(static_cast<const uint16_t*>(t.data())[i]);
+    case DType::f16: return f16_to_f32(static_cast<const uint16_t*>(t.data())[i]);
+    default: return NAN;
+  }
+}
+
+// Compares y [M, N] (row stride y.stride) columns [c0, c1) with ref, element by element; "" when all
+// is well. `extra` (optional, [M, N]) widens the bound per element; `exact` (optional, same layout
+// as y) must match y bit for bit. *worst: the largest |out - ref| / bound seen (<= 1 passes).
+std::string compare(const Buffer& y, const Tensor& ref, const Tensor& mag, DType x_dtype, int64_t M, int64_t N,
+                    int64_t K, int64_t c0, int64_t c1, double* worst, const std::vector<double>* extra = nullptr,
+                    const Buffer* exact = nullptr) {
+  char msg[256];
+  *worst = 0;
+  const size_t esz = dtype_size(y.dtype);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < y.stride; ++n) {
+      const int64_t i = m * y.stride + n;
+      if (n < c0 || n >= c1) {
+        if (!y.is_poison(i)) {
+          std::snprintf(msg, sizeof msg, "wrote y[%lld, %lld] outside columns [%lld, %lld) (padding or another range)",
+                        (long long)m, (long long)n, (long long)c0, (long long)c1);
+          return msg;
+        }
+        continue;
+      }
+      const double out = y.at(i), r = element(ref, m * N + n);
+      if (y.is_poison(i) || !std::isfinite(out)) {
+        std::snprintf(msg, sizeof msg, "y[%lld, %lld] = %g not written or not finite (reference %g)", (long long)m,
+                      (long long)n, out, r);
+        return msg;
+      }
+      if (exact && std::memcmp(y.bytes.data() + i * esz, exact->bytes.data() + i * esz, esz) != 0) {
+        std::snprintf(msg, sizeof msg, "y[%lld, %lld] = %.9g differs from the scalar kernel's %.9g (bit-exact expected)",
+                      (long long)m, (long long)n, out, exact->at(i));
+        return msg;
+      }
+      const double b = bound(element(mag, m * N + n), K, x_dtype, out, r) + (extra ? (*extra)[m * N + n] : 0.0);
+      const double ratio = std::fabs(out - r) / (b > 0 ? b : 1e-300);
+      if (ratio > *worst) *worst = ratio;
+      if (!(std::fabs(out - r) <= b)) {
+        std::snprintf(msg, sizeof msg, "y[%lld, %lld] = %.9g, reference %.9g: |diff| %.3g > bound %.3g", (long long)m,
+                      (long long)n, out, r, std::fabs(out - r), b);
+        return msg;
+      }
+    }
+  return "";
+}
+
+// Row tiles for the int8-activation kernels (what bindings.cpp builds on the first such call).
+struct QTiles {
+  void* buf = nullptr;
+  QTiles() = default;
+  QTiles(const QTiles&) = delete;
+  QTiles& operator=(const QTiles&) = delete;
+  ~QTiles() { std::free(buf); }
+  bool build(WeightView& w) {
+    const int bits = w.id == KernelId::int8 ? 8 : 4;
+    const size_t bytes = (qtile_bytes(w.q, w.N, bits) + 63) / 64 * 64;
+    buf = std::aligned_alloc(64, bytes);
+    if (!buf) return false;
+    w.qt = build_qtiles(w.q, w.N, bits, buf);
+    return true;
+  }
+};
+
+struct Counts { int pass = 0, fail = 0; };
+
+void report(Counts& counts, bool ok, bool verbose, const std::string& line) {
+  ok ? ++counts.pass : ++counts.fail;
+  if (!ok || verbose) std::printf("%s %s\n", ok ? "PASS" : "FAIL", line.c_str());
+}
+
+// One record on one ISA: both checks of the header comment.
+void run_case(const Record& r, Isa isa, int threads, bool pad_x, bool verbose, Counts& counts) {
+  const WeightView w = weight_view(r);
+  const Tensor& x = r.tensor("x");
+  const Tensor& ref = r.tensor("y");
+  const Tensor& mag = r.tensor("y_mag");
+  const Tensor* bias = r.find("bias");
+  const int64_t M = x.shape[0], K = w.K, N = w.N;
+  const KernelImpl* k = select_kernel(w.id, isa, M);
+  char head[384];
+  std::snprintf(head, sizeof head, "%s isa=%s kernel=%s M=%lld N=%lld K=%lld x=%s bias=%s threads=%d", r.name.c_str(),
+                isa_name(isa), k ? k->name : "none", (long long)M, (long long)N, (long long)K, dtype_name(x.dtype),
+                bias ? dtype_name(bias->dtype) : "none", threads);
+  if (!k) return report(counts, false, verbose, std::string(head) + ": no kernel selected");
+
+  // x, with NaN-poisoned padding between rows for fp32 x when asked (K + 3 elements per row).
+  const int64_t xs = pad_x && x.dtype == DType::f32 ? K + 3 : K;
+  Buffer xb(x.dtype, M, xs);
+  const size_t esz = dtype_size(x.dtype);
+  for (int64_t m = 0; m < M; ++m)
+    std::memcpy(static_cast<char*>(xb.data()) + m * xs * esz, static_cast<const char*>(x.data()) + m * K * esz, K * esz);
+
+  // 1. the full call, through the driver.
+  Buffer y(x.dtype, M, N + 2);
+  LinearCall call{xb.data(), x.dtype, xs, bias ? bias->data() : nullptr, bias ? bias->dtype : DType::f32,
+                  y.data(), N + 2, M};
+  const KernelImpl* ran = nullptr;
+  const Status s = run_linear(call, w, isa, threads, &ran);
+  double err = 0;
+  std::string bad = s != Status::ok ? std::string("status: ") + status_message(s)
+                                    : compare(y, ref, mag, x.dtype, M, N, K, 0, N, &err);
+  if (bad.empty() && ran != k) bad = "run_linear ran another kernel";
+  char tail[64];
+  std::snprintf(tail, sizeof tail, " x_stride=%lld err/bound=%.2f", (long long)xs, err);
+  report(counts, bad.empty(), verbose, std::string(head) + tail + (bad.empty() ? "" : ": " + bad));
+
+  // 2. the kernel alone on the inner columns, fp32 in and out.
+  if (N < 3) return;
+  std::vector<float> xf(size_t(M * xs), NAN);
+  std::vector<float> bf(static_cast<size_t>(N));
+  convert_to_f32_scalar(xb.data(), x.dtype, M, xs, xs, xf.data());
+  if (bias) convert_to_f32_scalar(bias->data(), bias->dtype, 1, N, N, bf.data());
+  Buffer yf(DType::f32, M, N);
+  GemmArgs a;
+  a.M = M, a.N = N, a.K = K, a.x = xf.data(), a.stride_xm = xs, a.bias = bias ? bf.data() : nullptr;
+  a.y = yf.data(), a.y_dtype = DType::f32, a.stride_ym = N;
+  const Status s2 = k->fn(a, w, 1, N - 1);
+  // The reference is in x's dtype: for bf16 / f16 x the bound allows for its rounding.
+  bad = s2 != Status::ok ? std::string("status: ") + status_message(s2)
+                         : compare(yf, ref, mag, x.dtype, M, N, K, 1, N - 1, &err);
+  std::snprintf(tail, sizeof tail, " columns=[1,%lld) err/bound=%.2f", (long long)(N - 1), err);
+  report(counts, bad.empty(), verbose, std::string(head) + tail + (bad.empty() ? "" : ": " + bad));
+}
+
+// Check 3: int8 activations on `isa`, against the scalar int8-activation kernel and the reference.
+void run_int8_act_case(const Record& r, Isa isa, int threads, bool pad_x, bool verbose, Counts& counts) {
+  WeightView w = weight_view(r);
+  if (w.id != KernelId::int8 && w.id != KernelId::int4) return;
+  QTiles tiles;
+  if (!tiles.build(w)) return report(counts, false, verbose, r.name + ": out of memory for the row tiles");
+  const Tensor& x = r.tensor("x");
+  const Tensor& ref = r.tensor("y");
+  const Tensor& mag = r.tensor("y_mag");
+  const Tensor& w_abs = r.tensor("w_abs");
+  const Tensor* bias = r.find("bias");
+  const int64_t M = x.shape[0], K = w.K, N = w.N;
+  const KernelImpl* k = select_kernel(w.id, isa, M, act_call_bits(ActMode::int8));
+  char head[384];
+  std::snprintf(head, sizeof head, "%s isa=%s act=int8 kernel=%s M=%lld N=%lld K=%lld x=%s bias=%s threads=%d",
+                r.name.c_str(), isa_name(isa), k ? k->name : "none", (long long)M, (long long)N, (long long)K,
+                dtype_name(x.dtype), bias ? dtype_name(bias->dtype) : "none", threads);
+  if (!k) return report(counts, false, verbose, std::string(head) + ": no kernel selected");
+
+  const int64_t xs = pad_x && x.dtype == DType::f32 ? K + 3 : K;
+  Buffer xb(x.dtype, M, xs);
+  const size_t esz = dtype_size(x.dtype);
+  for (int64_t m = 0; m < M; ++m)
+    std::memcpy(xb.bytes.data() + m * xs * esz, static_cast<const char*>(x.data()) + m * K * esz, K * esz);
+  auto run = [&](Isa on, Buffer& y) {
+    LinearCall call{xb.data(), x.dtype, xs, bias ? bias->data() : nullptr, bias ? bias->dtype : DType::f32,
+                    y.data(), N + 2, M};
+    call.act = ActMode::int8;
+    return run_linear(call, w, on, on == isa ? threads : 1, nullptr);
+  };
+  Buffer y(x.dtype, M, N + 2), y_scalar(x.dtype, M, N + 2);
+  const Status s = run(isa, y), s_scalar = run(Isa::scalar, y_scalar);
+
+  // The quantization term of the bound, per element (see the tolerance comment).
+  std::vector<double> extra(size_t(M * N));
+  std::vector<float> row(static_cast<size_t>(K));
+  for (int64_t m = 0; m < M; ++m) {
+    convert_to_f32_scalar(static_cast<const char*>(x.data()) + m * K * esz, x.dtype, 1, K, K, row.data());
+    double amax = 0;
+    for (float v : row) amax = std::fabs(v) > amax ? std::fabs(v) : amax;
+    for (int64_t n = 0; n < N; ++n) {
+      const double q = amax / 254.0 * element(w_abs, n) * (1.0 + 1.0 / 4096.0);
+      extra[size_t(m * N + n)] = q + 2.0 * double(K + 3) * kEpsF32 * q;
+    }
+  }
+  // A level without an int8-activation row runs its fp32 kernel (allowed: the mode permits, not
+  // requires, int8 activations); then only the scalar kernel's bits are not expected.
+  const bool q8 = (k->requires & kCallInt8Act) != 0;
+  double err = 0;
+  std::string bad = s != Status::ok ? std::string("status: ") + status_message(s)
+                    : s_scalar != Status::ok ? std::string("scalar status: ") + status_message(s_scalar)
+                    : compare(y, ref, mag, x.dtype, M, N, K, 0, N, &err, &extra, q8 ? &y_scalar : nullptr);
+  char tail[96];
+  std::snprintf(tail, sizeof tail, " x_stride=%lld %s err/bound=%.2f", (long long)xs,
+                q8 ? "bit-exact=scalar" : "fp32-fallback", err);
+  report(counts, bad.empty(), verbose, std::string(head) + tail + (bad.empty() ? "" : ": " + bad));
+}
+
+void print_features() {
+  std::printf("FEATURES arch=%s", cpu_arch());
+  for (const auto& f : cpu_feature_list()) std::printf(" %s=%d", f.first.c_str(), int(f.second));
+  std::printf("\nISAS");
+  for (Isa i : available_isas()) std::printf(" %s", isa_name(i));
+  std::printf("\nCOMPILED");
+  for (Isa i : compiled_isas()) std::printf(" %s", isa_name(i));
+  std::printf("\n");
+}
+
+int usage() {
+  std::fprintf(stderr, "usage: kernel_test VECTORS [--isa NAME]... [--only PREFIX] [--threads T] [--verbose]\n"
+                       "       kernel_test --features\n");
+  return 2;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const char* path = nullptr;
+  std::vector<Isa> isas;
+  int threads = 3;
+  bool verbose = false;
+  std::string only;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--features") {
+      print_features();
+      return 0;
+    } else if (arg == "--isa" && i + 1 < argc) {
+      Isa isa;
+      if (!parse_isa(argv[++i], &isa) || !isa_available(isa)) {
+        std::fprintf(stderr, "kernel_test: ISA '%s' is not available here\n", argv[i]);
+        return 2;
+      }
+      isas.push_back(isa);
+    } else if (arg == "--threads" && i + 1 < argc) {
+      threads = std::atoi(argv[++i]);
+      if (threads < 1) return usage();
+    } else if (arg == "--only" && i + 1 < argc) {
+      only = argv[++i];
+    } else if (arg == "--verbose") {
+      verbose = true;
+    } else if (!path && arg[0] != '-') {
+      path = argv[i];
+    } else {
+      return usage();
+    }
+  }
+  if (!path) return usage();
+  if (isas.empty()) isas = available_isas();
+  print_features();
+  const std::vector<Record> records = load_vectors(path);
+  Counts counts;
+  for (Isa isa : isas)
+    for (size_t i = 0; i < records.size(); ++i) {
+      if (records[i].name.compare(0, only.size(), only) != 0) continue;
+      // Alternate 1 thread and `threads` (the split into column chunks), and padded / dense x rows.
+      run_case(records[i], isa, i % 2 ? threads : 1, i % 4 >= 2, verbose, counts);
+      run_int8_act_case(records[i], isa, i % 2 ? threads : 1, i % 4 < 2, verbose, counts);
+    }
+  std::printf("SUMMARY records=%zu isas=%zu pass=%d fail=%d\n", records.size(), isas.size(), counts.pass, counts.fail);
+  if (counts.pass + counts.fail == 0) {
+    std::fprintf(stderr, "kernel_test: no case ran (--only '%s' matches no record)\n", only.c_str());
+    return 1;
+  }
+  return counts.fail ? 1 : 0;
+}
