@@ -10,6 +10,8 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <memory>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -161,6 +163,8 @@ struct Weight {
   std::string fmt;                 // as in sparseinfer.formats: "int4", "2:4+int8", "csr", ...
   std::string detail;              // for repr and messages
   std::vector<py::object> keep;    // the tensors (and nested Weights) the view points into
+  std::shared_ptr<void> tiles;     // int8 / int4: view.qt's buffer, built on first int8-activation call
+  size_t tile_bytes = 0;
 
   std::string desc() const {
     return "weight " + fmt + " of shape (" + std::to_string(view.N) + ", " + std::to_string(view.K) + ")";
@@ -381,8 +385,49 @@ bool overlaps(const Tensor& a, const Tensor& b) {
   return a.ptr < b.ptr + uintptr_t(eb) && b.ptr < a.ptr + uintptr_t(ea);
 }
 
-py::object linear(py::handle x_obj, const Weight& w, py::handle out_obj, py::handle bias_obj, int64_t num_threads,
-                  const py::object& isa_obj) {
+// -- int8 activations ---------------------------------------------------------------------------------
+
+ActMode resolve_act(const py::object& act) {
+  ActMode mode;
+  if (act.is_none()) {
+    std::string error;
+    if (!default_act_mode(&mode, &error)) value_error(error);
+    return mode;
+  }
+  if (!py::isinstance<py::str>(act)) type_error("act must be a string or None");
+  if (!parse_act_mode(act.cast<std::string>(), &mode))
+    value_error("unknown act '" + act.cast<std::string>() + "'; use fp32 (exact) or int8 (fast)");
+  return mode;
+}
+
+void free_aligned(void* p) {
+#if defined(_WIN32)
+  _aligned_free(p);
+#else
+  std::free(p);
+#endif
+}
+
+// The row tiles of an int8 / int4 weight (kernels.h, QTileView), built once, on the first call that
+// can use them, under the GIL (so concurrent first calls build them once). They cost as much memory
+// as the canonical codes, which is why fp32-mode users never pay for them.
+void ensure_qtiles(Weight& w) {
+  if (w.view.qt.codes || (w.view.id != KernelId::int8 && w.view.id != KernelId::int4)) return;
+  const int bits = w.view.id == KernelId::int8 ? 8 : 4;
+  const size_t bytes = (qtile_bytes(w.view.q, w.view.N, bits) + 63) / 64 * 64;
+#if defined(_WIN32)
+  void* p = _aligned_malloc(bytes, 64);
+#else
+  void* p = std::aligned_alloc(64, bytes);
+#endif
+  if (!p) throw std::bad_alloc();
+  w.tiles = std::shared_ptr<void>(p, free_aligned);
+  w.tile_bytes = bytes;
+  w.view.qt = build_qtiles(w.view.q, w.view.N, bits, p);
+}
+
+py::object linear(py::handle x_obj, Weight& w, py::handle out_obj, py::handle bias_obj, int64_t num_threads,
+                  const py::object& isa_obj, const py::object& act_obj) {
   const int64_t N = w.view.N, K = w.view.K;
   Tensor x = inspect(x_obj, "x");
   check_dtype(x, {DType::f32, DType::bf16, DType::f16});
@@ -418,12 +463,15 @@ py::object linear(py::handle x_obj, const Weight& w, py::handle out_obj, py::han
   }
   if (num_threads < 1) value_error("num_threads must be >= 1, got " + std::to_string(num_threads));
   const Isa isa = resolve_isa(isa_obj);
+  call.act = resolve_act(act_obj);
+  if (call.act == ActMode::int8) ensure_qtiles(w);
 
   const KernelImpl* kernel = nullptr;
   Status s;
   {
+    const WeightView view = w.view;  // a copy: another thread may build this weight's tiles meanwhile
     py::gil_scoped_release release;
-    s = run_linear(call, w.view, isa, int(num_threads < 4096 ? num_threads : 4096), &kernel);
+    s = run_linear(call, view, isa, int(num_threads < 4096 ? num_threads : 4096), &kernel);
   }
   if (s != Status::ok) {
     const std::string msg = std::string("sparseinfer._C.linear: ") + status_message(s) + " in kernel " +
@@ -435,9 +483,9 @@ py::object linear(py::handle x_obj, const Weight& w, py::handle out_obj, py::han
   return py::reinterpret_borrow<py::object>(out_obj);
 }
 
-std::string kernel_name(const Weight& w, int64_t batch, const py::object& isa_obj) {
+std::string kernel_name(const Weight& w, int64_t batch, const py::object& isa_obj, const py::object& act_obj) {
   if (batch < 0) value_error("batch must be >= 0, got " + std::to_string(batch));
-  const KernelImpl* k = select_kernel(w.view.id, resolve_isa(isa_obj), batch);
+  const KernelImpl* k = select_kernel(w.view.id, resolve_isa(isa_obj), batch, act_call_bits(resolve_act(act_obj)));
   return k ? k->name : "none";
 }
 
@@ -456,6 +504,8 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("fmt", [](const Weight& w) { return w.fmt; })
       .def_property_readonly("shape", [](const Weight& w) { return py::make_tuple(w.view.N, w.view.K); })
       .def_property_readonly("kernel_family", [](const Weight& w) { return kernel_id_name(w.view.id); })
+      .def_property_readonly("tile_bytes", [](const Weight& w) { return w.tile_bytes; },
+                             "Bytes of the row tiles built for int8 activations (0 until the first such call).")
       .def("__repr__", [](const Weight& w) {
         return "<sparseinfer._C.Weight " + w.fmt + " (" + std::to_string(w.view.N) + ", " + std::to_string(w.view.K) +
                ") " + w.detail + ">";
@@ -472,12 +522,16 @@ PYBIND11_MODULE(_C, m) {
   m.def("pack_csr", &pack_csr, py::arg("crow"), py::arg("col"), py::arg("values"), py::arg("scale"), py::arg("k"),
         "CSR: crow int64 [N+1], col int32 [nnz] in [0, K), values float [nnz] or int8 [nnz] with scale float32 [N].");
   m.def("linear", &linear, py::arg("x"), py::arg("weight"), py::arg("out"), py::arg("bias") = py::none(),
-        py::arg("num_threads") = 1, py::arg("isa") = py::none(),
+        py::arg("num_threads") = 1, py::arg("isa") = py::none(), py::arg("act") = py::none(),
         "out[M, N] = x[M, K] @ W^T + bias. x float32 / bfloat16 / float16 with unit stride along K (any row "
         "stride); out preallocated, x's dtype, unit stride along N; bias [N] float or None. Runs on the active "
-        "ISA unless isa names another available one. Returns out.");
+        "ISA unless isa names another available one. act: 'fp32' (exact) or 'int8' (int8 / int4 weights: x "
+        "quantized per call, integer dot products; see csrc/README.md), None = SPARSEINFER_ACT or fp32. "
+        "Returns out.");
   m.def("kernel_name", &kernel_name, py::arg("weight"), py::arg("batch"), py::arg("isa") = py::none(),
-        "The kernel a call with `batch` rows would run.");
+        py::arg("act") = py::none(), "The kernel a call with `batch` rows (and activation mode act) would run.");
+  m.def("default_act", [] { return act_mode_name(resolve_act(py::none())); },
+        "The activation mode of calls that name none: SPARSEINFER_ACT (fp32 / exact, int8 / fast), else fp32.");
   m.def("available_isas", [] { return names(available_isas()); },
         "ISAs this build has kernels for and this CPU runs, scalar first.");
   m.def("compiled_isas", [] { return names(compiled_isas()); }, "ISA groups compiled into this build.");

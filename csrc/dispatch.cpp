@@ -125,6 +125,7 @@ uint64_t detect_features() {
   uint64_t f = kFeatNeon;  // ASIMD is part of the aarch64 baseline
 #if defined(__linux__)
   const unsigned long hw = getauxval(AT_HWCAP), hw2 = getauxval(AT_HWCAP2);
+  if (!(hw & (1ul << 1))) f &= ~uint64_t(kFeatNeon);  // HWCAP_ASIMD (in practice set everywhere)
   if (hw & (1ul << 20)) f |= kFeatNeonDot;    // HWCAP_ASIMDDP
   if (hw2 & (1ul << 13)) f |= kFeatNeonI8mm;  // HWCAP2_I8MM
   if (hw2 & (1ul << 14)) f |= kFeatNeonBf16;  // HWCAP2_BF16
@@ -187,6 +188,9 @@ namespace {
 constexpr int64_t kAnyM = INT64_MAX;
 
 const KernelImpl kScalarKernels[] = {
+    // int8 activations (ActMode::int8) come first: they win whenever the call allows them.
+    {KernelId::int8, int8_q8_gemm_scalar, "int8_q8_gemm_scalar", kAnyM, kCallInt8Act},
+    {KernelId::int4, int4_q8_gemm_scalar, "int4_q8_gemm_scalar", kAnyM, kCallInt8Act},
     {KernelId::int8, int8_gemm_scalar, "int8_gemm_scalar", kAnyM, 0},
     {KernelId::int4, int4_gemm_scalar, "int4_gemm_scalar", kAnyM, 0},
     {KernelId::nm_float, nm_gemm_scalar, "nm_gemm_scalar", kAnyM, 0},
@@ -199,8 +203,42 @@ const KernelImpl kScalarKernels[] = {
 #ifdef SPARSEINFER_HAVE_AVX2
 // Decode-sized batches only: larger batches fall through to the scalar rows for now.
 const KernelImpl kAvx2Kernels[] = {
+    {KernelId::int8, int8_q8_gemm_avx2, "int8_q8_gemm_avx2", kAnyM, kCallInt8Act},
+    {KernelId::int4, int4_q8_gemm_avx2, "int4_q8_gemm_avx2", kAnyM, kCallInt8Act},
     {KernelId::int8, int8_gemv_avx2, "int8_gemv_avx2", 16, 0},
     {KernelId::int4, int4_gemv_avx2, "int4_gemv_avx2", 16, 0},
+};
+#endif
+
+#ifdef SPARSEINFER_HAVE_AVX512
+// x86/avx512/: vpdpbusd for int8 activations (without VNNI they fall back to the AVX2 rows), and
+// fp32 activations on the same row tiles' canonical source for the exact mode.
+const KernelImpl kAvx512Kernels[] = {
+    {KernelId::int8, int8_q8_gemm_vnni_avx512, "int8_q8_gemm_vnni_avx512", kAnyM, kCallInt8Act | kFeatAvx512Vnni},
+    {KernelId::int4, int4_q8_gemm_vnni_avx512, "int4_q8_gemm_vnni_avx512", kAnyM, kCallInt8Act | kFeatAvx512Vnni},
+#ifdef SPARSEINFER_HAVE_AVX2
+    // AVX-512 without VNNI (Skylake-X): the int8 mode still runs int8 math, not the exact rows below.
+    {KernelId::int8, int8_q8_gemm_avx2, "int8_q8_gemm_avx2", kAnyM, kCallInt8Act},
+    {KernelId::int4, int4_q8_gemm_avx2, "int4_q8_gemm_avx2", kAnyM, kCallInt8Act},
+#endif
+    {KernelId::int8, int8_gemm_avx512, "int8_gemm_avx512", kAnyM, 0},
+    {KernelId::int4, int4_gemm_avx512, "int4_gemm_avx512", kAnyM, 0},
+};
+#endif
+
+#ifdef SPARSEINFER_HAVE_NEON
+// Every batch size (batch rows in tiles of 4 share each decoded weight row); fp32 accumulation.
+const KernelImpl kNeonKernels[] = {
+    // int8 activations with sdot; without dotprod, int8-activation calls run the fp32 rows below.
+    {KernelId::int8, int8_q8_gemm_dot_neon, "int8_q8_gemm_dot_neon", kAnyM, kCallInt8Act | kFeatNeonDot},
+    {KernelId::int4, int4_q8_gemm_dot_neon, "int4_q8_gemm_dot_neon", kAnyM, kCallInt8Act | kFeatNeonDot},
+    {KernelId::int8, int8_gemm_neon, "int8_gemm_neon", kAnyM, 0},
+    {KernelId::int4, int4_gemm_neon, "int4_gemm_neon", kAnyM, 0},
+    {KernelId::nm_float, nm_gemm_neon, "nm_gemm_neon", kAnyM, 0},
+    {KernelId::nm_int8, nm_gemm_neon, "nm_int8_gemm_neon", kAnyM, 0},
+    {KernelId::nm_int4, nm_gemm_neon, "nm_int4_gemm_neon", kAnyM, 0},
+    {KernelId::csr_float, csr_gemm_neon, "csr_gemm_neon", kAnyM, 0},
+    {KernelId::csr_int8, csr_gemm_neon, "csr_int8_gemm_neon", kAnyM, 0},
 };
 #endif
 
@@ -222,10 +260,16 @@ const IsaLevel kLevels[int(Isa::count)] = {
 #else
     {Isa::avx2, kFeatAvx2, Isa::scalar, nullptr, 0, nullptr, false},
 #endif
-    // avx512: no kernels yet. Its group flags are listed in csrc/CMakeLists.txt.
+#ifdef SPARSEINFER_HAVE_AVX512
+    {Isa::avx512, kFeatAvx512 | kFeatAvx2, Isa::avx2, SI_TABLE(kAvx512Kernels), nullptr, true},
+#else
     {Isa::avx512, kFeatAvx512 | kFeatAvx2, Isa::avx2, nullptr, 0, nullptr, false},
-    // neon: no kernels yet (the group builds only on aarch64).
+#endif
+#ifdef SPARSEINFER_HAVE_NEON  // the group builds only on aarch64
+    {Isa::neon, kFeatNeon, Isa::scalar, SI_TABLE(kNeonKernels), convert_to_f32_neon, true},
+#else
     {Isa::neon, kFeatNeon, Isa::scalar, nullptr, 0, nullptr, false},
+#endif
 };
 #undef SI_TABLE
 
@@ -301,8 +345,47 @@ bool active_isa(Isa* out, std::string* error) {
   return true;
 }
 
-const KernelImpl* select_kernel(KernelId id, Isa isa, int64_t M) {
-  const uint64_t features = cpu_features();
+// -- activation modes -----------------------------------------------------------------------------
+
+bool parse_act_mode(const std::string& name, ActMode* out) {
+  if (name == "fp32" || name == "exact") return *out = ActMode::fp32, true;
+  if (name == "int8" || name == "fast") return *out = ActMode::int8, true;
+  return false;
+}
+
+const char* act_mode_name(ActMode mode) { return mode == ActMode::int8 ? "int8" : "fp32"; }
+
+namespace {
+
+struct DefaultAct {
+  ActMode mode = ActMode::fp32;
+  std::string error;
+};
+
+DefaultAct resolve_default_act() {
+  DefaultAct r;
+  const char* env = std::getenv("SPARSEINFER_ACT");
+  if (env && *env && !parse_act_mode(env, &r.mode))
+    r.error = std::string("SPARSEINFER_ACT='") + env + "' is not an activation mode; use fp32 (exact) or int8 (fast)";
+  return r;
+}
+
+}  // namespace
+
+bool default_act_mode(ActMode* out, std::string* error) {
+  static const DefaultAct act = resolve_default_act();  // the environment is read once
+  if (!act.error.empty()) {
+    if (error) *error = act.error;
+    return false;
+  }
+  *out = act.mode;
+  return true;
+}
+
+uint64_t act_call_bits(ActMode mode) { return mode == ActMode::int8 ? uint64_t(kCallInt8Act) : 0; }
+
+const KernelImpl* select_kernel(KernelId id, Isa isa, int64_t M, uint64_t call) {
+  const uint64_t features = cpu_features() | call;
   for (Isa l = isa;; l = level(l).fallback) {
     const IsaLevel& lv = level(l);
     for (size_t i = 0; i < lv.count; ++i) {
@@ -322,6 +405,15 @@ ConvertFn select_convert(Isa isa) {
     if (level(l).convert) return level(l).convert;
     if (l == Isa::scalar) return convert_to_f32_scalar;
   }
+}
+
+// The activation quantizer of an ISA level (the same bits on every level: see qtile_ref.cpp).
+QuantizeActFn select_quantize(Isa isa) {
+#ifdef SPARSEINFER_HAVE_AVX2
+  if (isa == Isa::avx512 || isa == Isa::avx2) return quantize_act_avx2;
+#endif
+  (void)isa;
+  return quantize_act_scalar;
 }
 
 // Below this many multiply-adds per thread, waking another thread costs more than it saves.
@@ -360,7 +452,7 @@ int64_t work_per_column(const WeightView& w) {
 }  // namespace
 
 Status run_linear(const LinearCall& call, const WeightView& w, Isa isa, int threads, const KernelImpl** kernel) {
-  const KernelImpl* k = select_kernel(w.id, isa, call.M);
+  const KernelImpl* k = select_kernel(w.id, isa, call.M, act_call_bits(call.act));
   if (kernel) *kernel = k;
   if (!k) return Status::no_kernel;
   if (call.M <= 0) return Status::ok;
@@ -386,6 +478,20 @@ Status run_linear(const LinearCall& call, const WeightView& w, Isa isa, int thre
     a.bias = buf;
   } else {
     a.bias = static_cast<const float*>(call.bias);
+  }
+
+  // int8 activations: quantize x once per call, here, on the calling thread (grow-only scratch,
+  // shared read-only with the workers), in the segments of the weight's row tiles.
+  if (k->requires & kCallInt8Act) {
+    const QTileView& t = w.qt;
+    if (!t.codes) return Status::invalid_argument;  // bindings.cpp builds the tiles before such a call
+    const size_t cells = size_t(a.M) * size_t(t.nseg);
+    int8_t* q = scratch<int8_t, 0>(cells * size_t(t.seg_pad));
+    float* scale = scratch<float, 2>(cells);
+    int32_t* sum = scratch<int32_t, 0>(cells);
+    if (!q || !scale || !sum) return Status::out_of_memory;
+    select_quantize(isa)(a.x, a.M, a.K, a.stride_xm, t, q, scale, sum);
+    a.qx.q = q, a.qx.scale = scale, a.qx.sum = sum, a.qx.stride_m = t.nseg * t.seg_pad;
   }
 
   // Split the N output columns into one chunk per thread.

@@ -8,6 +8,9 @@ weights and shapes the call:
   memoised on the weight (``w.prepacked("cpu", ...)``); the artifact stays canonical.
 * ``linear(x2d, w, bias)`` allocates ``out`` and calls ``_C.linear`` with ``torch.get_num_threads()``
   threads (the GIL is released while the kernel runs).
+* int8 / int4 weights run in the activation mode ``SPARSEINFER_ACT`` selects: ``fp32`` (exact, the
+  default) or ``int8`` (x quantized once per call, integer dot products; csrc/README.md gives the
+  error bound). The row tiles the int8 mode needs are built by the first such call.
 
 The kernels are inference-only: a call that needs gradients for ``x`` is left to the reference
 backend (``supports`` says no), and a bias that needs gradients is added outside the kernel.
@@ -75,10 +78,12 @@ class CpuBackend(Backend):
             else:
                 try:
                     isa = C.active_isa()
-                except ValueError as err:  # SPARSEINFER_ISA names an unknown or unsupported ISA
+                    act = C.default_act()
+                except ValueError as err:  # SPARSEINFER_ISA / SPARSEINFER_ACT name an unknown or unsupported value
                     self._availability = (False, str(err))
                 else:
-                    self._availability = (True, f"C++ kernels, ISA {isa} (available: {', '.join(C.available_isas())})")
+                    self._availability = (True, f"C++ kernels, ISA {isa} (available: {', '.join(C.available_isas())}), "
+                                                f"int8/int4 activations {act} (SPARSEINFER_ACT)")
         return self._availability
 
     def supports(self, w: PackedWeight, x: torch.Tensor) -> bool:

@@ -40,7 +40,17 @@ struct KernelImpl {
 };
 
 // The kernel a call runs: the first matching row of `isa`'s table, else of the levels below it.
-const KernelImpl* select_kernel(KernelId id, Isa isa, int64_t M);
+// `call` holds the call-level bits rows may require besides CPU features (kCallInt8Act).
+const KernelImpl* select_kernel(KernelId id, Isa isa, int64_t M, uint64_t call = 0);
+
+// Activation modes (kernels.h, ActMode): "fp32" (alias "exact") or "int8" (alias "fast").
+bool parse_act_mode(const std::string& name, ActMode* out);
+const char* act_mode_name(ActMode mode);
+// The mode of calls that name none: SPARSEINFER_ACT (read once), else fp32. False with a message
+// when the variable names an unknown mode.
+bool default_act_mode(ActMode* out, std::string* error);
+// The call-level bits a call in `mode` selects with (kCallInt8Act for int8).
+uint64_t act_call_bits(ActMode mode);
 
 // One call, as bindings.cpp hands it over (already validated).
 struct LinearCall {
@@ -52,6 +62,7 @@ struct LinearCall {
   void* y;             // [M, N], unit stride along N
   int64_t stride_ym;
   int64_t M;
+  ActMode act = ActMode::fp32;  // int8: rows requiring kCallInt8Act may run (int8 / int4 weights)
 };
 
 // Converts x and bias to fp32 when needed, then runs the kernel over up to `threads` threads,

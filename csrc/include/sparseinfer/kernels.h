@@ -80,7 +80,17 @@ enum Feature : uint64_t {
   kFeatNeonDot = 1ull << 9,     // sdot / udot
   kFeatNeonI8mm = 1ull << 10,   // smmla
   kFeatNeonBf16 = 1ull << 11,   // bfdot / bfmmla
+  // Not a CPU feature: the driver adds this bit to the mask it selects with when the call allows
+  // int8 activations (ActMode::int8). A row that requires it reads GemmArgs::qx, not x.
+  kCallInt8Act = 1ull << 32,
 };
+
+// Activation precision of a call to an int8 / int4 weight (SPARSEINFER_ACT, or per call):
+//   fp32  exact: the kernel multiplies fp32 x by the dequantized weight (error ~1e-6 relative)
+//   int8  fast: the driver quantizes x once per call, per segment of the weight's row tiles
+//         (QActView), and the kernel takes integer dot products (vpdpbusd / pmaddubsw); the
+//         error bound is in csrc/README.md ("Activation modes").
+enum class ActMode : int32_t { fp32 = 0, int8 = 1 };
 
 // -- packed weights -----------------------------------------------------------------------------
 // Views (non-owning) of the canonical tensors; bindings.cpp keeps the tensors alive.
@@ -119,6 +129,27 @@ struct CSRView {
   int64_t nnz = 0;
 };
 
+// Row tiles of an int8 / int4 weight for the int8-activation kernels (ref/qtile_ref.cpp builds
+// them once per weight, from the QuantView). 16 output rows are interleaved so that one 64-byte
+// load feeds 16 lanes: a 32-bit lane holds 4 consecutive codes of one row (int8), or 8 (int4: low
+// nibbles k..k+3, high nibbles k+4..k+7), i.e. exactly what one broadcast 4-byte group of int8
+// activations meets in vpdpbusd / pmaddubsw. K is cut into segments of `seg` elements (the unit
+// of activation quantization, 128 for the usual groups; a segment never straddles a scale group),
+// each zero-padded to seg_pad. Rows past N are zero-filled (scale 0); their outputs are never stored.
+struct QTileView {
+  const uint8_t* codes = nullptr;  // [tiles][nseg][seg_pad / epl][16 rows][4 bytes], epl = 32 / bits
+                                   //   int8: the canonical int8 codes; int4: 0..15 as above
+  const float* scale = nullptr;    // [tiles][n_groups][16]
+  const uint8_t* zero = nullptr;   // int4 asymmetric: [tiles][n_groups][16]; nullptr: 8 (int4), 0 (int8)
+  int32_t bits = 0;                // 8 or 4; 0: not built
+  int64_t tiles = 0;               // ceil(N / 16)
+  int64_t seg = 0, seg_pad = 0;    // elements per segment; padded to a multiple of 8
+  int64_t nseg = 0;                // segments per row = ceil(Kp / seg)
+  int64_t segs_per_group = 0;      // group / seg (>= 1): segment s uses scale group s / segs_per_group
+  int64_t n_groups = 0;
+};
+constexpr int64_t kQTileRows = 16;
+
 // One id per kernel family; a table row maps (ISA, id, batch) to a function.
 enum class KernelId : int32_t { int8 = 0, int4, nm_float, nm_int8, nm_int4, csr_float, csr_int8, count };
 const char* kernel_id_name(KernelId id);
@@ -129,9 +160,20 @@ struct WeightView {
   QuantView q;           // int8, int4, nm_int8, nm_int4
   NMView nm;             // nm_*
   CSRView csr;           // csr_*
+  QTileView qt;          // int8, int4: built on first use of an int8-activation kernel
 };
 
 // -- one call -----------------------------------------------------------------------------------
+// Activations quantized by the driver (once per call, before the threads split N) for rows that
+// require kCallInt8Act: per row m and segment s (QTileView::seg elements of x, zero-padded to
+// seg_pad), x[m, k] ~= q[m, s, k - s * seg] * scale[m, s], q in -127..127, sum = the sum of q.
+struct QActView {
+  const int8_t* q = nullptr;       // [M][nseg][seg_pad]
+  const float* scale = nullptr;    // [M][nseg]; 0 for an all-zero segment
+  const int32_t* sum = nullptr;    // [M][nseg]
+  int64_t stride_m = 0;            // elements between rows of q = nseg * seg_pad
+};
+
 struct GemmArgs {
   int64_t M = 0, N = 0, K = 0;
   const float* x = nullptr;      // fp32 [M, K], unit stride along K
@@ -140,6 +182,7 @@ struct GemmArgs {
   void* y = nullptr;             // [M, N] in y_dtype (f32 / bf16 / f16), unit stride along N
   DType y_dtype = DType::f32;
   int64_t stride_ym = 0;         // elements between rows of y
+  QActView qx;                   // int8-activation rows only (see kCallInt8Act)
 };
 
 // Every kernel has this signature: columns [n_begin, n_end) of y, all M rows.
@@ -150,6 +193,16 @@ using KernelFn = Status (*)(const GemmArgs& args, const WeightView& w, int64_t n
 using ConvertFn = void (*)(const void* src, DType dtype, int64_t rows, int64_t cols, int64_t src_stride,
                            float* dst);
 
+// Activation quantization: fp32 x [rows, K] (row stride stride_x) -> QActView buffers, segments
+// as in `t` (symmetric, round to nearest even, scale = max|x| / 127 per segment).
+using QuantizeActFn = void (*)(const float* x, int64_t rows, int64_t K, int64_t stride_x, const QTileView& t,
+                               int8_t* q, float* scale, int32_t* sum);
+
+// Row tiles (ref/qtile_ref.cpp, ISA-free): the bytes build_qtiles needs, and the build itself into
+// `buf` (64-byte aligned, qtile_bytes(q, N, bits) long). bits = 8 or 4.
+size_t qtile_bytes(const QuantView& q, int64_t N, int bits);
+QTileView build_qtiles(const QuantView& q, int64_t N, int bits, void* buf);
+
 // -- kernels, by ISA group ----------------------------------------------------------------------
 // ref/: scalar, compiled with no ISA flags, always built. Each handles every M, every value dtype.
 Status int8_gemm_scalar(const GemmArgs&, const WeightView&, int64_t, int64_t);
@@ -157,6 +210,10 @@ Status int4_gemm_scalar(const GemmArgs&, const WeightView&, int64_t, int64_t);
 Status nm_gemm_scalar(const GemmArgs&, const WeightView&, int64_t, int64_t);    // float, int8, int4 values
 Status csr_gemm_scalar(const GemmArgs&, const WeightView&, int64_t, int64_t);   // float, int8 values
 void convert_to_f32_scalar(const void*, DType, int64_t, int64_t, int64_t, float*);
+// int8 activations (kCallInt8Act): the plain integer math the SIMD versions must reproduce bit for bit.
+Status int8_q8_gemm_scalar(const GemmArgs&, const WeightView&, int64_t, int64_t);
+Status int4_q8_gemm_scalar(const GemmArgs&, const WeightView&, int64_t, int64_t);
+void quantize_act_scalar(const float*, int64_t, int64_t, int64_t, const QTileView&, int8_t*, float*, int32_t*);
 
 // x86/avx2/, x86/avx512/, arm/neon/: declare <format>_<op>_<isa> functions here under
 // #ifdef SPARSEINFER_HAVE_<ISA> and list them in that ISA's table in dispatch.cpp.
@@ -164,6 +221,30 @@ void convert_to_f32_scalar(const void*, DType, int64_t, int64_t, int64_t, float*
 Status int8_gemv_avx2(const GemmArgs&, const WeightView&, int64_t, int64_t);
 Status int4_gemv_avx2(const GemmArgs&, const WeightView&, int64_t, int64_t);
 void convert_to_f32_avx2(const void*, DType, int64_t, int64_t, int64_t, float*);
+// int8 activations on row tiles, pmaddubsw + pmaddwd (no VNNI), every batch size.
+Status int8_q8_gemm_avx2(const GemmArgs&, const WeightView&, int64_t, int64_t);
+Status int4_q8_gemm_avx2(const GemmArgs&, const WeightView&, int64_t, int64_t);
+void quantize_act_avx2(const float*, int64_t, int64_t, int64_t, const QTileView&, int8_t*, float*, int32_t*);
+#endif
+#ifdef SPARSEINFER_HAVE_AVX512
+// int8 activations on row tiles, vpdpbusd (files built with -mavx512vnni: rows require kFeatAvx512Vnni).
+Status int8_q8_gemm_vnni_avx512(const GemmArgs&, const WeightView&, int64_t, int64_t);
+Status int4_q8_gemm_vnni_avx512(const GemmArgs&, const WeightView&, int64_t, int64_t);
+// fp32 activations (exact mode), every batch size.
+Status int8_gemm_avx512(const GemmArgs&, const WeightView&, int64_t, int64_t);
+Status int4_gemm_avx512(const GemmArgs&, const WeightView&, int64_t, int64_t);
+// (activations are quantized by quantize_act_avx2 at this level too: the step is not the bottleneck)
+#endif
+#ifdef SPARSEINFER_HAVE_NEON
+// arm/neon/: aarch64 baseline ASIMD, fp32 activations, every batch size.
+Status int8_gemm_neon(const GemmArgs&, const WeightView&, int64_t, int64_t);
+Status int4_gemm_neon(const GemmArgs&, const WeightView&, int64_t, int64_t);
+Status nm_gemm_neon(const GemmArgs&, const WeightView&, int64_t, int64_t);    // float, int8, int4 values
+Status csr_gemm_neon(const GemmArgs&, const WeightView&, int64_t, int64_t);   // float, int8 values
+void convert_to_f32_neon(const void*, DType, int64_t, int64_t, int64_t, float*);
+// int8 activations on row tiles, sdot (files built with -march=armv8.2-a+dotprod: rows require kFeatNeonDot).
+Status int8_q8_gemm_dot_neon(const GemmArgs&, const WeightView&, int64_t, int64_t);
+Status int4_q8_gemm_dot_neon(const GemmArgs&, const WeightView&, int64_t, int64_t);
 #endif
 
 }  // namespace sparseinfer

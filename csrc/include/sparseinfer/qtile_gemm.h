@@ -1,0 +1,149 @@
+// The loop nest of the int8-activation kernels on row tiles (kernels.h: QTileView, QActView),
+// written once and instantiated by each ISA file with that ISA's vector operations:
+//
+//   x86/avx2/int{8,4}_q8_gemm_avx2.cpp         8 lanes, pmaddubsw + pmaddwd
+//   x86/avx512/int{8,4}_q8_gemm_vnni_avx512.cpp 16 lanes, vpdpbusd
+//
+// ISA-free itself (no intrinsics here) and, like every header of this directory, internal
+// linkage only: each ISA file gets its own copy compiled with its own flags (csrc/README.md).
+//
+// Register tile: MR batch rows x R row tiles (16 outputs each). Per K step (4 int8 codes or 8 int4
+// codes per lane) the R tiles' codes are loaded and decoded once, then every batch row broadcasts
+// its 4-byte activation group(s) and accumulates into MR x (R * 16 / L) int32 vectors. At the end of
+// each segment the int32 sums get the zero-point term subtracted (exact) and are scaled into fp32
+// accumulators with one FMA; the order of those FMAs is the one ref/qtile_ref.cpp uses, so every
+// instantiation gives the scalar kernel's bits.
+//
+// The Ops policy supplies (see the ISA files):
+//   L, kBits (8 / 4), kInt8Offset (what decode adds to int8 codes: 128 for vpdpbusd's u8 operand),
+//   kMaxMR, kMaxR (largest register tile), VI / VF (int32 / fp32 vectors), XB (broadcast), Dec,
+//   zero_i, zero_f, decode, bcast, dot (one K step, every part), sub_uniform, sub_rows, loadf,
+//   fma_seg (facc + float(acc) * (sw * sx)), store (lanes [first, last) of one row of y).
+#pragma once
+
+#include <cstdint>
+
+#include "sparseinfer/kernels.h"
+
+namespace sparseinfer {
+namespace {
+namespace qtile {
+
+// y[m0 .. m0 + MR, columns of tiles tile0 .. tile0 + R] restricted to [n_lo, n_hi).
+template <class Ops, int MR, int R>
+inline void block(const GemmArgs& a, const QTileView& t, int64_t tile0, int64_t m0, int64_t n_lo, int64_t n_hi) {
+  constexpr int L = Ops::L;
+  constexpr int VPT = int(kQTileRows) / L;  // vectors per tile
+  constexpr int NV = R * VPT;               // vectors per batch row
+  constexpr int EPL = 32 / Ops::kBits;      // elements per 32-bit lane per step
+  constexpr int PARTS = EPL / 4;            // 4-byte activation groups per step
+  const int64_t steps = t.seg_pad / EPL;
+  const int64_t tile_stride = t.nseg * steps * 64;
+
+  const uint8_t* wp[R];
+  for (int r = 0; r < R; ++r) wp[r] = t.codes + (tile0 + r) * tile_stride;
+  const int8_t* xp[MR];
+  for (int i = 0; i < MR; ++i) xp[i] = a.qx.q + (m0 + i) * a.qx.stride_m;
+
+  typename Ops::VF facc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) facc[i][v] = Ops::zero_f();
+
+  for (int64_t s = 0; s < t.nseg; ++s) {
+    // -- integer dot products over one segment --------------------------------------------------
+    typename Ops::VI acc[MR][NV];
+    for (int i = 0; i < MR; ++i)
+      for (int v = 0; v < NV; ++v) acc[i][v] = Ops::zero_i();
+    for (int64_t j = 0; j < steps; ++j) {
+      typename Ops::Dec d[NV];
+      for (int r = 0; r < R; ++r) {
+        for (int v = 0; v < VPT; ++v) Ops::decode(wp[r] + v * L * 4, d[r * VPT + v]);
+        wp[r] += 64;
+      }
+      for (int i = 0; i < MR; ++i) {
+        typename Ops::XB xb[PARTS];
+        for (int p = 0; p < PARTS; ++p) xb[p] = Ops::bcast(xp[i] + p * 4);
+        for (int v = 0; v < NV; ++v) acc[i][v] = Ops::dot(acc[i][v], d[v], xb);
+        xp[i] += EPL;
+      }
+    }
+
+    // -- segment epilogue: zero point (integers), then one fp32 FMA per lane --------------------
+    const int64_t g = s / t.segs_per_group;
+    typename Ops::VF sw[NV];
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < VPT; ++v) sw[r * VPT + v] = Ops::loadf(t.scale + ((tile0 + r) * t.n_groups + g) * kQTileRows + v * L);
+    for (int i = 0; i < MR; ++i) {
+      const int64_t cell = (m0 + i) * t.nseg + s;
+      const float sx = a.qx.scale[cell];
+      const int32_t sum = a.qx.sum[cell];
+      for (int r = 0; r < R; ++r)
+        for (int v = 0; v < VPT; ++v) {
+          const int nv = r * VPT + v;
+          typename Ops::VI c;
+          if constexpr (Ops::kBits == 8) {
+            c = Ops::kInt8Offset ? Ops::sub_uniform(acc[i][nv], Ops::kInt8Offset * sum) : acc[i][nv];
+          } else if (t.zero) {
+            c = Ops::sub_rows(acc[i][nv], t.zero + ((tile0 + r) * t.n_groups + g) * kQTileRows + v * L, sum);
+          } else {
+            c = Ops::sub_uniform(acc[i][nv], 8 * sum);
+          }
+          facc[i][nv] = Ops::fma_seg(c, sw[nv], sx, facc[i][nv]);
+        }
+    }
+  }
+
+  // -- store the columns of [n_lo, n_hi) --------------------------------------------------------------
+  for (int i = 0; i < MR; ++i)
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < VPT; ++v) {
+        const int64_t n = (tile0 + r) * kQTileRows + v * L;
+        const int64_t lo = n_lo > n ? n_lo : n, hi = n_hi < n + L ? n_hi : n + L;
+        if (hi > lo) Ops::store(a, m0 + i, n, int(lo - n), int(hi - n), facc[i][r * VPT + v]);
+      }
+}
+
+// Picks the instantiation for a run-time MR (1 .. Ops::kMaxMR) and R (1 .. Ops::kMaxR).
+template <class Ops, int R, int MR = 1>
+inline void block_mr(int mr, const GemmArgs& a, const QTileView& t, int64_t tile0, int64_t m0, int64_t n_lo,
+                     int64_t n_hi) {
+  if constexpr (MR < Ops::kMaxMR) {
+    if (mr > MR) return block_mr<Ops, R, MR + 1>(mr, a, t, tile0, m0, n_lo, n_hi);
+  }
+  block<Ops, MR, R>(a, t, tile0, m0, n_lo, n_hi);
+}
+
+template <class Ops, int R = 1>
+inline void block_r(int r, int mr, const GemmArgs& a, const QTileView& t, int64_t tile0, int64_t m0, int64_t n_lo,
+                    int64_t n_hi) {
+  if constexpr (R < Ops::kMaxR) {
+    if (r > R) return block_r<Ops, R + 1>(r, mr, a, t, tile0, m0, n_lo, n_hi);
+  }
+  block_mr<Ops, R>(mr, a, t, tile0, m0, n_lo, n_hi);
+}
+
+// The kernel: columns [n_begin, n_end) of y, all M rows. Batch rows go in chunks of kMaxMR;
+// small batches (GEMV, memory-bound) take the widest tile group, so each pass over the codes
+// streams R tiles at once; larger ones trade width for rows (Ops::tiles_for).
+template <class Ops>
+inline Status gemm(const GemmArgs& a, const WeightView& w, int64_t n_begin, int64_t n_end) {
+  const QTileView& t = w.qt;
+  if (t.bits != Ops::kBits || !t.codes || !a.qx.q || a.qx.stride_m != t.nseg * t.seg_pad || t.seg_pad % 8 ||
+      n_begin < 0 || n_end > a.N || t.tiles * kQTileRows < a.N)
+    return Status::invalid_argument;
+  if (n_begin >= n_end) return Status::ok;
+  const int64_t t_end = (n_end + kQTileRows - 1) / kQTileRows;
+  const int rmax = Ops::tiles_for(a.M);
+  for (int64_t tile = n_begin / kQTileRows; tile < t_end; tile += rmax) {
+    const int r = int(t_end - tile < rmax ? t_end - tile : rmax);
+    for (int64_t m0 = 0; m0 < a.M; m0 += Ops::kMaxMR) {
+      const int mr = int(a.M - m0 < Ops::kMaxMR ? a.M - m0 : Ops::kMaxMR);
+      block_r<Ops>(r, mr, a, t, tile, m0, n_begin, n_end);
+    }
+  }
+  return Status::ok;
+}
+
+}  // namespace qtile
+}  // namespace
+}  // namespace sparseinfer

@@ -1,0 +1,196 @@
+// Row tiles and int8 activations (ActMode::int8), ISA-free: the tile builder (run once per weight),
+// the scalar activation quantizer, and the scalar int8-activation kernels -- the plain statement of
+// the integer math every SIMD version (x86/*/int*_q8_gemm_*.cpp) reproduces bit for bit.
+//
+// For output n, batch row m and segment s (seg elements of K, one weight scale group or a part
+// of one):
+//
+//   dot  = sum_k code[n, k] * q[m, k]            exact int32 (|dot| <= seg_pad * 255 * 127)
+//   y   += fma(float(dot - z[n] * sum_q[m, s]),   zero point folded in exactly, in integers
+//              scale_w[n, g(s)] * scale_x[m, s],  one fp32 product
+//              y)                                 one fused multiply-add per segment, in order
+//
+// z is the int4 zero point (8 when symmetric); int8 codes are signed and z = 0. A SIMD kernel may
+// keep the codes offset (int8 as u8 = code + 128 for vpdpbusd) as long as it subtracts the
+// offset in the same integer step.
+#include <cmath>
+#include <cstring>
+
+#include "ref_common.h"
+
+namespace sparseinfer {
+
+namespace {
+
+constexpr int64_t kSegTarget = 128;  // activation block for groups that are multiples of it
+
+// Segment geometry for a QuantView. Segments are the unit of activation quantization and never
+// straddle two scale groups: 128 elements when the group is a multiple of 128; per-channel rows
+// (one group) are cut into 128s as well (the last one partial); other groups are one segment
+// each, split by a divisor when longer than kSegMax so that the int32 dot products cannot
+// overflow (|dot| <= seg_pad * 255 * 127 < 2^31 needs seg_pad < 66,000).
+constexpr int64_t kSegMax = 4096;
+
+QTileView qtile_geometry(const QuantView& q, int64_t N, int bits) {
+  QTileView t;
+  t.bits = bits;
+  t.tiles = (N + kQTileRows - 1) / kQTileRows;
+  t.n_groups = q.n_groups;
+  if (q.n_groups == 1) {
+    t.seg = q.kp < kSegTarget ? q.kp : kSegTarget;
+  } else if (q.group % kSegTarget == 0) {
+    t.seg = kSegTarget;
+  } else {
+    t.seg = q.group;
+    for (int64_t d = kSegMax; t.seg > kSegMax; --d)
+      if (q.group % d == 0) t.seg = d;
+  }
+  t.seg_pad = (t.seg + 7) / 8 * 8;
+  t.nseg = (q.kp + t.seg - 1) / t.seg;
+  t.segs_per_group = q.n_groups == 1 ? t.nseg : q.group / t.seg;
+  return t;
+}
+
+size_t align64(size_t v) { return (v + 63) / 64 * 64; }
+
+struct QTileSizes {
+  size_t codes, scale, zero;
+};
+
+QTileSizes qtile_sizes(const QTileView& t, bool asymmetric) {
+  QTileSizes s;
+  s.codes = align64(size_t(t.tiles * t.nseg * (t.seg_pad / (32 / t.bits)) * 64));
+  s.scale = align64(size_t(t.tiles * t.n_groups * kQTileRows) * sizeof(float));
+  s.zero = asymmetric ? align64(size_t(t.tiles * t.n_groups * kQTileRows)) : 0;
+  return s;
+}
+
+}  // namespace
+
+size_t qtile_bytes(const QuantView& q, int64_t N, int bits) {
+  const QTileSizes s = qtile_sizes(qtile_geometry(q, N, bits), bits == 4 && q.zero);
+  return s.codes + s.scale + s.zero;
+}
+
+QTileView build_qtiles(const QuantView& q, int64_t N, int bits, void* buf) {
+  QTileView t = qtile_geometry(q, N, bits);
+  const bool asym = bits == 4 && q.zero;
+  const QTileSizes sz = qtile_sizes(t, asym);
+  uint8_t* codes = static_cast<uint8_t*>(buf);
+  float* scale = reinterpret_cast<float*>(codes + sz.codes);
+  uint8_t* zero = asym ? codes + sz.codes + sz.scale : nullptr;
+  std::memset(buf, 0, sz.codes + sz.scale + sz.zero);  // padding rows / columns: code 0, scale 0
+
+  const int64_t epl = 32 / bits;  // elements per 4-byte lane per step
+  const int64_t steps = t.seg_pad / epl;
+  for (int64_t tile = 0; tile < t.tiles; ++tile) {
+    for (int64_t r = 0; r < kQTileRows; ++r) {
+      const int64_t n = tile * kQTileRows + r;
+      if (n >= N) break;
+      for (int64_t g = 0; g < t.n_groups; ++g) {
+        scale[(tile * t.n_groups + g) * kQTileRows + r] = q.scale[n * q.n_groups + g];
+        if (zero) zero[(tile * t.n_groups + g) * kQTileRows + r] = q.zero[n * q.n_groups + g];
+      }
+      for (int64_t s = 0; s < t.nseg; ++s) {
+        uint8_t* seg_out = codes + ((tile * t.nseg + s) * steps) * 64 + r * 4;
+        for (int64_t i = 0; i < t.seg; ++i) {  // i: position in the segment; k = column in the row
+          const int64_t k = s * t.seg + i, step = i / epl, lane = i % epl;
+          if (k >= q.kp) break;  // the partial last segment of a per-channel row
+          uint8_t* byte = seg_out + step * 64;
+          if (bits == 8) {
+            byte[lane] = static_cast<const uint8_t*>(q.codes)[n * q.kp + k];
+          } else {  // int4: lane elements 0..3 in the low nibbles of bytes 0..3, 4..7 in the high ones
+            const uint8_t c = uint8_t(int4_code(q, n, k));
+            byte[lane & 3] |= lane < 4 ? c : uint8_t(c << 4);
+          }
+        }
+      }
+    }
+  }
+  t.codes = codes, t.scale = scale, t.zero = zero;
+  return t;
+}
+
+void quantize_act_scalar(const float* x, int64_t rows, int64_t K, int64_t stride_x, const QTileView& t, int8_t* q,
+                         float* scale, int32_t* sum) {
+  const int64_t row_q = t.nseg * t.seg_pad;
+  for (int64_t m = 0; m < rows; ++m) {
+    const float* xr = x + m * stride_x;
+    for (int64_t s = 0; s < t.nseg; ++s) {
+      int8_t* qs = q + m * row_q + s * t.seg_pad;
+      const int64_t k0 = s * t.seg, k1 = k0 + t.seg < K ? k0 + t.seg : K;
+      float amax = 0.f;
+      bool finite = true;
+      for (int64_t k = k0; k < k1; ++k) {
+        const float v = std::fabs(xr[k]);
+        finite = finite && v <= 3.4028235e38f;  // false for inf and NaN
+        amax = v > amax ? v : amax;
+      }
+      std::memset(qs, 0, size_t(t.seg_pad));
+      int32_t total = 0;
+      if (!finite) {
+        // inf / NaN: the whole segment's contribution becomes NaN (0 * NaN), as it would in fp32
+        scale[m * t.nseg + s] = std::nanf("");
+      } else if (amax == 0.f) {
+        scale[m * t.nseg + s] = 0.f;
+      } else {
+        const float inv = 127.f / amax;
+        for (int64_t k = k0; k < k1; ++k) {
+          float v = xr[k] * inv;
+          v = v < -127.f ? -127.f : (v > 127.f ? 127.f : v);  // inv may overflow for tiny amax
+          const int32_t c = int32_t(std::nearbyint(v));        // round to nearest even, as cvtps2dq
+          qs[k - k0] = int8_t(c);
+          total += c;
+        }
+        scale[m * t.nseg + s] = amax / 127.f;
+      }
+      sum[m * t.nseg + s] = total;
+    }
+  }
+}
+
+namespace {
+
+Status q8_gemm_scalar(const GemmArgs& a, const WeightView& w, int64_t n_begin, int64_t n_end) {
+  const QTileView& t = w.qt;
+  if (!t.codes || !a.qx.q || t.nseg * t.seg_pad != a.qx.stride_m) return Status::invalid_argument;
+  const int64_t epl = 32 / t.bits, steps = t.seg_pad / epl;
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const int64_t tile = n / kQTileRows, r = n % kQTileRows;
+    for (int64_t m = 0; m < a.M; ++m) {
+      float y = 0.f;
+      for (int64_t s = 0; s < t.nseg; ++s) {
+        const uint8_t* wseg = t.codes + ((tile * t.nseg + s) * steps) * 64 + r * 4;
+        const int8_t* xq = a.qx.q + m * a.qx.stride_m + s * t.seg_pad;
+        int32_t dot = 0;
+        for (int64_t j = 0; j < steps; ++j)
+          for (int b = 0; b < 4; ++b) {
+            const uint8_t byte = wseg[j * 64 + b];
+            if (t.bits == 8) {
+              dot += int32_t(int8_t(byte)) * xq[j * 4 + b];
+            } else {
+              dot += int32_t(byte & 15) * xq[j * 8 + b] + int32_t(byte >> 4) * xq[j * 8 + 4 + b];
+            }
+          }
+        const int64_t g = s / t.segs_per_group, at = (tile * t.n_groups + g) * kQTileRows + r;
+        const int32_t z = t.bits == 8 ? 0 : (t.zero ? t.zero[at] : 8);
+        const float sx = a.qx.scale[m * t.nseg + s];
+        y = std::fmaf(float(dot - z * a.qx.sum[m * t.nseg + s]), t.scale[at] * sx, y);
+      }
+      store_output(a, m, n, y);
+    }
+  }
+  return Status::ok;
+}
+
+}  // namespace
+
+Status int8_q8_gemm_scalar(const GemmArgs& a, const WeightView& w, int64_t n_begin, int64_t n_end) {
+  return w.qt.bits == 8 ? q8_gemm_scalar(a, w, n_begin, n_end) : Status::invalid_argument;
+}
+
+Status int4_q8_gemm_scalar(const GemmArgs& a, const WeightView& w, int64_t n_begin, int64_t n_end) {
+  return w.qt.bits == 4 ? q8_gemm_scalar(a, w, n_begin, n_end) : Status::invalid_argument;
+}
+
+}  // namespace sparseinfer

@@ -1,0 +1,283 @@
+"""The int8-activation mode (ActMode::int8) and the AVX-512 kernels of the C++ CPU backend.
+
+* Every ISA's int8-activation kernel gives the bits of the scalar one (``int*_q8_gemm_scalar``,
+  the plain statement of the integer math), on every shape, format and batch: the integer dot
+  products are exact and the fp32 epilogue is the same sequence of roundings everywhere.
+* The scalar one is within a derived bound of the exact product (below).
+* The AVX-512 sources themselves are checked on any machine by compiling them against scalar
+  stand-ins for their intrinsics (tests/native/): where the CPU has AVX-512 they also run for
+  real through ``_C`` in the tests above and in tests/test_cpu_backend.py.
+
+Outputs are preallocated and poisoned with NaN, so an element a kernel forgets shows up.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import sparseinfer as si
+from sparseinfer import _native
+from sparseinfer.backends import reference_linear
+from sparseinfer.backends.cpu import build_native_weight
+
+C = _native._C
+pytestmark = pytest.mark.skipif(
+    C is None, reason=f"requires the C++ extension sparseinfer._C ({_native._C_ERROR}); {_native.BUILD_HINT}"
+)
+ISAS = C.available_isas() if C is not None else ["scalar"]
+ROOT = Path(__file__).resolve().parents[1]
+
+# (format, pack parameters): per-channel and grouped int8; int4 with the groups of real models,
+# per-channel, and asymmetric (per-row-and-group zero points).
+FORMATS = [
+    ("int8", {"group_size": None}),
+    ("int8", {"group_size": 32}),
+    ("int8", {"group_size": 64}),
+    ("int8", {"group_size": 128}),
+    ("int4", {"group_size": 32}),
+    ("int4", {"group_size": 64}),
+    ("int4", {"group_size": 128}),
+    ("int4", {"group_size": None}),
+    ("int4", {"group_size": 32, "symmetric": False}),
+    ("int4", {"group_size": None, "symmetric": False}),
+]
+FORMAT_IDS = [f"{f}-g{p['group_size']}{'-asym' if p.get('symmetric') is False else ''}" for f, p in FORMATS]
+KS = [1, 3, 17, 100, 129, 4095]
+NS = [1, 7, 33]
+BATCHES = [1, 2, 3, 17, 64]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def make_weight(fmt, params, n, k, g):
+    params = dict(params)
+    if (params.get("group_size") or 0) > k:
+        params["group_size"] = None
+    return si.pack(torch.randn(n, k, generator=g), fmt, **params)
+
+
+def make_x(m, k, dtype, strided, g):
+    if strided:  # rows 3 elements apart from where a contiguous tensor would put them
+        return torch.randn(m, k + 3, generator=g)[:, 1 : k + 1].to(dtype)
+    return torch.randn(m, k, generator=g).to(dtype)
+
+
+def run(x, handle, n, bias=None, isa=None, act="int8", threads=2):
+    out = torch.full((x.shape[0], n), float("nan"), dtype=x.dtype)
+    C.linear(x, handle, out, bias, num_threads=threads, isa=isa, act=act)
+    return out
+
+
+def int8_act_bound(x, w, out_dtype, exact):
+    """Elementwise bound on |y_int8act - y| with y = exact = x @ W_q.T + bias in float64 (W_q =
+    w.to_dense(), what the reference multiplies by).
+
+    The driver quantizes each segment s of a row of x (<= 128 elements, never straddling a weight
+    scale group) as q = round(x / d_s), d_s = max|x_s| / 127, so |x_k - q_k d_s| <= d_s / 2
+    <= max_k |x_k| / 254 =: e. Integer dot products and the zero-point term are exact, so
+    |sum_k W_nk (x_k - xhat_k)| <= e * sum_k |W_nk|. The fp32 epilogue (one product and one FMA per
+    segment, then the bias) and the reference's own fp32 sums add at most K * 2^-23 * sum_k |x_k W_nk|
+    (a loose Higham-style bound: both sides err by <= (K + 2) u * sum |x W| with u = 2^-24), and
+    representing x_k d_s in fp32 another 2^-22 relative. Rounding to bf16 / fp16 outputs adds half an
+    ulp of |y| (bounded by 2^-8 / 2^-11 relative, taken twice for room; fp16 also its subnormal step)."""
+    xf, wd = x.double(), w.to_dense().double()
+    e = xf.abs().amax(dim=1, keepdim=True) / 254.0
+    quant = e * wd.abs().sum(dim=1)[None, :]
+    fp32 = (w.shape[1] + 4) * 2.0**-23 * (xf.abs() @ wd.abs().T)
+    bound = quant * (1 + 2.0**-20) + fp32
+    ref = exact.abs()
+    if out_dtype == torch.bfloat16:
+        bound = bound + 2 * 2.0**-8 * (ref + bound)
+    elif out_dtype == torch.float16:
+        bound = bound + 2 * 2.0**-11 * (ref + bound) + 2.0**-24
+    return bound
+
+
+# -- every ISA against the scalar int8-activation kernel, bit for bit --------------------------------
+
+@pytest.mark.parametrize("case", FORMATS, ids=FORMAT_IDS)
+def test_int8_act_bitwise_equal_across_isas_and_within_bound(case, rng):
+    fmt, params = case
+    for k in KS:
+        for n in NS:
+            w = make_weight(fmt, params, n, k, rng)
+            handle = build_native_weight(w)
+            for i, m in enumerate([1, 17] if k > 1000 else BATCHES):
+                dtype = DTYPES[(i + k) % 3]
+                strided = (i + n) % 2 == 1
+                bias = torch.randn(n, generator=rng) if (i + k) % 3 != 1 else None
+                x = make_x(m, k, dtype, strided, rng)
+                where = f"{fmt} {params} M={m} N={n} K={k} x:{dtype} strided={strided} bias={bias is not None}"
+                ref_bits = run(x, handle, n, bias, isa="scalar")
+                unwritten = (~torch.isfinite(ref_bits)).nonzero()[:5].tolist()
+                assert not unwritten, f"{where}: scalar left NaN at {unwritten}"
+                for isa in ISAS[1:]:
+                    out = run(x, handle, n, bias, isa=isa)
+                    diff = (out.view(torch.int16 if dtype != torch.float32 else torch.int32)
+                            != ref_bits.view(torch.int16 if dtype != torch.float32 else torch.int32)).nonzero()
+                    assert diff.numel() == 0, (
+                        f"{where} isa={isa} ({C.kernel_name(handle, m, isa=isa, act='int8')}): differs from "
+                        f"the scalar kernel at {diff[:4].tolist()}: {out[tuple(diff[0])].item()} vs "
+                        f"{ref_bits[tuple(diff[0])].item()}")
+                exact = reference_linear(x.float(), w, bias).double()
+                err = (ref_bits.double() - exact).abs()
+                bound = int8_act_bound(x.float(), w, dtype, exact)
+                worst = (err - bound).argmax()
+                wi, wj = divmod(worst.item(), n)
+                assert (err <= bound).all(), (f"{where}: |err| {err[wi, wj].item():.3e} > bound "
+                                              f"{bound[wi, wj].item():.3e} at ({wi}, {wj})")
+
+
+def test_int8_act_typical_error_and_threads(rng, rel_err):
+    """Model-sized: the normwise error of the int8 mode on Gaussian activations is ~0.6% (the
+    d/sqrt(12) rounding noise of per-128 blocks, d = max|x| / 127), and any thread split gives the
+    same bits."""
+    w = si.pack(torch.randn(512, 1024, generator=rng) * 0.02, "int4", group_size=128)
+    handle = build_native_weight(w)
+    x = torch.randn(8, 1024, generator=rng)
+    outs = [run(x, handle, 512, threads=t) for t in (1, 2, 3)]
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
+    err = rel_err(outs[0], reference_linear(x, w))
+    assert 1e-3 < err < 1.5e-2, err
+
+
+def test_nonfinite_activations_give_nan_rows(rng):
+    """An inf or NaN in x poisons its own output row (as it would in fp32: as NaN), never others."""
+    w = si.pack(torch.randn(20, 300, generator=rng), "int8")
+    x = torch.randn(3, 300, generator=rng)
+    x[1, 7] = float("inf")
+    for isa in ISAS:
+        out = run(x, build_native_weight(w), 20, isa=isa)
+        assert out[1].isnan().all() and torch.isfinite(out[[0, 2]]).all(), isa
+
+
+def test_broadcast_rows_and_empty_batch(rng):
+    w = si.pack(torch.randn(9, 70, generator=rng), "int4", group_size=32)
+    x = torch.randn(1, 70, generator=rng).expand(5, 70)  # row stride 0
+    for isa in ISAS:
+        out = run(x, build_native_weight(w), 9, isa=isa)
+        assert torch.equal(out, run(x.contiguous(), build_native_weight(w), 9, isa="scalar")), isa
+    C.linear(torch.empty(0, 70), build_native_weight(w), torch.empty(0, 9), act="int8")
+
+
+# -- dispatch, modes, tiles ------------------------------------------------------------------------------
+
+def test_kernel_selection_by_mode_and_isa():
+    for fmt in ("int8", "int4"):
+        h = build_native_weight(si.pack(torch.randn(32, 64), fmt, group_size=32))
+        assert C.kernel_name(h, 1, isa="scalar", act="int8") == f"{fmt}_q8_gemm_scalar"
+        assert C.kernel_name(h, 1, isa="scalar", act="fp32") == f"{fmt}_gemm_scalar"
+        if "avx2" in ISAS:
+            for batch in (1, 16, 17, 256):
+                assert C.kernel_name(h, batch, isa="avx2", act="int8") == f"{fmt}_q8_gemm_avx2"
+        if "avx512" in ISAS:
+            vnni = C.cpu_features()["avx512_vnni"]
+            want = f"{fmt}_q8_gemm_vnni_avx512" if vnni else f"{fmt}_q8_gemm_avx2"
+            assert C.kernel_name(h, 64, isa="avx512", act="int8") == want
+            assert C.kernel_name(h, 64, isa="avx512", act="fp32") == f"{fmt}_gemm_avx512"
+    # other formats ignore the mode
+    nm = build_native_weight(si.pack(torch.randn(8, 32), "2:4+int8"))
+    assert C.kernel_name(nm, 1, act="int8") == C.kernel_name(nm, 1, act="fp32")
+
+
+def test_tiles_are_built_once_on_first_int8_call(rng):
+    w = si.pack(torch.randn(40, 256, generator=rng), "int4", group_size=64)
+    h = build_native_weight(w)
+    x = torch.randn(2, 256, generator=rng)
+    run(x, h, 40, act="fp32")
+    assert h.tile_bytes == 0  # the exact mode never pays for them
+    a = run(x, h, 40)
+    size = h.tile_bytes
+    assert size >= 40 * 256 // 2
+    b = run(x, h, 40)
+    assert h.tile_bytes == size and torch.equal(a, b)
+
+
+def test_act_argument_errors():
+    h = build_native_weight(si.pack(torch.randn(8, 64), "int8"))
+    x, out = torch.randn(1, 64), torch.empty(1, 8)
+    with pytest.raises(ValueError, match=r"unknown act 'int4'; use fp32 \(exact\) or int8 \(fast\)"):
+        C.linear(x, h, out, act="int4")
+    with pytest.raises(TypeError, match="act must be a string or None"):
+        C.linear(x, h, out, act=8)
+    C.linear(x, h, out, act="fast")  # aliases
+    C.linear(x, h, out, act="exact")
+
+
+def _run_with_env(value: str, code: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SPARSEINFER_ACT": value}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_sparseinfer_act_environment():
+    """SPARSEINFER_ACT sets the mode of calls that name none (si.linear included); a bad value makes
+    those calls raise with the accepted values. One process per value: the variable is read once."""
+    r = _run_with_env("int8", """
+        import torch, sparseinfer as si
+        from sparseinfer import _C
+        from sparseinfer.backends.cpu import build_native_weight
+        w = si.pack(torch.randn(16, 200), "int4", group_size=32)
+        x = torch.randn(2, 200)
+        h = build_native_weight(w)
+        a, b, c = torch.empty(2, 16), torch.empty(2, 16), torch.empty(2, 16)
+        _C.linear(x, h, a)
+        _C.linear(x, h, b, act="int8")
+        _C.linear(x, h, c, act="fp32")
+        print("DEFAULT", _C.default_act(), torch.equal(a, b), torch.equal(si.linear(x, w, backend="cpu"), b),
+              torch.equal(a, c))
+    """)
+    assert "DEFAULT int8 True True False" in r.stdout, r.stdout + r.stderr
+    # Only the extension (no torch import): starts fast.
+    r = _run_with_env("w4a8", f"""
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("sparseinfer._C", {C.__file__!r})
+        _C = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(_C)
+        try:
+            print("DEFAULT", _C.default_act())
+        except ValueError as err:
+            print("ERROR", err)
+    """)
+    assert "ERROR SPARSEINFER_ACT='w4a8' is not an activation mode; use fp32 (exact) or int8 (fast)" in r.stdout, (
+        r.stdout + r.stderr)
+
+
+# -- the AVX-512 sources, on any machine -------------------------------------------------------------------
+
+def _compiler():
+    for name in (os.environ.get("CXX"), "g++", "clang++", "c++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+@pytest.mark.skipif(_compiler() is None, reason="requires a C++17 compiler (g++ / clang++) to build the harness")
+def test_avx512_kernels_under_emulation(tmp_path):
+    """csrc/x86/avx512/*.cpp built with -DSPARSEINFER_AVX512_EMULATION (tests/native/avx512_emulation.h
+    in place of <immintrin.h>) against the scalar kernels: q8 kernels bit for bit, exact kernels to
+    1e-5, on 1,694 (format x shape x batch x column split) cases."""
+    sources = [ROOT / "tests/native/avx512_emulation_test.cpp", *sorted((ROOT / "csrc/x86/avx512").glob("*.cpp")),
+               *(ROOT / "csrc/ref" / f for f in ("qtile_ref.cpp", "int8_ref.cpp", "int4_ref.cpp"))]
+    exe = tmp_path / "avx512_emulation_test"
+    flags = ["-std=c++17", "-O1", "-ffp-contract=off", "-w", "-DSPARSEINFER_AVX512_EMULATION",
+             "-DSPARSEINFER_HAVE_AVX512", f"-I{ROOT / 'csrc/include'}", f"-I{ROOT / 'tests/native'}",
+             f"-I{ROOT / 'csrc/ref'}"]
+    objects = [tmp_path / f"{i}.o" for i in range(len(sources))]
+    jobs = [subprocess.Popen([_compiler(), *flags, "-c", str(src), "-o", str(obj)], stderr=subprocess.PIPE,
+                             text=True) for src, obj in zip(sources, objects)]  # in parallel
+    for job, src in zip(jobs, sources):
+        _, err = job.communicate(timeout=300)
+        assert job.returncode == 0, f"{src}: {err[-4000:]}"
+    link = subprocess.run([_compiler(), *map(str, objects), "-o", str(exe)], capture_output=True, text=True,
+                          timeout=120)
+    assert link.returncode == 0, link.stderr[-4000:]
+    result = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and " 0 failed" in result.stdout, result.stdout[-4000:]
