@@ -51,15 +51,26 @@ def _targets(model: nn.Module, recipe: Recipe) -> list[Target]:
     return targets
 
 
-def compress(model: nn.Module, recipe, calib=None, *, inplace: bool = False, backend: str | None = None,
-             progress: bool | None = None) -> nn.Module:
+def compress(model: nn.Module, recipe=None, calib=None, *, inplace: bool = False, backend: str | None = None,
+             progress: bool | None = None, target=None, data=None) -> nn.Module:
     """Replace the eligible nn.Linear / nn.Conv2d layers of ``model`` by compressed ones.
 
     recipe: a string ("int8", "int4-g64", "2:4+int8", "sparse90", ...), a dict with per-layer
     overrides, or a YAML path (see ``sparseinfer.recipe``). calib: calibration batches for
     methods that need them (an iterable of model inputs). The model is copied first unless
     ``inplace``. ``backend`` pins every layer to one backend (default: best available per call).
+    target: instead of a recipe, an allowed quality drop (e.g. 0.01), or {"max_drop", "minimize":
+    "latency"|"size", "candidates"}: a per-layer recipe is searched on ``data`` (evaluation
+    batches) and measured on this machine (see ``sparseinfer.eval.autotune``).
     """
+    if target is not None:
+        if recipe is not None or inplace:
+            raise ValueError("compress: pass a recipe or target=, not both (target= does not support inplace=True)")
+        from .eval.autotune import compress_to_target
+
+        return compress_to_target(model, target, data, calib=calib, backend=backend, progress=progress)
+    if recipe is None:
+        raise ValueError("compress: give a recipe, or target= with data=")
     recipe = Recipe.from_any(recipe)
     if not inplace:
         model = copy.deepcopy(model)

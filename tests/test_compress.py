@@ -143,3 +143,16 @@ def test_explain_reports_layers():
     assert rows[0]["backend"] in si.backends()
     text = str(rows)
     assert "fc1" in text and "2:4+int4" in text and "total: 2 compressed layers" in text
+
+
+def test_compress_to_a_target_searches_per_layer_recipes():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+    x = torch.randn(64, 32)
+    labels = model(x).argmax(-1).detach()
+    c = si.compress(model, target={"max_drop": 0.05, "minimize": "size"}, data=(x, labels), progress=False)
+    assert any(isinstance(m, si.CompressedLinear) for m in c.modules())
+    with pytest.raises(ValueError, match="not both"):
+        si.compress(model, "int8", target=0.01, data=(x, labels))
+    with pytest.raises(ValueError, match="needs data="):
+        si.compress(model, target=0.01)
