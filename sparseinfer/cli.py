@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as err:  # bad input: a message, not a traceback
+    except (ValueError, FileNotFoundError, ImportError) as err:  # bad input or a missing extra: a message
         print(f"sparseinfer {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -25,6 +25,9 @@ class CompressedLinear(nn.Module):
         self.backend = backend
         self._fmt, self._params = packed.fmt, packed.params()
         self._names = list(packed.tensors())
+        # the custom op's JSON spec, built once: fmt / shape / params never change after packing
+        # (and TorchDynamo, in strict export, cannot trace json.dumps)
+        self._spec = ops.make_spec(packed)
         for name, t in packed.tensors().items():
             self.register_buffer(_buffer_name(name), t)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
@@ -47,7 +50,7 @@ class CompressedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_exporting():
             tensors = [getattr(self, _buffer_name(n)) for n in self._names]
-            return torch.ops.sparseinfer.packed_linear(x, tensors, ops.make_spec(self.packed), self.bias)
+            return torch.ops.sparseinfer.packed_linear(x, tensors, self._spec, self.bias)
         return linear(x, self.packed, self.bias, self.backend)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,180 @@
+"""The demo: compress the real all-MiniLM-L6-v2 with several recipes and measure, in one run,
+size, compression against fp32, embedding cosine similarity to the dense model and latency
+against the dense model; then save one compressed model, load it back and check it matches.
+
+Quality is measured on real English sentences from the Python documentation shipped with the
+standard library (``pydoc_data.topics``), embedded the way sentence-transformers does for this
+model (mean pooling over the attention mask). Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import models
+
+DEFAULT_RECIPES = ("int8", "int4-g64", "2:4", "2:4+int8", "2:4+int4-g64", "sparse50", "sparse90")
+QUICK_RECIPES = ("int8", "2:4+int4-g64")
+CALIB_SENTENCES = 32  # extra sentences, for recipes whose methods need calibration (wanda:2:4, gptq:int4)
+
+
+@dataclass
+class Row:
+    recipe: str
+    size_bytes: int  # every tensor of the model (packed layers + dense embeddings, norms, biases)
+    fp32_bytes: int  # the same model all fp32
+    cos_mean: float  # mean cosine similarity of sentence embeddings to the dense model's
+    cos_min: float
+    latency_ms: float  # median forward time of one batch
+    dense_ms: float
+    backend: str
+    layer_ratio: float = 1.0  # fp32 bytes / packed bytes of the compressed layers alone
+
+    @property
+    def ratio(self) -> float:
+        return self.fp32_bytes / self.size_bytes
+
+    @property
+    def speed(self) -> float:
+        return self.dense_ms / self.latency_ms
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every distinct tensor the model holds (what an artifact stores)."""
+    seen, total = set(), 0
+    for t in list(model.state_dict().values()):
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def fp32_bytes(model: torch.nn.Module) -> int:
+    """Bytes of ``model`` with every compressed layer stored dense in fp32."""
+    from .runtime.modules import CompressedLinear
+
+    packed = [m.packed for m in model.modules() if isinstance(m, CompressedLinear)]
+    return model_bytes(model) - sum(w.nbytes for w in packed) + sum(w.dense_nbytes for w in packed)
+
+
+@torch.no_grad()
+def latency_ms(model, batch: dict, repeats: int, step=None) -> float:
+    """Median wall time of ``model(**batch)`` over ``repeats`` calls after one warm-up."""
+    model(**batch)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model(**batch)
+        times.append((time.perf_counter() - t0) * 1e3)
+        if step:
+            step()
+    return statistics.median(times)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)
+
+
+def format_table(rows: list[Row], dense: Row) -> str:
+    head = ("recipe", "size MB", "vs fp32", "layers vs fp32", "cos mean", "cos min", "latency ms", "speed vs dense",
+            "backend")
+    cells = [(r.recipe, f"{r.size_bytes / 1e6:.1f}", f"{r.ratio:.2f}x", f"{r.layer_ratio:.2f}x", f"{r.cos_mean:.4f}",
+              f"{r.cos_min:.4f}",
+              f"{r.latency_ms:.1f}", f"{r.speed:.2f}x", r.backend) for r in [dense, *rows]]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
+    line = lambda cs: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cs, widths)))  # noqa
+    return "\n".join([line(head), line(["-" * w for w in widths]), *(line(c) for c in cells)])
+
+
+def run(n_sentences: int = 256, recipes=DEFAULT_RECIPES, batch_size: int = 64, repeats: int = 3,
+        save_load: str | None = "2:4+int8", out=print, progress: bool | None = None, latency_batch: int = 16) -> dict:
+    """Run the demo; print with ``out``; return {"dense": Row, "rows": [Row], "save_load": {...}}.
+
+    Quality batches hold ``batch_size`` sentences of similar length (sorted, as sentence-
+    transformers does, so little padding); latency is timed on the first ``latency_batch``
+    sentences in their natural order. save_load: the recipe whose compressed model is saved and
+    loaded back (None: skip; a recipe not in ``recipes`` falls back to the first one)."""
+    import sparseinfer as si
+    from .eval.data import sentences
+
+    if n_sentences < 1:
+        raise ValueError(f"demo: --sentences must be at least 1, got {n_sentences}")
+    recipes = list(recipes)
+    for r in recipes:
+        si.Recipe.from_any(r)  # fail on a bad recipe before the slow part
+    model, tokenizer, _ = models.load_hf(models.MINILM)
+    texts = sentences(n_sentences + CALIB_SENTENCES)
+    texts, calib_texts = texts[:n_sentences], texts[n_sentences:]  # calibrate on other sentences than measured
+    by_length = sorted(texts, key=len)
+    batches = [models.tokenize(tokenizer, by_length[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
+    timed = models.tokenize(tokenizer, texts[:latency_batch])
+    avail = ", ".join(f"{n}: {'yes' if v['available'] else 'no'} ({v['detail']})" for n, v in si.backends().items())
+    out(f"all-MiniLM-L6-v2 on {len(texts)} sentences from pydoc_data.topics; latency = median of {repeats} "
+        f"forward passes over a batch of {timed['input_ids'].shape[0]}\nbackends: {avail}")
+
+    # one progress step per forward pass (and per compression), so a slow backend still shows motion
+    steps = (1 + len(recipes)) * (len(batches) + repeats) + len(recipes)
+    bar = tqdm(total=steps, desc="demo", unit="step", disable=None if progress is None else not progress)
+
+    def measure(m, label: str) -> tuple[torch.Tensor, float]:
+        bar.set_postfix_str(label)
+        emb = models.embed(m, batches, step=lambda: bar.update(1))
+        return emb, latency_ms(m, timed, repeats, step=lambda: bar.update(1))
+
+    dense_emb, dense_ms = measure(model, "dense")
+    size = model_bytes(model)
+    dense = Row("dense fp32", size, size, 1.0, 1.0, dense_ms, dense_ms, "torch")
+    rows: list[Row] = []
+    result = {"dense": dense, "rows": rows, "save_load": None}
+    keep = save_load if save_load in recipes else (recipes[0] if save_load and recipes else None)
+    kept_model = None
+    calib = [models.tokenize(tokenizer, calib_texts[i:i + 16]) for i in range(0, len(calib_texts), 16)]
+    for recipe in recipes:
+        bar.set_postfix_str(f"compress {recipe}")
+        compressed = si.compress(model, recipe, calib=calib, progress=False)
+        bar.update(1)
+        emb, ms = measure(compressed, recipe)
+        cos = cosine(emb, dense_emb)
+        layers = si.explain(compressed, batch=timed["input_ids"].numel())
+        backends = "+".join(sorted({r["backend"] for r in layers}))
+        layer_ratio = sum(r["dense_bytes"] for r in layers) / max(1, sum(r["packed_bytes"] for r in layers))
+        rows.append(Row(recipe, model_bytes(compressed), fp32_bytes(compressed), cos.mean().item(), cos.min().item(),
+                        ms, dense_ms, backends, layer_ratio))
+        if recipe == keep:
+            kept_model = compressed
+    bar.close()
+    out(format_table(rows, dense))
+    if kept_model is not None:
+        result["save_load"] = check_save_load(kept_model, keep, tokenizer, batches, out)
+    return result
+
+
+def check_save_load(model, recipe: str, tokenizer, batches: list[dict], out=print) -> dict:
+    """Save ``model`` to a temporary artifact, load it back (from its exported program, no model
+    code) and compare its sentence embeddings with the in-memory model's."""
+    import sparseinfer as si
+
+    with tempfile.TemporaryDirectory(prefix="sparseinfer-demo-") as tmp:
+        path = Path(tmp) / "minilm.sinf"
+        t0 = time.perf_counter()
+        si.save(model, path, models.example_inputs(tokenizer), metadata={"model": models.MINILM})
+        t1 = time.perf_counter()
+        loaded = si.load(path)
+        t2 = time.perf_counter()
+        nbytes = sum(f.stat().st_size for f in path.iterdir())
+        a, b = models.embed(model, batches), models.embed(loaded, batches)
+    diff = (a - b).abs().max().item()
+    cos = cosine(a, b).min().item()
+    ok = diff <= 1e-5 * max(1.0, a.abs().max().item())
+    out(f"save -> load ({recipe}): artifact {nbytes / 1e6:.1f} MB, saved in {t1 - t0:.1f} s, loaded in {t2 - t1:.1f} s "
+        f"(exported program, no model code); loaded vs in-memory embeddings: max |diff| = {diff:.2e}, min cosine = "
+        f"{cos:.6f} -> {'matches' if ok else 'MISMATCH'}")
+    return {"recipe": recipe, "bytes": nbytes, "max_abs_diff": diff, "min_cosine": cos, "matches": ok}
