@@ -1,10 +1,3 @@
-// >>> NOTE FROM THE LEAD (read this; delete this note block when you finish your work) <<<
-// This machine AND CI are an AMD family-23 (Zen 1 class) KVM guest: AVX2 + FMA + F16C only.
-// NO AVX-512, NO VNNI (neither AVX512-VNNI nor AVX-VNNI), L3 is 8 MiB (cold = rotate > 16 MiB).
-// The brief's "Zen 5 / AVX-512" is wrong for this machine (check /proc/cpuinfo). AVX-512 code can
-// be neither run nor tested here or in CI, so: put the speed work into AVX2 kernels (integer paths
-// with vpmaddubsw / vpmaddwd instead of vpdpbusd), measured here. Do not add untested AVX-512 code.
-// >>> END NOTE <<<
 // Runtime dispatch: detect the CPU once, honour SPARSEINFER_ISA, pick a kernel from the tables,
 // and run one call over the thread pool. Compiled with no ISA flags, like ref/.
 //
