@@ -87,3 +87,18 @@ def test_bad_backend_names():
 def test_weight_must_be_packed():
     with pytest.raises(TypeError, match="PackedWeight"):
         si.linear(torch.randn(1, 4), torch.randn(4, 4))
+
+
+def test_auto_dispatch_leaves_large_batches_of_scalar_kernels_to_the_reference():
+    from sparseinfer import _native
+    from sparseinfer.backends import BACKENDS, resolve
+
+    cpu = BACKENDS["cpu"]
+    if not cpu.availability()[0]:
+        pytest.skip(f"requires the C++ backend: {cpu.availability()[1]}")
+    w = _packed("csr", 8, 64)
+    big = torch.randn(cpu.SCALAR_MAX_ROWS + 1, 64)
+    scalar = _native._C.kernel_name(cpu.prepack(w), big.shape[0]).endswith("_scalar")
+    assert resolve(w, torch.randn(2, 64)).name == "cpu"
+    assert resolve(w, big).name == ("reference" if scalar else "cpu")
+    assert resolve(w, big, "cpu").name == "cpu"  # an explicit request is honoured

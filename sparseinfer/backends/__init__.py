@@ -55,7 +55,7 @@ def resolve(w: PackedWeight, x: torch.Tensor, backend: str | None = None) -> Bac
     for b in _BY_PRIORITY:
         if b.auto_devices is not None and x.device.type not in b.auto_devices:
             continue
-        if b.availability()[0] and b.supports(w, x):
+        if b.availability()[0] and b.supports(w, x) and b.preferred(w, x):
             return b
     return BACKENDS["reference"]
 

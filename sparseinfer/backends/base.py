@@ -30,6 +30,11 @@ class Backend:
         """Whether this backend has a kernel for this format, device and activation dtype."""
         raise NotImplementedError
 
+    def preferred(self, w: PackedWeight, x: torch.Tensor) -> bool:
+        """Whether automatic dispatch should pick this backend for a supported call (e.g. False
+        where a measured crossover says another backend is faster). Explicit requests ignore it."""
+        return True
+
     def linear(self, x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
         """y [..., N] = x [..., K] @ W.T + bias, in x.dtype. ``x`` already has a valid shape,
         dtype and device (checked by ``sparseinfer.linear``)."""

@@ -97,6 +97,16 @@ class CpuBackend(Backend):
         rows = x.numel() // k if k else 0
         return max(n, k, rows) <= _INT32_MAX
 
+    # Above this many rows a scalar kernel loses to the reference path (dequantize once, then
+    # PyTorch's BLAS GEMM): the two met at batch 64 on 4096x4096 on the development machine.
+    SCALAR_MAX_ROWS = 64
+
+    def preferred(self, w: PackedWeight, x: torch.Tensor) -> bool:
+        rows = x.numel() // w.shape[1]
+        if rows <= self.SCALAR_MAX_ROWS:
+            return True
+        return not _native._C.kernel_name(self.prepack(w), rows).endswith("_scalar")
+
     def prepack(self, w: PackedWeight):
         """Validate and view ``w`` for the kernels now (load time); memoised on ``w``."""
         return w.prepacked(_PREPACK_KEY, build_native_weight)
