@@ -412,6 +412,20 @@ void free_aligned(void* p) {
 // can use them, under the GIL (so concurrent first calls build them once). They cost as much memory
 // as the canonical codes, which is why fp32-mode users never pay for them.
 void ensure_qtiles(Weight& w) {
+  if (w.view.id == KernelId::nm_int8 || w.view.id == KernelId::nm_int4) {  // N:M: nm_q8_prepack_ref.cpp
+    const size_t nm_bytes = w.view.nm.q8.codes ? 0 : nm_q8_prepack_bytes(w.view);
+    if (!nm_bytes) return;
+#if defined(_WIN32)
+    void* nm_p = _aligned_malloc(nm_bytes, 64);
+#else
+    void* nm_p = std::aligned_alloc(64, nm_bytes);
+#endif
+    if (!nm_p) throw std::bad_alloc();
+    w.tiles = std::shared_ptr<void>(nm_p, free_aligned);
+    w.tile_bytes = nm_bytes;
+    w.view.nm.q8 = nm_q8_prepack(w.view, nm_p);
+    return;
+  }
   if (w.view.qt.codes || (w.view.id != KernelId::int8 && w.view.id != KernelId::int4)) return;
   const int bits = w.view.id == KernelId::int8 ? 8 : 4;
   const size_t bytes = (qtile_bytes(w.view.q, w.view.N, bits) + 63) / 64 * 64;

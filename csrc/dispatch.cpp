@@ -200,6 +200,20 @@ const KernelImpl kAvx2Kernels[] = {
     {KernelId::int4, int4_q8_gemm_avx2, "int4_q8_gemm_avx2", kAnyM, kCallInt8Act},
     {KernelId::int8, int8_gemv_avx2, "int8_gemv_avx2", 16, 0},
     {KernelId::int4, int4_gemv_avx2, "int4_gemv_avx2", 16, 0},
+    // N:M and CSR (x86/avx2/nm_*, csr_*): gemv while x gathered per batch row beats xT, then gemm;
+    // batch limits: bench/cpu_sparse_roofline.py --thresholds on 4096x4096 here (docs/sparse_cpu.md).
+    {KernelId::nm_float, nm_gemv_avx2, "nm_gemv_avx2", 10, 0},
+    {KernelId::nm_float, nm_gemm_avx2, "nm_gemm_avx2", kAnyM, 0},
+    {KernelId::nm_int8, nm_q8_gemv_avx2, "nm_int8_q8_gemv_avx2", 48, kCallInt8Act},
+    {KernelId::nm_int8, nm_gemv_avx2, "nm_int8_gemv_avx2", 10, 0},
+    {KernelId::nm_int8, nm_gemm_avx2, "nm_int8_gemm_avx2", kAnyM, 0},
+    {KernelId::nm_int4, nm_q8_gemv_avx2, "nm_int4_q8_gemv_avx2", 48, kCallInt8Act},
+    {KernelId::nm_int4, nm_gemv_avx2, "nm_int4_gemv_avx2", 10, 0},
+    {KernelId::nm_int4, nm_gemm_avx2, "nm_int4_gemm_avx2", kAnyM, 0},
+    {KernelId::csr_float, csr_gemv_avx2, "csr_gemv_avx2", 3, 0},
+    {KernelId::csr_float, csr_gemm_avx2, "csr_gemm_avx2", kAnyM, 0},
+    {KernelId::csr_int8, csr_gemv_avx2, "csr_int8_gemv_avx2", 3, 0},
+    {KernelId::csr_int8, csr_gemm_avx2, "csr_int8_gemm_avx2", kAnyM, 0},
 };
 #endif
 
@@ -474,8 +488,9 @@ Status run_linear(const LinearCall& call, const WeightView& w, Isa isa, int thre
   }
 
   // int8 activations: quantize x once per call, here, on the calling thread (grow-only scratch,
-  // shared read-only with the workers), in the segments of the weight's row tiles.
-  if (k->requires & kCallInt8Act) {
+  // shared read-only with the workers), in the segments of the weight's row tiles. (The N:M int8
+  // kernels, which have no row tiles, quantize x themselves: x86/avx2/nm_q8_gemv_avx2.cpp.)
+  if ((k->requires & kCallInt8Act) && (w.id == KernelId::int8 || w.id == KernelId::int4)) {
     const QTileView& t = w.qt;
     if (!t.codes) return Status::invalid_argument;  // bindings.cpp builds the tiles before such a call
     const size_t cells = size_t(a.M) * size_t(t.nseg);

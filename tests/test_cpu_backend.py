@@ -207,7 +207,7 @@ def test_backend_available_and_default():
     from sparseinfer.backends import resolve
 
     assert resolve(w, x).name == "cpu"
-    assert BACKENDS["cpu"].kernel_name(w, 3).startswith("cpu:nm_gemm_")
+    assert BACKENDS["cpu"].kernel_name(w, 3).startswith("cpu:nm_")
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4", "2:4+int8", "csr+int8"])

@@ -24,6 +24,7 @@ from .. import _native
 from ..formats import CSRWeight, Int4Weight, Int8Weight, NMWeight, PackedWeight
 from ..formats.base import FLOAT_DTYPES
 from .base import Backend
+from .cpu_sparse import dense_alternative, dense_kernel_name, plan as csr_plan
 
 _INT32_MAX = 2**31 - 1
 _PREPACK_KEY = "cpu"
@@ -115,6 +116,11 @@ class CpuBackend(Backend):
         """y [M, N] = x [M, K] @ W.T + bias in x.dtype (x float32 / bfloat16 / float16, on the CPU)."""
         C = _native.require_native()
         handle = self.prepack(w)
+        dense = None  # CSR past its measured crossover with the dense kernels (cpu_sparse.py)
+        if isinstance(w, CSRWeight) and csr_plan(w, x.shape[0])[0] == "dense":
+            dense = dense_alternative(w)
+            if not isinstance(dense, torch.Tensor):
+                handle, dense = dense, None
         if x.dim() == 2 and x.shape[1] > 1 and x.stride(1) != 1:
             x = x.contiguous()  # rows may be strided, elements within a row may not
         late_bias = None
@@ -125,8 +131,11 @@ class CpuBackend(Backend):
                 bias = bias.to(torch.float32)
             if bias is not None:
                 bias = _contig(bias)
-        out = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
-        C.linear(x, handle, out, bias, num_threads=torch.get_num_threads())
+        if dense is not None:  # float CSR, dense: torch's fp32 GEMM on to_dense()
+            out = torch.nn.functional.linear(x.float(), dense, None if bias is None else bias.float()).to(x.dtype)
+        else:
+            out = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
+            C.linear(x, handle, out, bias, num_threads=torch.get_num_threads())
         if late_bias is not None:
             out = (out.float() + late_bias.float()).to(x.dtype)
         return out
@@ -135,4 +144,9 @@ class CpuBackend(Backend):
         C = _native._C
         if C is None or not self.availability()[0]:
             return f"cpu:{w.fmt} (unavailable)"
+        if isinstance(w, CSRWeight):
+            path, why = csr_plan(w, batch)
+            if path == "dense":
+                return f"cpu:{dense_kernel_name(w, batch)} (dense: csr {why})"
+            return f"cpu:{C.kernel_name(self.prepack(w), batch)} ({why})"
         return f"cpu:{C.kernel_name(self.prepack(w), batch)}"

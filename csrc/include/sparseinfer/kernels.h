@@ -109,6 +109,13 @@ struct NMView {
   const uint8_t* meta = nullptr;   // [rows, meta_stride]: little-endian bit stream per row
   int64_t meta_stride = 0;         // bytes per meta row = ceil(kc * bits / 8)
   ValueKind values = ValueKind::f32;
+  // 2:4 + int8 / int4, int8 activations: the codes reordered for nm_q8_gemv_avx2 (ref/nm_q8_prepack_ref.cpp),
+  // built with the weight's row tiles on its first int8-mode call (bindings.cpp); codes == nullptr until then.
+  struct Q8 {
+    const uint8_t* codes = nullptr;  // [rows][K / 64 blocks][32 bytes int8 | 16 bytes int4]
+    const int32_t* wsum = nullptr;   // int4: [rows][nseg], sum over a segment's whole blocks of code - zero
+    int64_t seg = 0, nseg = 0;       // activation segment (columns; never straddles a scale group), count
+  } q8;
   const void* fvalues = nullptr;   // float kinds: [rows, kc] of f32 / bf16 / f16
   // i8 / i4 kinds: WeightView::q holds the values, a QuantView of shape (rows, kc)
 };
@@ -207,12 +214,25 @@ void convert_to_f32_scalar(const void*, DType, int64_t, int64_t, int64_t, float*
 Status int8_q8_gemm_scalar(const GemmArgs&, const WeightView&, int64_t, int64_t);
 Status int4_q8_gemm_scalar(const GemmArgs&, const WeightView&, int64_t, int64_t);
 void quantize_act_scalar(const float*, int64_t, int64_t, int64_t, const QTileView&, int8_t*, float*, int32_t*);
+// ref/nm_q8_prepack_ref.cpp: the NMView::Q8 copy of a 2:4 + int8 / int4 weight (0 bytes: a layout the
+// int8-activation N:M kernels do not take; the exact kernels serve it).
+size_t nm_q8_prepack_bytes(const WeightView&);
+NMView::Q8 nm_q8_prepack(const WeightView&, void* buf);
 
 // x86/avx2/, x86/avx512/, arm/neon/: declare <format>_<op>_<isa> functions here under
 // #ifdef SPARSEINFER_HAVE_<ISA> and list them in that ISA's table in dispatch.cpp.
 #ifdef SPARSEINFER_HAVE_AVX2
 Status int8_gemv_avx2(const GemmArgs&, const WeightView&, int64_t, int64_t);
 Status int4_gemv_avx2(const GemmArgs&, const WeightView&, int64_t, int64_t);
+// N:M (float / int8 / int4 values) and CSR (float / int8 values), fp32 activations (exact):
+// gemv = x gathered per batch row (few rows), gemm = x transposed, batch rows in vector lanes.
+Status nm_gemv_avx2(const GemmArgs&, const WeightView&, int64_t, int64_t);
+Status nm_gemm_avx2(const GemmArgs&, const WeightView&, int64_t, int64_t);
+Status csr_gemv_avx2(const GemmArgs&, const WeightView&, int64_t, int64_t);
+Status csr_gemm_avx2(const GemmArgs&, const WeightView&, int64_t, int64_t);
+// 2:4 + int8 / int4 values, int8 activations (kCallInt8Act), quantized by the kernel itself with
+// quantize_act_avx2 in segments that fit the N:M weight's groups (the driver's stage serves int8 / int4).
+Status nm_q8_gemv_avx2(const GemmArgs&, const WeightView&, int64_t, int64_t);
 void convert_to_f32_avx2(const void*, DType, int64_t, int64_t, int64_t, float*);
 // int8 activations on row tiles, pmaddubsw + pmaddwd (no VNNI), every batch size.
 Status int8_q8_gemm_avx2(const GemmArgs&, const WeightView&, int64_t, int64_t);

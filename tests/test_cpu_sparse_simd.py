@@ -1,0 +1,342 @@
+"""The SIMD N:M and CSR kernels of the C++ CPU backend (csrc/x86/avx2/nm_*, csr_*; docs/sparse_cpu.md)
+against the reference backend, on every ISA this machine runs.
+
+Every call goes through ``_C.linear`` with a fresh seeded random x (never zeros) and an output
+poisoned with NaN, so an element a kernel forgets shows up. Batches are chosen so that each kernel
+of the dispatch table runs -- gemv (few rows, register gathers / scalar gathers) and gemm (x
+transposed, several vector widths, more than one 64-row block) -- and the test checks by name which
+one did. Tolerances (normwise, ||out - ref|| / ||ref||, unless stated):
+
+* fp32 activations (exact mode): kernel and reference multiply the same fp32 values and differ in
+  the order of the sums only: ~sqrt(K) 2^-24 on random signs, bounded by TOL_F32 = 1e-5 (the
+  contract of tests/test_cpu_backend.py);
+* bf16 / fp16 activations: the same, then one rounding of nearly equal values to the output
+  dtype: one ulp (2^-7 / 2^-10 relative) plus TOL_F32;
+* int8 activations (N:M+int8 / N:M+int4, act="int8"): an elementwise bound, derived in
+  ``int8_act_bound`` below (the activation rounding, everything after it exact).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sparseinfer as si
+from sparseinfer import _native
+from sparseinfer.backends import reference_linear
+from sparseinfer.backends.cpu import build_native_weight
+from sparseinfer.formats import CSRWeight
+
+C = _native._C
+pytestmark = pytest.mark.skipif(
+    C is None, reason=f"requires the C++ extension sparseinfer._C ({_native._C_ERROR}); {_native.BUILD_HINT}"
+)
+ISAS = C.available_isas() if C is not None else ["scalar"]
+SIMD = [isa for isa in ISAS if isa != "scalar"]
+needs_simd = pytest.mark.skipif(not SIMD, reason="no SIMD ISA (avx2 / avx512 / neon) available on this CPU / build")
+
+TOL_F32 = 1e-5
+TOL = {torch.float32: TOL_F32, torch.bfloat16: 2.0**-7 + TOL_F32, torch.float16: 2.0**-10 + TOL_F32}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+# gemv tiles of 1-4 rows (and the remainders), gemm with 1, 2, 3 and 8 vectors of batch rows and
+# a second 64-row block; K large: fewer batches.
+BATCHES = [1, 2, 3, 5, 7, 8, 12, 17, 64, 70]
+BIG_K_BATCHES = [1, 3, 17]
+SHAPES = [(1, 7), (3, 33), (17, 1), (100, 7), (129, 33), (4095, 7)]
+
+
+def make_x(m, k, dtype, strided, g):
+    if strided:  # rows 3 elements apart from where a contiguous tensor would put them
+        x = torch.randn(m, k + 3, generator=g)[:, 1 : k + 1]
+        assert not x.is_contiguous() or m == 1
+        return x.to(dtype)
+    return torch.randn(m, k, generator=g).to(dtype)
+
+
+def run(x, handle, n, bias=None, isa=None, act="fp32", threads=2):
+    out = torch.full((x.shape[0], n), float("nan"), dtype=x.dtype)
+    C.linear(x, handle, out, bias, num_threads=threads, isa=isa, act=act)
+    return out
+
+
+def check(out, ref, dtype, where, rel_err):
+    unwritten = (~torch.isfinite(out)).nonzero()[:5].tolist()
+    assert not unwritten, f"{where}: unwritten (NaN) outputs at {unwritten}"
+    err = rel_err(out, ref)
+    assert err <= TOL[dtype], f"{where}: rel err {err:.2e} > {TOL[dtype]:.1e}"
+
+
+def sweep(w, rng, rel_err, what, isas=None, batches=None, act="fp32", expect=None):
+    """Every (K-dependent) batch, dtype, stride and bias combination on every ISA; ``expect(m)``
+    (optional) is a prefix the kernel name must have on the SIMD ISAs."""
+    n, k = w.shape
+    handle = build_native_weight(w)
+    batches = batches or (BIG_K_BATCHES if k > 1000 else BATCHES)
+    for i, m in enumerate(batches):
+        dtype = DTYPES[(i + k) % 3]
+        strided = (i + n) % 2 == 1
+        bias = torch.randn(n, generator=rng) if (i + k) % 3 != 1 else None
+        x = make_x(m, k, dtype, strided, rng)
+        ref = reference_linear(x, w, bias)
+        for isa in isas or ISAS:
+            kernel = C.kernel_name(handle, m, isa=isa, act=act)
+            where = f"{what} isa={isa} kernel={kernel} M={m} N={n} K={k} x:{dtype} strided={strided} bias={bias is not None}"
+            if expect and isa != "scalar":
+                assert kernel.startswith(expect(m)), f"{where}: expected a {expect(m)}* kernel"
+            check(run(x, handle, n, bias, isa=isa, act=act), ref, dtype, where, rel_err)
+
+
+def gemv_or_gemm(limit, prefix):
+    return lambda m: f"{prefix}_gemv" if m <= limit else f"{prefix}_gemm"
+
+
+def nm_limit(handle):
+    """The largest batch the avx2 table sends to the gemv kernel (the rest go to the gemm one)."""
+    return max(m for m in range(1, 65) if "gemv" in C.kernel_name(handle, m, isa=SIMD[0]))
+
+
+# -- N:M -------------------------------------------------------------------------------------------
+
+# (format, pack parameters, weight dtype): 2:4 has the register-gather gemv; 1:4, 4:8 and 2:3 go
+# through the generic decoder (the fallback); every value kind.
+NM_CASES = [
+    ("2:4", {}, torch.float32),
+    ("2:4", {}, torch.bfloat16),
+    ("2:4", {}, torch.float16),
+    ("1:4", {}, torch.float32),
+    ("4:8", {}, torch.bfloat16),
+    ("2:3", {}, torch.float16),
+    ("2:4+int8", {"group_size": None}, torch.float32),
+    ("2:4+int8", {"group_size": 16}, torch.float32),
+    ("2:4+int4", {"group_size": 32}, torch.float32),
+    ("2:4+int4", {"group_size": 64, "symmetric": False}, torch.float32),
+    ("1:4+int8", {"group_size": 32}, torch.float32),
+    ("4:8+int4", {"group_size": None, "symmetric": False}, torch.float32),
+    ("2:3+int4", {"group_size": 16}, torch.float32),
+]
+NM_IDS = [f"{f}-{'-'.join(f'{k}{v}' for k, v in p.items())}-{str(d)[6:]}".replace("--", "-") for f, p, d in NM_CASES]
+
+
+def pack_nm(fmt, params, wdtype, n, k, g):
+    params = dict(params)
+    nn, mm = (int(v) for v in fmt.split("+")[0].split(":"))
+    kept = -(-k // mm) * nn
+    if (params.get("group_size") or 0) > kept:
+        params["group_size"] = None
+    return si.pack(torch.randn(n, k, generator=g).to(wdtype), fmt, **params)
+
+
+@needs_simd
+@pytest.mark.parametrize("case", NM_CASES, ids=NM_IDS)
+def test_nm_matches_reference(case, rng, rel_err):
+    fmt, params, wdtype = case
+    for k, n in SHAPES:
+        w = pack_nm(fmt, params, wdtype, n, k, rng)
+        family = "nm" if "+" not in fmt else f"nm_{fmt.split('+')[1]}"
+        limit = nm_limit(build_native_weight(w))
+        sweep(w, rng, rel_err, f"{fmt} {params} w:{wdtype}", isas=SIMD, expect=gemv_or_gemm(limit, family))
+
+
+@needs_simd
+def test_nm_ignores_kept_values_past_k(rng, rel_err):
+    """Kept values in the zero padding of the last group (columns >= K) are not trusted: NaN there
+    must not reach the output, in the gemv (register and generic gathers) and the gemm kernels."""
+    for fmt, k in [("2:4", 17), ("2:4", 4093), ("2:3", 100), ("4:8", 129)]:
+        w = si.pack(torch.randn(9, k, generator=rng), fmt)
+        cols = w.indices()
+        assert (cols >= k).any()
+        w.values[cols >= k] = float("nan")
+        sweep(w, rng, rel_err, f"{fmt} NaN padding", isas=SIMD, batches=[1, 3, 5, 17, 64])
+
+
+# -- N:M, int8 activations -----------------------------------------------------------------------------
+
+def int8_act_bound(x, w, out_dtype, exact):
+    """Elementwise bound on |y_int8 - y|, y = exact = x @ W_q.T + bias in float64 (W_q = to_dense()).
+
+    Each segment s of a row of x (<= 256 columns, never straddling a weight scale group) is
+    quantized as q = rne(x / d_s), d_s = max|x_s| / 127 (quantize_act_avx2), so |x_k - q_k d_s| <=
+    d_s / 2 <= max_k |x_k| / 254 =: e, and |sum_k W_nk (x_k - xhat_k)| <= e sum_k |W_nk|. The integer
+    dot products are exact; the fp32 epilogue (one product and one FMA per segment), the exact tail
+    (columns past the last whole 64-column block) and the reference's own fp32 sums add at most
+    (K + 4) 2^-23 sum_k |x_k W_nk|; x_k d_s in fp32 another 2^-20 of the first term. bf16 / fp16
+    outputs: one more rounding, taken twice for room (and fp16's subnormal step)."""
+    xf, wd = x.double(), w.to_dense().double()
+    e = xf.abs().amax(dim=1, keepdim=True) / 254.0
+    bound = e * wd.abs().sum(dim=1)[None, :] * (1 + 2.0**-20) + (w.shape[1] + 4) * 2.0**-23 * (xf.abs() @ wd.abs().T)
+    if out_dtype == torch.bfloat16:
+        bound = bound + 2 * 2.0**-8 * (exact.abs() + bound)
+    elif out_dtype == torch.float16:
+        bound = bound + 2 * 2.0**-11 * (exact.abs() + bound) + 2.0**-24
+    return bound
+
+
+Q8_CASES = [
+    ("2:4+int8", {"group_size": None}),
+    ("2:4+int8", {"group_size": 32}),
+    ("2:4+int8", {"group_size": 128}),
+    ("2:4+int4", {"group_size": 32}),
+    ("2:4+int4", {"group_size": 64, "symmetric": False}),
+    ("2:4+int4", {"group_size": 256}),
+    ("2:4+int4", {"group_size": None, "symmetric": False}),
+]
+
+
+@needs_simd
+@pytest.mark.parametrize("case", Q8_CASES, ids=[f"{f}-g{p['group_size']}{'-asym' if p.get('symmetric') is False else ''}"
+                                                 for f, p in Q8_CASES])
+def test_nm_int8_activations_within_bound(case, rng):
+    fmt, params = case
+    for k, n in SHAPES + [(300, 40), (2048, 9)]:
+        w = pack_nm(fmt, params, torch.float32, n, k, rng)
+        handle = build_native_weight(w)
+        for i, m in enumerate([1, 2, 3, 5, 16] if k < 1000 else [1, 4]):
+            dtype = DTYPES[(i + k) % 3]
+            strided = (i + n) % 2 == 1
+            bias = torch.randn(n, generator=rng) if i % 2 == 0 else None
+            x = make_x(m, k, dtype, strided, rng)
+            exact = reference_linear(x.float(), w, bias).double()
+            bound = int8_act_bound(x.float(), w, dtype, exact)
+            for isa in SIMD:
+                kernel = C.kernel_name(handle, m, isa=isa, act="int8")
+                where = f"{fmt} {params} isa={isa} kernel={kernel} M={m} N={n} K={k} x:{dtype} strided={strided}"
+                assert "q8_gemv" in kernel, where
+                out = run(x, handle, n, bias, isa=isa, act="int8")
+                assert torch.isfinite(out).all(), f"{where}: unwritten (NaN) outputs"
+                err = (out.double() - exact).abs()
+                worst = (err - bound).flatten().argmax().item()
+                assert (err <= bound).all(), (f"{where}: |err| {err.flatten()[worst]:.3e} > bound "
+                                              f"{bound.flatten()[worst]:.3e} at {divmod(worst, n)}")
+
+
+@needs_simd
+def test_nm_int8_activations_typical_error_and_fallbacks(rng, rel_err):
+    """Model-sized 2:4+int4: ~0.5% normwise (the activation rounding); batches past the int8 gemv
+    and groups it does not take (16 kept values) run the exact kernels instead, to 1e-5."""
+    w = si.pack(torch.randn(256, 2048, generator=rng) * 0.02, "2:4+int4", group_size=64)
+    handle = build_native_weight(w)
+    x = torch.randn(4, 2048, generator=rng)
+    outs = [run(x, handle, 256, act="int8", threads=t) for t in (1, 2, 3)]
+    assert all(torch.equal(o, outs[0]) for o in outs[1:]), "the thread split changed the bits"
+    assert 1e-3 < rel_err(outs[0], reference_linear(x, w)) < 1.2e-2
+    big = torch.randn(64, 2048, generator=rng)
+    assert "q8" not in C.kernel_name(handle, 64, act="int8")
+    assert rel_err(run(big, handle, 256, act="int8"), reference_linear(big, w)) <= TOL_F32
+    w16 = si.pack(torch.randn(64, 512, generator=rng), "2:4+int8", group_size=16)
+    x16 = torch.randn(2, 512, generator=rng)
+    assert rel_err(run(x16, build_native_weight(w16), 64, act="int8"), reference_linear(x16, w16)) <= TOL_F32
+
+
+@needs_simd
+def test_nm_int8_activations_nonfinite_rows(rng):
+    w = si.pack(torch.randn(20, 640, generator=rng), "2:4+int8")
+    x = torch.randn(3, 640, generator=rng)
+    x[1, 7] = float("inf")
+    out = run(x, build_native_weight(w), 20, act="int8")
+    assert out[1].isnan().all() and torch.isfinite(out[[0, 2]]).all()
+
+
+# -- CSR -----------------------------------------------------------------------------------------------
+
+CSR_CASES = [("csr", torch.float32), ("csr", torch.bfloat16), ("csr", torch.float16), ("csr+int8", torch.float32)]
+
+
+def csr_weight(fmt, wdtype, n, k, density, g):
+    """Random CSR weight: one empty row and one fully dense row when there are several."""
+    w = torch.randn(n, k, generator=g)
+    w = w * (torch.rand(n, k, generator=g) < density)
+    w[0, k // 2] = 1.5  # at least one non-zero
+    if n > 2:
+        w[1] = 0
+        w[2] = torch.randn(k, generator=g)
+    return si.pack(w.to(wdtype), fmt)
+
+
+@needs_simd
+@pytest.mark.parametrize("case", CSR_CASES, ids=[f"{f}-{str(d)[6:]}" for f, d in CSR_CASES])
+@pytest.mark.parametrize("density", [0.05, 0.5])
+def test_csr_matches_reference(case, density, rng, rel_err):
+    fmt, wdtype = case
+    for k, n in SHAPES:
+        w = csr_weight(fmt, wdtype, n, k, density, rng)
+        assert isinstance(w, CSRWeight)
+        family = "csr_int8" if fmt == "csr+int8" else "csr"
+        handle = build_native_weight(w)
+        limit = max(m for m in range(1, 65) if "gemv" in C.kernel_name(handle, m, isa=SIMD[0]))
+        sweep(w, rng, rel_err, f"{fmt} w:{wdtype} density {density}", isas=SIMD, expect=gemv_or_gemm(limit, family))
+
+
+@needs_simd
+def test_csr_unsorted_columns(rng, rel_err):
+    """The kernels take the columns of a row in any order (the binding checks only their range)."""
+    w = csr_weight("csr", torch.float32, 40, 300, 0.2, rng)
+    for r in range(40):
+        a, b = int(w.crow[r]), int(w.crow[r + 1])
+        perm = torch.randperm(b - a, generator=rng) + a
+        w.col[a:b], w.values[a:b] = w.col[perm].clone(), w.values[perm].clone()
+    sweep(w, rng, rel_err, "csr unsorted", isas=SIMD, batches=[1, 2, 5, 17, 64])
+
+
+# -- dispatch ----------------------------------------------------------------------------------------
+
+@needs_simd
+def test_kernel_names():
+    """The table sends few batch rows to the gemv kernels and many to the gemm ones, and the int8
+    activation mode to the int8 gemv for 2:4 + int8 / int4 values."""
+    cases = {"2:4": "nm", "4:8": "nm", "2:4+int8": "nm_int8", "2:4+int4": "nm_int4", "csr": "csr",
+             "csr+int8": "csr_int8"}
+    for fmt, family in cases.items():
+        params = {"group_size": None} if "int4" in fmt else {}
+        w = build_native_weight(si.pack(torch.randn(16, 64), fmt, **params))
+        for isa in SIMD:
+            assert C.kernel_name(w, 1, isa=isa).startswith(f"{family}_gemv_"), (fmt, isa)
+            assert C.kernel_name(w, 64, isa=isa).startswith(f"{family}_gemm_"), (fmt, isa)
+            if "+int" in fmt and fmt.startswith("2:4"):
+                assert C.kernel_name(w, 1, isa=isa, act="int8").startswith(f"{family}_q8_gemv_"), (fmt, isa)
+
+
+# -- CSR or dense (sparseinfer/backends/cpu_sparse.py) -------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["csr", "csr+int8"])
+def test_csr_dense_dispatch_follows_the_crossover(fmt, rng, rel_err, monkeypatch):
+    """With a crossover table forced to 0 (dense always faster) and to 1 (CSR always faster) the
+    backend runs the dense int8 kernel / torch fp32 GEMM or the CSR kernel, says so in kernel_name,
+    and both give the reference's numbers."""
+    from sparseinfer.backends import BACKENDS, cpu_sparse
+
+    backend = BACKENDS["cpu"]
+    w = csr_weight(fmt, torch.float32, 40, 300, 0.3, rng)
+    x = torch.randn(5, 300, generator=rng)
+    bias = torch.randn(40, generator=rng)
+    ref = reference_linear(x, w, bias)
+    key = cpu_sparse.machine_key()
+    for d_star, path in [(0.0, "dense"), (1.0, "csr")]:
+        table = {"crossover": {f"{k}/{a}": {"1": d_star, "64": d_star}
+                               for k in ("int8", "float") for a in ("fp32", "int8")}}
+        monkeypatch.setitem(cpu_sparse._cache, key, table)
+        assert cpu_sparse.plan(w, 5)[0] == path
+        name = backend.kernel_name(w, 5)
+        assert ("dense:" in name) == (path == "dense"), name
+        assert name.startswith("cpu:csr") == (path == "csr"), name
+        out = si.linear(x, w, bias, backend="cpu")
+        assert rel_err(out, ref) <= TOL_F32, f"{fmt} {path}: {name}"
+
+
+def test_crossover_measurement_and_interpolation(monkeypatch):
+    """measure() fits d* from two CSR densities and the dense time; crossover() interpolates the
+    table in log2(batch) and clamps outside it."""
+    from sparseinfer.backends import cpu_sparse
+
+    res = cpu_sparse.measure("int8", "fp32", batches=(1, 8), n=128, k=256, copies=1, reps=1, budget=0.01)
+    assert [r["batch"] for r in res["rows"]] == [1, 8]
+    assert all(0.0 <= r["crossover"] <= 1.0 and r["dense_s"] > 0 for r in res["rows"])
+    key = cpu_sparse.machine_key()
+    monkeypatch.setitem(cpu_sparse._cache, key, {"crossover": {"int8/fp32": {"1": 0.2, "4": 0.6}}})
+    assert cpu_sparse.crossover("int8", "fp32", 1) == pytest.approx(0.2)
+    assert cpu_sparse.crossover("int8", "fp32", 2) == pytest.approx(0.4)
+    assert cpu_sparse.crossover("int8", "fp32", 64) == pytest.approx(0.6)
+    assert cpu_sparse.crossover("int8", "int8", 1) == pytest.approx(0.2)  # falls back to the fp32 table
+    assert cpu_sparse.crossover("float", "fp32", 1) is None
+    assert cpu_sparse.dense_int8(csr_weight("csr+int8", torch.float32, 6, 50, 0.4, torch.Generator())).to_dense().equal(
+        csr_weight("csr+int8", torch.float32, 6, 50, 0.4, torch.Generator()).to_dense())
