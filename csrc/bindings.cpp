@@ -31,6 +31,8 @@ constexpr int64_t kInt32Max = 2147483647;
 struct TorchTypes {
   py::object tensor_type, strided;
   py::object dtypes[int(DType::unknown)];  // indexed by DType
+  // interned attribute names: a per-call lookup by C string would build a new Python string each time
+  py::str is_cpu, device, type, layout, dtype, shape, stride, data_ptr;
 };
 
 const TorchTypes& torch_types() {
@@ -43,6 +45,9 @@ const TorchTypes& torch_types() {
         t.strided = torch.attr("strided");
         const char* names[] = {"float32", "bfloat16", "float16", "int8", "uint8", "int32", "int64"};
         for (int i = 0; i < int(DType::unknown); ++i) t.dtypes[i] = torch.attr(names[i]);
+        const auto intern = [](const char* n) { return py::reinterpret_steal<py::str>(PyUnicode_InternFromString(n)); };
+        t.is_cpu = intern("is_cpu"), t.device = intern("device"), t.type = intern("type"), t.layout = intern("layout");
+        t.dtype = intern("dtype"), t.shape = intern("shape"), t.stride = intern("stride"), t.data_ptr = intern("data_ptr");
         return t;
       })
       .get_stored();
@@ -54,9 +59,14 @@ struct Tensor {
   std::string name;  // the argument name used in messages
   uintptr_t ptr = 0;
   DType dtype = DType::unknown;
-  std::string dtype_str;  // torch's name, also for dtypes we do not know
   std::vector<int64_t> shape, strides;
-  py::object obj;
+  py::object obj, dtype_obj;
+
+  // torch's name of the dtype, also for dtypes we do not know (built for messages only: it is slow)
+  std::string dtype_str() const {
+    std::string s = py::str(dtype_obj);
+    return s.rfind("torch.", 0) == 0 ? s.substr(6) : s;
+  }
 
   int64_t dim() const { return int64_t(shape.size()); }
   std::string shape_str() const {
@@ -73,7 +83,7 @@ struct Tensor {
     s << (strides.size() == 1 ? ",)" : ")");
     return s.str();
   }
-  std::string desc() const { return name + " " + dtype_str + shape_str(); }
+  std::string desc() const { return name + " " + dtype_str() + shape_str(); }
   // Bytes spanned from the first to one past the last element (0 if empty).
   int64_t extent_bytes() const {
     int64_t last = 0;
@@ -88,25 +98,32 @@ struct Tensor {
 [[noreturn]] void value_error(const std::string& msg) { throw py::value_error(msg); }
 [[noreturn]] void type_error(const std::string& msg) { throw py::type_error(msg); }
 
-Tensor inspect(py::handle obj, const std::string& name) {
+// Sizes from a tuple of Python ints (torch.Size, stride()).
+void int_tuple(py::handle tup, std::vector<int64_t>& out) {
+  const Py_ssize_t n = PyTuple_GET_SIZE(tup.ptr());
+  out.resize(size_t(n));
+  for (Py_ssize_t i = 0; i < n; ++i) out[size_t(i)] = PyLong_AsLongLong(PyTuple_GET_ITEM(tup.ptr(), i));
+}
+
+// Everything the checks need, read through Python attributes once per call (about a microsecond
+// per tensor: no strings are built unless a message needs them).
+Tensor inspect(py::handle obj, const char* name) {
   const TorchTypes& T = torch_types();
   if (!py::isinstance(obj, T.tensor_type))
-    type_error(name + " must be a torch.Tensor, got " + std::string(py::str(py::type::of(obj).attr("__name__"))));
+    type_error(std::string(name) + " must be a torch.Tensor, got " + std::string(py::str(py::type::of(obj).attr("__name__"))));
   Tensor t;
   t.name = name;
   t.obj = py::reinterpret_borrow<py::object>(obj);
-  const std::string device = py::str(obj.attr("device").attr("type"));
-  if (device != "cpu") value_error(name + " must be on the CPU, got device '" + device + "'");
-  const py::object layout = obj.attr("layout");
-  if (!layout.is(T.strided)) value_error(name + " must be a dense (strided) tensor");
-  py::object dtype = obj.attr("dtype");
-  t.dtype_str = py::str(dtype);
-  if (t.dtype_str.rfind("torch.", 0) == 0) t.dtype_str = t.dtype_str.substr(6);
+  if (!obj.attr(T.is_cpu).cast<bool>())
+    value_error(std::string(name) + " must be on the CPU, got device '" +
+                std::string(py::str(obj.attr(T.device).attr(T.type))) + "'");
+  if (!py::object(obj.attr(T.layout)).is(T.strided)) value_error(std::string(name) + " must be a dense (strided) tensor");
+  t.dtype_obj = obj.attr(T.dtype);
   for (int i = 0; i < int(DType::unknown); ++i)
-    if (dtype.is(T.dtypes[i])) t.dtype = DType(i);
-  for (py::handle s : obj.attr("shape")) t.shape.push_back(s.cast<int64_t>());
-  for (py::handle s : obj.attr("stride")()) t.strides.push_back(s.cast<int64_t>());
-  t.ptr = obj.attr("data_ptr")().cast<uintptr_t>();
+    if (t.dtype_obj.is(T.dtypes[i])) t.dtype = DType(i);
+  int_tuple(obj.attr(T.shape), t.shape);
+  int_tuple(obj.attr(T.stride)(), t.strides);
+  t.ptr = obj.attr(T.data_ptr)().cast<uintptr_t>();
   return t;
 }
 
@@ -119,7 +136,7 @@ std::string dtype_list(std::initializer_list<DType> ok) {
 void check_dtype(const Tensor& t, std::initializer_list<DType> ok) {
   for (DType d : ok)
     if (t.dtype == d) return;
-  value_error(t.name + " must have dtype " + dtype_list(ok) + ", got " + t.dtype_str + " (shape " + t.shape_str() + ")");
+  value_error(t.name + " must have dtype " + dtype_list(ok) + ", got " + t.dtype_str() + " (shape " + t.shape_str() + ")");
 }
 
 void check_dim(const Tensor& t, int64_t dim) {
@@ -291,7 +308,7 @@ Weight pack_nm(py::handle meta_obj, int64_t n_keep, int64_t m, int64_t k, py::ha
     v.fvalues = reinterpret_cast<const void*>(values.ptr);
     w.view.id = KernelId::nm_float;
     w.fmt = nm_name;
-    w.detail = "values " + values.dtype_str;
+    w.detail = "values " + values.dtype_str();
     w.keep.push_back(values.obj);
   }
   return w;
@@ -347,7 +364,7 @@ Weight pack_csr(py::handle crow_obj, py::handle col_obj, py::handle values_obj, 
   w.view.id = quantized ? KernelId::csr_int8 : KernelId::csr_float;
   w.view.N = rows, w.view.K = k;
   w.fmt = quantized ? "csr+int8" : "csr";
-  w.detail = "nnz " + std::to_string(nnz) + ", values " + values.dtype_str;
+  w.detail = "nnz " + std::to_string(nnz) + ", values " + values.dtype_str();
   return w;
 }
 
@@ -440,31 +457,53 @@ void ensure_qtiles(Weight& w) {
   w.view.qt = build_qtiles(w.view.q, w.view.N, bits, p);
 }
 
+// Rows of a [..., C] tensor as one 2-D matrix: M = prod(leading dims) and the stride between rows,
+// if the leading dims collapse into one (as a view would); false if they do not.
+bool collapse_rows(const Tensor& t, int64_t* M, int64_t* stride_m) {
+  const int64_t d = t.dim();
+  *M = 1;
+  *stride_m = t.shape[size_t(d - 1)];
+  int64_t inner = -1;  // stride of the innermost leading dim of size > 1 times its size, seen so far
+  for (int64_t i = d - 2; i >= 0; --i) {
+    const int64_t size = t.shape[size_t(i)], stride = t.strides[size_t(i)];
+    *M *= size;
+    if (size == 1) continue;
+    if (inner < 0) *stride_m = stride;
+    else if (stride != inner) return false;
+    inner = stride * size;
+  }
+  return true;
+}
+
 py::object linear(py::handle x_obj, Weight& w, py::handle out_obj, py::handle bias_obj, int64_t num_threads,
                   const py::object& isa_obj, const py::object& act_obj) {
   const int64_t N = w.view.N, K = w.view.K;
   Tensor x = inspect(x_obj, "x");
   check_dtype(x, {DType::f32, DType::bf16, DType::f16});
-  if (x.dim() != 2 || x.shape[1] != K)
-    value_error("x of shape " + x.shape_str() + " does not match " + w.desc() + ": expected (M, " + std::to_string(K) + ")");
-  const int64_t M = x.shape[0];
+  if (x.dim() < 1 || x.shape.back() != K)
+    value_error("x of shape " + x.shape_str() + " does not match " + w.desc() + ": expected (..., " +
+                std::to_string(K) + ")");
+  int64_t M = 0, stride_xm = 0;
+  if ((K > 1 && x.strides.back() != 1) || !collapse_rows(x, &M, &stride_xm))
+    value_error("x must have unit stride along K and rows that form one matrix, got shape " + x.shape_str() +
+                " with strides " + x.strides_str() + "; call .contiguous() first");
   check_int32(M, "M (rows of x)");
-  if (K > 1 && x.strides[1] != 1)
-    value_error("x must have unit stride along K, got shape " + x.shape_str() + " with strides " + x.strides_str() +
-                "; call .contiguous() first");
 
   Tensor out = inspect(out_obj, "out");
   if (out.dtype != x.dtype)
-    value_error("out must have the dtype of x (" + x.dtype_str + "), got " + out.dtype_str);
-  check_shape(out, {M, N}, "M x N for x " + x.shape_str() + " and " + w.desc());
-  if ((N > 1 && out.strides[1] != 1) || (M > 1 && out.strides[0] < N))
-    value_error("out must have unit stride along N and non-overlapping rows, got shape " + out.shape_str() +
-                " with strides " + out.strides_str());
+    value_error("out must have the dtype of x (" + x.dtype_str() + "), got " + out.dtype_str());
+  std::vector<int64_t> want(x.shape);
+  want.back() = N;
+  check_shape(out, want, "x's leading dims and N for x " + x.shape_str() + " and " + w.desc());
+  int64_t M_out = 0, stride_ym = 0;
+  if ((N > 1 && out.strides.back() != 1) || !collapse_rows(out, &M_out, &stride_ym) || (M > 1 && stride_ym < N))
+    value_error("out must have unit stride along N and non-overlapping rows that form one matrix, got shape " +
+                out.shape_str() + " with strides " + out.strides_str());
   if (overlaps(out, x)) value_error("out must not overlap x");
 
   LinearCall call{};
-  call.x = reinterpret_cast<const void*>(x.ptr), call.x_dtype = x.dtype, call.stride_xm = M > 1 ? x.strides[0] : K;
-  call.y = reinterpret_cast<void*>(out.ptr), call.stride_ym = M > 1 ? out.strides[0] : N;
+  call.x = reinterpret_cast<const void*>(x.ptr), call.x_dtype = x.dtype, call.stride_xm = M > 1 ? stride_xm : K;
+  call.y = reinterpret_cast<void*>(out.ptr), call.stride_ym = M > 1 ? stride_ym : N;
   call.M = M;
   call.bias = nullptr, call.bias_dtype = DType::f32;
   if (!bias_obj.is_none()) {
@@ -490,7 +529,7 @@ py::object linear(py::handle x_obj, Weight& w, py::handle out_obj, py::handle bi
   if (s != Status::ok) {
     const std::string msg = std::string("sparseinfer._C.linear: ") + status_message(s) + " in kernel " +
                             (kernel ? kernel->name : "<none>") + " (isa " + isa_name(isa) + ") for x " +
-                            x.dtype_str + x.shape_str() + " and " + w.desc() + " [" + w.detail + "]";
+                            x.dtype_str() + x.shape_str() + " and " + w.desc() + " [" + w.detail + "]";
     if (s == Status::out_of_memory) throw std::bad_alloc();
     throw std::runtime_error(msg);
   }

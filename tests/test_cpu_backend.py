@@ -262,6 +262,18 @@ def int8_handle():
     return build_native_weight(si.pack(torch.randn(8, 64), "int8", group_size=32))
 
 
+def test_linear_takes_leading_dims(rng, rel_err):
+    """x [..., K] whose leading dims collapse into rows (as a view would) runs without a reshape."""
+    w = si.pack(torch.randn(8, 64, generator=rng), "int8", group_size=32)
+    h = build_native_weight(w)
+    base = torch.randn(4, 2, 5, 64, generator=rng)
+    for x in (base, base[1:3], base[:, :, 1], base[..., 0:1, :], torch.randn(64, generator=rng)):
+        out = torch.full((*x.shape[:-1], 8), float("nan"))
+        C.linear(x, h, out, None, num_threads=2)
+        ref = reference_linear(x.reshape(-1, 64), w).reshape(out.shape)
+        assert rel_err(out, ref) < TOL_F32, tuple(x.shape)
+
+
 @pytest.mark.parametrize(
     "x,out,bias,kwargs,exc,match",
     [
@@ -270,8 +282,10 @@ def int8_handle():
         (torch.randint(0, 3, (3, 64)), None, None, {}, ValueError, r"got int64 \(shape \(3, 64\)\)"),
         (torch.randn(3, 63), None, None, {}, ValueError,
          r"x of shape \(3, 63\) does not match weight int8 of shape \(8, 64\)"),
-        (torch.randn(64), None, None, {}, ValueError, r"x of shape \(64,\) does not match"),
-        (torch.randn(2, 3, 64), None, None, {}, ValueError, r"expected \(M, 64\)"),
+        (torch.tensor(1.0), None, None, {}, ValueError, r"x of shape \(\) does not match.*expected \(\.\.\., 64\)"),
+        (torch.randn(2, 3, 64), None, None, {}, ValueError, r"out must have shape \(2, 3, 8\).*got \(3, 8\)"),
+        (torch.randn(4, 3, 64).transpose(0, 1), torch.empty(3, 4, 8), None, {}, ValueError,
+         r"rows that form one matrix.*strides \(64, 192, 1\)"),
         (torch.randn(64, 3).T, None, None, {}, ValueError, r"unit stride along K.*strides \(1, 3\)"),
         ([[1.0] * 64], None, None, {}, TypeError, r"x must be a torch.Tensor, got list"),
         (torch.randn(3, 64), torch.empty(3, 8, dtype=torch.float16), None, {}, ValueError,

@@ -102,3 +102,34 @@ def test_auto_dispatch_leaves_large_batches_of_scalar_kernels_to_the_reference()
     assert resolve(w, torch.randn(2, 64)).name == "cpu"
     assert resolve(w, big).name == ("reference" if scalar else "cpu")
     assert resolve(w, big, "cpu").name == "cpu"  # an explicit request is honoured
+
+
+def test_resolution_is_memoised_per_kind_of_call():
+    """resolve() searches once per (backend, dtype, device, grad, rows) and weight; a call of another
+    kind, or a backend registered since, is searched again."""
+    from sparseinfer.backends import BACKENDS, Backend, register, resolve
+
+    w = _packed("int8", 8, 64)
+    x = torch.randn(2, 64)
+    first = resolve(w, x)
+    assert resolve(w, x) is first and len(w._routes) == 1
+    # needing gradients is a different kind of call: the kernels do not record autograd history
+    assert resolve(w, x.clone().requires_grad_()).name == "reference"
+    assert resolve(w, x) is first
+
+    class Eager(Backend):  # a better backend, registered after the first search
+        name, priority = "eager-test", 100
+
+        def availability(self):
+            return True, "test"
+
+        def supports(self, w, x):
+            return True
+
+    try:
+        register(Eager())
+        assert resolve(w, x).name == "eager-test"
+    finally:
+        del BACKENDS["eager-test"]
+        register(BACKENDS["reference"])  # re-sort the priority list, which drops memoised routes
+    assert resolve(w, x).name == first.name

@@ -12,9 +12,14 @@ BACKENDS: dict[str, Backend] = {}
 _BY_PRIORITY: list[Backend] = []  # BACKENDS sorted for automatic choice, kept by register()
 
 
+_generation = 0  # bumped by register(): routes memoised before it are stale
+
+
 def register(backend: Backend) -> Backend:
+    global _generation
     BACKENDS[backend.name] = backend
     _BY_PRIORITY[:] = sorted(BACKENDS.values(), key=lambda b: -b.priority)
+    _generation += 1
     return backend
 
 
@@ -39,7 +44,23 @@ def backends() -> dict[str, dict]:
 
 def resolve(w: PackedWeight, x: torch.Tensor, backend: str | None = None) -> Backend:
     """The backend that runs ``x @ w.T``: the named one (error if it cannot), else the available
-    backend of highest priority that supports this format, device and dtype."""
+    backend of highest priority that supports this format, device and dtype and prefers this many
+    rows. The answer depends only on what the key below holds, so it is memoised on the weight:
+    a model's layers pay the search once per kind of call, not on every call."""
+    k = w.shape[1]
+    rows = x.numel() // k if k else 0
+    key = (_generation, backend, x.dtype, x.device, x.requires_grad and torch.is_grad_enabled(), rows)
+    routes = w._routes
+    found = routes.get(key)
+    if found is None:
+        found = _search(w, x, backend)
+        if len(routes) >= 256:  # many distinct batch sizes (e.g. sequence lengths): keep it bounded
+            routes.clear()
+        routes[key] = found
+    return found
+
+
+def _search(w: PackedWeight, x: torch.Tensor, backend: str | None) -> Backend:
     if backend is not None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; known: {sorted(BACKENDS)}")

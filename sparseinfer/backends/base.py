@@ -21,6 +21,8 @@ class Backend:
     # Device types this backend is chosen for automatically (backend=None); None = any. It can
     # still run elsewhere when named explicitly (e.g. Triton's CPU interpreter, for tests).
     auto_devices: frozenset[str] | None = None
+    # Whether ``linear`` takes x with any number of leading dims itself (else it gets x as [M, K]).
+    takes_leading_dims: bool = False
 
     def availability(self) -> tuple[bool, str]:
         """(available, a one-line reason or detail, e.g. the active ISA or what is missing)."""

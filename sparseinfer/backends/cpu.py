@@ -67,6 +67,7 @@ def _float_values_ok(w: PackedWeight) -> bool:
 class CpuBackend(Backend):
     name = "cpu"
     priority = 10
+    takes_leading_dims = True  # the binding views x [..., K] as rows itself (no reshapes per call)
 
     def __init__(self) -> None:
         self._availability: tuple[bool, str] | None = None
@@ -113,16 +114,15 @@ class CpuBackend(Backend):
         return w.prepacked(_PREPACK_KEY, build_native_weight)
 
     def linear(self, x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-        """y [M, N] = x [M, K] @ W.T + bias in x.dtype (x float32 / bfloat16 / float16, on the CPU)."""
-        C = _native.require_native()
+        """y [..., N] = x [..., K] @ W.T + bias in x.dtype (x float32 / bfloat16 / float16, on the CPU)."""
         handle = self.prepack(w)
         dense = None  # CSR past its measured crossover with the dense kernels (cpu_sparse.py)
-        if isinstance(w, CSRWeight) and csr_plan(w, x.shape[0])[0] == "dense":
+        if isinstance(w, CSRWeight) and csr_plan(w, x.numel() // w.shape[1])[0] == "dense":
             dense = dense_alternative(w)
             if not isinstance(dense, torch.Tensor):
                 handle, dense = dense, None
-        if x.dim() == 2 and x.shape[1] > 1 and x.stride(1) != 1:
-            x = x.contiguous()  # rows may be strided, elements within a row may not
+        if not x.is_contiguous() and not (x.dim() == 2 and (x.shape[1] == 1 or x.stride(1) == 1)):
+            x = x.contiguous()  # 2-D rows may be strided, elements within a row may not
         late_bias = None
         if bias is not None:
             if bias.requires_grad and torch.is_grad_enabled():
@@ -134,8 +134,8 @@ class CpuBackend(Backend):
         if dense is not None:  # float CSR, dense: torch's fp32 GEMM on to_dense()
             out = torch.nn.functional.linear(x.float(), dense, None if bias is None else bias.float()).to(x.dtype)
         else:
-            out = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
-            C.linear(x, handle, out, bias, num_threads=torch.get_num_threads())
+            out = x.new_empty(x.shape[:-1] + (w.shape[0],))
+            _native._C.linear(x, handle, out, bias, torch.get_num_threads())
         if late_bias is not None:
             out = (out.float() + late_bias.float()).to(x.dtype)
         return out

@@ -47,6 +47,8 @@ class PackedWeight:
     def __init__(self) -> None:
         # Backend-specific repacked layouts, built once on first use (see ``prepacked``).
         self._prepacked: dict[str, Any] = {}
+        # Which backend ran which kind of call (``sparseinfer.backends.resolve``'s memo).
+        self._routes: dict[tuple, Any] = {}
 
     # -- interface every format implements --------------------------------------------------
     dense_dtype: torch.dtype = torch.float32  # what to_dense() returns by default

@@ -41,7 +41,7 @@ def linear(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, b
     """
     check_linear_args(x, w, bias)
     b = resolve(w, x, backend)
-    if x.dim() == 2:  # the common case: no reshapes on the hot path
+    if x.dim() == 2 or b.takes_leading_dims:  # no reshapes on the hot path
         return b.linear(x, w, bias)
     lead = x.shape[:-1]
     y = b.linear(x.reshape(-1, w.shape[1]), w, bias)
