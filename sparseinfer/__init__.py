@@ -17,7 +17,7 @@ from .eval import choose_recipe, evaluate, knee_point, pareto_front, sweep
 from .formats import CSRWeight, Int4Weight, Int8Weight, NMWeight, PackedWeight, pack
 from .recipe import Recipe, parse_layer_recipe
 from .runtime.linear import linear
-from .runtime.modules import CompressedConv2d, CompressedLinear
+from .runtime.modules import CompressedConv2d, CompressedLinear, set_act
 from .runtime.serialization import ArtifactError, load, save
 from .distill import distill, finish_qat, prepare_qat
 from .passes.movement import GradualPruner, iterative_prune
@@ -26,7 +26,7 @@ from .staged import prune, run_stages
 
 __all__ = ["__version__", "pack", "linear", "compress", "explain", "save", "load", "backends", "ArtifactError",
            "PackedWeight", "Int8Weight", "Int4Weight", "NMWeight", "CSRWeight", "CompressedLinear",
-           "CompressedConv2d", "Recipe", "parse_layer_recipe"]
+           "CompressedConv2d", "set_act", "Recipe", "parse_layer_recipe"]
 __all__ += ["evaluate", "sweep", "pareto_front", "knee_point", "choose_recipe"]
 __all__ += ["prune", "prune_structured", "distill", "prepare_qat", "finish_qat", "GradualPruner", "iterative_prune",
             "run_stages"]

@@ -127,5 +127,5 @@ def explain(model: nn.Module, batch: int = 1, dtype: torch.dtype = torch.float32
         rows.append({"layer": name, "format": w.fmt, "shape": f"{w.shape[0]}x{w.shape[1]}",
                      "packed_bytes": w.nbytes, "dense_bytes": w.dense_nbytes,
                      "ratio": f"{w.dense_nbytes / w.nbytes:.2f}x", "backend": b.name,
-                     "kernel": b.kernel_name(w, batch)})
+                     "kernel": b.kernel_name(w, batch, module.act)})
     return rows

@@ -133,3 +133,49 @@ def test_resolution_is_memoised_per_kind_of_call():
         del BACKENDS["eager-test"]
         register(BACKENDS["reference"])  # re-sort the priority list, which drops memoised routes
     assert resolve(w, x).name == first.name
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "2:4+int8", "2:4+int4", "csr+int8", "2:4"])
+def test_act_int8_allows_quantized_activations(fmt):
+    """act="int8" lets kernels that have an int8-activation mode use it (error ~ x's rounding,
+    csrc/README.md: well under 2 % normwise on Gaussian x); formats without one stay exact; the
+    reference stays exact whatever act says."""
+    from sparseinfer.backends import BACKENDS
+
+    cpu = BACKENDS["cpu"]
+    if not cpu.availability()[0]:
+        pytest.skip(f"requires the C++ backend: {cpu.availability()[1]}")
+    w = _packed(fmt, 40, 256, seed=3)
+    x = torch.randn(5, 2, 256, generator=torch.Generator().manual_seed(4))
+    ref = si.linear(x, w, backend="reference")
+    fast = si.linear(x, w, act="int8")
+    exact = si.linear(x, w, act="fp32")
+    assert torch.equal(si.linear(x, w, backend="reference", act="int8"), ref)
+    assert ((exact - ref).norm() / ref.norm()).item() < 1e-5
+    err = ((fast - ref).norm() / ref.norm()).item()
+    kernel = cpu.kernel_name(w, 10, "int8")
+    quantizes = "_q8_" in kernel
+    if fmt != "csr+int8":  # CSR runs exact CSR kernels, or dense int8 ones past its measured crossover
+        assert quantizes == (fmt in ("int8", "int4", "2:4+int8", "2:4+int4")), kernel
+    assert (1e-5 < err < 2e-2) if quantizes else err < 1e-5, err
+
+
+def test_act_must_be_a_known_mode():
+    w = _packed("int8", 8, 64)
+    with pytest.raises(ValueError, match=r"act must be one of \('fp32', 'int8'\) or None, got 'int4'"):
+        si.linear(torch.randn(2, 64), w, act="int4")
+    with pytest.raises(ValueError, match="act must be one of"):
+        si.set_act(torch.nn.Sequential(), "fast")
+
+
+def test_set_act_reaches_every_layer_and_explain():
+    from sparseinfer.backends import BACKENDS
+
+    if not BACKENDS["cpu"].availability()[0]:
+        pytest.skip("requires the C++ backend")
+    model = si.compress(torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)),
+                        "int4", progress=False)
+    assert all("_q8_" not in r["kernel"] for r in si.explain(model, batch=4))
+    si.set_act(model, "int8")
+    assert all("_q8_" in r["kernel"] for r in si.explain(model, batch=4))
+    assert "act='int8'" in repr(model)

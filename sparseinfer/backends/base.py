@@ -37,15 +37,17 @@ class Backend:
         where a measured crossover says another backend is faster). Explicit requests ignore it."""
         return True
 
-    def linear(self, x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None,
+               act: str | None = None) -> torch.Tensor:
         """y [..., N] = x [..., K] @ W.T + bias, in x.dtype. ``x`` already has a valid shape,
-        dtype and device (checked by ``sparseinfer.linear``)."""
+        dtype and device (checked by ``sparseinfer.linear``). ``act`` ("fp32" / "int8" / None,
+        see ``sparseinfer.linear``) allows int8 activations; backends without such kernels run exact."""
         raise NotImplementedError
 
     def prepack(self, w: PackedWeight) -> None:
         """Repack ``w`` into this backend's preferred layout now (load time) instead of on the
         first call. Default: nothing to do."""
 
-    def kernel_name(self, w: PackedWeight, batch: int) -> str:
-        """The kernel a call with ``batch`` rows would run (for ``explain``)."""
+    def kernel_name(self, w: PackedWeight, batch: int, act: str | None = None) -> str:
+        """The kernel a call with ``batch`` rows (and activation mode ``act``) would run (for ``explain``)."""
         return f"{self.name}:{w.fmt}"

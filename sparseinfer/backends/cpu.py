@@ -113,11 +113,11 @@ class CpuBackend(Backend):
         """Validate and view ``w`` for the kernels now (load time); memoised on ``w``."""
         return w.prepacked(_PREPACK_KEY, build_native_weight)
 
-    def linear(self, x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None, act: str | None = None) -> torch.Tensor:
         """y [..., N] = x [..., K] @ W.T + bias in x.dtype (x float32 / bfloat16 / float16, on the CPU)."""
         handle = self.prepack(w)
         dense = None  # CSR past its measured crossover with the dense kernels (cpu_sparse.py)
-        if isinstance(w, CSRWeight) and csr_plan(w, x.numel() // w.shape[1])[0] == "dense":
+        if isinstance(w, CSRWeight) and csr_plan(w, x.numel() // w.shape[1], act)[0] == "dense":
             dense = dense_alternative(w)
             if not isinstance(dense, torch.Tensor):
                 handle, dense = dense, None
@@ -135,18 +135,18 @@ class CpuBackend(Backend):
             out = torch.nn.functional.linear(x.float(), dense, None if bias is None else bias.float()).to(x.dtype)
         else:
             out = x.new_empty(x.shape[:-1] + (w.shape[0],))
-            _native._C.linear(x, handle, out, bias, torch.get_num_threads())
+            _native._C.linear(x, handle, out, bias, torch.get_num_threads(), None, act)
         if late_bias is not None:
             out = (out.float() + late_bias.float()).to(x.dtype)
         return out
 
-    def kernel_name(self, w: PackedWeight, batch: int) -> str:
+    def kernel_name(self, w: PackedWeight, batch: int, act: str | None = None) -> str:
         C = _native._C
         if C is None or not self.availability()[0]:
             return f"cpu:{w.fmt} (unavailable)"
         if isinstance(w, CSRWeight):
-            path, why = csr_plan(w, batch)
+            path, why = csr_plan(w, batch, act)
             if path == "dense":
-                return f"cpu:{dense_kernel_name(w, batch)} (dense: csr {why})"
-            return f"cpu:{C.kernel_name(self.prepack(w), batch)} ({why})"
-        return f"cpu:{C.kernel_name(self.prepack(w), batch)}"
+                return f"cpu:{dense_kernel_name(w, batch, act)} (dense: csr {why})"
+            return f"cpu:{C.kernel_name(self.prepack(w), batch, None, act)} ({why})"
+        return f"cpu:{C.kernel_name(self.prepack(w), batch, None, act)}"

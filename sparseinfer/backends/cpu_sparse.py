@@ -204,11 +204,11 @@ def crossover(kind: str, act: str, batch: int) -> float | None:
 
 # -- the decision ----------------------------------------------------------------------------------
 
-def plan(w: CSRWeight, batch: int) -> tuple[str, str]:
-    """("csr" | "dense", why) for a call with ``batch`` rows under the default activation mode."""
+def plan(w: CSRWeight, batch: int, act: str | None = None) -> tuple[str, str]:
+    """("csr" | "dense", why) for a call with ``batch`` rows in activation mode ``act`` (None: the default)."""
     C = _native.require_native()
     kind = "int8" if w.quantized else "float"
-    act = C.default_act()
+    act = act or C.default_act()
     d_star = crossover(kind, act, batch)
     if d_star is None:
         return "csr", "no crossover measured"
@@ -217,7 +217,7 @@ def plan(w: CSRWeight, batch: int) -> tuple[str, str]:
     return ("dense" if dens > d_star else "csr"), why
 
 
-def dense_kernel_name(w: CSRWeight, batch: int) -> str:
+def dense_kernel_name(w: CSRWeight, batch: int, act: str | None = None) -> str:
     """The kernel the dense path of ``w`` runs at ``batch`` (without building the dense weight)."""
     from .cpu import build_native_weight
 
@@ -225,7 +225,7 @@ def dense_kernel_name(w: CSRWeight, batch: int) -> str:
         return "torch.nn.functional.linear fp32"
     C = _native.require_native()
     probe = Int8Weight(torch.zeros(1, 16, dtype=torch.int8), torch.ones(1, 1), 16, None)  # names depend on id / batch
-    return C.kernel_name(build_native_weight(probe), batch)
+    return C.kernel_name(build_native_weight(probe), batch, None, act)
 
 
 def dense_alternative(w: CSRWeight):

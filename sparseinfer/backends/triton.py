@@ -95,7 +95,8 @@ class TritonBackend(Backend):
 
     # -- run ---------------------------------------------------------------------------------
 
-    def linear(self, x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None, act: str | None = None) -> torch.Tensor:
+        # float activations in every kernel (W8A16 / W4A16): ``act`` allows int8 but never requires it
         if x.device != w.device:
             raise ValueError(f"triton: x is on {x.device} but the packed weight is on {w.device}")
         if bias is not None and bias.device != x.device:
@@ -120,7 +121,7 @@ class TritonBackend(Backend):
                              zero_t=p["zero_t"], value_format=p["value_format"])
         return p["plan"].linear(x, bias)
 
-    def kernel_name(self, w: PackedWeight, batch: int) -> str:
+    def kernel_name(self, w: PackedWeight, batch: int, act: str | None = None) -> str:
         variant = "gemv" if batch <= GEMV_MAX_M else "dot"
         if isinstance(w, Int8Weight):
             return f"triton:int8_w8a16_{variant}"

@@ -8,6 +8,8 @@ from ..backends import resolve
 from ..formats import PackedWeight
 
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Activation precision a call allows (None: the process default, SPARSEINFER_ACT, else "fp32").
+ACT_MODES = ("fp32", "int8")
 
 
 def check_linear_args(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None) -> None:
@@ -32,17 +34,24 @@ def check_linear_args(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | Non
             raise ValueError(f"linear: bias is on {bias.device} but x is on {x.device}")
 
 
-def linear(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, backend: str | None = None):
+def linear(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, backend: str | None = None,
+           act: str | None = None):
     """y [..., N] = x [..., K] @ W.T + bias, with W the packed weight ``w`` of shape (N, K).
 
     x: float32, bfloat16 or float16, any number of leading dims; the result has x's dtype.
     backend: "reference", "cpu", "triton", or None for the best available for x's device,
     the weight's format and x's dtype (see ``sparseinfer.backends()``).
+    act: "fp32" keeps x in float (exact up to fp32 summation order); "int8" allows kernels that have
+    an int8-activation mode to quantize x per row segment and use integer dot products (cpu: int8,
+    int4, 2:4+int8/int4 weights; ~0.6 % normwise on Gaussian x, csrc/README.md), other kernels stay
+    exact; None: the process default (``SPARSEINFER_ACT``, "fp32" unless set).
     """
     check_linear_args(x, w, bias)
+    if act is not None and act not in ACT_MODES:
+        raise ValueError(f"linear: act must be one of {ACT_MODES} or None, got {act!r}")
     b = resolve(w, x, backend)
     if x.dim() == 2 or b.takes_leading_dims:  # no reshapes on the hot path
-        return b.linear(x, w, bias)
+        return b.linear(x, w, bias, act)
     lead = x.shape[:-1]
-    y = b.linear(x.reshape(-1, w.shape[1]), w, bias)
+    y = b.linear(x.reshape(-1, w.shape[1]), w, bias, act)
     return y.reshape(*lead, w.shape[0])

@@ -59,7 +59,8 @@ from .._version import __version__
 from ..backends import resolve
 from ..formats import from_parts
 from . import ops  # noqa: F401  (registers torch.ops.sparseinfer.packed_linear for the deserializer)
-from .modules import CompressedConv2d, CompressedLinear, _buffer_name
+from .linear import ACT_MODES
+from .modules import CompressedConv2d, CompressedLinear, _buffer_name, set_act
 
 FORMAT = "sparseinfer-artifact"
 FORMAT_VERSION = 1
@@ -756,12 +757,15 @@ def _prepack(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, CompressedLinear):
             w = m.packed
-            probe = torch.empty(1, w.shape[1], device=w.device)
+            probe = torch.zeros(1, w.shape[1], device=w.device)
             resolve(w, probe, m.backend).prepack(w)
+            if m.act == "int8":  # the int8-activation layouts are built by the first such call: make it now
+                with torch.no_grad():
+                    m(probe)
 
 
 def load(path, device="cpu", model: nn.Module | None = None, *, backend: str | None = None,
-         verify: bool = True) -> nn.Module:
+         act: str | None = None, verify: bool = True) -> nn.Module:
     """Load the artifact at ``path`` as a ready nn.Module on ``device``.
 
     Without ``model`` the architecture comes from the artifact's exported program (no model code
@@ -769,11 +773,14 @@ def load(path, device="cpu", model: nn.Module | None = None, *, backend: str | N
     submodules, called with the same arguments as the original model). With ``model`` (a dense
     or compressed skeleton of the same class, e.g. built on the meta device) the artifact's
     layers replace the skeleton's and every other tensor is loaded strictly.
-    backend pins every compressed layer to one backend. verify checks the SHA-256 of the files.
+    backend pins every compressed layer to one backend; act sets the activation precision the kernels
+    may use ("fp32" exact, "int8" fast; see ``set_act``). verify checks the SHA-256 of the files.
     Each weight is prepacked once for the backend that will run it.
     Raises ArtifactError on a missing, truncated, tampered or incompatible artifact.
     """
     path, device = Path(path), torch.device(device)
+    if act is not None and act not in ACT_MODES:
+        raise ValueError(f"load: act must be one of {ACT_MODES} or None, got {act!r}")
     manifest = read_manifest(path)
     tensors = _read_tensors(path, manifest, verify)
     if device.type != "cpu":
@@ -790,6 +797,7 @@ def load(path, device="cpu", model: nn.Module | None = None, *, backend: str | N
     else:
         module = _load_program(path, manifest, tensors, layers, device, backend, verify)
     module.eval()
+    set_act(module, act)
     _prepack(module)
     setattr(module, RECIPE_ATTR, manifest.get("recipe"))
     setattr(module, MANIFEST_ATTR, manifest)
