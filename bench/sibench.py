@@ -105,6 +105,13 @@ def backend_runs_on_cpu(backend: str, fmt_label: str) -> bool:
     return BACKENDS[backend].supports(w, torch.empty(1, 256))
 
 
+def has_int8_act(backend: str, fmt_label: str) -> bool:
+    """Whether the backend has an int8-activation kernel for this format (then both modes are timed)."""
+    fmt, params, _ = FORMATS[fmt_label]
+    w = si.pack(torch.randn(8, 256), fmt, **params)
+    return "_q8_" in BACKENDS[backend].kernel_name(w, 1, "int8")
+
+
 @dataclass(frozen=True)
 class KernelCase:
     provider: str  # "sparseinfer" or one of PEER_PROVIDERS
@@ -114,30 +121,37 @@ class KernelCase:
     mode: str  # "hot" or "cold"
     fmt: str | None = None  # FORMATS label for sparseinfer
     backend: str | None = None
+    act: str | None = None  # sparseinfer's activation mode (None: the default, exact)
 
     @property
     def id(self) -> str:
-        what = f"si-{self.fmt}-{self.backend}" if self.provider == "sparseinfer" else self.provider
+        what = f"si-{self.fmt}-{self.backend}{'-act8' if self.act == 'int8' else ''}" \
+            if self.provider == "sparseinfer" else self.provider
         return f"{what}-{self.n}x{self.k}-b{self.batch}-{self.mode}"
+
+    @property
+    def backend_label(self) -> str:
+        return f"{self.backend}[int8 act]" if self.act == "int8" else self.backend
 
 
 def kernel_cases(scope: str) -> list[KernelCase]:
     """Ordered so that one weight (and its cold copies) serves consecutive cases."""
     shapes = SMOKE_SHAPES if scope == "smoke" else ALL_SHAPES
     batches = SMOKE_BATCHES if scope == "smoke" else BATCHES
-    si_providers = [(f, b) for f in FORMATS for b in available_backends() if backend_runs_on_cpu(b, f)]
+    si_providers = [(f, b, None) for f in FORMATS for b in available_backends() if backend_runs_on_cpu(b, f)]
+    si_providers += [(f, b, "int8") for f, b, _ in si_providers if has_int8_act(b, f)]
     cases = []
     for n, k in shapes:
         for mode in MODES:
             for provider in PEER_PROVIDERS:
                 cases += [KernelCase(provider, n, k, m, mode) for m in batches]
-            for fmt, backend in si_providers:
+            for fmt, backend, act in si_providers:
                 if backend == "reference" and scope == "default" and n * k > REFERENCE_MAX_ELEMENTS:
                     continue
                 ms = batches
                 if backend == "reference" and scope == "smoke":  # the oracle itself: one shape and batch
                     ms = batches[:1] if (n, k) == SMOKE_SHAPES[0] else ()
-                cases += [KernelCase("sparseinfer", n, k, m, mode, fmt, backend) for m in ms]
+                cases += [KernelCase("sparseinfer", n, k, m, mode, fmt, backend, act) for m in ms]
     return cases
 
 
@@ -287,8 +301,8 @@ def build_kernel(case: KernelCase) -> Kernel:
 
         tol = TOL_FP32 if case.backend == "reference" else TOL_INT8_ACT
         return Kernel(case.fmt, w.nbytes, dequantized_weight(n, k, case.fmt), tol,
-                      make, lambda x, wc: si.linear(x, wc, backend=case.backend),
-                      kernel=b.kernel_name(w, case.batch))
+                      make, lambda x, wc: si.linear(x, wc, backend=case.backend, act=case.act),
+                      kernel=b.kernel_name(w, case.batch, case.act))
     w = dense_weight(n, k)
     if case.provider == "torch-fp32":
         return Kernel("fp32", n * k * 4, w, TOL_FP32, lambda: w.clone(), F.linear, kernel="F.linear fp32")
@@ -384,7 +398,7 @@ def run_kernel_case(benchmark, case: KernelCase, smoke: bool) -> dict:
     else:
         limit = SMOKE_MAX_COPIES if smoke else (ORT_MAX_COPIES if case.provider.startswith("ort") else None)
         count = sb.cold_copies(kernel.weight_bytes, limit)
-        weights = ColdCopies.get((case.provider, case.fmt, case.backend, case.n, case.k), kernel, count)
+        weights = ColdCopies.get((case.provider, case.fmt, case.backend, case.act, case.n, case.k), kernel, count)
     err = check(kernel.to_tensor(kernel.call(xin, weights[0])), ref, kernel.tol, case.id)
     if not smoke:  # warm-up: the first call of each copy may prepack it (backends repack once, at load)
         for wc in weights if len(weights) > 1 else weights * 3:
@@ -394,7 +408,8 @@ def run_kernel_case(benchmark, case: KernelCase, smoke: bool) -> dict:
     fn = (lambda: call(xin, weights[0])) if len(weights) == 1 else (lambda: call(xin, next(rotation)))
     m = case.batch
     info = {"kind": "kernel", "provider": case.provider, "format": case.fmt or kernel.label,
-            "backend": case.backend or case.provider, "kernel": kernel.kernel, "n": case.n, "k": case.k,
+            "backend": case.backend_label if case.backend else case.provider, "act": case.act or "fp32",
+            "kernel": kernel.kernel, "n": case.n, "k": case.k,
             "shape": f"{case.n}x{case.k}", "batch": m, "mode": case.mode, "weight_bytes": kernel.weight_bytes,
             "bytes_moved": kernel.weight_bytes + m * (case.k + case.n) * kernel.act_bytes,
             "flops": 2 * m * case.n * case.k,
@@ -525,10 +540,12 @@ class ModelCase:
     provider: str
     fmt: str | None = None
     backend: str | None = None
+    act: str | None = None  # sparseinfer's activation mode (None: the default, exact)
 
     @property
     def id(self) -> str:
-        what = f"si-{self.fmt}-{self.backend}" if self.provider == "sparseinfer" else self.provider
+        what = f"si-{self.fmt}-{self.backend}{'-act8' if self.act == 'int8' else ''}" \
+            if self.provider == "sparseinfer" else self.provider
         return f"{self.model}-b{self.batch}-{what}"
 
     def variant(self) -> dict:
@@ -551,7 +568,9 @@ def model_cases(scope: str) -> list[ModelCase]:
     for model in models:  # variant outside batch: a compressed model serves both batches
         variants = [(p, None, None) for p in MODEL_PEERS[family(model)]]
         formats = SMOKE_MINILM_FORMATS if scope == "smoke" and family(model) == "minilm" else FORMATS
-        variants += [("sparseinfer", f, b) for f in formats for b in backends]
+        for f in formats:  # a format's variants next to each other: they share one compressed model
+            variants += [("sparseinfer", f, b) for b in backends]
+            variants += [("sparseinfer", f, b, "int8") for b in backends if has_int8_act(b, f)]
         cases += [ModelCase(model, batch, *v) for v in variants for batch in batches]
     return cases
 
@@ -713,7 +732,7 @@ def run_model_case(benchmark, case: ModelCase, smoke: bool) -> dict:
         ref = None
         if case.provider == "sparseinfer":
             ref = reference_output(case.model, case.fmt, case.batch) if case.backend != "reference" else None
-            pin(forward, case.backend)
+            si.set_act(pin(forward, case.backend), case.act)
         out = forward(*inputs).float()
         if ref is not None:
             q = sqnr_db(ref, out)
@@ -723,7 +742,9 @@ def run_model_case(benchmark, case: ModelCase, smoke: bool) -> dict:
         quality = sqnr_db(fp32_output(case.model, case.batch), out)
     info = {"kind": "model", "model": case.model, "batch": case.batch,
             "seq": MINILM_SEQ if family(case.model) == "minilm" else None, "provider": case.provider,
-            "format": case.fmt or case.provider, "backend": case.backend or case.provider, "weight_bytes": nbytes,
+            "format": case.fmt or case.provider,
+            "backend": (f"{case.backend}[int8 act]" if case.act == "int8" else case.backend) or case.provider,
+            "act": case.act or "fp32", "weight_bytes": nbytes,
             "sqnr_db": quality, **probe}
     benchmark.extra_info.update(info)
     benchmark.group = f"model {case.model} b{case.batch}"
