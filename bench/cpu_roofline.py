@@ -38,7 +38,6 @@ import time
 import warnings
 from pathlib import Path
 
-os.environ.setdefault("SPARSEINFER_ACT", "int8")  # si.linear / modules below run the fast mode
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -237,18 +236,22 @@ def rel_err(y, ref):
 # -- 768 x 768 per-call ----------------------------------------------------------------------------
 
 def per_call_768(quick: bool):
+    """768 x 768 int4-g128 batch 1 HOT, per call, through each layer of the stack (both activation
+    modes) and through ONNX Runtime's own Python entry, with where the Python time goes."""
     from sparseinfer.backends import resolve
     from sparseinfer.runtime.linear import check_linear_args
     from sparseinfer.runtime.modules import CompressedLinear
 
     C = _native.require_native()
     g = torch.Generator().manual_seed(1)
-    w = si.pack(torch.randn(768, 768, generator=g), "int4", group_size=128)
+    dense = torch.randn(768, 768, generator=g)
+    w = si.pack(dense, "int4", group_size=128)
     x = torch.randn(1, 768, generator=g)
-    mod = CompressedLinear(w)
+    mod8, mod32 = CompressedLinear(w, act="int8"), CompressedLinear(w, act="fp32")
     cpu = BACKENDS["cpu"]
     h = cpu.prepack(w)
     out = torch.empty(1, 768)
+    ort = ort_int4(dense, x, False, quick)
     iters = 2000 if quick else 20000
 
     def loop(fn):
@@ -263,21 +266,23 @@ def per_call_768(quick: bool):
         return statistics.median(best)
 
     rows = [
-        ("_C.linear (kernel + binding checks), 1 thread", lambda: C.linear(x, h, out, None, num_threads=1)),
-        ("_C.linear, 2 threads", lambda: C.linear(x, h, out, None, num_threads=2)),
-        ("si.linear(x, w)", lambda: si.linear(x, w)),
-        ("CompressedLinear(x)", lambda: mod(x)),
+        ("ORT MatMulNBits int4 acc4 session.run", ort.fns[0] if ort else None),
+        ("torch fp32 F.linear", lambda: F.linear(x, dense)),
+        ("_C.linear act=int8, 1 thread", lambda: C.linear(x, h, out, None, 1, None, "int8")),
+        ("_C.linear act=fp32, 1 thread", lambda: C.linear(x, h, out, None, 1, None, "fp32")),
+        ("si.linear(x, w, act='int8')", lambda: si.linear(x, w, act="int8")),
+        ("CompressedLinear(x), act='int8'", lambda: mod8(x)),
+        ("CompressedLinear(x), act='fp32'", lambda: mod32(x)),
         ("  check_linear_args", lambda: check_linear_args(x, w, None)),
-        ("  resolve(w, x)", lambda: resolve(w, x)),
-        ("  cpu.prepack(w) (memo lookup)", lambda: cpu.prepack(w)),
+        ("  resolve(w, x) (memoised)", lambda: resolve(w, x)),
         ("  torch.empty(1, 768)", lambda: torch.empty(1, 768)),
-        ("  x.reshape + y.reshape", lambda: x.reshape(-1, 768).reshape(1, 768)),
-        ("  torch.get_num_threads()", torch.get_num_threads),
     ]
-    print(f"\n## 768 x 768 int4-g128 batch 1 HOT, per call (act={C.default_act()}, kernel "
-          f"{C.kernel_name(h, 1)}; 1 thread is used below {1 << 16} multiply-adds per thread)")
+    print(f"\n## 768 x 768 int4-g128 batch 1 HOT, per call (kernels {C.kernel_name(h, 1, None, 'int8')} / "
+          f"{C.kernel_name(h, 1, None, 'fp32')}; 1 thread is used below {1 << 16} multiply-adds per thread)")
     results = {}
     for name, fn in rows:
+        if fn is None:
+            continue
         results[name] = loop(fn)
         print(f"{name:<52} {results[name]:8.2f} us")
     return results
@@ -356,9 +361,18 @@ def main():
          f"({b1[fbg]:.0f} us); target <= 1.0")
     line(b64[fbg] / b64[ours8] >= 1.2, f"b64 hot int8 W8A8: {b64[ours8]:.0f} us, FBGEMM {b64[fbg]:.0f} us = "
          f"{b64[fbg] / b64[ours8]:.2f} x faster; target >= 1.2")
-    line(b64[ours4] <= 1600, f"b64 hot int4: {b64[ours4]:.0f} us; target <= 1600")
-    line(per_call["si.linear(x, w)"] <= 5, f"768^2 b1 hot int4 si.linear {per_call['si.linear(x, w)']:.2f} us, "
-         f"CompressedLinear {per_call['CompressedLinear(x)']:.2f} us; target <= 5")
+    # The issue's absolute targets were set on a machine where ORT took 2,431 us (b64 int4) and 4.9 us
+    # (768^2 per call): as ratios to ORT measured here, <= 0.66x and <= 1.02x of ORT's time.
+    line(b64[ours4] <= 1600, f"b64 hot int4: {b64[ours4]:.0f} us; target <= 1600 (absolute)")
+    if ort in b64:
+        line(b64[ours4] <= 0.66 * b64[ort], f"b64 hot int4: {b64[ours4] / b64[ort]:.2f} x ORT's time; target <= 0.66 "
+             f"(1,600 / 2,431 us on the issue's machine)")
+    mod = per_call["CompressedLinear(x), act='int8'"]
+    line(mod <= 5, f"768^2 b1 hot int4 CompressedLinear {mod:.2f} us; target <= 5 (absolute)")
+    ort_call = per_call.get("ORT MatMulNBits int4 acc4 session.run")
+    if ort_call:
+        line(mod <= 1.02 * ort_call, f"768^2 b1 hot int4 CompressedLinear {mod / ort_call:.2f} x ORT's per-call time "
+             f"({ort_call:.1f} us); target <= 1.02 (5 / 4.9 us on the issue's machine)")
 
 
 if __name__ == "__main__":

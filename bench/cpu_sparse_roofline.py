@@ -4,7 +4,6 @@
     python bench/cpu_sparse_roofline.py --quick         # 1024 x 1024, few rounds (a smoke run)
     python bench/cpu_sparse_roofline.py --calibrate     # CSR / dense crossover table for this machine,
                                                         # written to sparseinfer/backends/csr_crossover.json
-    python bench/cpu_sparse_roofline.py --thresholds    # gemv / gemm batch limits of the dispatch table
 
 What runs (N x K weight ``randn * 0.05``; CSR = the same weight with the 90% smallest of each row
 zeroed; every provider on ``--threads`` threads, 2 by default):
@@ -33,9 +32,7 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -267,29 +264,6 @@ def calibrate(args):
         print(json.dumps(entry["crossover"], indent=1))
 
 
-# -- gemv / gemm thresholds -------------------------------------------------------------------------
-
-def thresholds(args):
-    src = ROOT / "csrc"
-    exe = Path(tempfile.gettempdir()) / "sparseinfer_cpu_sparse_thresholds"
-    files = [ROOT / "bench/cpu_sparse_thresholds.cpp"] + [src / f"x86/avx2/{f}.cpp" for f in
-                                                            ("nm_gemm_avx2", "nm_q8_gemv_avx2", "csr_gemm_avx2",
-                                                             "quantize_act_avx2")] + [src / "ref/nm_q8_prepack_ref.cpp"]
-    cmd = [os.environ.get("CXX", "g++"), "-O3", "-std=c++17", "-ffp-contract=off", "-mavx2", "-mfma", "-mf16c",
-           "-DSPARSEINFER_HAVE_AVX2=1", f"-I{src / 'include'}", *map(str, files), "-o", str(exe)]
-    subprocess.run(cmd, check=True)
-    print(f"gemv vs gemm, {args.n}x{args.k}, one thread, thread CPU time (µs, best of {args.rounds}):")
-    batches = ",".join(map(str, list(range(1, 17)) + [20, 24, 32, 48, 64]))
-    for fam in ["nm", "nm_int8", "nm_int4", "nm_int8_q8", "nm_int4_q8", "csr", "csr_int8"]:
-        out = subprocess.run([str(exe), fam, str(args.n), str(args.k), batches, str(args.rounds)], check=True,
-                             capture_output=True, text=True).stdout.split("\n")
-        pts = [(int(m), float(a), float(b)) for _, m, a, b in (line.split() for line in out if line)]
-        # the gemv row's max_m: the batch before gemm first wins
-        limit = next((pts[i - 1][0] for i, (m, a, b) in enumerate(pts) if b <= a), pts[-1][0]) if pts[0][1] < pts[0][2] else 0
-        print(f"{fam:12s} gemv up to M = {limit}{'+' if limit == pts[-1][0] else ''} (gemv/gemm µs):  "
-              + " ".join(f"{m}:{a:.0f}/{b:.0f}" for m, a, b in pts), flush=True)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=4096)
@@ -301,7 +275,6 @@ def main():
     ap.add_argument("--quick", action="store_true", help="1024 x 1024, 3 rounds")
     ap.add_argument("--calibrate", action="store_true", help="measure the CSR / dense crossover table")
     ap.add_argument("--write", action="store_true", help="with --calibrate: store it in csr_crossover.json")
-    ap.add_argument("--thresholds", action="store_true", help="gemv / gemm batch limits")
     ap.add_argument("--json", help="write the raw results here")
     args = ap.parse_args()
     if args.quick:
@@ -311,8 +284,6 @@ def main():
     C = _native.require_native()
     print(f"# sparseinfer CPU sparse kernels: {cpu_sparse.cpu_model()}, ISA {C.active_isa()}, "
           f"{args.threads} threads, torch {torch.__version__}, load average {os.getloadavg()[0]:.2f}")
-    if args.thresholds:
-        return thresholds(args)
     if args.calibrate:
         return calibrate(args)
     bw = sb.measure_bandwidth(256 << 20 if not args.quick else 64 << 20, 5)

@@ -425,27 +425,10 @@ void free_aligned(void* p) {
 #endif
 }
 
-// The row tiles of an int8 / int4 weight (kernels.h, QTileView), built once, on the first call that
-// can use them, under the GIL (so concurrent first calls build them once). They cost as much memory
-// as the canonical codes, which is why fp32-mode users never pay for them.
-void ensure_qtiles(Weight& w) {
-  if (w.view.id == KernelId::nm_int8 || w.view.id == KernelId::nm_int4) {  // N:M: nm_q8_prepack_ref.cpp
-    const size_t nm_bytes = w.view.nm.q8.codes ? 0 : nm_q8_prepack_bytes(w.view);
-    if (!nm_bytes) return;
-#if defined(_WIN32)
-    void* nm_p = _aligned_malloc(nm_bytes, 64);
-#else
-    void* nm_p = std::aligned_alloc(64, nm_bytes);
-#endif
-    if (!nm_p) throw std::bad_alloc();
-    w.tiles = std::shared_ptr<void>(nm_p, free_aligned);
-    w.tile_bytes = nm_bytes;
-    w.view.nm.q8 = nm_q8_prepack(w.view, nm_p);
-    return;
-  }
-  if (w.view.qt.codes || (w.view.id != KernelId::int8 && w.view.id != KernelId::int4)) return;
-  const int bits = w.view.id == KernelId::int8 ? 8 : 4;
-  const size_t bytes = (qtile_bytes(w.view.q, w.view.N, bits) + 63) / 64 * 64;
+// A 64-byte aligned buffer for w's int8-activation layout, owned by w (size rounded up to whole
+// 64-byte lines, as aligned_alloc requires).
+void* alloc_tiles(Weight& w, size_t bytes) {
+  bytes = (bytes + 63) / 64 * 64;
 #if defined(_WIN32)
   void* p = _aligned_malloc(bytes, 64);
 #else
@@ -454,7 +437,22 @@ void ensure_qtiles(Weight& w) {
   if (!p) throw std::bad_alloc();
   w.tiles = std::shared_ptr<void>(p, free_aligned);
   w.tile_bytes = bytes;
-  w.view.qt = build_qtiles(w.view.q, w.view.N, bits, p);
+  return p;
+}
+
+// The int8-activation layout of a weight, built once, on the first call that can use it, under the
+// GIL (so concurrent first calls build it once): row tiles of int8 / int4 (kernels.h, QTileView),
+// reordered codes of 2:4 + int8 / int4 (NMView::Q8, ref/nm_q8_prepack_ref.cpp). They cost about as
+// much memory as the canonical codes, which is why fp32-mode users never pay for them.
+void ensure_qtiles(Weight& w) {
+  const KernelId id = w.view.id;
+  if ((id == KernelId::nm_int8 || id == KernelId::nm_int4) && !w.view.nm.q8.codes) {
+    const size_t bytes = nm_q8_prepack_bytes(w.view);
+    if (bytes) w.view.nm.q8 = nm_q8_prepack(w.view, alloc_tiles(w, bytes));  // 0: a layout only exact kernels take
+  } else if ((id == KernelId::int8 || id == KernelId::int4) && !w.view.qt.codes) {
+    const int bits = id == KernelId::int8 ? 8 : 4;
+    w.view.qt = build_qtiles(w.view.q, w.view.N, bits, alloc_tiles(w, qtile_bytes(w.view.q, w.view.N, bits)));
+  }
 }
 
 // Rows of a [..., C] tensor as one 2-D matrix: M = prod(leading dims) and the stride between rows,
@@ -581,6 +579,23 @@ PYBIND11_MODULE(_C, m) {
         "ISA unless isa names another available one. act: 'fp32' (exact) or 'int8' (int8 / int4 weights: x "
         "quantized per call, integer dot products; see csrc/README.md), None = SPARSEINFER_ACT or fp32. "
         "Returns out.");
+  m.def("kernel_table", [](const py::object& isa_obj) {
+        py::list rows;
+        for (const KernelRow& r : kernel_rows(resolve_isa(isa_obj))) {
+          py::dict d;
+          d["name"] = r.impl->name, d["family"] = kernel_id_name(r.impl->id), d["isa"] = isa_name(r.isa);
+          d["max_m"] = r.max_m, d["builtin_max_m"] = r.impl->max_m;
+          d["int8_act"] = bool(r.impl->requires & kCallInt8Act);
+          rows.append(d);
+        }
+        return rows;
+      }, py::arg("isa") = py::none(),
+      "The kernel rows a call on `isa` tries, in order: name, family, isa, max_m (in force), builtin_max_m, "
+      "int8_act (needs act='int8').");
+  m.def("set_batch_limit", [](const std::string& name, int64_t max_m) {
+        if (!set_batch_limit(name, max_m)) value_error("set_batch_limit: no kernel named '" + name + "'");
+      }, py::arg("name"), py::arg("max_m"),
+      "Replace a kernel row's batch limit (calls with M <= max_m may run it); max_m < 0 restores the built-in one.");
   m.def("kernel_name", &kernel_name, py::arg("weight"), py::arg("batch"), py::arg("isa") = py::none(),
         py::arg("act") = py::none(), "The kernel a call with `batch` rows (and activation mode act) would run.");
   m.def("default_act", [] { return act_mode_name(resolve_act(py::none())); },

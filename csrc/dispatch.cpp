@@ -194,20 +194,25 @@ const KernelImpl kScalarKernels[] = {
 };
 
 #ifdef SPARSEINFER_HAVE_AVX2
-// Decode-sized batches only: larger batches fall through to the scalar rows for now.
 const KernelImpl kAvx2Kernels[] = {
     {KernelId::int8, int8_q8_gemm_avx2, "int8_q8_gemm_avx2", kAnyM, kCallInt8Act},
     {KernelId::int4, int4_q8_gemm_avx2, "int4_q8_gemm_avx2", kAnyM, kCallInt8Act},
-    {KernelId::int8, int8_gemv_avx2, "int8_gemv_avx2", 16, 0},
-    {KernelId::int4, int4_gemv_avx2, "int4_gemv_avx2", 16, 0},
+    // fp32 activations (exact): registers-only gemv while re-decoding the codes per 3 batch rows
+    // beats decoding them once into fp32 panels (4096x4096, this Zen 1 VM: int8 up to 8, int4 up to 3).
+    {KernelId::int8, int8_gemv_avx2, "int8_gemv_avx2", 8, 0},
+    {KernelId::int4, int4_gemv_avx2, "int4_gemv_avx2", 3, 0},
+    {KernelId::int8, int8_gemm_avx2, "int8_gemm_avx2", kAnyM, 0},
+    {KernelId::int4, int4_gemm_avx2, "int4_gemm_avx2", kAnyM, 0},
     // N:M and CSR (x86/avx2/nm_*, csr_*): gemv while x gathered per batch row beats xT, then gemm;
-    // batch limits: bench/cpu_sparse_roofline.py --thresholds on 4096x4096 here (docs/sparse_cpu.md).
+    // batch limits measured on 4096x4096 here (docs/sparse_cpu.md); `sparseinfer calibrate` re-measures them.
     {KernelId::nm_float, nm_gemv_avx2, "nm_gemv_avx2", 10, 0},
     {KernelId::nm_float, nm_gemm_avx2, "nm_gemm_avx2", kAnyM, 0},
-    {KernelId::nm_int8, nm_q8_gemv_avx2, "nm_int8_q8_gemv_avx2", 48, kCallInt8Act},
+    {KernelId::nm_int8, nm_q8_gemv_avx2, "nm_int8_q8_gemv_avx2", 2, kCallInt8Act},
+    {KernelId::nm_int8, nm_q8_gemm_avx2, "nm_int8_q8_gemm_avx2", kAnyM, kCallInt8Act},
     {KernelId::nm_int8, nm_gemv_avx2, "nm_int8_gemv_avx2", 10, 0},
     {KernelId::nm_int8, nm_gemm_avx2, "nm_int8_gemm_avx2", kAnyM, 0},
-    {KernelId::nm_int4, nm_q8_gemv_avx2, "nm_int4_q8_gemv_avx2", 48, kCallInt8Act},
+    {KernelId::nm_int4, nm_q8_gemv_avx2, "nm_int4_q8_gemv_avx2", 2, kCallInt8Act},
+    {KernelId::nm_int4, nm_q8_gemm_avx2, "nm_int4_q8_gemm_avx2", kAnyM, kCallInt8Act},
     {KernelId::nm_int4, nm_gemv_avx2, "nm_int4_gemv_avx2", 10, 0},
     {KernelId::nm_int4, nm_gemm_avx2, "nm_int4_gemm_avx2", kAnyM, 0},
     {KernelId::csr_float, csr_gemv_avx2, "csr_gemv_avx2", 3, 0},
@@ -391,16 +396,53 @@ bool default_act_mode(ActMode* out, std::string* error) {
 
 uint64_t act_call_bits(ActMode mode) { return mode == ActMode::int8 ? uint64_t(kCallInt8Act) : 0; }
 
+// Batch limits measured on the machine at run time (set_batch_limit) replace the tables' built-in
+// ones: per level and row, 0 = the table's max_m, else limit + 1. Relaxed atomics: a call racing a
+// change runs either kernel, both correct.
+namespace {
+constexpr size_t kMaxRowsPerLevel = 64;
+std::atomic<int64_t> g_limit_override[int(Isa::count)][kMaxRowsPerLevel];
+
+int64_t row_limit(Isa l, size_t i, const KernelImpl& k) {
+  const int64_t v = i < kMaxRowsPerLevel ? g_limit_override[int(l)][i].load(std::memory_order_relaxed) : 0;
+  return v ? v - 1 : k.max_m;
+}
+}  // namespace
+
 const KernelImpl* select_kernel(KernelId id, Isa isa, int64_t M, uint64_t call) {
   const uint64_t features = cpu_features() | call;
   for (Isa l = isa;; l = level(l).fallback) {
     const IsaLevel& lv = level(l);
     for (size_t i = 0; i < lv.count; ++i) {
       const KernelImpl& k = lv.kernels[i];
-      if (k.id == id && M <= k.max_m && (features & k.requires) == k.requires) return &k;
+      if (k.id == id && M <= row_limit(l, i, k) && (features & k.requires) == k.requires) return &k;
     }
     if (l == Isa::scalar) return nullptr;
   }
+}
+
+std::vector<KernelRow> kernel_rows(Isa isa) {
+  std::vector<KernelRow> out;
+  for (Isa l = isa;; l = level(l).fallback) {
+    const IsaLevel& lv = level(l);
+    for (size_t i = 0; i < lv.count; ++i) {
+      const KernelImpl& k = lv.kernels[i];
+      if ((cpu_features() & k.requires & ~kCallInt8Act) != (k.requires & ~kCallInt8Act)) continue;  // not on this CPU
+      out.push_back({&k, l, row_limit(l, i, k)});
+    }
+    if (l == Isa::scalar) return out;
+  }
+}
+
+bool set_batch_limit(const std::string& name, int64_t max_m) {
+  bool found = false;
+  for (const IsaLevel& lv : kLevels)
+    for (size_t i = 0; i < lv.count && i < kMaxRowsPerLevel; ++i)
+      if (name == lv.kernels[i].name) {
+        g_limit_override[int(lv.isa)][i].store(max_m < 0 ? 0 : max_m + 1, std::memory_order_relaxed);
+        found = true;
+      }
+  return found;
 }
 
 // -- the driver -----------------------------------------------------------------------------------

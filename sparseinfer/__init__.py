@@ -13,6 +13,7 @@ those report what is missing when used (``si.backends()``).
 from ._version import __version__
 from .api import compress, explain
 from .backends import backends
+from .backends.cpu import set_threads
 from .eval import choose_recipe, evaluate, knee_point, pareto_front, sweep
 from .formats import CSRWeight, Int4Weight, Int8Weight, NMWeight, PackedWeight, pack
 from .recipe import Recipe, parse_layer_recipe
@@ -24,8 +25,8 @@ from .passes.movement import GradualPruner, iterative_prune
 from .passes.structured import prune_structured
 from .staged import prune, run_stages
 
-__all__ = ["__version__", "pack", "linear", "compress", "explain", "save", "load", "backends", "ArtifactError",
-           "PackedWeight", "Int8Weight", "Int4Weight", "NMWeight", "CSRWeight", "CompressedLinear",
+__all__ = ["__version__", "pack", "linear", "compress", "explain", "save", "load", "backends", "set_threads",
+           "ArtifactError", "PackedWeight", "Int8Weight", "Int4Weight", "NMWeight", "CSRWeight", "CompressedLinear",
            "CompressedConv2d", "set_act", "Recipe", "parse_layer_recipe"]
 __all__ += ["evaluate", "sweep", "pareto_front", "knee_point", "choose_recipe"]
 __all__ += ["prune", "prune_structured", "distill", "prepare_qat", "finish_qat", "GradualPruner", "iterative_prune",

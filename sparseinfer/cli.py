@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("compress", "inspect", "run", "demo", "bench", "sweep")
+COMMANDS = ("compress", "inspect", "run", "demo", "bench", "sweep", "calibrate")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -95,13 +95,15 @@ def format_table(rows: list[Row], dense: Row) -> str:
 
 
 def run(n_sentences: int = 256, recipes=DEFAULT_RECIPES, batch_size: int = 64, repeats: int = 3,
-        save_load: str | None = "2:4+int8", out=print, progress: bool | None = None, latency_batch: int = 16) -> dict:
+        save_load: str | None = "2:4+int8", out=print, progress: bool | None = None, latency_batch: int = 16,
+        act: str | None = None) -> dict:
     """Run the demo; print with ``out``; return {"dense": Row, "rows": [Row], "save_load": {...}}.
 
     Quality batches hold ``batch_size`` sentences of similar length (sorted, as sentence-
     transformers does, so little padding); latency is timed on the first ``latency_batch``
     sentences in their natural order. save_load: the recipe whose compressed model is saved and
-    loaded back (None: skip; a recipe not in ``recipes`` falls back to the first one)."""
+    loaded back (None: skip; a recipe not in ``recipes`` falls back to the first one). act: the
+    activation precision the compressed models may use (``sparseinfer.set_act``)."""
     import sparseinfer as si
     from .eval.data import sentences
 
@@ -118,7 +120,8 @@ def run(n_sentences: int = 256, recipes=DEFAULT_RECIPES, batch_size: int = 64, r
     timed = models.tokenize(tokenizer, texts[:latency_batch])
     avail = ", ".join(f"{n}: {'yes' if v['available'] else 'no'} ({v['detail']})" for n, v in si.backends().items())
     out(f"all-MiniLM-L6-v2 on {len(texts)} sentences from pydoc_data.topics; latency = median of {repeats} "
-        f"forward passes over a batch of {timed['input_ids'].shape[0]}\nbackends: {avail}")
+        f"forward passes over a batch of {timed['input_ids'].shape[0]}; compressed layers' activations: "
+        f"{act or 'the default (SPARSEINFER_ACT, else fp32)'}\nbackends: {avail}")
 
     # one progress step per forward pass (and per compression), so a slow backend still shows motion
     steps = (1 + len(recipes)) * (len(batches) + repeats) + len(recipes)
@@ -139,7 +142,7 @@ def run(n_sentences: int = 256, recipes=DEFAULT_RECIPES, batch_size: int = 64, r
     calib = [models.tokenize(tokenizer, calib_texts[i:i + 16]) for i in range(0, len(calib_texts), 16)]
     for recipe in recipes:
         bar.set_postfix_str(f"compress {recipe}")
-        compressed = si.compress(model, recipe, calib=calib, progress=False)
+        compressed = si.set_act(si.compress(model, recipe, calib=calib, progress=False), act)
         bar.update(1)
         emb, ms = measure(compressed, recipe)
         cos = cosine(emb, dense_emb)
@@ -153,11 +156,11 @@ def run(n_sentences: int = 256, recipes=DEFAULT_RECIPES, batch_size: int = 64, r
     bar.close()
     out(format_table(rows, dense))
     if kept_model is not None:
-        result["save_load"] = check_save_load(kept_model, keep, tokenizer, batches, out)
+        result["save_load"] = check_save_load(kept_model, keep, tokenizer, batches, out, act)
     return result
 
 
-def check_save_load(model, recipe: str, tokenizer, batches: list[dict], out=print) -> dict:
+def check_save_load(model, recipe: str, tokenizer, batches: list[dict], out=print, act: str | None = None) -> dict:
     """Save ``model`` to a temporary artifact, load it back (from its exported program, no model
     code) and compare its sentence embeddings with the in-memory model's."""
     import sparseinfer as si
@@ -167,7 +170,7 @@ def check_save_load(model, recipe: str, tokenizer, batches: list[dict], out=prin
         t0 = time.perf_counter()
         si.save(model, path, models.example_inputs(tokenizer), metadata={"model": models.MINILM})
         t1 = time.perf_counter()
-        loaded = si.load(path)
+        loaded = si.load(path, act=act)
         t2 = time.perf_counter()
         nbytes = sum(f.stat().st_size for f in path.iterdir())
         a, b = models.embed(model, batches), models.embed(loaded, batches)

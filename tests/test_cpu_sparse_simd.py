@@ -18,6 +18,7 @@ one did. Tolerances (normwise, ||out - ref|| / ||ref||, unless stated):
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -172,6 +173,11 @@ def int8_act_bound(x, w, out_dtype, exact):
     return bound
 
 
+# K: < 64 (no whole 64-column block: all exact tail), 1 block + tail, odd, 4095; batches on both sides
+# of the gemv / gemm limit (gemv tiles 4 x 1 and 2 x 2, gemm tiles of 4 batch rows and the 1-3 left over).
+Q8_SHAPES = SHAPES + [(4, 33), (100, 1), (300, 40), (640, 33), (2048, 9)]
+Q8_BATCHES = [1, 2, 3, 5, 17, 64]
+
 Q8_CASES = [
     ("2:4+int8", {"group_size": None}),
     ("2:4+int8", {"group_size": 32}),
@@ -188,10 +194,10 @@ Q8_CASES = [
                                                  for f, p in Q8_CASES])
 def test_nm_int8_activations_within_bound(case, rng):
     fmt, params = case
-    for k, n in SHAPES + [(300, 40), (2048, 9)]:
+    for k, n in Q8_SHAPES:
         w = pack_nm(fmt, params, torch.float32, n, k, rng)
         handle = build_native_weight(w)
-        for i, m in enumerate([1, 2, 3, 5, 16] if k < 1000 else [1, 4]):
+        for i, m in enumerate(Q8_BATCHES if k < 1000 else [1, 4, 64]):
             dtype = DTYPES[(i + k) % 3]
             strided = (i + n) % 2 == 1
             bias = torch.randn(n, generator=rng) if i % 2 == 0 else None
@@ -201,7 +207,7 @@ def test_nm_int8_activations_within_bound(case, rng):
             for isa in SIMD:
                 kernel = C.kernel_name(handle, m, isa=isa, act="int8")
                 where = f"{fmt} {params} isa={isa} kernel={kernel} M={m} N={n} K={k} x:{dtype} strided={strided}"
-                assert "q8_gemv" in kernel, where
+                assert "_q8_gemv" in kernel or "_q8_gemm" in kernel, where
                 out = run(x, handle, n, bias, isa=isa, act="int8")
                 assert torch.isfinite(out).all(), f"{where}: unwritten (NaN) outputs"
                 err = (out.double() - exact).abs()
@@ -212,17 +218,16 @@ def test_nm_int8_activations_within_bound(case, rng):
 
 @needs_simd
 def test_nm_int8_activations_typical_error_and_fallbacks(rng, rel_err):
-    """Model-sized 2:4+int4: ~0.5% normwise (the activation rounding); batches past the int8 gemv
-    and groups it does not take (16 kept values) run the exact kernels instead, to 1e-5."""
+    """Model-sized 2:4+int4: ~0.5% normwise (the activation rounding), at batch 4 and 64 (the q8 gemm);
+    groups the q8 kernels do not take (16 kept values) run the exact kernels instead, to 1e-5."""
     w = si.pack(torch.randn(256, 2048, generator=rng) * 0.02, "2:4+int4", group_size=64)
     handle = build_native_weight(w)
-    x = torch.randn(4, 2048, generator=rng)
-    outs = [run(x, handle, 256, act="int8", threads=t) for t in (1, 2, 3)]
-    assert all(torch.equal(o, outs[0]) for o in outs[1:]), "the thread split changed the bits"
-    assert 1e-3 < rel_err(outs[0], reference_linear(x, w)) < 1.2e-2
-    big = torch.randn(64, 2048, generator=rng)
-    assert "q8" not in C.kernel_name(handle, 64, act="int8")
-    assert rel_err(run(big, handle, 256, act="int8"), reference_linear(big, w)) <= TOL_F32
+    for m in (4, 64):
+        x = torch.randn(m, 2048, generator=rng)
+        outs = [run(x, handle, 256, act="int8", threads=t) for t in (1, 2, 3)]
+        assert all(torch.equal(o, outs[0]) for o in outs[1:]), "the thread split changed the bits"
+        assert 1e-3 < rel_err(outs[0], reference_linear(x, w)) < 1.2e-2
+    assert "_q8_gemm_" in C.kernel_name(handle, 64, act="int8")
     w16 = si.pack(torch.randn(64, 512, generator=rng), "2:4+int8", group_size=16)
     x16 = torch.randn(2, 512, generator=rng)
     assert rel_err(run(x16, build_native_weight(w16), 64, act="int8"), reference_linear(x16, w16)) <= TOL_F32
@@ -235,6 +240,107 @@ def test_nm_int8_activations_nonfinite_rows(rng):
     x[1, 7] = float("inf")
     out = run(x, build_native_weight(w), 20, act="int8")
     assert out[1].isnan().all() and torch.isfinite(out[[0, 2]]).all()
+
+
+def _fma_f32(a, p, y):
+    """fp32 fma(a, p, y), elementwise, rounded once (float64 numpy arrays of fp32 values; a integer
+    < 2^24, so a * p is exact in float64). The float64 sum may round; TwoSum gives its error, which
+    decides the one case where rounding the float64 sum to fp32 differs: a sum exactly halfway
+    between two fp32 neighbours."""
+    prod = a * p
+    s = prod + y
+    t = s - prod
+    e = (prod - (s - t)) + (y - t)
+    f = s.astype(np.float32)
+    up, down = np.nextafter(f, np.float32(np.inf)), np.nextafter(f, np.float32(-np.inf))
+    f = np.where((e > 0) & (s == (f.astype(np.float64) + up) / 2), up, f)
+    f = np.where((e < 0) & (s == (f.astype(np.float64) + down) / 2), down, f)
+    return f.astype(np.float64)
+
+
+def nm_int8_mode_reference(x, w, bias, out_dtype):
+    """The int8-activation mode of a 2:4+int8 / 2:4+int4 weight, exactly as defined in csrc/README.md
+    (N:M paragraph), in plain torch / numpy: x quantized per row and segment (q = rne(x * (127 /
+    max|x_seg|)) in fp32, scale max|x_seg| / 127), per segment the exact integer sum over the kept
+    values in whole 64-column blocks, y = fma(float(sum), sw * sx, y) in segment order, then the
+    columns past the last whole block in fp32 (y + sum of v * x in order), bias, one rounding.
+    None for the weights the q8 kernels leave to the exact ones (K < 64, groups of < 32 kept values)."""
+    n_out, k = w.shape
+    vals = w.values
+    int4 = vals.fmt == "int4"
+    group, n_groups = vals.g, vals.scale.shape[1]
+    kc = w.kc
+    if k < 64 or (n_groups > 1 and (group % 32 or group & (group - 1))):
+        return None
+    seg = 256 if n_groups == 1 or group >= kc else min(2 * group, 256)
+    nblk, per_seg = k // 64, seg // 64
+    nseg = -(-nblk // per_seg)  # segments holding whole blocks
+    codes = (vals.codes() - (8 if vals.zero is None else vals.zero.to(torch.int32).repeat_interleave(group, 1))
+             if int4 else vals.qweight.to(torch.int32))[:, :kc]
+    cols = w.indices()
+    xf = x.float()
+    m = xf.shape[0]
+    y = np.zeros((m, n_out))
+    for s in range(nseg):
+        c0, c1 = s * seg, min((s + 1) * seg, k)
+        xs = xf[:, c0:c1]
+        amax = xs.abs().amax(dim=1, keepdim=True)
+        inv = torch.tensor(127.0) / amax
+        q = torch.where(amax > 0, torch.round(torch.clamp(xs * inv, -127.0, 127.0)), torch.zeros_like(xs))
+        sx = torch.where(amax > 0, amax / torch.tensor(127.0), torch.zeros_like(amax))[:, 0]
+        j0, j1 = 32 * s * per_seg, 32 * min((s + 1) * per_seg, nblk)
+        wint = torch.zeros(n_out, c1 - c0, dtype=torch.float64)
+        wint.scatter_(1, cols[:, j0:j1] - c0, codes[:, j0:j1].double())
+        acc = (q.double() @ wint.T).numpy()  # exact: |sum| < 2^24
+        sw = vals.scale[:, (j0 // group) if n_groups > 1 else 0]
+        p = (sw[None, :] * sx[:, None]).double().numpy()  # fp32 product
+        y = _fma_f32(acc, p, y)
+    out = torch.from_numpy(y).float()
+    jt = 32 * nblk
+    if jt < kc:  # exact tail, in kept-value order
+        deq = vals.to_dense(torch.float32)[:, :kc]
+        tail = torch.zeros(m, n_out)
+        for j in range(jt, kc):
+            col = cols[:, j]
+            ok = col < k
+            prod = deq[:, j][None, :] * xf[:, col.clamp(max=k - 1)]
+            tail = torch.where(ok[None, :], tail + prod, tail)
+        out = out + tail
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
+@needs_simd
+@pytest.mark.parametrize("case", Q8_CASES, ids=[f"{f}-g{p['group_size']}{'-asym' if p.get('symmetric') is False else ''}"
+                                                 for f, p in Q8_CASES])
+def test_nm_int8_activations_bit_exact(case, rng, rel_err):
+    """Both q8 kernels (gemv: 4 weight rows x 1 batch row, 2 x 2; gemm: 1 x 4 and the leftover rows)
+    give the reference definition's bits on every shape, dtype, stride, bias and thread count."""
+    fmt, params = case
+    for k, n in Q8_SHAPES:
+        w = pack_nm(fmt, params, torch.float32, n, k, rng)
+        handle = build_native_weight(w)
+        for i, m in enumerate(Q8_BATCHES if k < 1000 else [1, 3, 64]):
+            dtype = DTYPES[(i + k) % 3]
+            strided = (i + n) % 2 == 1
+            bias = torch.randn(n, generator=rng) if i % 2 == 0 else None
+            x = make_x(m, k, dtype, strided, rng)
+            ref = nm_int8_mode_reference(x, w, bias, dtype)
+            if ref is None:  # the exact kernels serve it
+                exact = reference_linear(x, w, bias)
+                for isa in SIMD:
+                    check(run(x, handle, n, bias, isa=isa, act="int8"), exact, dtype, f"{fmt} {params} K={k} exact", rel_err)
+                continue
+            for isa in SIMD:
+                for threads in (1, 2, 3):
+                    kernel = C.kernel_name(handle, m, isa=isa, act="int8")
+                    where = f"{fmt} {params} kernel={kernel} M={m} N={n} K={k} x:{dtype} strided={strided} threads={threads}"
+                    out = run(x, handle, n, bias, isa=isa, act="int8", threads=threads)
+                    bad = (out.view(torch.int16 if dtype != torch.float32 else torch.int32)
+                           != ref.view(torch.int16 if dtype != torch.float32 else torch.int32)).nonzero()[:3].tolist()
+                    assert not bad, f"{where}: differs from the reference at {bad}: {[out[r, c].item() for r, c in bad]} " \
+                                    f"vs {[ref[r, c].item() for r, c in bad]}"
 
 
 # -- CSR -----------------------------------------------------------------------------------------------
@@ -294,6 +400,7 @@ def test_kernel_names():
             assert C.kernel_name(w, 64, isa=isa).startswith(f"{family}_gemm_"), (fmt, isa)
             if "+int" in fmt and fmt.startswith("2:4"):
                 assert C.kernel_name(w, 1, isa=isa, act="int8").startswith(f"{family}_q8_gemv_"), (fmt, isa)
+                assert C.kernel_name(w, 64, isa=isa, act="int8").startswith(f"{family}_q8_gemm_"), (fmt, isa)
 
 
 # -- CSR or dense (sparseinfer/backends/cpu_sparse.py) -------------------------------------------------

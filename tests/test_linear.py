@@ -179,3 +179,35 @@ def test_set_act_reaches_every_layer_and_explain():
     si.set_act(model, "int8")
     assert all("_q8_" in r["kernel"] for r in si.explain(model, batch=4))
     assert "act='int8'" in repr(model)
+
+
+def test_cpu_thread_count_setting(monkeypatch):
+    """si.set_threads overrides torch's thread count for the CPU kernels; the split of output rows
+    over threads never changes a result bit; bad values are refused by name."""
+    import subprocess
+    import sys
+
+    from sparseinfer.backends import cpu
+
+    if not cpu.CpuBackend().availability()[0]:
+        pytest.skip("requires the C++ backend")
+    w = _packed("int4", 67, 256)
+    x = torch.randn(5, 256)
+    try:
+        si.set_threads(1)
+        assert cpu.threads() == 1
+        one = si.linear(x, w)
+        si.set_threads(3)
+        assert torch.equal(si.linear(x, w), one)
+        si.set_threads(None)
+        assert cpu.threads() == torch.get_num_threads()
+    finally:
+        si.set_threads(None)
+    with pytest.raises(ValueError, match="positive int or None, got 0"):
+        si.set_threads(0)
+    code = "from sparseinfer.backends import cpu; print(cpu.threads())"
+    env = {**__import__("os").environ, "SPARSEINFER_NUM_THREADS": "3"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip() == "3"
+    env["SPARSEINFER_NUM_THREADS"] = "many"
+    err = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stderr
+    assert "SPARSEINFER_NUM_THREADS must be a positive integer, got 'many'" in err

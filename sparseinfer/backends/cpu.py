@@ -6,11 +6,13 @@ weights and shapes the call:
 
 * ``prepack(w)`` validates the canonical tensors once and returns an ``_C.Weight`` view of them,
   memoised on the weight (``w.prepacked("cpu", ...)``); the artifact stays canonical.
-* ``linear(x2d, w, bias)`` allocates ``out`` and calls ``_C.linear`` with ``torch.get_num_threads()``
-  threads (the GIL is released while the kernel runs).
-* int8 / int4 weights run in the activation mode ``SPARSEINFER_ACT`` selects: ``fp32`` (exact, the
-  default) or ``int8`` (x quantized once per call, integer dot products; csrc/README.md gives the
-  error bound). The row tiles the int8 mode needs are built by the first such call.
+* ``linear(x, w, bias, act)`` allocates ``out`` and calls ``_C.linear`` with ``threads()`` threads:
+  torch.get_num_threads(), unless ``set_threads(n)`` / ``SPARSEINFER_NUM_THREADS`` set sparseinfer's
+  own count (the GIL is released while the kernel runs).
+* int8 / int4 weights run in the activation mode the call allows (``act``, else ``SPARSEINFER_ACT``):
+  ``fp32`` (exact, the default) or ``int8`` (x quantized once per call, integer dot products;
+  csrc/README.md gives the error bound). The row tiles the int8 mode needs are built by the first
+  such call (``sparseinfer.load(act="int8")`` makes it at load).
 
 The kernels are inference-only: a call that needs gradients for ``x`` is left to the reference
 backend (``supports`` says no), and a bias that needs gradients is added outside the kernel.
@@ -18,16 +20,44 @@ backend (``supports`` says no), and a bias that needs gradients is added outside
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .. import _native
 from ..formats import CSRWeight, Int4Weight, Int8Weight, NMWeight, PackedWeight
 from ..formats.base import FLOAT_DTYPES
+from . import cpu_tuning
 from .base import Backend
 from .cpu_sparse import dense_alternative, dense_kernel_name, plan as csr_plan
 
 _INT32_MAX = 2**31 - 1
 _PREPACK_KEY = "cpu"
+_threads: int | None = None  # set_threads(); None: follow torch.get_num_threads()
+
+
+def set_threads(n: int | None) -> None:
+    """Threads the CPU kernels split output rows over; None follows torch.get_num_threads()."""
+    global _threads
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        raise ValueError(f"set_threads: n must be a positive int or None, got {n!r}")
+    _threads = n
+
+
+def threads() -> int:
+    return _threads or torch.get_num_threads()
+
+
+def _threads_from_env() -> None:
+    value = os.environ.get("SPARSEINFER_NUM_THREADS")
+    if value:
+        try:
+            set_threads(int(value))
+        except ValueError:
+            raise ValueError(f"SPARSEINFER_NUM_THREADS must be a positive integer, got {value!r}") from None
+
+
+_threads_from_env()
 
 
 def _contig(t: torch.Tensor) -> torch.Tensor:
@@ -84,8 +114,9 @@ class CpuBackend(Backend):
                 except ValueError as err:  # SPARSEINFER_ISA / SPARSEINFER_ACT name an unknown or unsupported value
                     self._availability = (False, str(err))
                 else:
+                    cpu_tuning.apply()  # this machine's measured batch limits, if `sparseinfer calibrate` stored them
                     self._availability = (True, f"C++ kernels, ISA {isa} (available: {', '.join(C.available_isas())}), "
-                                                f"int8/int4 activations {act} (SPARSEINFER_ACT)")
+                                                f"int8/int4 activations {act} (SPARSEINFER_ACT), {cpu_tuning.describe()}")
         return self._availability
 
     def supports(self, w: PackedWeight, x: torch.Tensor) -> bool:
@@ -135,7 +166,7 @@ class CpuBackend(Backend):
             out = torch.nn.functional.linear(x.float(), dense, None if bias is None else bias.float()).to(x.dtype)
         else:
             out = x.new_empty(x.shape[:-1] + (w.shape[0],))
-            _native._C.linear(x, handle, out, bias, torch.get_num_threads(), None, act)
+            _native._C.linear(x, handle, out, bias, _threads or torch.get_num_threads(), None, act)
         if late_bias is not None:
             out = (out.float() + late_bias.float()).to(x.dtype)
         return out

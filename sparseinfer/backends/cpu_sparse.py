@@ -9,10 +9,11 @@ density, the batch, the value kind, the activation mode and the machine, so it i
 ``kind`` is "int8" (csr+int8) or "float" (csr with f32 / bf16 / f16 values), ``act`` the activation
 mode of the call ("fp32" exact / "int8", csrc/README.md). Where d* comes from, first hit wins:
 
-1. ``csr_crossover.json`` next to this file: tables measured by ``bench/cpu_sparse_roofline.py
+1. the user's cache, written by ``sparseinfer calibrate`` on this machine (cpu_tuning.py);
+2. ``csr_crossover.json`` next to this file: tables measured by ``bench/cpu_sparse_roofline.py
    --calibrate`` on named machines (CPU model, ISA, threads), stored with the timings they were
    fitted to and the command that produced them;
-2. else ``calibrate()`` runs once per process on this machine (about a second, smaller weights than
+3. else ``calibrate()`` runs once per process on this machine (about a second, smaller weights than
    the script's), unless ``SPARSEINFER_CSR_CALIBRATE=0``: then CSR weights always run CSR kernels.
 
 The dense alternatives compute the same product: csr+int8 -> the int8 kernels on the same codes and
@@ -34,6 +35,12 @@ from pathlib import Path
 import torch
 
 from .. import _native
+
+
+def cpu_threads() -> int:
+    from .cpu import threads
+
+    return threads()
 from ..formats import CSRWeight, Int8Weight
 
 TABLE_PATH = Path(__file__).with_name("csr_crossover.json")
@@ -64,7 +71,7 @@ def cpu_model() -> str:
 def machine_key(threads: int | None = None) -> str:
     """What a measured table is valid for: CPU model, active ISA, threads."""
     C = _native.require_native()
-    threads = threads or torch.get_num_threads()
+    threads = threads or cpu_threads()
     return f"{cpu_model()}|{C.active_isa()}|{threads}"
 
 
@@ -115,7 +122,7 @@ def measure(kind: str, act: str, batches=BATCHES, n: int = 2048, k: int = 2048, 
     from .cpu import build_native_weight
 
     C = _native.require_native()
-    threads = torch.get_num_threads()
+    threads = cpu_threads()
     g = torch.Generator().manual_seed(seed)
     csr = {d: [_random_csr(n, k, d, kind, g) for _ in range(copies)] for d in DENSITIES}
     handles = {d: [build_native_weight(w) for w in ws] for d, ws in csr.items()}
@@ -170,13 +177,16 @@ def _load_tables() -> dict:
 
 
 def table() -> dict | None:
-    """This machine's crossover table: measured and shipped, else calibrated now (once per process
-    and thread count); None when SPARSEINFER_CSR_CALIBRATE=0 and no shipped table fits."""
+    """This machine's crossover table: stored by ``sparseinfer calibrate`` (cpu_tuning.py), else
+    measured and shipped, else calibrated now (once per process and thread count); None when
+    SPARSEINFER_CSR_CALIBRATE=0 and no table fits."""
+    from . import cpu_tuning
+
     key = machine_key()
     with _lock:
         if key in _cache:
             return _cache[key]
-        found = _load_tables().get("tables", {}).get(key)
+        found = (cpu_tuning.stored() or {}).get("csr_crossover") or _load_tables().get("tables", {}).get(key)
         if found is None and os.environ.get("SPARSEINFER_CSR_CALIBRATE", "1") != "0":
             found = calibrate()
         _cache[key] = found

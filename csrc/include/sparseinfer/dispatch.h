@@ -43,6 +43,18 @@ struct KernelImpl {
 // `call` holds the call-level bits rows may require besides CPU features (kCallInt8Act).
 const KernelImpl* select_kernel(KernelId id, Isa isa, int64_t M, uint64_t call = 0);
 
+// The rows select_kernel tries for `isa` (its table, then its fallbacks'), those this CPU can run,
+// with the batch limit in force (built-in, or set by set_batch_limit).
+struct KernelRow {
+  const KernelImpl* impl;
+  Isa isa;
+  int64_t max_m;
+};
+std::vector<KernelRow> kernel_rows(Isa isa);
+// Replace the batch limit of the kernel named `name` (measured on this machine: sparseinfer's
+// cpu_tuning.py); a negative limit restores the built-in one. False if no row has that name.
+bool set_batch_limit(const std::string& name, int64_t max_m);
+
 // Activation modes (kernels.h, ActMode): "fp32" (alias "exact") or "int8" (alias "fast").
 bool parse_act_mode(const std::string& name, ActMode* out);
 const char* act_mode_name(ActMode mode);

@@ -109,10 +109,11 @@ struct NMView {
   const uint8_t* meta = nullptr;   // [rows, meta_stride]: little-endian bit stream per row
   int64_t meta_stride = 0;         // bytes per meta row = ceil(kc * bits / 8)
   ValueKind values = ValueKind::f32;
-  // 2:4 + int8 / int4, int8 activations: the codes reordered for nm_q8_gemv_avx2 (ref/nm_q8_prepack_ref.cpp),
+  // 2:4 + int8 / int4, int8 activations: codes and indices reordered for nm_q8_*_avx2 (ref/nm_q8_prepack_ref.cpp),
   // built with the weight's row tiles on its first int8-mode call (bindings.cpp); codes == nullptr until then.
   struct Q8 {
     const uint8_t* codes = nullptr;  // [rows][K / 64 blocks][32 bytes int8 | 16 bytes int4]
+    const uint8_t* meta = nullptr;   // [rows][K / 64 blocks][8 bytes]: the blocks' indices, reordered like the codes
     const int32_t* wsum = nullptr;   // int4: [rows][nseg], sum over a segment's whole blocks of code - zero
     int64_t seg = 0, nseg = 0;       // activation segment (columns; never straddles a scale group), count
   } q8;
@@ -222,8 +223,12 @@ NMView::Q8 nm_q8_prepack(const WeightView&, void* buf);
 // x86/avx2/, x86/avx512/, arm/neon/: declare <format>_<op>_<isa> functions here under
 // #ifdef SPARSEINFER_HAVE_<ISA> and list them in that ISA's table in dispatch.cpp.
 #ifdef SPARSEINFER_HAVE_AVX2
+// int8 / int4, fp32 activations (exact): gemv = rows of codes decoded in registers, a few batch
+// rows per decode (small batches); gemm = fp32 panels decoded once per batch chunk, 6 x 16 FMA tiles.
 Status int8_gemv_avx2(const GemmArgs&, const WeightView&, int64_t, int64_t);
 Status int4_gemv_avx2(const GemmArgs&, const WeightView&, int64_t, int64_t);
+Status int8_gemm_avx2(const GemmArgs&, const WeightView&, int64_t, int64_t);
+Status int4_gemm_avx2(const GemmArgs&, const WeightView&, int64_t, int64_t);
 // N:M (float / int8 / int4 values) and CSR (float / int8 values), fp32 activations (exact):
 // gemv = x gathered per batch row (few rows), gemm = x transposed, batch rows in vector lanes.
 Status nm_gemv_avx2(const GemmArgs&, const WeightView&, int64_t, int64_t);
@@ -232,7 +237,9 @@ Status csr_gemv_avx2(const GemmArgs&, const WeightView&, int64_t, int64_t);
 Status csr_gemm_avx2(const GemmArgs&, const WeightView&, int64_t, int64_t);
 // 2:4 + int8 / int4 values, int8 activations (kCallInt8Act), quantized by the kernel itself with
 // quantize_act_avx2 in segments that fit the N:M weight's groups (the driver's stage serves int8 / int4).
+// gemv: 4 weight rows per register tile (few batch rows); gemm: 4 batch rows per tile. Same bits.
 Status nm_q8_gemv_avx2(const GemmArgs&, const WeightView&, int64_t, int64_t);
+Status nm_q8_gemm_avx2(const GemmArgs&, const WeightView&, int64_t, int64_t);
 void convert_to_f32_avx2(const void*, DType, int64_t, int64_t, int64_t, float*);
 // int8 activations on row tiles, pmaddubsw + pmaddwd (no VNNI), every batch size.
 Status int8_q8_gemm_avx2(const GemmArgs&, const WeightView&, int64_t, int64_t);

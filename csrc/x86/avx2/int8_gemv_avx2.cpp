@@ -1,38 +1,34 @@
-// int8 x fp32 GEMV-sized batches (M <= 16), AVX2 + FMA.
-//
-// First SIMD kernel, kept plain: per weight row and batch row, each scale group is a run of
-// 8-wide FMAs on int8 codes widened to fp32, scaled once per group. The weight row (Kp bytes) stays
-// in L1 across the M batch rows. Left for the SIMD phase: several weight rows per pass, VNNI for
-// larger batches, prefetch.
-#include "avx2_common.h"
-#include "sparseinfer/kernel_utils.h"
+// int8 x fp32 activations (exact mode), AVX2 + FMA, small batches: W[n, k] = code * scale[n, k / g].
+// Loop nest: quant_gemv_avx2.h (4 weight rows per pass, codes decoded once per batch-row block).
+// Decode: 8 codes -> vpmovsxbd (straight from memory) -> cvtdq2ps.
+#include "quant_gemv_avx2.h"
 
 namespace sparseinfer {
+
+namespace {
+
+struct Int8Rows {
+  static constexpr int kStep = 16;
+  const int8_t* c[avx2::kGemvRows];
+  Int8Rows(const QuantView& q, int64_t n, int rows, int) {
+    for (int r = 0; r < rows; ++r) c[r] = static_cast<const int8_t*>(q.codes) + (n + r) * q.kp;
+  }
+  void begin_group(int, int64_t) {}
+  bool aligned(int64_t) const { return true; }
+  void step(int r, int64_t k, __m256* w) const {
+    w[0] = avx2::load_i8x8(c[r] + k);
+    w[1] = avx2::load_i8x8(c[r] + k + 8);
+  }
+  float code(int r, int64_t k) const { return float(c[r][k]); }
+  const float* step_x(const GemmArgs& a, int64_t m) const { return a.x + m * a.stride_xm; }
+};
+
+}  // namespace
 
 Status int8_gemv_avx2(const GemmArgs& a, const WeightView& w, int64_t n_begin, int64_t n_end) {
   const QuantView& q = w.q;
   if (q.group <= 0 || q.kp < a.K || q.n_groups * q.group != q.kp) return Status::invalid_argument;
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    const int8_t* codes = static_cast<const int8_t*>(q.codes) + n * q.kp;
-    const float* scale = q.scale + n * q.n_groups;
-    for (int64_t m = 0; m < a.M; ++m) {
-      const float* x = a.x + m * a.stride_xm;
-      __m256 acc = _mm256_setzero_ps();
-      float acc_tail = 0.f;
-      for (int64_t g = 0, k0 = 0; k0 < a.K; ++g, k0 += q.group) {
-        const int64_t k1 = k0 + q.group < a.K ? k0 + q.group : a.K;
-        __m256 gacc = _mm256_setzero_ps();  // sum of x * code over the group, scaled once below
-        int64_t k = k0;
-        for (; k + 8 <= k1; k += 8) gacc = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), avx2::load_i8x8(codes + k), gacc);
-        float tail = 0.f;
-        for (; k < k1; ++k) tail += x[k] * float(codes[k]);
-        acc = _mm256_fmadd_ps(gacc, _mm256_set1_ps(scale[g]), acc);
-        acc_tail += tail * scale[g];
-      }
-      store_output(a, m, n, avx2::hsum(acc) + acc_tail);
-    }
-  }
-  return Status::ok;
+  return avx2::gemv<Int8Rows>(a, q, n_begin, n_end, 0);
 }
 
 }  // namespace sparseinfer

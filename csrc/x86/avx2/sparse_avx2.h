@@ -1,8 +1,8 @@
 // Building blocks of the AVX2 sparse kernels (nm_*_avx2.cpp, csr_*_avx2.cpp), compiled with
 // -mavx2 -mfma -mf16c. Internal linkage and no std:: templates, as every ISA header (csrc/README.md).
 //
-// Two ways to meet a sparse weight row, picked by batch size (dispatch.cpp tables, thresholds
-// measured by bench/cpu_sparse_roofline.py):
+// Two ways to meet a sparse weight row, picked by batch size (dispatch.cpp tables; thresholds
+// measured, and re-measured on the user's machine by `sparseinfer calibrate`):
 //
 //   gemv (few batch rows)  the weight streams once from memory; x (a few KiB per row) sits in L1.
 //     2:4 gathers x in registers: x is rearranged once per call so that one 256-bit load holds
@@ -21,18 +21,14 @@
 #include <cstdint>
 #include <cstring>
 
+#include "avx2_common.h"
 #include "sparseinfer/kernel_utils.h"
 
 namespace sparseinfer {
 namespace {
 namespace sp {
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using avx2::hsum;
 
 // An empty asm that claims to change v: keeps scalar gather loops scalar. GCC's vectorizer turns
 // them into vinsertps / vpermd sequences that run ~2x slower than plain loads on this core.
@@ -271,6 +267,250 @@ inline void store_acc(const GemmArgs& a, int64_t m0, int64_t rows, int64_t n, co
   for (int i = 0; i < nv; ++i) _mm256_store_ps(buf + 8 * i, acc[i]);
   for (int64_t r = 0; r < rows; ++r) store_output(a, m0 + r, n, buf[r]);
 }
+
+
+// -- 2:4 x int8 activations (nm_q8_gemv_avx2.cpp, nm_q8_gemm_avx2.cpp) -----------------------------
+//
+// The weight's prepacked copy (NMView::Q8, ref/nm_q8_prepack_ref.cpp) stores the codes and the 2-bit
+// indices of each 64-column block (32 kept values) in the order of the 256-bit register they are
+// gathered into: kept value 16 h + 8 L + i at byte 16 L + 8 h + i (lane L, 64-bit half h), its index
+// at bits 4 L + 2 h of meta byte i. The quantized x rows are stored per block as two 32-byte halves:
+// the first as is (columns 0-31), the second with each 16-byte lane 4x4-transposed (byte 4 c + g =
+// column c of 4-column group g). Per block:
+//   control  broadcast the 8 meta bytes, a 128-bit shift by 4 for lane 1, AND (3 in half 0 bytes,
+//            12 in half 1 bytes), OR the group's offset (4 g in half 0, g in half 1): no variable
+//            shift (vpsrlv* takes ~3 cycles per 256-bit op on this core, more than the whole rest).
+//   gather   vpshufb of each x half with that control, vpblendd of the 64-bit halves.
+//   dot      int8: |w| (u8, <= 128) x sign(x, w) (s8): no pmaddubsw pair sum saturates
+//            (2 * 128 * 127 < 32767); pmaddwd into int32 per block.
+//            int4: (x + 128) (u8) x (code - zero) (s8, -15..15): pair sums <= 2 * 255 * 15, so a
+//            whole segment (<= 4 blocks) adds up in int16; 128 * sum(code - zero) (prepacked) comes
+//            off exactly after the reduction.
+// A register tile is R weight rows x MT batch rows (R * MT <= 4 int accumulators): the control and
+// the decoded codes of a block serve the MT batch rows. At each segment end the 4 accumulators are
+// reduced across lanes to 4 exact int32 sums (|sum| < 2^24, so float(sum) is exact too) and one
+// 128-bit FMA does y = fma(float(sum), sw * sx, y) for all four outputs: the same operations, in
+// the same order, for an output whatever the tile shape, the batch size or the thread split.
+namespace q8 {
+
+constexpr int64_t kBlock = 64;  // columns per gather block (32 kept values)
+// Minimum software prefetch distance on the code stream (the meta stream in proportion); the tiles
+// prefetch at least one tile ahead (tile()). From memory, 1 thread: 18% less time than 2 KiB behind.
+constexpr int64_t kPrefetchBytes = 4096;
+
+// One call: the quantized activations (this thread's copy) and the weight's streams.
+struct Call {
+  const uint8_t* xq = nullptr;  // [M][xstride] quantized x in the gather layout (int4: + 128)
+  int64_t xstride = 0;
+  const float* xsT = nullptr;   // [nseg][sstride] activation scales, batch rows contiguous (+ zero pad)
+  int64_t sstride = 0;
+  const uint8_t* codes = nullptr;  // prepacked, row_bytes per row
+  int64_t row_bytes = 0;
+  const uint8_t* meta = nullptr;   // prepacked, 8 bytes per block
+  int64_t meta_stride = 0;
+  const float* wscale = nullptr;
+  int64_t n_groups = 0;
+  const uint8_t* wzero = nullptr;  // int4 asymmetric, else nullptr (8)
+  const int32_t* wsum = nullptr;   // int4: [N][nseg]
+  int64_t nseg = 0;                // activation segments (of seg columns)
+  int64_t nblk = 0, per_seg = 0;   // whole blocks per row, per full segment (1, 2 or 4)
+  int gshift = 0;                  // scale group of segment s: s >> gshift
+};
+
+// 32 gather controls of one block from its 8 prepacked meta bytes.
+inline __m256i block_control(const uint8_t* meta8) {
+  int64_t m8;
+  std::memcpy(&m8, meta8, 8);
+  const __m128i m = _mm_set1_epi64x(m8);
+  const __m256i c = _mm256_inserti128_si256(_mm256_castsi128_si256(m), _mm_srli_epi16(m, 4), 1);
+  const __m256i mask = _mm256_setr_epi8(3, 3, 3, 3, 3, 3, 3, 3, 12, 12, 12, 12, 12, 12, 12, 12,  //
+                                        3, 3, 3, 3, 3, 3, 3, 3, 12, 12, 12, 12, 12, 12, 12, 12);
+  const __m256i base = _mm256_setr_epi8(0, 0, 4, 4, 8, 8, 12, 12, 0, 0, 1, 1, 2, 2, 3, 3,  //
+                                        0, 0, 4, 4, 8, 8, 12, 12, 0, 0, 1, 1, 2, 2, 3, 3);
+  return _mm256_or_si256(_mm256_and_si256(c, mask), base);
+}
+
+// The 32 kept activation bytes of one block, in the codes' order.
+inline __m256i gather_block(const uint8_t* xq, __m256i ctrl) {
+  const __m256i a = _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)), ctrl);
+  const __m256i b = _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32)), ctrl);
+  return _mm256_blend_epi32(a, b, 0xCC);
+}
+
+// 32 prepacked int4 codes (16 bytes: positions 0-15 in the low nibbles, 16-31 in the high ones).
+inline __m256i int4_codes(const uint8_t* p) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m256i c = _mm256_inserti128_si256(_mm256_castsi128_si256(v), _mm_srli_epi16(v, 4), 1);
+  return _mm256_and_si256(c, _mm256_set1_epi8(0x0F));
+}
+
+// Lane i of the result = sum of the 8 int32 lanes of a[i] (exact).
+inline __m128i reduce4(__m256i a0, __m256i a1, __m256i a2, __m256i a3) {
+  const __m256i t0 = _mm256_add_epi32(_mm256_unpacklo_epi32(a0, a1), _mm256_unpackhi_epi32(a0, a1));
+  const __m256i t1 = _mm256_add_epi32(_mm256_unpacklo_epi32(a2, a3), _mm256_unpackhi_epi32(a2, a3));
+  const __m256i t = _mm256_add_epi32(_mm256_unpacklo_epi64(t0, t1), _mm256_unpackhi_epi64(t0, t1));
+  return _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+}
+
+// Rows [n0, n0 + R) x batch rows [m0, m0 + MT) of y, before bias: out[r * MT + t].
+// PF: prefetch the weight streams ahead (the rows come from memory once: gemv).
+template <bool I4, int R, int MT, bool PF>
+inline void tile(const GemmArgs& a, const WeightView& w, const Call& c, int64_t n0, int64_t m0, float* out) {
+  static_assert(R * MT <= 4, "4 int32 accumulators per tile");
+  constexpr int A = R * MT, NA = (A + 3) / 4;  // accumulators, groups of 4 (one epilogue each)
+  constexpr int64_t bb = I4 ? 16 : 32;  // code bytes per block
+  const uint8_t* codes[R];
+  const uint8_t* meta[R];
+  const uint8_t* xr[MT];
+  for (int r = 0; r < R; ++r) codes[r] = c.codes + (n0 + r) * c.row_bytes, meta[r] = c.meta + (n0 + r) * c.meta_stride;
+  for (int t = 0; t < MT; ++t) xr[t] = c.xq + (m0 + t) * c.xstride;
+  // prefetch the R rows as one stream at least one tile ahead: block b of this tile prefetches the
+  // matching 1 / nblk of the tile that far on (rows of a thread's range are contiguous)
+  const int64_t pf_dist = R * c.row_bytes > kPrefetchBytes ? R * c.row_bytes : kPrefetchBytes;
+  const char* pf_codes = reinterpret_cast<const char*>(codes[0]) + pf_dist;
+  const char* pf_meta = reinterpret_cast<const char*>(meta[0]) + pf_dist * 8 / bb;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m128 y[NA];
+  for (int i = 0; i < NA; ++i) y[i] = _mm_setzero_ps();
+  for (int64_t s = 0, b = 0; b < c.nblk; ++s) {
+    const int64_t b_end = b + c.per_seg < c.nblk ? b + c.per_seg : c.nblk;
+    const int64_t g = s >> c.gshift;
+    __m256i acc[4 * NA];
+    for (int i = 0; i < 4 * NA; ++i) acc[i] = _mm256_setzero_si256();
+    __m256i zero[R];
+    if (I4)
+      for (int r = 0; r < R; ++r) zero[r] = _mm256_set1_epi8(int8_t(c.wzero ? c.wzero[(n0 + r) * c.n_groups + g] : 8));
+    for (; b < b_end; ++b) {
+      if (PF) {  // R rows advance together: as one stream of R * bb bytes per block
+        _mm_prefetch(pf_codes + R * bb * b, _MM_HINT_T0);
+        if (R * bb > 64) _mm_prefetch(pf_codes + R * bb * b + 64, _MM_HINT_T0);
+        _mm_prefetch(pf_meta + R * 8 * b, _MM_HINT_T0);
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m256i ctrl = block_control(meta[r] + 8 * b);
+        if (I4) {
+          const __m256i wv = _mm256_sub_epi8(int4_codes(codes[r] + bb * b), zero[r]);
+          for (int t = 0; t < MT; ++t)
+            acc[r * MT + t] = _mm256_add_epi16(acc[r * MT + t], _mm256_maddubs_epi16(gather_block(xr[t] + kBlock * b, ctrl), wv));
+        } else {
+          const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes[r] + bb * b));
+          const __m256i wabs = _mm256_abs_epi8(wv);
+          for (int t = 0; t < MT; ++t) {
+            const __m256i xs = _mm256_sign_epi8(gather_block(xr[t] + kBlock * b, ctrl), wv);
+            acc[r * MT + t] = _mm256_add_epi32(acc[r * MT + t], _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, xs), ones));
+          }
+        }
+      }
+    }
+    if (I4)
+      for (int i = 0; i < A; ++i) acc[i] = _mm256_madd_epi16(acc[i], ones);
+    // weight scale x activation scale of each lane (lane r * MT + t)
+    const float* sx = c.xsT + s * c.sstride + m0;
+    if (R == 1) {  // lanes = batch rows (past MT: the zero padding of xsT)
+      const __m128 sw = _mm_set1_ps(c.wscale[n0 * c.n_groups + g]);
+      for (int i = 0; i < NA; ++i) {
+        __m128i sums = reduce4(acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3]);
+        if (I4) sums = _mm_sub_epi32(sums, _mm_set1_epi32(128 * c.wsum[n0 * c.nseg + s]));
+        y[i] = _mm_fmadd_ps(_mm_cvtepi32_ps(sums), _mm_mul_ps(sw, _mm_loadu_ps(sx + 4 * i)), y[i]);
+      }
+      continue;
+    }
+    __m128i sums = reduce4(acc[0], acc[1], acc[2], acc[3]);
+    __m128 sw, sxv;
+    if (MT == 1) {
+      float v[4] = {0.f, 0.f, 0.f, 0.f};
+      for (int r = 0; r < R; ++r) v[r] = c.wscale[(n0 + r) * c.n_groups + g];
+      sw = _mm_loadu_ps(v);
+      sxv = _mm_set1_ps(sx[0]);
+    } else {  // R = MT = 2
+      sw = _mm_setr_ps(c.wscale[n0 * c.n_groups + g], c.wscale[n0 * c.n_groups + g],
+                       c.wscale[(n0 + 1) * c.n_groups + g], c.wscale[(n0 + 1) * c.n_groups + g]);
+      sxv = _mm_setr_ps(sx[0], sx[1], sx[0], sx[1]);
+    }
+    if (I4) {  // undo the + 128 of x: 128 * sum(code - zero) per weight row
+      int32_t v[4] = {0, 0, 0, 0};
+      for (int i = 0; i < A; ++i) v[i] = 128 * c.wsum[(n0 + i / MT) * c.nseg + s];
+      sums = _mm_sub_epi32(sums, _mm_loadu_si128(reinterpret_cast<const __m128i*>(v)));
+    }
+    y[0] = _mm_fmadd_ps(_mm_cvtepi32_ps(sums), _mm_mul_ps(sw, sxv), y[0]);
+  }
+  alignas(16) float lanes[4 * NA];
+  for (int i = 0; i < NA; ++i) _mm_store_ps(lanes + 4 * i, y[i]);
+  // columns past the last whole 64-column block: exact fp32, checked against K
+  const NMView& nm = w.nm;
+  const int64_t j0 = c.nblk * 32;
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < MT; ++t) {
+      float tail = 0.f;
+      if (j0 < nm.kc) {
+        const int64_t n = n0 + r;
+        const float* x = a.x + (m0 + t) * a.stride_xm;
+        BitReader rd(nm.meta + n * nm.meta_stride + 8 * c.nblk);
+        for (int64_t j = j0; j < nm.kc; ++j) {
+          const int64_t col = (j / 2) * 4 + rd.get(2);
+          if (col >= a.K) continue;
+          const float v = I4 ? sparseinfer::dequant_int4(w.q, n, j) : sparseinfer::dequant_int8(w.q, n, j);
+          tail += v * x[col];
+        }
+      }
+      out[r * MT + t] = lanes[r * MT + t] + tail;
+    }
+}
+
+
+// Whether the q8 kernels take this weight (else the exact kernels serve the call).
+inline bool usable(const GemmArgs& a, const WeightView& w) {
+  const NMView::Q8& pre = w.nm.q8;
+  return pre.codes && pre.meta && w.nm.n == 2 && w.nm.m == 4 && pre.seg % kBlock == 0 && pre.seg <= 4 * kBlock &&
+         pre.nseg * pre.seg >= a.K;
+}
+
+// Quantizes x once for this thread (M x K bytes: small next to the weight rows it meets) into the
+// gather layout and fills the call's pointers. Grow-only scratch, so nothing is allocated in steady state.
+inline Status prepare(const GemmArgs& a, const WeightView& w, Call& c) {
+  const NMView::Q8& pre = w.nm.q8;
+  const QuantView& q = w.q;
+  const bool int4 = w.nm.values == ValueKind::i4;
+  QTileView seg;
+  seg.seg = seg.seg_pad = pre.seg;
+  seg.nseg = pre.nseg;
+  const int64_t stride = pre.nseg * pre.seg, sstride = (a.M + 3) / 4 * 4 + 8;
+  int8_t* xq = scratch<int8_t, 0>(size_t(a.M * stride));
+  float* xs = scratch<float, 0>(size_t(a.M * pre.nseg));
+  int32_t* sums = scratch<int32_t, 0>(size_t(a.M * pre.nseg));
+  float* xsT = scratch<float, 1>(size_t(pre.nseg * sstride));
+  if (!xq || !xs || !sums || !xsT) return Status::out_of_memory;
+  quantize_act_avx2(a.x, a.M, a.K, a.stride_xm, seg, xq, xs, sums);
+  // gather layout: the second 32 bytes of every block 4x4-transposed per 16-byte lane; int4
+  // multiplies x + 128 (unsigned) by code - zero
+  const __m256i tr = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,  //
+                                      0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  const __m256i bias = _mm256_set1_epi8(int4 ? char(0x80) : 0);
+  for (int64_t m = 0; m < a.M; ++m)
+    for (int64_t k = 0; k + kBlock <= stride; k += kBlock) {
+      __m256i* p = reinterpret_cast<__m256i*>(xq + m * stride + k);
+      _mm256_storeu_si256(p, _mm256_xor_si256(_mm256_loadu_si256(p), bias));
+      _mm256_storeu_si256(p + 1, _mm256_xor_si256(_mm256_shuffle_epi8(_mm256_loadu_si256(p + 1), tr), bias));
+    }
+  // scales transposed: the MT batch rows of a tile are one 128-bit load (zero past M)
+  for (int64_t s = 0; s < pre.nseg; ++s)
+    for (int64_t m = 0; m < sstride; ++m) xsT[s * sstride + m] = m < a.M ? xs[m * pre.nseg + s] : 0.f;
+  c.xq = reinterpret_cast<const uint8_t*>(xq), c.xstride = stride;
+  c.xsT = xsT, c.sstride = sstride;
+  c.codes = pre.codes, c.row_bytes = (a.K / kBlock) * (int4 ? 16 : 32);
+  c.meta = pre.meta, c.meta_stride = (a.K / kBlock) * 8;
+  c.wscale = q.scale, c.n_groups = q.n_groups, c.wzero = q.zero, c.wsum = pre.wsum;
+  c.nseg = pre.nseg, c.nblk = a.K / kBlock, c.per_seg = pre.seg / kBlock;
+  // segment s lies in scale group s / (group span / seg), a power of two (nm_q8_prepack_ref.cpp)
+  c.gshift = 62;
+  if (q.n_groups > 1) {
+    c.gshift = 0;
+    while ((pre.seg << c.gshift) < 2 * q.group) ++c.gshift;
+  }
+  return Status::ok;
+}
+
+}  // namespace q8
 
 }  // namespace sp
 }  // namespace
