@@ -18,6 +18,7 @@
 
 #include "sparseinfer/dispatch.h"
 #include "sparseinfer/kernels.h"
+#include "sparseinfer/threadpool.h"
 
 namespace py = pybind11;
 using namespace sparseinfer;
@@ -579,6 +580,8 @@ PYBIND11_MODULE(_C, m) {
         "ISA unless isa names another available one. act: 'fp32' (exact) or 'int8' (int8 / int4 weights: x "
         "quantized per call, integer dot products; see csrc/README.md), None = SPARSEINFER_ACT or fp32. "
         "Returns out.");
+  m.def("threading", [] { return std::string(threading_name()); },
+        "Which threads split a call: the host's OpenMP team (torch's, when loaded) or sparseinfer's own pool.");
   m.def("kernel_table", [](const py::object& isa_obj) {
         py::list rows;
         for (const KernelRow& r : kernel_rows(resolve_isa(isa_obj))) {

@@ -1,17 +1,63 @@
 #include "sparseinfer/threadpool.h"
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
+#include <cstdlib>
 #include <mutex>
 #include <thread>
 #include <vector>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 #if !defined(_WIN32)
 #include <pthread.h>
 #endif
+#if defined(__linux__)
+#include <dlfcn.h>
+#include <link.h>
+#endif
+#include <cstring>
 
 namespace sparseinfer {
 namespace {
+
+// How long a worker spins for the next run, and the caller for the last helper, before sleeping on
+// a condition variable: a futex wake-up costs tens of microseconds on a VM, more than a 768 x 768
+// GEMV, and a model's layers call back to back. SPARSEINFER_SPIN_US (read once) changes it; 0 never
+// spins. (ONNX Runtime's intra-op threads spin the same way by default.)
+int64_t spin_ns() {
+  static const int64_t ns = [] {
+    const char* env = std::getenv("SPARSEINFER_SPIN_US");
+    const long us = env && *env ? std::strtol(env, nullptr, 10) : 50;
+    return int64_t(us < 0 ? 0 : us) * 1000;
+  }();
+  return ns;
+}
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#elif defined(__aarch64__)
+  __asm__ __volatile__("yield");
+#endif
+}
+
+// Spins until done() or spin_ns() pass; true if done() became true.
+template <class Done>
+bool spin_until(Done done) {
+  const int64_t budget = spin_ns();
+  if (budget <= 0) return done();
+  const auto start = std::chrono::steady_clock::now();
+  for (;;) {
+    for (int i = 0; i < 64; ++i) {
+      if (done()) return true;
+      cpu_relax();
+    }
+    if (std::chrono::steady_clock::now() - start > std::chrono::nanoseconds(budget)) return done();
+  }
+}
 
 class ThreadPool {
  public:
@@ -32,6 +78,7 @@ class ThreadPool {
     cv_work_.notify_all();
     drain();  // the caller takes tasks too
     // Wait until every helper that joined this generation has finished its last task.
+    spin_until([&] { return active_.load(std::memory_order_acquire) == 0; });
     std::unique_lock<std::mutex> lk(mu_);
     cv_done_.wait(lk, [&] { return active_ == 0; });
     wanted_ = 0;  // late wakers of this generation find nothing to do
@@ -51,8 +98,9 @@ class ThreadPool {
 
   void worker() {
     uint64_t seen = 0;
-    std::unique_lock<std::mutex> lk(mu_);
     for (;;) {
+      spin_until([&] { return generation_.load(std::memory_order_acquire) != seen; });
+      std::unique_lock<std::mutex> lk(mu_);
       cv_work_.wait(lk, [&] { return generation_ != seen; });
       seen = generation_;
       if (wanted_ <= 0) continue;  // more workers than this run asked for
@@ -68,8 +116,10 @@ class ThreadPool {
   std::mutex mu_;         // guards everything below except next_
   std::condition_variable cv_work_, cv_done_;
   std::vector<std::thread> workers_;
-  uint64_t generation_ = 0;
-  int wanted_ = 0, active_ = 0;
+  // Written under mu_; atomic so that spinning threads may read them without it.
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> active_{0};
+  int wanted_ = 0;
   TaskFn fn_ = nullptr;
   void* ctx_ = nullptr;
   int64_t n_tasks_ = 0;
@@ -79,13 +129,64 @@ class ThreadPool {
 ThreadPool* g_pool = nullptr;
 std::once_flag g_atfork_once;
 
+// -- the host's OpenMP team -----------------------------------------------------------------------
+// PyTorch runs its CPU ops on an OpenMP team whose threads spin for a while after every op. A second
+// pool beside it fights them for the cores: on 2 cores, a model whose compressed layers sit between
+// torch ops ran its layers at half speed. So when the process has loaded an OpenMP runtime (found
+// among the loaded libraries: libgomp, or Intel / LLVM runtimes, which export the same GOMP entry),
+// parallel regions run on that team; else, or with SPARSEINFER_OPENMP=0, or after fork() (an
+// OpenMP team does not survive it), on the pool above.
+using GompParallel = void (*)(void (*)(void*), void*, unsigned, unsigned);
+std::atomic<bool> g_forked{false};
+
+#if defined(__linux__)
+int find_gomp(dl_phdr_info* info, size_t, void* out) {
+  const char* name = info->dlpi_name;
+  if (!name || !*name) return 0;
+  const char* base = std::strrchr(name, '/');
+  base = base ? base + 1 : name;
+  if (std::strncmp(base, "libgomp", 7) && std::strncmp(base, "libiomp", 7) && std::strncmp(base, "libomp", 6)) return 0;
+  void* lib = dlopen(name, RTLD_LAZY | RTLD_NOLOAD);  // already loaded: just a handle
+  if (!lib) return 0;
+  *static_cast<GompParallel*>(out) = reinterpret_cast<GompParallel>(dlsym(lib, "GOMP_parallel"));
+  return *static_cast<GompParallel*>(out) != nullptr;  // nonzero stops the walk
+}
+#endif
+
+GompParallel host_openmp() {
+  static const GompParallel found = [] {
+    GompParallel f = nullptr;
+    const char* env = std::getenv("SPARSEINFER_OPENMP");
+    if (env && std::strcmp(env, "0") == 0) return f;
+#if defined(__linux__)
+    dl_iterate_phdr(find_gomp, &f);
+#endif
+    return f;
+  }();
+  return g_forked.load(std::memory_order_relaxed) ? nullptr : found;
+}
+
+struct TeamRun {
+  TaskFn fn;
+  void* ctx;
+  int64_t n_tasks;
+  std::atomic<int64_t> next{0};
+};
+
+void team_body(void* p) {  // every team member claims tasks until none is left
+  TeamRun* r = static_cast<TeamRun*>(p);
+  for (int64_t i = r->next.fetch_add(1); i < r->n_tasks; i = r->next.fetch_add(1)) r->fn(r->ctx, i);
+}
+
 ThreadPool& pool() {
   static std::mutex create_mu;
   std::lock_guard<std::mutex> lk(create_mu);
 #if !defined(_WIN32)
   // The child of a fork() has none of the parent's workers: forget the pool (leaked on purpose,
   // its mutexes may be held by threads that do not exist there) and build a new one on demand.
-  std::call_once(g_atfork_once, [] { pthread_atfork(nullptr, nullptr, [] { g_pool = nullptr; }); });
+  std::call_once(g_atfork_once, [] {
+    pthread_atfork(nullptr, nullptr, [] { g_pool = nullptr, g_forked.store(true); });
+  });
 #endif
   if (!g_pool) g_pool = new ThreadPool();  // never destroyed: workers are detached
   return *g_pool;
@@ -99,7 +200,15 @@ void parallel_run(int64_t n_tasks, int max_threads, TaskFn fn, void* ctx) {
     for (int64_t i = 0; i < n_tasks; ++i) fn(ctx, i);
     return;
   }
-  pool().run(n_tasks, max_threads, fn, ctx);
+  ThreadPool& own = pool();  // also installs the fork handler that retires the host's team
+  if (GompParallel parallel = host_openmp()) {
+    TeamRun run{fn, ctx, n_tasks};
+    parallel(team_body, &run, unsigned(std::min<int64_t>(n_tasks, max_threads)), 0);
+    return;
+  }
+  own.run(n_tasks, max_threads, fn, ctx);
 }
+
+const char* threading_name() { return host_openmp() ? "the host's OpenMP team" : "sparseinfer's thread pool"; }
 
 }  // namespace sparseinfer

@@ -175,6 +175,43 @@ def test_threads_split_columns(rel_err, rng):
         assert rel_err(out, ref) <= TOL_F32, f"num_threads={threads}"
 
 
+THREADING_SCRIPT = textwrap.dedent("""
+    import os, sys, torch
+    import sparseinfer as si
+    from sparseinfer import _native
+    C = _native._C
+    torch.manual_seed(0)
+    w = si.pack(torch.randn(1000, 512), "int4", group_size=64)
+    x = torch.randn(5, 512)
+    torch.nn.functional.linear(x, torch.randn(64, 512))  # torch's OpenMP team is up and spinning
+    a = si.linear(x, w)
+    pid = os.fork()
+    if pid == 0:  # the child: no OpenMP team survives fork(); the call must neither hang nor differ
+        os._exit(0 if torch.equal(si.linear(x, w), a) and C.threading() == "sparseinfer's thread pool" else 3)
+    _, status = os.waitpid(pid, 0)
+    print(C.threading(), "|", os.waitstatus_to_exitcode(status), "|", a.double().sum().item())
+""")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_threading_host_openmp_own_pool_and_fork():
+    """With torch loaded, calls run on its OpenMP team (no second pool fighting it for cores);
+    SPARSEINFER_OPENMP=0 uses sparseinfer's pool; both give the same bits, and after fork() the
+    child falls back to the pool instead of a team that did not survive."""
+    outs = {}
+    for flag in ("1", "0"):
+        env = {**os.environ, "SPARSEINFER_OPENMP": flag, "OMP_NUM_THREADS": "2"}
+        proc = subprocess.run([sys.executable, "-c", THREADING_SCRIPT], env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outs[flag] = [part.strip() for part in proc.stdout.strip().split("|")]
+        assert outs[flag][1] == "0", f"forked child failed (SPARSEINFER_OPENMP={flag}): {outs[flag]}"
+    assert outs["0"][0] == "sparseinfer's thread pool"
+    if sys.platform.startswith("linux"):
+        assert outs["1"][0] == "the host's OpenMP team"
+    assert outs["0"][2] == outs["1"][2]  # the split never changes a bit
+
+
 def test_concurrent_callers(rel_err, rng):
     """Python threads calling at once (the GIL is released in the kernel): the pool serves one call
     at a time and the others run on their own thread; every result is right."""

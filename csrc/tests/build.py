@@ -191,7 +191,7 @@ def build(target: str, sanitize: bool = False, jobs: int | None = None) -> tuple
     units = sources(tc.arch, native=not tc.runner)
     with concurrent.futures.ThreadPoolExecutor(jobs or os.cpu_count() or 2) as pool:
         objects = list(pool.map(compile_one, units))
-    link = [tc.cxx, *flags, *(str(o) for o in objects)]
+    link = [tc.cxx, *flags, *(str(o) for o in objects), "-ldl"]  # threadpool.cpp looks for a loaded OpenMP
     binary = out / f"kernel_test-{_digest(version, link)}"
     if not binary.exists():
         tmp = binary.with_suffix(f".{os.getpid()}.tmp")

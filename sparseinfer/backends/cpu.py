@@ -116,7 +116,8 @@ class CpuBackend(Backend):
                 else:
                     cpu_tuning.apply()  # this machine's measured batch limits, if `sparseinfer calibrate` stored them
                     self._availability = (True, f"C++ kernels, ISA {isa} (available: {', '.join(C.available_isas())}), "
-                                                f"int8/int4 activations {act} (SPARSEINFER_ACT), {cpu_tuning.describe()}")
+                                                f"int8/int4 activations {act} (SPARSEINFER_ACT), {cpu_tuning.describe()}, "
+                                                f"threads: {C.threading()}")
         return self._availability
 
     def supports(self, w: PackedWeight, x: torch.Tensor) -> bool:

@@ -5,6 +5,8 @@
 // nothing. Workers are created on first need and kept; a run allocates nothing. Only one run is
 // in flight at a time: a concurrent caller (another Python thread, the GIL being released) runs
 // its tasks on its own thread instead of waiting. After fork() the child gets a fresh pool.
+// Where the process has loaded an OpenMP runtime (PyTorch's), parallel_run uses its team instead
+// (threadpool.cpp says why); SPARSEINFER_OPENMP=0 keeps the pool.
 #pragma once
 
 #include <cstdint>
@@ -14,5 +16,8 @@ namespace sparseinfer {
 using TaskFn = void (*)(void* ctx, int64_t task);
 
 void parallel_run(int64_t n_tasks, int max_threads, TaskFn fn, void* ctx);
+
+// Which threads parallel_run uses: "the host's OpenMP team" or "sparseinfer's thread pool".
+const char* threading_name();
 
 }  // namespace sparseinfer
