@@ -195,7 +195,10 @@ const KernelImpl kScalarKernels[] = {
 
 #ifdef SPARSEINFER_HAVE_AVX2
 const KernelImpl kAvx2Kernels[] = {
-    {KernelId::int8, int8_q8_gemm_avx2, "int8_q8_gemm_avx2", kAnyM, kCallInt8Act},
+    // int8 weights, int8 x: pmaddubsw needs a psignb per multiply on AVX2, and from ~32 rows the exact
+    // fp32 gemm (which the mode permits, not requires) is faster: q8 / exact time at 4096x4096 was
+    // 0.64 (2 rows), 0.97 (16), 1.10 (32), 1.17 (64); 0.99 / 1.33 at 16 / 32 rows on 1536x384.
+    {KernelId::int8, int8_q8_gemm_avx2, "int8_q8_gemm_avx2", 16, kCallInt8Act},
     {KernelId::int4, int4_q8_gemm_avx2, "int4_q8_gemm_avx2", kAnyM, kCallInt8Act},
     // fp32 activations (exact): registers-only gemv while re-decoding the codes per 3 batch rows
     // beats decoding them once into fp32 panels (4096x4096, this Zen 1 VM: int8 up to 8, int4 up to 3).
@@ -230,7 +233,10 @@ const KernelImpl kAvx512Kernels[] = {
     {KernelId::int4, int4_q8_gemm_vnni_avx512, "int4_q8_gemm_vnni_avx512", kAnyM, kCallInt8Act | kFeatAvx512Vnni},
 #ifdef SPARSEINFER_HAVE_AVX2
     // AVX-512 without VNNI (Skylake-X): the int8 mode still runs int8 math, not the exact rows below.
-    {KernelId::int8, int8_q8_gemm_avx2, "int8_q8_gemm_avx2", kAnyM, kCallInt8Act},
+    // int8 weights, int8 x: pmaddubsw needs a psignb per multiply on AVX2, and from ~32 rows the exact
+    // fp32 gemm (which the mode permits, not requires) is faster: q8 / exact time at 4096x4096 was
+    // 0.64 (2 rows), 0.97 (16), 1.10 (32), 1.17 (64); 0.99 / 1.33 at 16 / 32 rows on 1536x384.
+    {KernelId::int8, int8_q8_gemm_avx2, "int8_q8_gemm_avx2", 16, kCallInt8Act},
     {KernelId::int4, int4_q8_gemm_avx2, "int4_q8_gemm_avx2", kAnyM, kCallInt8Act},
 #endif
     {KernelId::int8, int8_gemm_avx512, "int8_gemm_avx512", kAnyM, 0},

@@ -120,6 +120,12 @@ def test_int8_act_bitwise_equal_across_isas_and_within_bound(case, rng):
                 assert not unwritten, f"{where}: scalar left NaN at {unwritten}"
                 for isa in ISAS[1:]:
                     out = run(x, handle, n, bias, isa=isa)
+                    if "_q8_" not in C.kernel_name(handle, m, isa=isa, act="int8"):
+                        # the mode permits int8 x; where this ISA's exact kernel is faster it runs that
+                        exact = reference_linear(x.float(), w, bias).double()
+                        rel = ((out.double() - exact).norm() / exact.norm()).item()
+                        assert rel <= 1e-5 + (2.0**-7 if dtype != torch.float32 else 0), f"{where} isa={isa}: {rel}"
+                        continue
                     diff = (out.view(torch.int16 if dtype != torch.float32 else torch.int32)
                             != ref_bits.view(torch.int16 if dtype != torch.float32 else torch.int32)).nonzero()
                     assert diff.numel() == 0, (
@@ -174,9 +180,11 @@ def test_kernel_selection_by_mode_and_isa():
         h = build_native_weight(si.pack(torch.randn(32, 64), fmt, group_size=32))
         assert C.kernel_name(h, 1, isa="scalar", act="int8") == f"{fmt}_q8_gemm_scalar"
         assert C.kernel_name(h, 1, isa="scalar", act="fp32") == f"{fmt}_gemm_scalar"
-        if "avx2" in ISAS:
+        if "avx2" in ISAS:  # int8 weights: past 16 rows AVX2's exact gemm beats its q8 one (dispatch.cpp)
             for batch in (1, 16, 17, 256):
-                assert C.kernel_name(h, batch, isa="avx2", act="int8") == f"{fmt}_q8_gemm_avx2"
+                q8 = fmt == "int4" or batch <= 16
+                assert C.kernel_name(h, batch, isa="avx2", act="int8") == (f"{fmt}_q8_gemm_avx2" if q8 else
+                                                                           f"{fmt}_gemm_avx2")
         if "avx512" in ISAS:
             vnni = C.cpu_features()["avx512_vnni"]
             want = f"{fmt}_q8_gemm_vnni_avx512" if vnni else f"{fmt}_q8_gemm_avx2"

@@ -108,7 +108,8 @@ def test_exact_avx2_kernel_selection(fmt):
     names = [C.kernel_name(h, m, isa="avx2", act="fp32") for m in (1, 2, 3, 9, 16, 17, 64, 1000)]
     assert names[0] == names[1] == f"{fmt}_gemv_avx2"
     assert names[-4:] == [f"{fmt}_gemm_avx2"] * 4
-    assert all(C.kernel_name(h, m, isa="avx2", act="int8") == f"{fmt}_q8_gemm_avx2" for m in (1, 17, 1000))
+    q8 = [C.kernel_name(h, m, isa="avx2", act="int8") == f"{fmt}_q8_gemm_avx2" for m in (1, 16, 17, 1000)]
+    assert q8 == ([True] * 4 if fmt == "int4" else [True, True, False, False])  # int8: exact gemm wins past 16
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
