@@ -140,6 +140,12 @@ using GompParallel = void (*)(void (*)(void*), void*, unsigned, unsigned);
 std::atomic<bool> g_forked{false};
 
 #if defined(__linux__)
+// The GOMP entry of a loaded OpenMP runtime; torch's own (under .../torch/lib/) wins over others a
+// process may hold (scikit-learn and others vendor a libgomp of their own).
+struct GompSearch {
+  GompParallel any = nullptr, torch = nullptr;
+};
+
 int find_gomp(dl_phdr_info* info, size_t, void* out) {
   const char* name = info->dlpi_name;
   if (!name || !*name) return 0;
@@ -148,8 +154,11 @@ int find_gomp(dl_phdr_info* info, size_t, void* out) {
   if (std::strncmp(base, "libgomp", 7) && std::strncmp(base, "libiomp", 7) && std::strncmp(base, "libomp", 6)) return 0;
   void* lib = dlopen(name, RTLD_LAZY | RTLD_NOLOAD);  // already loaded: just a handle
   if (!lib) return 0;
-  *static_cast<GompParallel*>(out) = reinterpret_cast<GompParallel>(dlsym(lib, "GOMP_parallel"));
-  return *static_cast<GompParallel*>(out) != nullptr;  // nonzero stops the walk
+  const auto f = reinterpret_cast<GompParallel>(dlsym(lib, "GOMP_parallel"));
+  GompSearch* s = static_cast<GompSearch*>(out);
+  if (f && !s->any) s->any = f;
+  if (f && std::strstr(name, "/torch/lib/")) s->torch = f;
+  return s->torch != nullptr;  // nonzero stops the walk
 }
 #endif
 
@@ -159,7 +168,9 @@ GompParallel host_openmp() {
     const char* env = std::getenv("SPARSEINFER_OPENMP");
     if (env && std::strcmp(env, "0") == 0) return f;
 #if defined(__linux__)
-    dl_iterate_phdr(find_gomp, &f);
+    GompSearch search;
+    dl_iterate_phdr(find_gomp, &search);
+    f = search.torch ? search.torch : search.any;
 #endif
     return f;
   }();
