@@ -20,7 +20,10 @@ from tqdm.auto import tqdm
 
 from . import models
 
-DEFAULT_RECIPES = ("int8", "int4-g64", "2:4", "2:4+int8", "2:4+int4-g64", "sparse50", "sparse90")
+# Plain rounding / magnitude next to their calibrated counterparts (GPTQ, SparseGPT: a few seconds
+# each on the demo's calibration sentences), so the table shows what calibration buys.
+DEFAULT_RECIPES = ("int8", "int4-g64", "gptq:int4-g64", "2:4", "2:4+int8", "sparsegpt:2:4+int8", "2:4+int4-g64",
+                   "sparse50", "sparse90")
 QUICK_RECIPES = ("int8", "2:4+int4-g64")
 CALIB_SENTENCES = 32  # extra sentences, for recipes whose methods need calibration (wanda:2:4, gptq:int4)
 
