@@ -45,7 +45,7 @@ from torch import nn  # noqa: E402
 
 import sparseinfer as si  # noqa: E402
 from sparseinfer import _native  # noqa: E402
-from sparseinfer.backends import BACKENDS, reference_linear  # noqa: E402
+from sparseinfer.backends import BACKENDS  # noqa: E402
 from sparseinfer.formats import from_parts  # noqa: E402
 
 THREADS = 2

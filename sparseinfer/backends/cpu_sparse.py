@@ -35,12 +35,6 @@ from pathlib import Path
 import torch
 
 from .. import _native
-
-
-def cpu_threads() -> int:
-    from .cpu import threads
-
-    return threads()
 from ..formats import CSRWeight, Int8Weight
 
 TABLE_PATH = Path(__file__).with_name("csr_crossover.json")
@@ -56,6 +50,13 @@ _cache: dict[str, dict] = {}
 
 
 # -- the machine -----------------------------------------------------------------------------------
+
+def cpu_threads() -> int:
+    """The CPU kernels' thread count (cpu.py imports this module, hence the late import)."""
+    from .cpu import threads
+
+    return threads()
+
 
 def cpu_model() -> str:
     """The CPU's model name (/proc/cpuinfo on Linux), else platform.processor()."""

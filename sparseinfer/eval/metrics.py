@@ -89,7 +89,6 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins
     conf, pred = probs.double().max(dim=1)
     correct = pred.eq(labels).double()
     idx = (torch.ceil(conf * n_bins).long() - 1).clamp(0, n_bins - 1)
-    counts = torch.bincount(idx, minlength=n_bins).double()
     acc_sum = torch.bincount(idx, weights=correct, minlength=n_bins)
     conf_sum = torch.bincount(idx, weights=conf, minlength=n_bins)
     return float((acc_sum - conf_sum).abs().sum() / conf.numel())
