@@ -13,8 +13,8 @@ Measured, for a 4096 x 4096 weight:
   max(4 x L3, 256 MiB), so every call streams its weight from DRAM;
 * batch 64 HOT: one weight, compute-bound.
 
-Providers: torch fp32 ``F.linear``; torch dynamic int8 (``torch.ao.quantization.quantize_dynamic``
-on an ``nn.Linear``: FBGEMM, per-tensor 7-bit activations); ONNX Runtime ``MatMulNBits`` int4
+Providers: torch fp32 ``F.linear``; torch dynamic int8 (``quantized::linear_dynamic`` on a
+per-channel int8 weight: FBGEMM, 7-bit activations, ``sparseinfer.benchmarking.fbgemm_int8``); ONNX Runtime ``MatMulNBits`` int4
 (block 128, accuracy_level 4 = int8 activations; com.microsoft domain, 2 intra-op threads, no
 spinning); sparseinfer int8 (per-channel) and int4-g128 through ``sparseinfer._C.linear`` in both
 activation modes (``act="int8"``: x quantized per call, integer dot products; ``act="fp32"``: exact).
@@ -35,16 +35,15 @@ import glob
 import os
 import statistics
 import time
-import warnings
 from pathlib import Path
 
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
 
 import sparseinfer as si  # noqa: E402
 from sparseinfer import _native  # noqa: E402
+from sparseinfer import benchmarking as sb  # noqa: E402
 from sparseinfer.backends import BACKENDS  # noqa: E402
 from sparseinfer.formats import from_parts  # noqa: E402
 
@@ -115,20 +114,11 @@ def torch_fp32(w, x, cold, quick):
 
 
 def fbgemm_int8(w, x, cold, quick):
-    from torch.ao.quantization import quantize_dynamic
-
-    def make():
-        lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
-        with torch.no_grad():
-            lin.weight.copy_(w)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated in favour of torchao
-            return quantize_dynamic(nn.Sequential(lin), {nn.Linear}, dtype=torch.qint8)
-
-    mods = [make() for _ in range(n_copies(w.numel() + 4 * w.shape[0], cold, quick))]
-    w_eff = mods[0][0].weight().dequantize()
-    return Provider("torch dynamic int8 (FBGEMM)", w.numel() + 4 * w.shape[0],
-                    [lambda m=m: m(x) for m in mods], lambda: mods[0](x), w_eff)
+    make, call, w_eff = sb.fbgemm_int8(w)  # per-channel int8 weight, 7-bit dynamic activations
+    nbytes = w.numel() + 8 * w.shape[0]
+    packs = [make() for _ in range(n_copies(nbytes, cold, quick))]
+    return Provider("torch dynamic int8 (FBGEMM)", nbytes, [lambda p=p: call(x, p) for p in packs],
+                    lambda: call(x, packs[0]), w_eff)
 
 
 def ort_int4(w, x, cold, quick):

@@ -106,19 +106,9 @@ def ort_int4(w, threads):
 
 def torch_int8_dynamic(w):
     n, k = w.shape
-    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # quantized tensors are deprecated in favour of torchao
-        qw = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros(n, dtype=torch.long), 0)
-
-    def make():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return torch.ops.quantized.linear_prepack(qw, None)
-
-    return Provider("torch int8 dyn (FBGEMM)", n * k + 8 * n, q.float() * scale[:, None], TOL_INT8_ACT, make,
-                    lambda x, p: torch.ops.quantized.linear_dynamic(x, p, True), kernel="quantized::linear_dynamic")
+    make, call, w_eff = sb.fbgemm_int8(w)
+    return Provider("torch int8 dyn (FBGEMM)", n * k + 8 * n, w_eff, TOL_INT8_ACT, make, call,
+                    kernel="quantized::linear_dynamic")
 
 
 def torch_csr(wp):

@@ -183,13 +183,6 @@ def dequantized_weight(n: int, k: int, fmt_label: str) -> torch.Tensor:
     return packed_weight(n, k, fmt_label).to_dense()
 
 
-def int8_per_channel(w: torch.Tensor):
-    """The usual symmetric per-channel int8 of torch and ORT: scale = absmax / 127 (> 0)."""
-    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    return q, scale
-
-
 def activations(m: int, k: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(m * 7919 + k)
     return torch.randn(m, k, generator=g)
@@ -246,7 +239,7 @@ def ort_linear_nodes(prefix: str, x: str, y: str, kind: str, n: int, k: int, w: 
                                       K=k, N=n, bits=4, block_size=128, accuracy_level=4))
         w_eff = p.to_dense()
     elif kind == "int8":
-        q, scale = int8_per_channel(w)
+        q, scale = sb.int8_per_channel(w)
         inits += [numpy_helper.from_array(q.T.contiguous().numpy(), f"{prefix}_B"),
                   numpy_helper.from_array(scale.numpy(), f"{prefix}_S")]
         nodes.append(helper.make_node("DynamicQuantizeMatMul", [x, f"{prefix}_B", f"{prefix}_S"], [out],
@@ -311,19 +304,8 @@ def build_kernel(case: KernelCase) -> Kernel:
                       prepare=lambda x: x.to(torch.bfloat16), to_tensor=lambda y: y.float(), kernel="F.linear bf16",
                       act_bytes=2)
     if case.provider == "torch-int8-dynamic":
-        q, scale = int8_per_channel(w)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # quantized tensors are deprecated in favour of torchao
-            qw = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros(n, dtype=torch.long), 0)
-
-        def make():
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                return torch.ops.quantized.linear_prepack(qw, None)
-
-        # reduce_range=True: 7-bit activations, as quantize_dynamic does on x86 (FBGEMM)
-        return Kernel("int8 (FBGEMM dynamic)", n * k + 8 * n, q.float() * scale[:, None], TOL_INT8_ACT, make,
-                      lambda x, pw: torch.ops.quantized.linear_dynamic(x, pw, True),
+        make, call, w_eff = sb.fbgemm_int8(w)
+        return Kernel("int8 (FBGEMM dynamic)", n * k + 8 * n, w_eff, TOL_INT8_ACT, make, call,
                       kernel="quantized::linear_dynamic")
     if case.provider == "torch-sparse-csr":
         wp = pruned_weight(n, k)

@@ -34,6 +34,41 @@ DEFAULT_L3 = 32 << 20  # Zen 5 CCD; used when sysfs and lscpu say nothing
 MIN_COLD_BYTES = 64 << 20  # floor for the cold rotation: VMs often under-report the L3
 
 
+# -- peers ----------------------------------------------------------------------------------
+
+def int8_per_channel(w):
+    """The usual symmetric per-channel int8 of torch and ORT: scale = absmax / 127 (> 0)."""
+    import torch
+
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def fbgemm_int8(w):
+    """torch's dynamic int8 linear (FBGEMM on x86), the int8 peer every benchmark uses: per-channel
+    int8 weight, activations quantized per call to 7 bits (reduce_range, as ``quantize_dynamic``
+    does on x86). Returns (make() -> a new prepacked copy, call(x, packed) -> y, dequantized weight)."""
+    import warnings
+
+    import torch
+
+    q, scale = int8_per_channel(w)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quantized tensors are deprecated in favour of torchao
+        qw = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros(w.shape[0], dtype=torch.long), 0)
+
+    def make():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.ops.quantized.linear_prepack(qw, None)
+
+    def call(x, packed):
+        return torch.ops.quantized.linear_dynamic(x, packed, True)
+
+    return make, call, q.float() * scale[:, None]
+
+
 # -- machine facts ---------------------------------------------------------------------------
 
 def _parse_size(text: str) -> int | None:
