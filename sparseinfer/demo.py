@@ -39,6 +39,8 @@ class Row:
     dense_ms: float
     backend: str
     layer_ratio: float = 1.0  # fp32 bytes / packed bytes of the compressed layers alone
+    latency1_ms: float = 0.0  # median forward time of one sentence (0: not measured)
+    dense1_ms: float = 0.0
 
     @property
     def ratio(self) -> float:
@@ -47,6 +49,10 @@ class Row:
     @property
     def speed(self) -> float:
         return self.dense_ms / self.latency_ms
+
+    @property
+    def speed1(self) -> float:
+        return self.dense1_ms / self.latency1_ms if self.latency1_ms else 0.0
 
 
 def model_bytes(model: torch.nn.Module) -> int:
@@ -88,10 +94,11 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def format_table(rows: list[Row], dense: Row) -> str:
     head = ("recipe", "size MB", "vs fp32", "layers vs fp32", "cos mean", "cos min", "latency ms", "speed vs dense",
-            "backend")
+            "1 sentence ms", "speed (1)", "backend")
     cells = [(r.recipe, f"{r.size_bytes / 1e6:.1f}", f"{r.ratio:.2f}x", f"{r.layer_ratio:.2f}x", f"{r.cos_mean:.4f}",
-              f"{r.cos_min:.4f}",
-              f"{r.latency_ms:.1f}", f"{r.speed:.2f}x", r.backend) for r in [dense, *rows]]
+              f"{r.cos_min:.4f}", f"{r.latency_ms:.1f}", f"{r.speed:.2f}x",
+              f"{r.latency1_ms:.1f}" if r.latency1_ms else "-", f"{r.speed1:.2f}x" if r.latency1_ms else "-",
+              r.backend) for r in [dense, *rows]]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
     line = lambda cs: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cs, widths)))  # noqa
     return "\n".join([line(head), line(["-" * w for w in widths]), *(line(c) for c in cells)])
@@ -121,23 +128,26 @@ def run(n_sentences: int = 256, recipes=DEFAULT_RECIPES, batch_size: int = 64, r
     by_length = sorted(texts, key=len)
     batches = [models.tokenize(tokenizer, by_length[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
     timed = models.tokenize(tokenizer, texts[:latency_batch])
+    single = models.tokenize(tokenizer, texts[:1])
     avail = ", ".join(f"{n}: {'yes' if v['available'] else 'no'} ({v['detail']})" for n, v in si.backends().items())
     out(f"all-MiniLM-L6-v2 on {len(texts)} sentences from pydoc_data.topics; latency = median of {repeats} "
-        f"forward passes over a batch of {timed['input_ids'].shape[0]}; compressed layers' activations: "
+        f"forward passes over a batch of {timed['input_ids'].shape[0]} (and of {5 * repeats} over one sentence, "
+        f"{single['input_ids'].shape[1]} tokens); compressed layers' activations: "
         f"{act or 'the default (SPARSEINFER_ACT, else fp32)'}\nbackends: {avail}")
 
     # one progress step per forward pass (and per compression), so a slow backend still shows motion
     steps = (1 + len(recipes)) * (len(batches) + repeats) + len(recipes)
     bar = tqdm(total=steps, desc="demo", unit="step", disable=None if progress is None else not progress)
 
-    def measure(m, label: str) -> tuple[torch.Tensor, float]:
+    def measure(m, label: str) -> tuple[torch.Tensor, float, float]:
         bar.set_postfix_str(label)
         emb = models.embed(m, batches, step=lambda: bar.update(1))
-        return emb, latency_ms(m, timed, repeats, step=lambda: bar.update(1))
+        # one sentence: the small-batch case where packed weights pay most on a CPU (fewer bytes to stream)
+        return emb, latency_ms(m, timed, repeats, step=lambda: bar.update(1)), latency_ms(m, single, 5 * repeats)
 
-    dense_emb, dense_ms = measure(model, "dense")
+    dense_emb, dense_ms, dense1_ms = measure(model, "dense")
     size = model_bytes(model)
-    dense = Row("dense fp32", size, size, 1.0, 1.0, dense_ms, dense_ms, "torch")
+    dense = Row("dense fp32", size, size, 1.0, 1.0, dense_ms, dense_ms, "torch", 1.0, dense1_ms, dense1_ms)
     rows: list[Row] = []
     result = {"dense": dense, "rows": rows, "save_load": None}
     keep = save_load if save_load in recipes else (recipes[0] if save_load and recipes else None)
@@ -147,13 +157,13 @@ def run(n_sentences: int = 256, recipes=DEFAULT_RECIPES, batch_size: int = 64, r
         bar.set_postfix_str(f"compress {recipe}")
         compressed = si.set_act(si.compress(model, recipe, calib=calib, progress=False), act)
         bar.update(1)
-        emb, ms = measure(compressed, recipe)
+        emb, ms, ms1 = measure(compressed, recipe)
         cos = cosine(emb, dense_emb)
         layers = si.explain(compressed, batch=timed["input_ids"].numel())
         backends = "+".join(sorted({r["backend"] for r in layers}))
         layer_ratio = sum(r["dense_bytes"] for r in layers) / max(1, sum(r["packed_bytes"] for r in layers))
         rows.append(Row(recipe, model_bytes(compressed), fp32_bytes(compressed), cos.mean().item(), cos.min().item(),
-                        ms, dense_ms, backends, layer_ratio))
+                        ms, dense_ms, backends, layer_ratio, ms1, dense1_ms))
         if recipe == keep:
             kept_model = compressed
     bar.close()
