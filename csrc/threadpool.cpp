@@ -1,9 +1,11 @@
 #include "sparseinfer/threadpool.h"
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -18,7 +20,6 @@
 #include <dlfcn.h>
 #include <link.h>
 #endif
-#include <cstring>
 
 namespace sparseinfer {
 namespace {
@@ -59,6 +60,12 @@ bool spin_until(Done done) {
   }
 }
 
+// Calls fn(ctx, i) for every task i not yet claimed (`next` counts the claims): the caller and each
+// helper run it, so tasks go to whoever is free and a late-waking thread costs nothing.
+void claim_tasks(TaskFn fn, void* ctx, int64_t n_tasks, std::atomic<int64_t>& next) {
+  for (int64_t i = next.fetch_add(1); i < n_tasks; i = next.fetch_add(1)) fn(ctx, i);
+}
+
 class ThreadPool {
  public:
   void run(int64_t n_tasks, int max_threads, TaskFn fn, void* ctx) {
@@ -85,9 +92,7 @@ class ThreadPool {
   }
 
  private:
-  void drain() {
-    for (int64_t i = next_.fetch_add(1); i < n_tasks_; i = next_.fetch_add(1)) fn_(ctx_, i);
-  }
+  void drain() { claim_tasks(fn_, ctx_, n_tasks_, next_); }
 
   void grow(int helpers) {
     while (int(workers_.size()) < helpers) {
@@ -186,19 +191,23 @@ struct TeamRun {
 
 void team_body(void* p) {  // every team member claims tasks until none is left
   TeamRun* r = static_cast<TeamRun*>(p);
-  for (int64_t i = r->next.fetch_add(1); i < r->n_tasks; i = r->next.fetch_add(1)) r->fn(r->ctx, i);
+  claim_tasks(r->fn, r->ctx, r->n_tasks, r->next);
+}
+
+// The child of a fork() has none of the parent's threads: it forgets the pool (leaked on purpose,
+// its mutexes may be held by threads that do not exist there; a new one is built on demand) and
+// the host's team. Installed by the first parallel run.
+void install_fork_handler() {
+#if !defined(_WIN32)
+  std::call_once(g_atfork_once, [] {
+    pthread_atfork(nullptr, nullptr, [] { g_pool = nullptr, g_forked.store(true); });
+  });
+#endif
 }
 
 ThreadPool& pool() {
   static std::mutex create_mu;
   std::lock_guard<std::mutex> lk(create_mu);
-#if !defined(_WIN32)
-  // The child of a fork() has none of the parent's workers: forget the pool (leaked on purpose,
-  // its mutexes may be held by threads that do not exist there) and build a new one on demand.
-  std::call_once(g_atfork_once, [] {
-    pthread_atfork(nullptr, nullptr, [] { g_pool = nullptr, g_forked.store(true); });
-  });
-#endif
   if (!g_pool) g_pool = new ThreadPool();  // never destroyed: workers are detached
   return *g_pool;
 }
@@ -211,13 +220,13 @@ void parallel_run(int64_t n_tasks, int max_threads, TaskFn fn, void* ctx) {
     for (int64_t i = 0; i < n_tasks; ++i) fn(ctx, i);
     return;
   }
-  ThreadPool& own = pool();  // also installs the fork handler that retires the host's team
+  install_fork_handler();
   if (GompParallel parallel = host_openmp()) {
     TeamRun run{fn, ctx, n_tasks};
     parallel(team_body, &run, unsigned(std::min<int64_t>(n_tasks, max_threads)), 0);
     return;
   }
-  own.run(n_tasks, max_threads, fn, ctx);
+  pool().run(n_tasks, max_threads, fn, ctx);
 }
 
 const char* threading_name() { return host_openmp() ? "the host's OpenMP team" : "sparseinfer's thread pool"; }

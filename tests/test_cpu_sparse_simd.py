@@ -187,11 +187,11 @@ Q8_CASES = [
     ("2:4+int4", {"group_size": 256}),
     ("2:4+int4", {"group_size": None, "symmetric": False}),
 ]
+Q8_IDS = [f"{f}-g{p['group_size']}{'-asym' if p.get('symmetric') is False else ''}" for f, p in Q8_CASES]
 
 
 @needs_simd
-@pytest.mark.parametrize("case", Q8_CASES, ids=[f"{f}-g{p['group_size']}{'-asym' if p.get('symmetric') is False else ''}"
-                                                 for f, p in Q8_CASES])
+@pytest.mark.parametrize("case", Q8_CASES, ids=Q8_IDS)
 def test_nm_int8_activations_within_bound(case, rng):
     fmt, params = case
     for k, n in Q8_SHAPES:
@@ -312,8 +312,7 @@ def nm_int8_mode_reference(x, w, bias, out_dtype):
 
 
 @needs_simd
-@pytest.mark.parametrize("case", Q8_CASES, ids=[f"{f}-g{p['group_size']}{'-asym' if p.get('symmetric') is False else ''}"
-                                                 for f, p in Q8_CASES])
+@pytest.mark.parametrize("case", Q8_CASES, ids=Q8_IDS)
 def test_nm_int8_activations_bit_exact(case, rng, rel_err):
     """Both q8 kernels (gemv: 4 weight rows x 1 batch row, 2 x 2; gemm: 1 x 4 and the leftover rows)
     give the reference definition's bits on every shape, dtype, stride, bias and thread count."""

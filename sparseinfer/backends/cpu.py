@@ -167,7 +167,7 @@ class CpuBackend(Backend):
             out = torch.nn.functional.linear(x.float(), dense, None if bias is None else bias.float()).to(x.dtype)
         else:
             out = x.new_empty(x.shape[:-1] + (w.shape[0],))
-            _native._C.linear(x, handle, out, bias, _threads or torch.get_num_threads(), None, act)
+            _native._C.linear(x, handle, out, bias, threads(), None, act)
         if late_bias is not None:
             out = (out.float() + late_bias.float()).to(x.dtype)
         return out

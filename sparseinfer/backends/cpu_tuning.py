@@ -27,6 +27,7 @@ import torch
 
 from .. import _native
 from .._version import __version__
+from .cpu_sparse import machine_key
 
 GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 MARGIN = 0.03  # a later row must win by this much: timing noise must not flip a limit
@@ -46,12 +47,6 @@ _applied: dict | None = None  # the stored entry in force in this process, if an
 def cache_path() -> Path:
     root = os.environ.get("SPARSEINFER_CACHE_DIR") or Path.home() / ".cache" / "sparseinfer"
     return Path(root) / CACHE_FILE
-
-
-def machine_key(threads: int | None = None) -> str:
-    from .cpu_sparse import machine_key as key
-
-    return key(threads)
 
 
 def _weight(family: str, n: int, k: int, g: torch.Generator):
@@ -86,7 +81,7 @@ def chains(isa: str | None = None) -> dict[tuple[str, str], list[dict]]:
 
 def _time_rows(chain, ws, act, batches, threads, reps):
     """{row name: {batch: best seconds per call}}, each row forced by disabling the rows before it
-    and lifting its own limit (restored afterwards). Each pass calls every weight of ``ws`` once
+    and lifting its own limit (the limits in force are restored at the end). Each pass calls every weight of ``ws`` once
     (copies of one weight, together larger than the cache: a model's layers come from memory)."""
     from .cpu import build_native_weight
 
@@ -116,8 +111,6 @@ def _time_rows(chain, ws, act, batches, threads, reps):
                     if rep:
                         best = min(best, (time.perf_counter() - t0) / len(hs))
                 times[row["name"]][m] = best
-            for name, limit in saved.items():
-                C.set_batch_limit(name, limit)
     finally:
         for name, limit in saved.items():
             C.set_batch_limit(name, limit)
@@ -169,7 +162,7 @@ def calibrate(n: int = 1024, k: int = 1024, threads: int | None = None, reps: in
             # a row in several chains (an exact gemv also serves int8 calls) keeps its exact-chain limit
             if name not in entry["limits"] or act == "fp32":
                 entry["limits"][name] = limit
-        entry["shipped"].update({r["name"]: r["max_m"] for r in chain[:-1]})
+        entry["shipped"].update({r["name"]: r["builtin_max_m"] for r in chain[:-1]})
         entry["times"][f"{family}/{act}"] = {name: {str(m): t for m, t in ts.items()} for name, ts in times.items()}
     return entry
 

@@ -12,6 +12,11 @@ ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ACT_MODES = ("fp32", "int8")
 
 
+def check_act(act: str | None, where: str) -> None:
+    if act is not None and act not in ACT_MODES:
+        raise ValueError(f"{where}: act must be one of {ACT_MODES} or None, got {act!r}")
+
+
 def check_linear_args(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None) -> None:
     if not isinstance(w, PackedWeight):
         raise TypeError(f"linear: w must be a PackedWeight (from sparseinfer.pack), got {type(w).__name__}")
@@ -47,8 +52,7 @@ def linear(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, b
     exact; None: the process default (``SPARSEINFER_ACT``, "fp32" unless set).
     """
     check_linear_args(x, w, bias)
-    if act is not None and act not in ACT_MODES:
-        raise ValueError(f"linear: act must be one of {ACT_MODES} or None, got {act!r}")
+    check_act(act, "linear")
     b = resolve(w, x, backend)
     if x.dim() == 2 or b.takes_leading_dims:  # no reshapes on the hot path
         return b.linear(x, w, bias, act)

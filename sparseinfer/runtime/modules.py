@@ -8,7 +8,7 @@ from torch import nn
 
 from ..formats import PackedWeight, from_parts
 from . import ops
-from .linear import ACT_MODES, linear
+from .linear import check_act, linear
 
 
 def _buffer_name(tensor_name: str) -> str:
@@ -96,8 +96,7 @@ def set_act(model: nn.Module, act: str | None) -> nn.Module:
     """Set the activation precision every compressed layer of ``model`` may use: "int8" (kernels
     with an int8-activation mode quantize x per call: faster at large batch, ~0.6 % normwise
     error), "fp32" (exact) or None (the process default, SPARSEINFER_ACT). Returns ``model``."""
-    if act is not None and act not in ACT_MODES:
-        raise ValueError(f"set_act: act must be one of {ACT_MODES} or None, got {act!r}")
+    check_act(act, "set_act")
     for m in model.modules():
         if isinstance(m, CompressedLinear):
             m.act = act

@@ -59,7 +59,7 @@ from .._version import __version__
 from ..backends import resolve
 from ..formats import from_parts
 from . import ops  # noqa: F401  (registers torch.ops.sparseinfer.packed_linear for the deserializer)
-from .linear import ACT_MODES
+from .linear import check_act
 from .modules import CompressedConv2d, CompressedLinear, _buffer_name, set_act
 
 FORMAT = "sparseinfer-artifact"
@@ -779,8 +779,7 @@ def load(path, device="cpu", model: nn.Module | None = None, *, backend: str | N
     Raises ArtifactError on a missing, truncated, tampered or incompatible artifact.
     """
     path, device = Path(path), torch.device(device)
-    if act is not None and act not in ACT_MODES:
-        raise ValueError(f"load: act must be one of {ACT_MODES} or None, got {act!r}")
+    check_act(act, "load")
     manifest = read_manifest(path)
     tensors = _read_tensors(path, manifest, verify)
     if device.type != "cpu":
