@@ -91,3 +91,20 @@ def test_calibrate_command(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "batch limits on" in out and "CSR / dense crossover" in out
     assert not cpu_tuning.cache_path().exists()  # a dry run stores nothing
+
+
+@pytest.mark.parametrize("entry, problem", [
+    ([1, 2], "not an object"),
+    ({"limits": {"int8_gemv_avx2": "8"}}, "'limits' is not a map"),
+    ({"limits": {"int8_gemv_avx2": -1}}, "'limits' is not a map"),
+    ({"limits": {}, "csr_crossover": {"crossover": {"int8/fp32": {"1": "dense"}}}}, "'csr_crossover' is not"),
+])
+def test_malformed_stored_entry_is_ignored_with_a_warning(entry, problem):
+    """A hand-edited or broken cache never breaks the backend: the entry is ignored, loudly."""
+    path = cpu_tuning.cache_path()
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({cpu_tuning.machine_key(): entry}))
+    with pytest.warns(RuntimeWarning, match=f"ignoring the calibration stored.*{problem}"):
+        assert cpu_tuning.stored() is None
+    with pytest.warns(RuntimeWarning, match="run `sparseinfer calibrate` again"):
+        assert cpu_tuning.apply() is None

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -190,12 +191,37 @@ def save(entry: dict, csr_table: dict | None = None) -> Path:
     return path
 
 
+def _malformed(entry) -> str | None:
+    """What is wrong with a stored entry (a hand-edited or truncated cache), or None."""
+    if not isinstance(entry, dict):
+        return "not an object"
+    limits = entry.get("limits")
+    if not isinstance(limits, dict) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in limits.values()):
+        return "'limits' is not a map of kernel names to batch sizes >= 0"
+    csr = entry.get("csr_crossover")
+    if csr is not None and not (isinstance(csr, dict) and isinstance(csr.get("crossover"), dict) and all(
+            isinstance(pts, dict) and all(isinstance(d, (int, float)) for d in pts.values())
+            for pts in csr["crossover"].values())):
+        return "'csr_crossover' is not a crossover table"
+    return None
+
+
 def stored(threads: int | None = None) -> dict | None:
-    """This machine's stored entry, or None (none stored, or SPARSEINFER_TUNING=0)."""
+    """This machine's stored entry, or None (none stored, or SPARSEINFER_TUNING=0). A malformed
+    entry is ignored with a warning (the built-in choices run) rather than breaking the backend."""
     if os.environ.get("SPARSEINFER_TUNING", "1") == "0":
         return None
-    entry = load_store().get(machine_key(threads))
-    return entry if isinstance(entry, dict) else None
+    key = machine_key(threads)
+    entry = load_store().get(key)
+    if entry is None:
+        return None
+    problem = _malformed(entry)
+    if problem:
+        warnings.warn(f"sparseinfer: ignoring the calibration stored for {key!r} in {cache_path()}: {problem}; "
+                      f"run `sparseinfer calibrate` again", RuntimeWarning, stacklevel=2)
+        return None
+    return entry
 
 
 def apply(entry: dict | None = None) -> dict | None:
@@ -207,9 +233,9 @@ def apply(entry: dict | None = None) -> dict | None:
     if not entry:
         return None
     known = {r["name"] for r in C.kernel_table(None)}
-    for name, limit in entry.get("limits", {}).items():
+    for name, limit in entry["limits"].items():
         if name in known:
-            C.set_batch_limit(name, int(limit))
+            C.set_batch_limit(name, limit)
     _applied = entry
     return entry
 
