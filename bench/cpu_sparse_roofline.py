@@ -32,7 +32,6 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -40,15 +39,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import sparseinfer as si  # noqa: E402
-from sparseinfer import _native  # noqa: E402
-from sparseinfer import benchmarking as sb  # noqa: E402
-from sparseinfer.backends import cpu_sparse  # noqa: E402
-from sparseinfer.backends.cpu import build_native_weight  # noqa: E402
-from sparseinfer.formats import from_parts  # noqa: E402
+import sparseinfer as si
+from sparseinfer import _native
+from sparseinfer import benchmarking as sb
+from sparseinfer.backends import cpu_sparse
+from sparseinfer.backends.cpu import build_native_weight
+from sparseinfer.formats import from_parts
 
 TOL_EXACT, TOL_INT8_ACT = 1e-4, 5e-2
 SPARSITY = 0.9

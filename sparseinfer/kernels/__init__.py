@@ -1,5 +1,11 @@
-"""Triton GPU kernels, installed as ``sparseinfer.kernels``. Importing this package never
-requires Triton; the launchers raise a clear ImportError when it is missing.
+"""Triton GPU kernels, ``sparseinfer.kernels``. Importing this package never requires Triton; the
+launchers raise a clear ImportError when it is missing.
+
+Their source is the checkout's top-level ``kernels/`` folder, which a wheel installs here
+(setuptools ``package-dir``). That folder has no ``__init__.py`` on purpose: a namespace portion
+never shadows the PyPI package ``kernels`` (which transformers imports) when the checkout root is
+on ``sys.path``. This file exists for source checkouts and editable installs only, where it points
+the package at that folder; a wheel does not contain it.
 
 One module per format family, each with its ``@triton.jit`` kernels (a batch-1..8 ``gemv`` with
 split-K and a tiled ``tl.dot`` variant), its candidate configs as data, and a launcher that
@@ -14,3 +20,7 @@ checks operands, allocates the output and launches:
 ``_common`` holds the jit wrapper (interpreter or compiler, as Triton was imported), checks, the
 tuner and the split-K reduction. ``sparseinfer.backends.triton`` prepacks weights and dispatches.
 """
+
+from pathlib import Path
+
+__path__.append(str(Path(__file__).resolve().parents[2] / "kernels"))  # noqa: F821 - the package's own __path__
