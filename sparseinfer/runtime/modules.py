@@ -41,8 +41,16 @@ class CompressedLinear(nn.Module):
             self.packed = from_parts(self._fmt, tensors, (self.out_features, self.in_features), self._params)
 
     def _apply(self, fn, recurse=True):
-        out = super()._apply(fn, recurse)
-        self._rebuild()  # the buffers were replaced (device / dtype move): rebuild the packed view
+        # The packed tensors keep the dtypes their format fixes (int8 codes, float32 scales): a cast
+        # (.half(), .to(torch.bfloat16)) reaches the bias only; a device move reaches everything.
+        packed = {id(getattr(self, _buffer_name(n))) for n in self._names}
+
+        def keep_packed_dtypes(t):
+            new = fn(t)
+            return t.to(new.device) if id(t) in packed and new.dtype != t.dtype else new
+
+        out = super()._apply(keep_packed_dtypes, recurse)
+        self._rebuild()  # the buffers were replaced (device move): rebuild the packed view
         return out
 
     def _load_from_state_dict(self, *args, **kwargs):
