@@ -220,7 +220,8 @@ struct Weight {
 // An int attribute (or the result of calling it, for data_ptr()); false with the Python error cleared
 // when it cannot be read (inference tensors have no _version).
 bool read_int(PyObject* obj, PyObject* name, bool call, int64_t* out) {
-  PyObject* v = call ? PyObject_CallMethodObjArgs(obj, name, nullptr) : PyObject_GetAttr(obj, name);
+  PyObject* v = call ? PyObject_VectorcallMethod(name, &obj, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, nullptr)
+                     : PyObject_GetAttr(obj, name);
   if (v) {
     *out = int64_t(PyLong_AsUnsignedLongLongMask(v));
     Py_DECREF(v);
