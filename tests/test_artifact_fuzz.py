@@ -37,7 +37,8 @@ CASES = {"manifest": 90, "tensors": 90, "bytes": 60, "program": 60}
 class Net(nn.Module):
     def __init__(self):
         super().__init__()
-        self.fc1, self.norm, self.fc2, self.fc3 = nn.Linear(32, 48), nn.LayerNorm(48), nn.Linear(48, 24), nn.Linear(24, 16)
+        self.fc1, self.norm = nn.Linear(32, 48), nn.LayerNorm(48)
+        self.fc2, self.fc3 = nn.Linear(48, 24), nn.Linear(24, 16)
 
     def forward(self, x):
         return self.fc3(torch.relu(self.fc2(self.norm(self.fc1(x)))))
@@ -121,8 +122,8 @@ def _mutate_tensors(path: Path, rng: random.Random) -> None:
         t = t.to(rng.choice([torch.int8, torch.uint8, torch.int32, torch.int64, torch.float16, torch.float32]))
     tensors[name] = t.contiguous()
     save_file(tensors, str(path / "model.safetensors"))
-    manifest["tensors"][name].update(dtype=str(t.dtype).removeprefix("torch."), shape=list(t.shape),
-                                     sha256=_sha(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""))
+    data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    manifest["tensors"][name].update(dtype=str(t.dtype).removeprefix("torch."), shape=list(t.shape), sha256=_sha(data))
     _write_consistent(path, manifest)
 
 
@@ -140,7 +141,8 @@ def _mutate_bytes(path: Path, rng: random.Random) -> None:
 def _mutate(kind: str, path: Path, rng: random.Random) -> None:
     if kind == "manifest" and rng.random() < 0.05:  # nested past what json (or any recursive reader) takes
         depth = rng.choice([1000, 100_000])
-        (path / "sparseinfer.json").write_text('{"format": "sparseinfer-artifact", "layers": ' + "[" * depth + "]" * depth + "}")
+        deep = "[" * depth + "]" * depth
+        (path / "sparseinfer.json").write_text('{"format": "sparseinfer-artifact", "layers": ' + deep + "}")
     elif kind == "manifest":
         manifest = _mutate_json(json.loads((path / "sparseinfer.json").read_text()), rng)
         (path / "sparseinfer.json").write_text(json.dumps(manifest))

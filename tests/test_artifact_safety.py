@@ -87,8 +87,9 @@ def _graph(program: dict) -> dict:
 
 
 def _meta(dtype: int, size: int) -> dict:  # a tensor_values entry (dtype: torch's serialized ScalarType)
-    return {"dtype": dtype, "sizes": [{"as_int": size}], "requires_grad": False, "device": {"type": "cpu", "index": None},
-            "strides": [{"as_int": 1}], "storage_offset": {"as_int": 0}, "layout": 7}
+    return {"dtype": dtype, "sizes": [{"as_int": size}], "requires_grad": False,
+            "device": {"type": "cpu", "index": None}, "strides": [{"as_int": 1}], "storage_offset": {"as_int": 0},
+            "layout": 7}
 
 
 def _node(target: str, name: str, inputs: list, kinds=None) -> dict:
@@ -168,7 +169,8 @@ def test_operators_off_the_allow_list_are_refused(artifact, target, why, capsys)
                                                    ("other", {"as_tensor": {"name": name}})]))
 
     _edit_program(artifact, inject)
-    _refused_everywhere(artifact, rf"node 'bad' calls {re.escape(repr(target))}, which is not on the allow-list", capsys)
+    _refused_everywhere(artifact, rf"node 'bad' calls {re.escape(repr(target))}, which is not on the allow-list",
+                        capsys)
 
 
 def test_operator_arguments_and_nested_graphs_are_checked(artifact, capsys):
@@ -211,7 +213,8 @@ def test_python_in_a_shape_expression_never_runs(artifact, tmp_path, capsys):
 def test_guard_code_is_never_run(artifact, tmp_path):
     """torch can exec() the program's guards_code: load drops it (and the program still loads)."""
     marker = tmp_path / "pwned"
-    _edit_program(artifact, lambda p: p.__setitem__("guards_code", [f"__import__('os').system('touch {marker}') or True"]))
+    guard = f"__import__('os').system('touch {marker}') or True"
+    _edit_program(artifact, lambda p: p.__setitem__("guards_code", [guard]))
     model = si.load(artifact)
     model(torch.randn(3, 32))
     assert not marker.exists()
@@ -229,7 +232,8 @@ def test_shape_arithmetic_passes(expr):
 @pytest.mark.parametrize("expr,match", [
     ("__import__('os')", "calls '__import__'"), ("s0.__class__", "other than arithmetic"),
     ("Symbol('s0', evil=1)", "keyword 'evil'"), ("eval", "neither a shape symbol"), ("s0[0]", "other than arithmetic"),
-    ("Pow(Integer(10), Integer(10000000000))", "power"), ("Pow(2, s0)", "power"), ("Integer(99999999999999999999)", "int64"),
+    ("Pow(Integer(10), Integer(10000000000))", "power"), ("Pow(2, s0)", "power"),
+    ("Integer(99999999999999999999)", "int64"),
     ("Mul('os.system', 2)", "other than arithmetic"), ("(" * 100 + "s0" + ")" * 100, "deeper"),
 ])
 def test_other_expressions_are_refused(expr, match):
@@ -307,7 +311,8 @@ def test_in_place_forward_is_saved_functional_and_buffer_writes_are_refused(tmp_
 # -- the manifest --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("edit,match", [
-    (lambda m: m["layers"]["fc1"].__setitem__("params", [1]), r"layers\['fc1'\]\.params must be an object, got an array"),
+    (lambda m: m["layers"]["fc1"].__setitem__("params", [1]),
+     r"layers\['fc1'\]\.params must be an object, got an array"),
     (lambda m: m["layers"]["fc1"].__setitem__("params", "x"), r"params must be an object, got a string"),
     (lambda m: m["layers"]["fc1"].pop("bias"), r"layers\['fc1'\] lacks the key 'bias'"),
     (lambda m: m["layers"]["fc1"].__setitem__("tensors", ["a"]), r"tensors must be an object"),
@@ -331,7 +336,8 @@ def test_manifest_fields_of_the_wrong_type_are_refused(artifact, edit, match, ca
 
 
 def test_deeply_nested_manifest_is_refused(artifact, capsys):
-    (artifact / "sparseinfer.json").write_text('{"format": "sparseinfer-artifact", "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    deep = "[" * 100_000 + "]" * 100_000
+    (artifact / "sparseinfer.json").write_text('{"format": "sparseinfer-artifact", "x": ' + deep + "}")
     _refused_everywhere(artifact, "nested too deeply", capsys)
 
 

@@ -56,7 +56,8 @@ class _Checker:
 
     def fail(self, path: str, want: str, value) -> None:
         shown = json.dumps(value)
-        got = "null (or nothing)" if value is None else f"{_type_name(value)} {shown[:57] + '...' if len(shown) > 60 else shown}"
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        got = "null (or nothing)" if value is None else f"{_type_name(value)} {shown}"
         raise ArtifactError(f"{self.where}: {path} must be {want}, got {got}")
 
     def obj(self, v, path: str) -> dict:

@@ -113,7 +113,8 @@ def allowed_targets() -> dict:
             op = getattr(packet, overload)
             if not _writes_an_argument(op):
                 allowed[serialized_name(op)] = op
-    hops = [getattr(torch.ops.higher_order, name, None) for name in ("wrap_with_set_grad_enabled", "wrap_with_autocast")]
+    hops = [getattr(torch.ops.higher_order, name, None)
+            for name in ("wrap_with_set_grad_enabled", "wrap_with_autocast")]
     for target in (*SYMBOLIC_FUNCTIONS, torch.ops.sparseinfer.packed_linear.default, *filter(None, hops)):
         allowed[serialized_name(target)] = target
     return allowed
@@ -206,7 +207,8 @@ def check_expression(expr) -> None:
 
 class _Parser:
     """expr := sum (cmp sum)? ; sum := term (+|- term)* ; term := unary (*|/|//|% unary)* ;
-    unary := -unary | atom (** exponent)? ; atom := number | symbol | constant | '(' expr ')' | function '(' args ')'."""
+    unary := -unary | atom (** exponent)? ;
+    atom := number | symbol | constant | '(' expr ')' | function '(' args ')'."""
 
     def __init__(self, text: str, tokens: list):
         self.text, self.tokens, self.i, self.depth = text, tokens, 0, 0
@@ -337,5 +339,6 @@ def check_graph(gm: torch.fx.GraphModule) -> None:
         if not isinstance(module, torch.fx.GraphModule):
             continue
         for node in module.graph.nodes:
-            if node.op in ("call_method", "call_module") or (node.op == "call_function" and id(node.target) not in allowed):
+            called = node.op in ("call_method", "call_module", "call_function")
+            if called and (node.op != "call_function" or id(node.target) not in allowed):
                 _refuse(f"node {node.name!r} ({node.op} {node.target!r})", "is not on the allow-list")

@@ -777,8 +777,8 @@ def _swap_packed_calls(gm, layers: dict, backend: str | None) -> None:
                                 f"({packed.fmt} {list(packed.shape)}) disagree")
         program_bias = node.args[3] if len(node.args) > 3 else None
         if (None if program_bias is None else getattr(program_bias, "target", "?")) != bias_key:
-            raise ArtifactError(f"layer {name!r}: the program's bias ({getattr(program_bias, 'target', None)!r}) is not "
-                                f"the manifest's ({bias_key!r})")
+            got = getattr(program_bias, "target", None)
+            raise ArtifactError(f"layer {name!r}: the program's bias ({got!r}) is not the manifest's ({bias_key!r})")
         if prefix not in built:  # a layer called twice (shared) gets one module
             built[prefix] = CompressedLinear(packed, bias, backend)
             _set_submodule(gm, prefix, built[prefix])
