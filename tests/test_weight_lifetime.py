@@ -7,7 +7,7 @@
   row tiles, reordered 2:4 codes, the CSR dense copy; the next call must use the new values, on every
   format, in both activation modes, on the CSR kernels and on CSR's dense path.
 * A write that breaks the format (a column index out of range) is refused when the view is rebuilt.
-* ``.half()`` / ``.bfloat16()`` on a compressed model cast the dense parts and keep the packed tensors.
+* ``.half()`` / ``.bfloat16()`` on a compressed model cast what the formats allow and keep the rest.
 
 The Triton prepack is covered in tests/test_triton.py (test_prepack_follows_in_place_writes); the same
 paths under AddressSanitizer in tests/test_native_sanitizers.py.
@@ -125,19 +125,22 @@ def test_a_write_that_breaks_the_format_is_refused():
 
 
 @pytest.mark.parametrize("cast,dtype", [("half", torch.float16), ("bfloat16", torch.bfloat16)])
-def test_half_and_bfloat16_cast_dense_parts_only(cast, dtype):
-    """The packed tensors keep the dtypes their format fixes (float32 scales, int8 codes); the bias
-    and dense layers take the cast, and the model runs in that dtype."""
+def test_half_and_bfloat16_on_a_compressed_model(cast, dtype):
+    """Quantized weights keep the dtypes their format fixes (float32 scales, int8 / int4 codes); float
+    N:M values take the cast, as does every bias; the model then runs in that dtype."""
     torch.manual_seed(0)
-    model = si.compress(torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.ReLU(), torch.nn.Linear(48, 16)),
-                        {"default": "2:4+int8", "layers": {"2": "int4-g16"}}, progress=False)
+    model = si.compress(torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.ReLU(), torch.nn.Linear(48, 32),
+                                            torch.nn.ReLU(), torch.nn.Linear(32, 16)),
+                        {"default": "2:4+int8", "layers": {"2": "int4-g16", "4": "2:4"}}, progress=False)
     x = torch.randn(3, 64)
     with torch.no_grad():
         ref = model(x)
-        packed = {k: v.clone() for k, v in model.state_dict().items() if "packed_" in k}
+        quantized = {k: v.clone() for k, v in model.state_dict().items() if "packed_" in k and not k.startswith("4.")}
+        float_values = model[4].packed.values.clone()
         getattr(model, cast)()
-        assert all(torch.equal(model.state_dict()[k], v) and model.state_dict()[k].dtype == v.dtype
-                   for k, v in packed.items())
+        state = model.state_dict()
+        assert all(torch.equal(state[k], v) and state[k].dtype == v.dtype for k, v in quantized.items())
+        assert model[4].packed.values.dtype == dtype and torch.equal(model[4].packed.values, float_values.to(dtype))
         assert model[0].bias.dtype == dtype
         y = model(x.to(dtype))
         assert y.dtype == dtype
@@ -145,6 +148,9 @@ def test_half_and_bfloat16_cast_dense_parts_only(cast, dtype):
         tol = 2 ** -6 if dtype == torch.bfloat16 else 2 ** -9
         assert ((y.float() - ref).norm() / ref.norm()).item() < tol
         model.float()
-        assert model[0].bias.dtype == torch.float32
-        torch.testing.assert_close(model(x), reference_linear(torch.relu(reference_linear(x, model[0].packed,
-                                   model[0].bias)), model[2].packed, model[2].bias), rtol=1e-5, atol=1e-5)
+        assert model[0].bias.dtype == torch.float32 and model[4].packed.values.dtype == torch.float32
+        h = x
+        for i in (0, 2, 4):
+            h = reference_linear(h, model[i].packed, model[i].bias)
+            h = torch.relu(h) if i < 4 else h
+        torch.testing.assert_close(model(x), h, rtol=1e-5, atol=1e-5)
