@@ -7,10 +7,13 @@
 //
 //   w = _C.pack_int4(qweight, scale, zero, K)      # once per weight (prepack): validates, keeps refs
 //   _C.linear(x, w, out, bias, num_threads, isa)   # per call: checks x / out / bias, releases the GIL
+//
+// A Weight stays valid while torch moves or rewrites its tensors: see "weight lifetime" below.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
 #include <cstdlib>
+#include <functional>
 #include <memory>
 #include <sstream>
 #include <string>
@@ -33,7 +36,7 @@ struct TorchTypes {
   py::object tensor_type, strided;
   py::object dtypes[int(DType::unknown)];  // indexed by DType
   // interned attribute names: a per-call lookup by C string would build a new Python string each time
-  py::str is_cpu, device, type, layout, dtype, shape, stride, data_ptr;
+  py::str is_cpu, device, type, layout, dtype, shape, stride, data_ptr, version;
 };
 
 const TorchTypes& torch_types() {
@@ -49,6 +52,7 @@ const TorchTypes& torch_types() {
         const auto intern = [](const char* n) { return py::reinterpret_steal<py::str>(PyUnicode_InternFromString(n)); };
         t.is_cpu = intern("is_cpu"), t.device = intern("device"), t.type = intern("type"), t.layout = intern("layout");
         t.dtype = intern("dtype"), t.shape = intern("shape"), t.stride = intern("stride"), t.data_ptr = intern("data_ptr");
+        t.version = intern("_version");
         return t;
       })
       .get_stored();
@@ -175,19 +179,85 @@ template <class T>
 const T* data(const Tensor& t) { return reinterpret_cast<const T*>(t.ptr); }
 
 // -- prepacked weights --------------------------------------------------------------------------------
+//
+// Weight lifetime. A Weight's view holds raw pointers into its source tensors and into buffers derived
+// from them (row tiles, reordered codes, panels). Torch can move a tensor's memory without replacing the
+// tensor object -- share_memory_() swaps the storage's allocation in place and frees the old one, set_()
+// and `.data =` rebind it -- and can write it in place (copy_, load_state_dict), which leaves derived
+// layouts stale. So a Weight records, per source tensor, the data_ptr() and _version it was built from,
+// and every entry point that reads its memory calls ensure_current() first: when a source differs, the
+// Weight is rebuilt by its repack function from the same tensor objects (validated again, as at pack
+// time) and its derived buffers are dropped, to be rebuilt on next use. Derived buffers live in one
+// reference-counted block that a call holds while it runs, so a rebuild by another thread never frees
+// memory a kernel is reading. The check costs two attribute reads per source tensor.
+
+struct Source {
+  py::object tensor;     // keeps the tensor object alive (its current storage: whatever data_ptr() says)
+  uintptr_t ptr = 0;     // data_ptr() when the view was built
+  int64_t version = -1;  // _version then; -1: an inference tensor (no version counter: only moves are seen)
+};
+
+// Buffers derived from the sources and owned by the weight. Every prepacked layout goes here
+// (alloc_derived), so a rebuild drops them all and a running call keeps them alive.
+struct Derived {
+  std::vector<std::shared_ptr<void>> buffers;
+  size_t bytes = 0;
+};
 
 struct Weight {
   WeightView view;
-  std::string fmt;                 // as in sparseinfer.formats: "int4", "2:4+int8", "csr", ...
-  std::string detail;              // for repr and messages
-  std::vector<py::object> keep;    // the tensors (and nested Weights) the view points into
-  std::shared_ptr<void> tiles;     // int8 / int4: view.qt's buffer, built on first int8-activation call
-  size_t tile_bytes = 0;
+  std::string fmt;                   // as in sparseinfer.formats: "int4", "2:4+int8", "csr", ...
+  std::string detail;                // for repr and messages
+  std::vector<Source> sources;       // every tensor the view points into (a nested Weight's too)
+  std::function<Weight()> repack;    // the pack_* call that built this weight, on the same objects
+  std::shared_ptr<Derived> derived = std::make_shared<Derived>();
 
   std::string desc() const {
     return "weight " + fmt + " of shape (" + std::to_string(view.N) + ", " + std::to_string(view.K) + ")";
   }
 };
+
+// An int attribute (or the result of calling it, for data_ptr()); false with the Python error cleared
+// when it cannot be read (inference tensors have no _version).
+bool read_int(PyObject* obj, PyObject* name, bool call, int64_t* out) {
+  PyObject* v = call ? PyObject_VectorcallMethod(name, &obj, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, nullptr)
+                     : PyObject_GetAttr(obj, name);
+  if (v) {
+    *out = int64_t(PyLong_AsUnsignedLongLongMask(v));
+    Py_DECREF(v);
+  }
+  if (!v || PyErr_Occurred()) {
+    PyErr_Clear();
+    return false;
+  }
+  return true;
+}
+
+Source source_of(const Tensor& t) {
+  Source s{t.obj, t.ptr, -1};
+  int64_t version = 0;
+  if (read_int(t.obj.ptr(), torch_types().version.ptr(), false, &version)) s.version = version;
+  return s;
+}
+
+bool sources_current(const Weight& w) {
+  const TorchTypes& T = torch_types();
+  for (const Source& s : w.sources) {
+    int64_t ptr = 0, version = -1;
+    if (!read_int(s.tensor.ptr(), T.data_ptr.ptr(), true, &ptr) || uintptr_t(ptr) != s.ptr) return false;
+    if (s.version >= 0 && (!read_int(s.tensor.ptr(), T.version.ptr(), false, &version) || version != s.version))
+      return false;
+  }
+  return true;
+}
+
+// Rebuild `w` if a source tensor moved or was written since it was built. Raises the pack_* error when
+// a source no longer fits (e.g. set_() to another shape); `w` then stays stale and keeps refusing.
+void ensure_current(Weight& w) {
+  if (sources_current(w)) return;
+  Weight fresh = w.repack();
+  w = std::move(fresh);
+}
 
 void check_k(int64_t k, int64_t kp, const std::string& what) {
   if (k < 1 || k > kp)
@@ -212,7 +282,7 @@ QuantView quant_view(const Tensor& scale, int64_t n, int64_t kp, const std::stri
   return q;
 }
 
-Weight pack_int8(py::handle qweight_obj, py::handle scale_obj, int64_t k) {
+Weight pack_int8(py::object qweight_obj, py::object scale_obj, int64_t k) {
   Tensor qw = inspect(qweight_obj, "qweight"), scale = inspect(scale_obj, "scale");
   check_dtype(qw, {DType::i8});
   check_dim(qw, 2);
@@ -227,11 +297,12 @@ Weight pack_int8(py::handle qweight_obj, py::handle scale_obj, int64_t k) {
   w.view.id = KernelId::int8, w.view.N = n, w.view.K = k;
   w.fmt = "int8";
   w.detail = "group " + std::to_string(w.view.q.group);
-  w.keep = {qw.obj, scale.obj};
+  w.sources = {source_of(qw), source_of(scale)};
+  w.repack = [=] { return pack_int8(qweight_obj, scale_obj, k); };
   return w;
 }
 
-Weight pack_int4(py::handle qweight_obj, py::handle scale_obj, py::handle zero_obj, int64_t k) {
+Weight pack_int4(py::object qweight_obj, py::object scale_obj, py::object zero_obj, int64_t k) {
   Tensor qw = inspect(qweight_obj, "qweight"), scale = inspect(scale_obj, "scale");
   check_dtype(qw, {DType::u8});
   check_dim(qw, 2);
@@ -243,18 +314,19 @@ Weight pack_int4(py::handle qweight_obj, py::handle scale_obj, py::handle zero_o
   Weight w;
   w.view.q = quant_view(scale, n, kp, "int4");
   w.view.q.codes = data<uint8_t>(qw);
-  w.keep = {qw.obj, scale.obj};
+  w.sources = {source_of(qw), source_of(scale)};
   if (!zero_obj.is_none()) {
     Tensor zero = inspect(zero_obj, "zero");
     check_dtype(zero, {DType::u8});
     check_shape(zero, scale.shape, "one zero point per scale");
     check_contiguous(zero);
     w.view.q.zero = data<uint8_t>(zero);
-    w.keep.push_back(zero.obj);
+    w.sources.push_back(source_of(zero));
   }
   w.view.id = KernelId::int4, w.view.N = n, w.view.K = k;
   w.fmt = "int4";
   w.detail = "group " + std::to_string(w.view.q.group) + (w.view.q.zero ? ", asymmetric" : ", symmetric");
+  w.repack = [=] { return pack_int4(qweight_obj, scale_obj, zero_obj, k); };
   return w;
 }
 
@@ -264,7 +336,7 @@ int index_bits(int64_t m) {
   return b < 1 ? 1 : b;
 }
 
-Weight pack_nm(py::handle meta_obj, int64_t n_keep, int64_t m, int64_t k, py::handle values_obj) {
+Weight pack_nm(py::object meta_obj, int64_t n_keep, int64_t m, int64_t k, py::object values_obj) {
   if (m < 2 || n_keep < 1 || n_keep >= m || m > kInt32Max)
     value_error("N:M needs integers 1 <= n < m, got n=" + std::to_string(n_keep) + ", m=" + std::to_string(m));
   const std::string nm_name = std::to_string(n_keep) + ":" + std::to_string(m);
@@ -288,9 +360,10 @@ Weight pack_nm(py::handle meta_obj, int64_t n_keep, int64_t m, int64_t k, py::ha
   v.n = int32_t(n_keep), v.m = int32_t(m), v.bits = bits, v.kc = kc;
   v.meta = data<uint8_t>(meta), v.meta_stride = meta.shape[1];
   w.view.N = rows, w.view.K = k;
-  w.keep = {meta.obj};
+  w.sources = {source_of(meta)};
   if (py::isinstance<Weight>(values_obj)) {  // N:M+int8 / N:M+int4: a prepacked (rows, kc) matrix
-    const Weight& q = values_obj.cast<const Weight&>();
+    Weight& q = values_obj.cast<Weight&>();
+    ensure_current(q);  // a rebuild of this weight starts from current values
     if ((q.view.id != KernelId::int8 && q.view.id != KernelId::int4) || q.view.N != rows || q.view.K != kc)
       value_error(nm_name + ": quantized values must be an int8 or int4 weight of shape (" + std::to_string(rows) +
                   ", " + std::to_string(kc) + "), got " + q.desc());
@@ -299,7 +372,7 @@ Weight pack_nm(py::handle meta_obj, int64_t n_keep, int64_t m, int64_t k, py::ha
     w.view.id = q.view.id == KernelId::int8 ? KernelId::nm_int8 : KernelId::nm_int4;
     w.fmt = nm_name + "+" + q.fmt;
     w.detail = "values " + q.fmt + ", " + q.detail;
-    w.keep.push_back(py::reinterpret_borrow<py::object>(values_obj));
+    w.sources.insert(w.sources.end(), q.sources.begin(), q.sources.end());  // the view copies q's pointers
   } else {
     Tensor values = inspect(values_obj, "values");
     check_dtype(values, {DType::f32, DType::bf16, DType::f16});
@@ -310,12 +383,13 @@ Weight pack_nm(py::handle meta_obj, int64_t n_keep, int64_t m, int64_t k, py::ha
     w.view.id = KernelId::nm_float;
     w.fmt = nm_name;
     w.detail = "values " + values.dtype_str();
-    w.keep.push_back(values.obj);
+    w.sources.push_back(source_of(values));
   }
+  w.repack = [=] { return pack_nm(meta_obj, n_keep, m, k, values_obj); };
   return w;
 }
 
-Weight pack_csr(py::handle crow_obj, py::handle col_obj, py::handle values_obj, py::handle scale_obj, int64_t k) {
+Weight pack_csr(py::object crow_obj, py::object col_obj, py::object values_obj, py::object scale_obj, int64_t k) {
   Tensor crow = inspect(crow_obj, "crow"), col = inspect(col_obj, "col"), values = inspect(values_obj, "values");
   check_dtype(crow, {DType::i64});
   check_dim(crow, 1);
@@ -335,7 +409,7 @@ Weight pack_csr(py::handle crow_obj, py::handle col_obj, py::handle values_obj, 
   CSRView& c = w.view.csr;
   c.crow = data<int64_t>(crow), c.col = data<int32_t>(col), c.values = reinterpret_cast<const void*>(values.ptr);
   c.nnz = nnz;
-  w.keep = {crow.obj, col.obj, values.obj};
+  w.sources = {source_of(crow), source_of(col), source_of(values)};
   const bool quantized = values.dtype == DType::i8;
   if (quantized) {
     if (scale_obj.is_none()) value_error("csr+int8: int8 values need a per-row scale of shape (" + std::to_string(rows) + ",)");
@@ -345,7 +419,7 @@ Weight pack_csr(py::handle crow_obj, py::handle col_obj, py::handle values_obj, 
     check_contiguous(scale);
     c.scale = data<float>(scale);
     c.kind = ValueKind::i8;
-    w.keep.push_back(scale.obj);
+    w.sources.push_back(source_of(scale));
   } else {
     if (!scale_obj.is_none()) value_error("csr: float values take no scale (pass None)");
     c.kind = values.dtype == DType::f32 ? ValueKind::f32 : values.dtype == DType::bf16 ? ValueKind::bf16 : ValueKind::f16;
@@ -354,18 +428,27 @@ Weight pack_csr(py::handle crow_obj, py::handle col_obj, py::handle values_obj, 
   if (c.crow[0] != 0 || c.crow[rows] != nnz)
     value_error("csr: crow must start at 0 and end at nnz = " + std::to_string(nnz) + ", got " +
                 std::to_string(c.crow[0]) + " .. " + std::to_string(c.crow[rows]));
-  for (int64_t r = 0; r < rows; ++r)
+  for (int64_t r = 0; r < rows; ++r) {
     if (c.crow[r + 1] < c.crow[r])
       value_error("csr: crow decreases at row " + std::to_string(r) + " (" + std::to_string(c.crow[r]) + " -> " +
                   std::to_string(c.crow[r + 1]) + ")");
-  for (int64_t e = 0; e < nnz; ++e)
-    if (c.col[e] < 0 || c.col[e] >= k)
-      value_error("csr: column index " + std::to_string(c.col[e]) + " at entry " + std::to_string(e) +
-                  " is outside 0.." + std::to_string(k - 1));
+    // Strictly increasing within a row: a repeated column would be summed here but not by every
+    // backend (the reference keeps one), so the answer would depend on which kernel runs.
+    for (int64_t e = c.crow[r]; e < c.crow[r + 1]; ++e) {
+      if (c.col[e] < 0 || c.col[e] >= k)
+        value_error("csr: column index " + std::to_string(c.col[e]) + " at entry " + std::to_string(e) +
+                    " is outside 0.." + std::to_string(k - 1));
+      if (e > c.crow[r] && c.col[e] <= c.col[e - 1])
+        value_error("csr: the column indices of row " + std::to_string(r) + " must be strictly increasing, got " +
+                    std::to_string(c.col[e - 1]) + " then " + std::to_string(c.col[e]) + " at entries " +
+                    std::to_string(e - 1) + ", " + std::to_string(e));
+    }
+  }
   w.view.id = quantized ? KernelId::csr_int8 : KernelId::csr_float;
   w.view.N = rows, w.view.K = k;
   w.fmt = quantized ? "csr+int8" : "csr";
   w.detail = "nnz " + std::to_string(nnz) + ", values " + values.dtype_str();
+  w.repack = [=] { return pack_csr(crow_obj, col_obj, values_obj, scale_obj, k); };
   return w;
 }
 
@@ -426,9 +509,9 @@ void free_aligned(void* p) {
 #endif
 }
 
-// A 64-byte aligned buffer for w's int8-activation layout, owned by w (size rounded up to whole
-// 64-byte lines, as aligned_alloc requires).
-void* alloc_tiles(Weight& w, size_t bytes) {
+// A 64-byte aligned buffer for a layout derived from w's sources, owned by w.derived (size rounded up
+// to whole 64-byte lines, as aligned_alloc requires). Dropped when w is rebuilt (ensure_current).
+void* alloc_derived(Weight& w, size_t bytes) {
   bytes = (bytes + 63) / 64 * 64;
 #if defined(_WIN32)
   void* p = _aligned_malloc(bytes, 64);
@@ -436,23 +519,23 @@ void* alloc_tiles(Weight& w, size_t bytes) {
   void* p = std::aligned_alloc(64, bytes);
 #endif
   if (!p) throw std::bad_alloc();
-  w.tiles = std::shared_ptr<void>(p, free_aligned);
-  w.tile_bytes = bytes;
+  w.derived->buffers.emplace_back(p, free_aligned);
+  w.derived->bytes += bytes;
   return p;
 }
 
-// The int8-activation layout of a weight, built once, on the first call that can use it, under the
-// GIL (so concurrent first calls build it once): row tiles of int8 / int4 (kernels.h, QTileView),
+// The int8-activation layout of a weight, built once (per rebuild: see ensure_current), on the first call
+// that can use it, under the GIL (so concurrent first calls build it once): row tiles of int8 / int4 (kernels.h, QTileView),
 // reordered codes of 2:4 + int8 / int4 (NMView::Q8, ref/nm_q8_prepack_ref.cpp). They cost about as
 // much memory as the canonical codes, which is why fp32-mode users never pay for them.
 void ensure_qtiles(Weight& w) {
   const KernelId id = w.view.id;
   if ((id == KernelId::nm_int8 || id == KernelId::nm_int4) && !w.view.nm.q8.codes) {
     const size_t bytes = nm_q8_prepack_bytes(w.view);
-    if (bytes) w.view.nm.q8 = nm_q8_prepack(w.view, alloc_tiles(w, bytes));  // 0: a layout only exact kernels take
+    if (bytes) w.view.nm.q8 = nm_q8_prepack(w.view, alloc_derived(w, bytes));  // 0: a layout only exact kernels take
   } else if ((id == KernelId::int8 || id == KernelId::int4) && !w.view.qt.codes) {
     const int bits = id == KernelId::int8 ? 8 : 4;
-    w.view.qt = build_qtiles(w.view.q, w.view.N, bits, alloc_tiles(w, qtile_bytes(w.view.q, w.view.N, bits)));
+    w.view.qt = build_qtiles(w.view.q, w.view.N, bits, alloc_derived(w, qtile_bytes(w.view.q, w.view.N, bits)));
   }
 }
 
@@ -462,6 +545,8 @@ bool collapse_rows(const Tensor& t, int64_t* M, int64_t* stride_m) {
   const int64_t d = t.dim();
   *M = 1;
   *stride_m = t.shape[size_t(d - 1)];
+  for (int64_t i = 0; i < d - 1; ++i)
+    if (t.shape[size_t(i)] == 0) return *M = 0, true;  // no rows: any strides will do
   int64_t inner = -1;  // stride of the innermost leading dim of size > 1 times its size, seen so far
   for (int64_t i = d - 2; i >= 0; --i) {
     const int64_t size = t.shape[size_t(i)], stride = t.strides[size_t(i)];
@@ -516,12 +601,14 @@ py::object linear(py::handle x_obj, Weight& w, py::handle out_obj, py::handle bi
   if (num_threads < 1) value_error("num_threads must be >= 1, got " + std::to_string(num_threads));
   const Isa isa = resolve_isa(isa_obj);
   call.act = resolve_act(act_obj);
+  ensure_current(w);  // after every other Python call: nothing runs between this and the kernel
   if (call.act == ActMode::int8) ensure_qtiles(w);
 
   const KernelImpl* kernel = nullptr;
   Status s;
   {
     const WeightView view = w.view;  // a copy: another thread may build this weight's tiles meanwhile
+    const std::shared_ptr<Derived> derived = w.derived;  // and rebuild it: keep the buffers view points into
     py::gil_scoped_release release;
     s = run_linear(call, view, isa, int(num_threads < 4096 ? num_threads : 4096), &kernel);
   }
@@ -556,8 +643,12 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("fmt", [](const Weight& w) { return w.fmt; })
       .def_property_readonly("shape", [](const Weight& w) { return py::make_tuple(w.view.N, w.view.K); })
       .def_property_readonly("kernel_family", [](const Weight& w) { return kernel_id_name(w.view.id); })
-      .def_property_readonly("tile_bytes", [](const Weight& w) { return w.tile_bytes; },
-                             "Bytes of the row tiles built for int8 activations (0 until the first such call).")
+      .def_property_readonly("tile_bytes", [](const Weight& w) { return w.derived->bytes; },
+                             "Bytes of the layouts derived from the canonical tensors at first use (the row tiles of "
+                             "int8 activations: 0 until the first such call, and again after a rebuild).")
+      .def_property_readonly("current", [](const Weight& w) { return sources_current(w); },
+                             "Whether the source tensors are where, and as written, as when the view was built "
+                             "(else the next call rebuilds it).")
       .def("__repr__", [](const Weight& w) {
         return "<sparseinfer._C.Weight " + w.fmt + " (" + std::to_string(w.view.N) + ", " + std::to_string(w.view.K) +
                ") " + w.detail + ">";
@@ -572,7 +663,8 @@ PYBIND11_MODULE(_C, m) {
         "N:M: meta uint8 [N, ceil(Kc*b/8)], values float [N, Kc] or a Weight from pack_int8 / pack_int4 of shape "
         "(N, Kc), Kc = ceil(K/m)*n, b = ceil(log2 m).");
   m.def("pack_csr", &pack_csr, py::arg("crow"), py::arg("col"), py::arg("values"), py::arg("scale"), py::arg("k"),
-        "CSR: crow int64 [N+1], col int32 [nnz] in [0, K), values float [nnz] or int8 [nnz] with scale float32 [N].");
+        "CSR: crow int64 [N+1], col int32 [nnz] in [0, K) and strictly increasing within each row, values float [nnz] "
+        "or int8 [nnz] with scale float32 [N].");
   m.def("linear", &linear, py::arg("x"), py::arg("weight"), py::arg("out"), py::arg("bias") = py::none(),
         py::arg("num_threads") = 1, py::arg("isa") = py::none(), py::arg("act") = py::none(),
         "out[M, N] = x[M, K] @ W^T + bias. x float32 / bfloat16 / float16 with unit stride along K (any row "

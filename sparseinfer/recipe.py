@@ -34,7 +34,7 @@ from typing import Any
 
 _QUANT = re.compile(r"^(int8|int4)(?:-(g\d+|pc))?(?:-(asym|sym))?$")
 _NM = re.compile(r"^(\d+):(\d+)$")
-_SPARSE = re.compile(r"^sparse(\d{1,2}(?:\.\d+)?)(?:-(global|layer))?$")
+_SPARSE = re.compile(r"^sparse(\d+(?:\.\d+)?)(?:-(global|layer))?$")
 DEFAULT_IGNORE = ("lm_head", "*.lm_head")
 
 
@@ -108,7 +108,8 @@ def parse_layer_recipe(text: str, methods: dict | None = None) -> LayerRecipe:
     if sparse:
         sparsity = float(sparse.group(1)) / 100
         if not 0 < sparsity < 1:
-            raise ValueError(f"recipe {text!r}: sparsity must be between 0 and 100 percent")
+            raise ValueError(f"recipe {text!r}: the sparsity of sparseXX must lie strictly between 0 and 100 percent "
+                             f"(sparse{sparse.group(1)} would keep {'every' if sparsity <= 0 else 'no'} weight)")
         if quant and quant != "int8":
             raise ValueError(f"recipe {text!r}: CSR values can be float or int8 only")
         fmt = "csr+int8" if quant else "csr"

@@ -57,6 +57,14 @@ def test_bad_recipes(bad):
         parse_layer_recipe(bad)
 
 
+@pytest.mark.parametrize("bad", ["sparse100", "sparse0", "sparse250-global", "sparse100+int8"])
+def test_sparsity_out_of_range_says_so(bad):
+    """Not the int8 / int4 message the quantization parser would give (issue 15)."""
+    with pytest.raises(ValueError, match=r"strictly between 0 and 100 percent") as err:
+        parse_layer_recipe(bad)
+    assert "int8 / int4" not in str(err.value)
+
+
 def test_global_sparsity_thresholds_all_layers_together():
     model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
     with torch.no_grad():

@@ -161,6 +161,9 @@ def test_broadcast_rows_and_empty_batch(isa, rng, rel_err):
     assert rel_err(out, reference_linear(x.contiguous(), w)) <= TOL_F32
     empty = torch.empty(0, 9)
     C.linear(torch.empty(0, 70), build_native_weight(w), empty, isa=isa)
+    for shape in [(2, 0, 70), (3, 0, 2, 70), (0, 3, 70)]:  # no rows, whatever the strides of the empty dims
+        y = si.linear(torch.ones(shape), w, backend="cpu")
+        assert y.shape == shape[:-1] + (9,) and torch.equal(y, reference_linear(torch.ones(shape), w))
 
 
 def test_threads_split_columns(rel_err, rng):
@@ -263,11 +266,13 @@ def test_linear_through_public_api(fmt, rng, rel_err):
     assert BACKENDS["cpu"].prepack(w) is handle
 
 
-def test_non_contiguous_packed_tensors_are_repacked_by_the_backend(rng, rel_err):
+def test_non_contiguous_tensors_are_stored_contiguous(rng, rel_err):
+    """A format keeps its tensors contiguous, so the kernels view the weight's own tensors (and follow
+    them when they are written in place) rather than a copy."""
     w = make_weight("int8", {"group_size": 16}, torch.float32, 6, 32, rng)
     qweight = w.qweight.T.contiguous().T  # same values, column-major
     odd = Int8Weight(qweight, w.scale, 32, 16)
-    assert not odd.qweight.is_contiguous()
+    assert odd.qweight.is_contiguous() and torch.equal(odd.qweight, qweight)
     x = torch.randn(3, 32, generator=rng)
     assert rel_err(si.linear(x, odd, backend="cpu"), reference_linear(x, w)) <= TOL_F32
 
@@ -402,6 +407,12 @@ def _u8(*shape):
         (lambda: C.pack_csr(torch.tensor([0, 1, 3]), torch.tensor([0, 5, 1], dtype=torch.int32), torch.randn(3),
                             None, 4),
          r"column index 5 at entry 1 is outside 0..3"),
+        (lambda: C.pack_csr(torch.tensor([0, 1, 3]), torch.tensor([0, 2, 2], dtype=torch.int32), torch.randn(3),
+                            None, 4),
+         r"column indices of row 1 must be strictly increasing, got 2 then 2 at entries 1, 2"),
+        (lambda: C.pack_csr(torch.tensor([0, 3, 3]), torch.tensor([1, 3, 0], dtype=torch.int32), torch.randn(3),
+                            None, 4),
+         r"row 0 must be strictly increasing, got 3 then 0"),
         (lambda: C.pack_csr(torch.tensor([0, 2, 1]), torch.tensor([0, 1], dtype=torch.int32), torch.randn(2), None, 4),
          r"crow must start at 0 and end at nnz = 2, got 0 .. 1"),
         (lambda: C.pack_csr(torch.tensor([0, 2, 1, 2]), torch.tensor([0, 1], dtype=torch.int32), torch.randn(2),

@@ -217,3 +217,38 @@ def test_from_parts_rejects_corrupt_tensors():
     bad["col"] = torch.full_like(csr.col, 99)
     with pytest.raises(ValueError, match="out of range"):
         from_parts("csr", bad, csr.shape, csr.params())
+
+
+def test_csr_columns_strictly_increase_within_a_row():
+    """A repeated column would be summed by the cpu kernels and kept once by the reference (their
+    answers would differ): from_parts refuses it, as it does columns out of order."""
+    csr = si.pack(torch.tensor([[1.0, 2.0, 0.0, 3.0], [0.0, 4.0, 5.0, 0.0], [6.0, 0.0, 0.0, 7.0]]), "csr")
+    assert csr.col.tolist() == [0, 1, 3, 1, 2, 0, 3]
+    for cols, match in [([0, 1, 3, 2, 2, 0, 3], "row 1 must be strictly increasing, got 2 then 2"),
+                        ([0, 3, 1, 1, 2, 0, 3], "row 0 must be strictly increasing, got 3 then 1"),
+                        ([0, 1, 1, 1, 2, 0, 3], "row 0 must be strictly increasing, got 1 then 1")]:
+        bad = {**csr.tensors(), "col": torch.tensor(cols, dtype=torch.int32)}
+        with pytest.raises(ValueError, match=match):
+            from_parts("csr", bad, csr.shape, {})
+    ok = {**csr.tensors(), "col": torch.tensor([0, 1, 3, 0, 3, 0, 1], dtype=torch.int32)}  # a row may restart at 0
+    assert from_parts("csr", ok, csr.shape, {}).col.tolist() == [0, 1, 3, 0, 3, 0, 1]
+
+
+@pytest.mark.parametrize("zero,match", [
+    (torch.tensor([[-3], [2], [3], [4]]), r"0\.\.15, got -3\.\.4"),  # a uint8 cast would make it 253
+    (torch.tensor([[16], [2], [3], [4]], dtype=torch.uint8), r"0\.\.15, got 2\.\.16"),
+    (torch.tensor([[1.5], [2.0], [3.0], [4.0]]), "integers"),
+    (torch.zeros(4, 2), r"shape \(4, 1\)"),
+])
+def test_given_int4_zero_points_are_checked_at_pack(zero, match):
+    w = torch.randn(4, 32)
+    with pytest.raises(ValueError, match=match):
+        si.pack(w, "int4", group_size=32, symmetric=False, scale=torch.ones(4, 1), zero=zero)
+    with pytest.raises(ValueError, match=match):  # the same through N:M values
+        si.pack(torch.randn(4, 64), "2:4+int4", group_size=32, symmetric=False, scale=torch.ones(4, 1), zero=zero)
+    good = torch.tensor([[0], [2], [8], [15]], dtype=torch.uint8)
+    packed = si.pack(w, "int4", group_size=32, symmetric=False, scale=torch.ones(4, 1), zero=good)
+    assert torch.equal(packed.zero, good)
+    assert from_parts("int4", packed.tensors(), packed.shape, packed.params()).equal(packed)  # and it loads
+    with pytest.raises(ValueError, match="symmetric=True"):
+        si.pack(w, "int4", group_size=32, scale=torch.ones(4, 1), zero=good)

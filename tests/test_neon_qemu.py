@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -139,29 +137,13 @@ def test_scalar_kernels_on_aarch64(aarch64_driver, vectors):
 
 # -- native, under AddressSanitizer + UBSan ------------------------------------------------------------
 
-def _sanitizers_available() -> str | None:
-    """None when the native compiler links -fsanitize=address,undefined, else why not."""
-    try:
-        tc = build.toolchain("native")
-    except build.ToolMissing as err:
-        return f"requires {err} (a C++ compiler; set CXX)"
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "probe.cpp"
-        src.write_text("int main() { return 0; }\n")
-        result = subprocess.run([tc.cxx, "-fsanitize=address,undefined", str(src), "-o", str(Path(tmp) / "probe")],
-                                capture_output=True, text=True)
-    if result.returncode != 0:
-        return f"requires {tc.cxx} with libasan and libubsan (-fsanitize=address,undefined): {result.stderr[-300:]}"
-    return None
-
-
 def test_native_kernels_under_sanitizers(vectors):
     """Every ISA this CPU runs (scalar, and the x86 SIMD levels it supports), fp32 and int8
     activations, with AddressSanitizer + UBSan: any out-of-bounds access, leak or undefined
     behaviour in a kernel, the dispatcher or the thread pool aborts the run."""
-    reason = _sanitizers_available()
-    if reason:
-        pytest.skip(reason)
+    missing = build.sanitizers_missing()
+    if missing:
+        pytest.skip(f"requires {missing}")
     driver = _build("native", sanitize=True)
     env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:halt_on_error=1",
            "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1"}

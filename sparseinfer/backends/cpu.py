@@ -142,8 +142,9 @@ class CpuBackend(Backend):
         return not _native._C.kernel_name(self.prepack(w), rows).endswith("_scalar")
 
     def prepack(self, w: PackedWeight):
-        """Validate and view ``w`` for the kernels now (load time); memoised on ``w``."""
-        return w.prepacked(_PREPACK_KEY, build_native_weight)
+        """Validate and view ``w`` for the kernels now (load time); memoised on ``w``. The ``_C.Weight``
+        rebuilds itself when w's tensors move or are written in place (csrc/README.md, weight lifetime)."""
+        return w.prepacked(_PREPACK_KEY, build_native_weight, self_checking=True)
 
     def linear(self, x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None, act: str | None = None) -> torch.Tensor:
         """y [..., N] = x [..., K] @ W.T + bias in x.dtype (x float32 / bfloat16 / float16, on the CPU)."""

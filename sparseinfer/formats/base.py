@@ -91,11 +91,30 @@ class PackedWeight:
         moved = {k: v.to(device) for k, v in self.tensors().items()}
         return from_parts(self.fmt, moved, self.shape, self.params())
 
-    def prepacked(self, key: str, build):
-        """Memoise a backend's repacked layout of this weight (built once, e.g. at load)."""
-        if key not in self._prepacked:
-            self._prepacked[key] = build(self)
-        return self._prepacked[key]
+    def prepacked(self, key: str, build, *, self_checking: bool = False):
+        """Memoise a backend's repacked layout of this weight, ``build(self)``, built once (e.g. at load).
+
+        A layout is derived from the tensors' memory and contents, so it is built again when one of
+        them changed since: another ``data_ptr()`` (its storage moved: ``share_memory()``, ``set_``)
+        or ``_version`` (written in place: ``load_state_dict``, ``copy_``). ``self_checking``: the layout
+        makes that check itself on every use (a ``_C.Weight``), so the memo skips it.
+        """
+        entry = self._prepacked.get(key)
+        stamp = None if self_checking else self._stamp()
+        if entry is None or entry[0] != stamp:
+            entry = self._prepacked[key] = (stamp, build(self))
+        return entry[1]
+
+    def _stamp(self) -> tuple:
+        """Where each tensor's data is and how often it was written in place (inference tensors keep no
+        version counter: only their moves are seen)."""
+        out = []
+        for t in self.tensors().values():
+            try:
+                out.append((t.data_ptr(), t._version))
+            except RuntimeError:  # "Inference tensors do not track version counter"
+                out.append((t.data_ptr(), None))
+        return tuple(out)
 
     def equal(self, other: "PackedWeight") -> bool:
         """Exact equality of format, parameters and every tensor (bit for bit)."""

@@ -3,7 +3,8 @@
 Layout (N = out_features, nnz = stored non-zeros)::
 
     crow    int64 [N + 1]   row n holds entries crow[n] .. crow[n+1]-1
-    col     int32 [nnz]     column of each entry, increasing within a row
+    col     int32 [nnz]     column of each entry, strictly increasing within a row (no repeats:
+                            backends would disagree on a repeated column, summing it or not)
     values  [nnz]           float (the weight's dtype), or int8 with
     scale   float32 [N]     a per-row scale (csr+int8, signed absmax as in int8)
 
@@ -22,7 +23,9 @@ class CSRWeight(PackedWeight):
 
     def __init__(self, crow, col, values, scale, k: int):
         super().__init__()
-        self.crow, self.col, self.values, self.scale = crow, col, values, scale
+        # contiguous: kernels view the tensors as they are (and follow them when they are written in place)
+        self.crow, self.col, self.values = crow.contiguous(), col.contiguous(), values.contiguous()
+        self.scale = None if scale is None else scale.contiguous()
         self.shape = (crow.shape[0] - 1, k)
         self.quantized = scale is not None
         self.fmt = "csr+int8" if self.quantized else "csr"
@@ -88,6 +91,7 @@ class CSRWeight(PackedWeight):
         col = check_tensor(tensors, "col", torch.int32, (nnz,), fmt)
         if nnz and (int(col.min()) < 0 or int(col.max()) >= k):
             raise ValueError(f"{fmt}: column index out of range 0..{k - 1}")
+        _check_increasing(crow, col, fmt)
         if fmt == "csr+int8":
             values = check_tensor(tensors, "values", torch.int8, (nnz,), fmt)
             scale = check_tensor(tensors, "scale", torch.float32, (rows,), fmt)
@@ -97,3 +101,17 @@ class CSRWeight(PackedWeight):
                 raise ValueError(f"{fmt}: missing or non-float tensor 'values'")
             values, scale = check_tensor(tensors, "values", values.dtype, (nnz,), fmt), None
         return cls(crow, col, values, scale, k)
+
+
+def _check_increasing(crow: torch.Tensor, col: torch.Tensor, fmt: str) -> None:
+    """Columns strictly increase within each row (crow already checked)."""
+    if col.numel() < 2:
+        return
+    first = torch.zeros(col.numel(), dtype=torch.bool, device=col.device)
+    first[crow[:-1][crow.diff() > 0]] = True  # the first entry of every non-empty row
+    bad = (col[1:] <= col[:-1]) & ~first[1:]
+    if bad.any():
+        e = int(bad.nonzero()[0]) + 1
+        row = int(torch.searchsorted(crow, torch.tensor(e, device=crow.device), right=True)) - 1
+        raise ValueError(f"{fmt}: the column indices of row {row} must be strictly increasing, got "
+                         f"{int(col[e - 1])} then {int(col[e])} (entries {e - 1}, {e})")

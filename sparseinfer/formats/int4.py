@@ -35,13 +35,27 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([lo, hi], dim=-1).reshape(*packed.shape[:-1], -1).to(torch.int32)
 
 
+def _check_zero(zero, shape, fmt: str) -> torch.Tensor:
+    """Caller-given zero points: integers 0..15 of shape [N, G] (a uint8 cast would wrap -3 to 253)."""
+    if not isinstance(zero, torch.Tensor) or tuple(zero.shape) != tuple(shape):
+        got = tuple(zero.shape) if isinstance(zero, torch.Tensor) else type(zero).__name__
+        raise ValueError(f"pack({fmt!r}): zero must be a tensor of shape {tuple(shape)} (one per group), got {got}")
+    if zero.is_floating_point() and not torch.equal(zero, zero.round()):
+        raise ValueError(f"pack({fmt!r}): zero points must be integers")
+    if zero.numel() and (zero.min() < 0 or zero.max() > 15):
+        raise ValueError(f"pack({fmt!r}): zero points must lie in 0..15, got {zero.min().item()}..{zero.max().item()}")
+    return zero.to(torch.int32)
+
+
 class Int4Weight(PackedWeight):
     kind = "int4"
     bits = 4
 
     def __init__(self, qweight, scale, zero, k: int, group_size: int | None):
         super().__init__()
-        self.qweight, self.scale, self.zero = qweight, scale, zero
+        # contiguous: kernels view the tensors as they are (and follow them when they are written in place)
+        self.qweight, self.scale = qweight.contiguous(), scale.contiguous()
+        self.zero = None if zero is None else zero.contiguous()
         self.shape = (qweight.shape[0], k)
         self.group_size = group_size  # as given to pack; None = per-channel
         self.g = qweight.shape[1] * 2 // scale.shape[1]  # effective group length
@@ -66,6 +80,11 @@ class Int4Weight(PackedWeight):
             scale = check_tensor({"scale": scale.float()}, "scale", torch.float32, groups.shape[:2], fmt)
             if not symmetric and zero is None:
                 raise ValueError(f"pack({fmt!r}): symmetric=False with a given scale needs zero as well")
+        if zero is not None:
+            if symmetric:
+                raise ValueError(f"pack({fmt!r}): zero points were given but symmetric=True (zero is 8); "
+                                 f"pass symmetric=False")
+            zero = _check_zero(zero, groups.shape[:2], fmt)
         if symmetric:
             codes, scale = symmetric_quantize(groups, 4, scale)
             codes, zero = codes + 8, None

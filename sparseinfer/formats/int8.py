@@ -23,7 +23,7 @@ class Int8Weight(PackedWeight):
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, k: int, group_size: int | None):
         super().__init__()
-        self.qweight, self.scale = qweight, scale
+        self.qweight, self.scale = qweight.contiguous(), scale.contiguous()  # kernels view them as they are
         self.shape = (qweight.shape[0], k)
         self.group_size = group_size  # as given to pack; None = per-channel
         self.g = qweight.shape[1] // scale.shape[1]  # effective group length

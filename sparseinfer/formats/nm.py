@@ -66,7 +66,9 @@ class NMWeight(PackedWeight):
 
     def __init__(self, values, meta: torch.Tensor, n: int, m: int, k: int):
         super().__init__()
-        self.values, self.meta, self.n, self.m = values, meta, n, m
+        # contiguous: kernels view the tensors as they are (and follow them when they are written in place)
+        self.values = values if isinstance(values, PackedWeight) else values.contiguous()
+        self.meta, self.n, self.m = meta.contiguous(), n, m
         self.shape = (meta.shape[0], k)
         self.kp = math.ceil(k / m) * m
         self.kc = self.kp // m * n

@@ -41,8 +41,20 @@ class CompressedLinear(nn.Module):
             self.packed = from_parts(self._fmt, tensors, (self.out_features, self.in_features), self._params)
 
     def _apply(self, fn, recurse=True):
-        out = super()._apply(fn, recurse)
-        self._rebuild()  # the buffers were replaced (device / dtype move): rebuild the packed view
+        # A cast (.half(), .to(torch.bfloat16)) reaches the packed tensors only where the format takes
+        # the new dtype (float N:M / CSR values); otherwise (float32 scales, integer codes) they keep
+        # their dtypes and only move. The bias and a device move reach everything.
+        packed = {n: getattr(self, _buffer_name(n)) for n in self._names}
+        applied = {n: fn(t) for n, t in packed.items()}
+        try:
+            from_parts(self._fmt, applied, (self.out_features, self.in_features), self._params)
+        except ValueError:  # the format fixes these dtypes: move, do not cast
+            for n, t in packed.items():
+                if applied[n].dtype != t.dtype:
+                    applied[n] = t.to(applied[n].device)
+        done = {id(packed[n]): new for n, new in applied.items()}
+        out = super()._apply(lambda t: done[id(t)] if id(t) in done else fn(t), recurse)
+        self._rebuild()  # the buffers were replaced (device or dtype): rebuild the packed view
         return out
 
     def _load_from_state_dict(self, *args, **kwargs):

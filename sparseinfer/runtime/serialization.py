@@ -30,7 +30,10 @@ Manifest (``format_version`` 1)::
      "files": {"model.safetensors": {"bytes": n, "sha256": "..."}, "program.json": {...}}}
 
 Nothing is unpickled on load: tensors come from ``safetensors.torch.load_file`` and the program
-from torch's JSON schema, deserialized with those tensors handed in as dicts. Every call site of a
+from torch's JSON schema, deserialized with those tensors handed in as dicts. Everything read is
+untrusted: manifest.py checks the manifest's field types and JSON depth, and program_check.py checks
+every operator and symbolic expression of program.json against an allow-list before torch reads it
+(torch's deserializer would resolve any operator name and hand expressions to sympy's eval). Every call site of a
 compressed layer is exported as one ``sparseinfer::packed_linear`` op (see ``ops.py``); ``load``
 replaces each by a real ``CompressedLinear`` submodule, so ``explain`` works on the loaded model
 and the backend prepacks each weight once, at load.
@@ -38,7 +41,9 @@ and the backend prepacks each weight once, at load.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import glob
 import hashlib
 import importlib
 import inspect
@@ -49,6 +54,7 @@ import shutil
 import sys
 import types
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +65,11 @@ from .._version import __version__
 from ..backends import resolve
 from ..formats import from_parts
 from . import ops  # noqa: F401  (registers torch.ops.sparseinfer.packed_linear for the deserializer)
+from .errors import ArtifactError, ExportError
 from .linear import check_act
+from .manifest import MAX_DEPTH, check_manifest, parse_json
 from .modules import CompressedConv2d, CompressedLinear, _buffer_name, set_act
+from .program_check import check_graph, check_program
 
 FORMAT = "sparseinfer-artifact"
 FORMAT_VERSION = 1
@@ -72,14 +81,6 @@ MANIFEST_ATTR = "_sparseinfer_manifest"  # set on loaded models (read by `sparse
 # registered. Modules under these prefixes may be imported to do that (HF ModelOutput).
 ALLOWED_OUTPUT_MODULES = ("transformers.",)
 _CHUNK = 1 << 20
-
-
-class ArtifactError(ValueError):
-    """A corrupt, truncated, tampered or incompatible artifact."""
-
-
-class ExportError(RuntimeError):
-    """torch.export could not capture the model's architecture."""
 
 
 # -- small helpers -----------------------------------------------------------------------------
@@ -198,9 +199,12 @@ def _default_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict):
     return {name: tree_map(_default_dim_spec, value) for name, value in bound.items()}
 
 
+_SKELETON_HINT = ("save the tensors only with save(model, path, export=False) and load them into a model you build "
+                  "yourself with load(path, model=skeleton)")
+
+
 def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes, strict: bool):
-    hint = ("save the tensors only with save(model, path, export=False) and load them into a model you build "
-            "yourself with load(path, model=skeleton)")
+    hint = _SKELETON_HINT
     if not args and not kwargs:
         raise ValueError(f"save: example_inputs are needed to export {type(model).__name__}'s architecture "
                          f"(e.g. example_inputs=(x,) or example_inputs={{'input_ids': ids}}); or {hint}")
@@ -223,6 +227,34 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes, strict:
         raise ExportError(f"save: the exported program holds non-tensor constants {bad} (custom classes) that "
                           f"cannot be stored without pickle; {hint}")
     return ep
+
+
+def _serialize_loadable(ep, model_name: str):
+    """(program, its JSON) in a form load accepts (program_check.py). torch.export's default IR keeps
+    in-place ops on intermediates (``h.add_(1)`` in forward), which the allow-list refuses; their
+    functional form (run_decompositions with no decompositions) computes the same values."""
+    from torch._export.serde.serialize import serialize
+
+    def dump(ep) -> bytes:
+        return serialize(ep, serialize_state_dict=False, serialize_constants=False,
+                         serialize_example_inputs=False).exported_program
+
+    data = dump(ep)
+    try:
+        check_program(json.loads(data))
+        return ep, data
+    except ArtifactError:
+        with warnings.catch_warnings():  # torch's own pytree deprecation inside run_decompositions
+            warnings.simplefilter("ignore", FutureWarning)
+            ep = ep.run_decompositions({})
+    data = dump(ep)
+    try:
+        check_program(json.loads(data))
+    except ArtifactError as err:
+        raise ExportError(f"save: {model_name}'s exported program could not be loaded back ({err}): a model whose "
+                          f"forward writes its buffers or inputs, or calls such operators, cannot travel as a "
+                          f"program; {_SKELETON_HINT}") from None
+    return ep, data
 
 
 def _describe_inputs(ep, args: tuple, kwargs: dict) -> dict:
@@ -307,6 +339,40 @@ def _exchange(a: Path, b: Path) -> bool:
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
+# The temporary folder of a save (`.NAME.tmp-xxxxxxxx`), and the old artifact it is replacing while the
+# two swap places without renameat2 (`.NAME.old-xxxxxxxx`): never artifacts to load.
+_IN_FLIGHT = re.compile(r"\..+\.(tmp|old)-[0-9a-f]{8}")
+
+
+@contextlib.contextmanager
+def _directory_lock(directory: Path):
+    """Saves into one directory take turns (an exclusive flock on it, released when the process ends,
+    however it ends); yields False where there is no such lock (not POSIX, or a file system without
+    flock): saves then run side by side and leave interrupted saves' folders alone."""
+    try:
+        import fcntl
+    except ImportError:
+        yield False
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            yield False
+        else:
+            yield True
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _remove_interrupted_saves(path: Path) -> None:
+    """Temporary folders that saves to ``path`` left behind when they were killed (call with the lock)."""
+    for p in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+        if _IN_FLIGHT.fullmatch(p.name) and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def _replace(tmp: Path, path: Path) -> None:
     """Move the finished temp directory into place; an existing artifact goes only now. On Linux
     the two directories are swapped atomically; elsewhere the old one is renamed aside first, so
@@ -349,28 +415,26 @@ def save(model: nn.Module, path, example_inputs=None, *, example_kwargs: dict | 
     Raises ExportError (with what to do instead) when torch.export cannot capture the model.
     """
     from safetensors.torch import save_file
-    from torch._export.serde.serialize import serialize
 
     path = Path(path)
     _check_target(path)
     try:
-        json.dumps(metadata)
-    except (TypeError, ValueError) as err:
+        text = json.dumps(metadata)
+    except (TypeError, ValueError, RecursionError) as err:
         raise ValueError(f"save: metadata must be JSON-serialisable: {err}") from None
+    parse_json(text, "save: metadata", MAX_DEPTH - 2)  # what load would refuse (it sits 2 levels down)
     state = dict(model.state_dict())
+    cls = type(model)
     program_bytes, program = None, None
     if export:
         args, kwargs = _normalize_inputs(example_inputs, example_kwargs)
-        ep = _export(model, args, kwargs, dynamic_shapes, strict)
-        program_bytes = serialize(ep, serialize_state_dict=False, serialize_constants=False,
-                                  serialize_example_inputs=False).exported_program
+        ep, program_bytes = _serialize_loadable(_export(model, args, kwargs, dynamic_shapes, strict), cls.__name__)
         program = {"file": PROGRAM, "strict": strict, "inputs": _describe_inputs(ep, args, kwargs)}
         for name, t in ep.state_dict.items():  # normally all in state_dict already
             state.setdefault(name, t)
         state.update({CONSTANT_PREFIX + name: t for name, t in ep.constants.items()})
     tensors, aliases = _dedupe(state)
     recipe = getattr(model, RECIPE_ATTR, None)
-    cls = type(model)
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__,
         "torch_version": torch.__version__,
@@ -383,23 +447,26 @@ def save(model: nn.Module, path, example_inputs=None, *, example_kwargs: dict | 
         "program": program,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "producer": f"sparseinfer {__version__}"})
-        files = {WEIGHTS: _file_digest(tmp / WEIGHTS, fsync=True)}
-        if program_bytes is not None:
-            _write_bytes(tmp / PROGRAM, program_bytes)
-            files[PROGRAM] = _file_digest(tmp / PROGRAM)
-        manifest["files"] = files
-        _write_bytes(tmp / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
-        for f in tmp.iterdir():  # safetensors creates its file 0600; give every file the usual mode
-            os.chmod(f, 0o666 & ~_umask())
-        _fsync_dir(tmp)
-        _replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with _directory_lock(path.parent) as locked:
+        if locked:  # no other save is writing here: a temporary folder of this target is an interrupted save's
+            _remove_interrupted_saves(path)
+        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp.mkdir()
+        try:
+            save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "producer": f"sparseinfer {__version__}"})
+            files = {WEIGHTS: _file_digest(tmp / WEIGHTS, fsync=True)}
+            if program_bytes is not None:
+                _write_bytes(tmp / PROGRAM, program_bytes)
+                files[PROGRAM] = _file_digest(tmp / PROGRAM)
+            manifest["files"] = files
+            _write_bytes(tmp / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+            for f in tmp.iterdir():  # safetensors creates its file 0600; give every file the usual mode
+                os.chmod(f, 0o666 & ~_umask())
+            _fsync_dir(tmp)
+            _replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return path
 
 
@@ -412,13 +479,15 @@ def read_manifest(path) -> dict:
         raise ArtifactError(f"no artifact at {str(path)!r}: the path does not exist")
     if not path.is_dir():
         raise ArtifactError(f"{str(path)!r} is not an artifact directory (expected {MANIFEST} and {WEIGHTS} in it)")
+    match = _IN_FLIGHT.fullmatch(path.name)
+    if match:
+        what = ("the temporary folder of a save that did not finish (the next save to that place removes it)"
+                if match.group(1) == "tmp" else "an artifact a save was replacing when it stopped: rename it to use it")
+        raise ArtifactError(f"{str(path)!r} is not an artifact: it is {what}")
     mpath = path / MANIFEST
     if not mpath.is_file():
         raise ArtifactError(f"{str(path)!r} has no {MANIFEST}: not a sparseinfer artifact, or an incomplete one")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ArtifactError(f"{mpath}: the manifest is not valid JSON ({err})") from None
+    manifest = parse_json(mpath.read_bytes(), f"{mpath}: the manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         fmt = manifest.get("format") if isinstance(manifest, dict) else None
         raise ArtifactError(f"{mpath}: not a sparseinfer manifest (format {fmt!r})")
@@ -435,6 +504,7 @@ def read_manifest(path) -> dict:
             raise ArtifactError(f"{mpath}: the manifest lacks {key!r} (or it is not a {kind.__name__})")
     if WEIGHTS not in manifest["files"]:
         raise ArtifactError(f"{mpath}: the manifest does not list {WEIGHTS}")
+    check_manifest(manifest, str(mpath))
     return manifest
 
 
@@ -488,7 +558,8 @@ def _read_tensors(path: Path, manifest: dict, verify: bool) -> dict[str, torch.T
 
 def verify(path) -> list[str]:
     """Check everything (file sizes and checksums, every tensor's checksum, every layer rebuilt and
-    validated); return a list of problems, empty when the artifact is sound."""
+    validated, the program's operators and expressions against the allow-list: program_check.py);
+    return a list of problems, empty when the artifact is sound."""
     path = Path(path)
     try:
         manifest = read_manifest(path)
@@ -501,6 +572,11 @@ def verify(path) -> list[str]:
             continue
         try:
             _check_file(path, name, expected, hash_it=True)
+        except ArtifactError as err:
+            problems.append(str(err))
+    if PROGRAM in manifest["files"] and (path / PROGRAM).is_file():
+        try:
+            check_program(parse_json((path / PROGRAM).read_bytes(), str(path / PROGRAM)))
         except ArtifactError as err:
             problems.append(str(err))
     try:
@@ -524,7 +600,9 @@ def _packed_layers(manifest: dict, tensors: dict) -> dict[str, tuple]:
         try:
             parts = {n: tensors[k] for n, k in e["tensors"].items()}
             packed = from_parts(e["fmt"], parts, e["shape"], e["params"])
-            bias = tensors[e["bias"]] if e.get("bias") else None
+            if packed.params() != e["params"]:  # an unknown or mistyped parameter would be read as a default
+                raise ValueError(f"params {e['params']} are not those of the format ({packed.params()})")
+            bias = tensors[e["bias"]] if e["bias"] is not None else None
             if bias is not None and tuple(bias.shape) != (packed.shape[0],):
                 raise ValueError(f"bias of shape {tuple(bias.shape)} for {packed.shape[0]} outputs")
             if e["module"] == "CompressedConv2d" and not isinstance(e.get("conv"), dict):
@@ -577,33 +655,44 @@ def _prepare_out_specs(program: dict) -> None:
 
 def _program_state(program: dict, tensors: dict) -> tuple[dict, dict]:
     """The state_dict (parameters as nn.Parameter, tied ones shared) and constants the program's
-    signature asks for."""
+    signature asks for, each of the dtype and shape the program was traced with."""
+    from torch._export.serde.serialize import _SERIALIZE_TO_TORCH_DTYPE
+
+    values = program["graph_module"]["graph"]["tensor_values"]
+
+    def need(key: str, spec: dict) -> torch.Tensor:
+        if key not in tensors:
+            raise ArtifactError(f"the exported program needs tensor {key!r}, which the artifact does not hold")
+        t, meta = tensors[key], values.get(spec["arg"]["name"])
+        if not isinstance(meta, dict):
+            raise ArtifactError(f"the exported program does not describe its input {spec['arg']['name']!r}")
+        sizes = [s.get("as_int") if isinstance(s, dict) else None for s in meta.get("sizes", [])]
+        if _SERIALIZE_TO_TORCH_DTYPE.get(meta.get("dtype")) != t.dtype or len(sizes) != t.dim() or any(
+                want is not None and want != got for want, got in zip(sizes, t.shape)):  # None: a symbolic size
+            raise ArtifactError(f"tensor {key!r} is {_dtype_name(t.dtype)} {list(t.shape)}, but the exported program "
+                                f"uses it as {_SERIALIZE_TO_TORCH_DTYPE.get(meta.get('dtype'))} {sizes}")
+        return t
+
     state, constants, params = {}, {}, {}
     for spec in program["graph_module"]["signature"]["input_specs"]:
         if "parameter" in spec:
             name = spec["parameter"]["parameter_name"]
-            t = _need(tensors, name)
+            t = need(name, spec["parameter"])
             if id(t) not in params:
                 params[id(t)] = nn.Parameter(t, requires_grad=False)
             state[name] = params[id(t)]
         elif "buffer" in spec and spec["buffer"].get("persistent", True):
             name = spec["buffer"]["buffer_name"]
-            state[name] = _need(tensors, name)
+            state[name] = need(name, spec["buffer"])
         elif "buffer" in spec:  # non-persistent buffers travel with the constants
             name = spec["buffer"]["buffer_name"]
-            constants[name] = _need(tensors, CONSTANT_PREFIX + name)
+            constants[name] = need(CONSTANT_PREFIX + name, spec["buffer"])
         elif "tensor_constant" in spec:
             name = spec["tensor_constant"]["tensor_constant_name"]
-            constants[name] = _need(tensors, CONSTANT_PREFIX + name)
+            constants[name] = need(CONSTANT_PREFIX + name, spec["tensor_constant"])
         elif "custom_obj" in spec:
             raise ArtifactError("the program needs a custom class object, which artifacts cannot hold")
     return state, constants
-
-
-def _need(tensors: dict, name: str) -> torch.Tensor:
-    if name not in tensors:
-        raise ArtifactError(f"the exported program needs tensor {name!r}, which the artifact does not hold")
-    return tensors[name]
 
 
 def _load_program(path: Path, manifest: dict, tensors: dict, layers: dict, device: torch.device,
@@ -614,10 +703,10 @@ def _load_program(path: Path, manifest: dict, tensors: dict, layers: dict, devic
     if not isinstance(manifest["program"], dict) or manifest["program"].get("file", PROGRAM) != PROGRAM or PROGRAM not in manifest["files"]:
         raise ArtifactError(f"{path}: the manifest does not list {PROGRAM} as the program")
     _check_file(path, name, manifest["files"][name], hash_it=verify_files)
-    try:
-        program = json.loads((path / name).read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ArtifactError(f"{path / name}: not valid JSON ({err})") from None
+    program = parse_json((path / name).read_bytes(), str(path / name))
+    check_program(program)  # before torch reads any of it: its deserializer trusts the names and expressions
+    # Python source that torch can exec() to check inputs: never run (the inputs' shapes are checked anyway)
+    program["guards_code"] = []
     try:
         _prepare_out_specs(program)
         state, constants = _program_state(program, tensors)
@@ -627,6 +716,7 @@ def _load_program(path: Path, manifest: dict, tensors: dict, layers: dict, devic
         raise ArtifactError(f"{path / name}: not an exported program this torch can read ({err!r})") from None
     try:
         ep = deserialize(SerializedArtifact(json.dumps(program).encode(), state, constants, b""))
+        check_graph(ep.graph_module)  # the operators torch resolved the checked names to
         if device.type != "cpu":
             from torch.export.passes import move_to_device_pass
 
@@ -666,12 +756,12 @@ def _swap_packed_calls(gm, layers: dict, backend: str | None) -> None:
     placed where the exported layer lived (its buffers' prefix)."""
     by_prefix = {}
     for name, (packed, bias, e) in layers.items():
-        by_prefix[f"{name}.linear" if e["module"] == "CompressedConv2d" else name] = (name, packed, bias)
+        by_prefix[f"{name}.linear" if e["module"] == "CompressedConv2d" else name] = (name, packed, bias, e["bias"])
     graph, built = gm.graph, {}
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not torch.ops.sparseinfer.packed_linear.default:
             continue
-        x, parts, s = node.args[0], node.args[1], json.loads(node.args[2])
+        x, parts, s = node.args[0], node.args[1], parse_json(node.args[2], "program.json: a compressed layer's spec")
         first = parts[0].target if parts and getattr(parts[0], "op", None) == "get_attr" else ""
         buf = _buffer_name(s["names"][0])
         prefix = "" if first == buf else first[: -len(buf) - 1] if first.endswith("." + buf) else None
@@ -681,10 +771,14 @@ def _swap_packed_calls(gm, layers: dict, backend: str | None) -> None:
         if not prefix:
             raise ArtifactError("a model that is itself one CompressedLinear cannot be loaded from its program; "
                                 "use load(path, model=skeleton)")
-        name, packed, bias = by_prefix[prefix]
+        name, packed, bias, bias_key = by_prefix[prefix]
         if (s["fmt"], list(s["shape"]), s["params"]) != (packed.fmt, list(packed.shape), packed.params()):
             raise ArtifactError(f"layer {name!r}: the program ({s['fmt']} {s['shape']}) and the manifest "
                                 f"({packed.fmt} {list(packed.shape)}) disagree")
+        program_bias = node.args[3] if len(node.args) > 3 else None
+        if (None if program_bias is None else getattr(program_bias, "target", "?")) != bias_key:
+            got = getattr(program_bias, "target", None)
+            raise ArtifactError(f"layer {name!r}: the program's bias ({got!r}) is not the manifest's ({bias_key!r})")
         if prefix not in built:  # a layer called twice (shared) gets one module
             built[prefix] = CompressedLinear(packed, bias, backend)
             _set_submodule(gm, prefix, built[prefix])
