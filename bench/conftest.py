@@ -52,6 +52,9 @@ def pytest_generate_tests(metafunc):
     if "kernel_case" in metafunc.fixturenames:
         cases = sibench.kernel_cases(scope)
         metafunc.parametrize("kernel_case", cases, ids=[c.id for c in cases])
+    if "sweep_case" in metafunc.fixturenames:
+        cases = sibench.sweep_cases(scope)
+        metafunc.parametrize("sweep_case", cases, ids=[c.id for c in cases])
     if "model_case" in metafunc.fixturenames:
         cases = sibench.model_cases(scope)
         metafunc.parametrize("model_case", cases, ids=[c.id for c in cases])
@@ -96,6 +99,30 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "l3_bytes": sb.l3_cache_bytes(), "cold_bytes": sb.cold_bytes_target(), "bandwidth": _bandwidth(config),
         "backends": si.backends(), "peers": _peers(),
     }
+
+
+def pytest_configure(config):
+    # The smoke scope checks paths, it does not measure them: no first-use timing of routes (the
+    # built-in tables decide) and no writes to the user's cache.
+    if bench_scope(config) == "smoke":
+        import tempfile
+
+        os.environ.setdefault("SPARSEINFER_MEASURE", "0")
+        os.environ.setdefault("SPARSEINFER_CACHE_DIR", tempfile.mkdtemp(prefix="sparseinfer-bench-cache-"))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if any(r.nodeid.startswith("bench/test_bench_sweep.py") or "test_sweep[" in r.nodeid
+           for rs in terminalreporter.stats.values() for r in rs if hasattr(r, "nodeid")):
+        for line in sibench.sweep_summary(sibench.BELOW_DENSE):
+            terminalreporter.write_line(line)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    output_json.setdefault("machine_info", {}).setdefault("sparseinfer", {})["below_dense"] = [
+        {k: p[k] for k in ("format", "act", "shape", "batch", "speedup_vs_dense", "path", "kernel")}
+        for p in sibench.BELOW_DENSE]
 
 
 def pytest_sessionfinish(session):

@@ -2,8 +2,6 @@
 
     python bench/cpu_sparse_roofline.py                 # 4096 x 4096: batch 1 cold, batch 64 hot
     python bench/cpu_sparse_roofline.py --quick         # 1024 x 1024, few rounds (a smoke run)
-    python bench/cpu_sparse_roofline.py --calibrate     # CSR / dense crossover table for this machine,
-                                                        # written to sparseinfer/backends/csr_crossover.json
 
 What runs (N x K weight ``randn * 0.05``; CSR = the same weight with the 90% smallest of each row
 zeroed; every provider on ``--threads`` threads, 2 by default):
@@ -29,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import time
@@ -42,7 +39,7 @@ import torch.nn.functional as F
 import sparseinfer as si
 from sparseinfer import _native
 from sparseinfer import benchmarking as sb
-from sparseinfer.backends import cpu_sparse
+from sparseinfer.backends import cpu_tuning
 from sparseinfer.backends.cpu import build_native_weight
 from sparseinfer.formats import from_parts
 
@@ -223,33 +220,6 @@ def targets(cases):
                 print(f"- batch {b} {mode}: {ours} vs {peer}: {p / a:.2f}× (target {want:.2f}×: {ok})")
 
 
-# -- CSR / dense crossover --------------------------------------------------------------------------
-
-def calibrate(args):
-    """Measure the crossover at 4096 x 4096 with cold weights and store it for this machine."""
-    t0 = time.time()
-    key = cpu_sparse.machine_key()
-    entry = {"machine": key, "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-             "source": f"bench/cpu_sparse_roofline.py --calibrate --threads {args.threads} (n=k={args.n})",
-             "loadavg": os.getloadavg(), "crossover": {}, "measurements": []}
-    copies = max(2, math.ceil(2 * sb.l3_cache_bytes() / (args.n * args.k)))  # dense int8 bytes per copy
-    for kind, act in [("int8", "fp32"), ("int8", "int8"), ("float", "fp32")]:
-        res = cpu_sparse.measure(kind, act, n=args.n, k=args.k, copies=copies, reps=args.rounds, budget=2.0)
-        entry["measurements"].append(res)
-        entry["crossover"][f"{kind}/{act}"] = {str(r["batch"]): r["crossover"] for r in res["rows"]}
-        print(f"{kind}/{act}: " + ", ".join(f"batch {r['batch']}: d* = {r['crossover']:.3f} (dense "
-                                            f"{r['dense_s'] * 1e6:.0f} µs)" for r in res["rows"]), flush=True)
-    entry["seconds"] = round(time.time() - t0, 1)
-    data = cpu_sparse._load_tables() or {"about": "CSR / dense crossover densities per machine: see "
-                                                  "sparseinfer/backends/cpu_sparse.py", "tables": {}}
-    data.setdefault("tables", {})[key] = entry
-    if args.write:
-        cpu_sparse.TABLE_PATH.write_text(json.dumps(data, indent=1) + "\n")
-        print(f"wrote {cpu_sparse.TABLE_PATH} [{key}]")
-    else:
-        print(json.dumps(entry["crossover"], indent=1))
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=4096)
@@ -259,8 +229,6 @@ def main():
     ap.add_argument("--hot-reps", type=int, default=3)
     ap.add_argument("--batches", default="1:cold,64:hot", help="comma list of batch:mode")
     ap.add_argument("--quick", action="store_true", help="1024 x 1024, 3 rounds")
-    ap.add_argument("--calibrate", action="store_true", help="measure the CSR / dense crossover table")
-    ap.add_argument("--write", action="store_true", help="with --calibrate: store it in csr_crossover.json")
     ap.add_argument("--json", help="write the raw results here")
     args = ap.parse_args()
     if args.quick:
@@ -268,10 +236,8 @@ def main():
         args.rounds = 3
     torch.set_num_threads(args.threads)
     C = _native.require_native()
-    print(f"# sparseinfer CPU sparse kernels: {cpu_sparse.cpu_model()}, ISA {C.active_isa()}, "
+    print(f"# sparseinfer CPU sparse kernels: {cpu_tuning.cpu_model()}, ISA {C.active_isa()}, "
           f"{args.threads} threads, torch {torch.__version__}, load average {os.getloadavg()[0]:.2f}")
-    if args.calibrate:
-        return calibrate(args)
     bw = sb.measure_bandwidth(256 << 20 if not args.quick else 64 << 20, 5)
     print(f"memory: read {bw['read_gbps']:.1f} GB/s, copy {bw['copy_gbps']:.1f} GB/s (read + write bytes); "
           f"L3 {sb.l3_cache_bytes() >> 20} MiB, cold rotation over >= {sb.cold_bytes_target() >> 20} MiB")

@@ -23,6 +23,7 @@ import copy
 import gc
 import itertools
 import json
+import math
 import subprocess
 import sys
 import warnings
@@ -109,7 +110,7 @@ def has_int8_act(backend: str, fmt_label: str) -> bool:
     """Whether the backend has an int8-activation kernel for this format (then both modes are timed)."""
     fmt, params, _ = FORMATS[fmt_label]
     w = si.pack(torch.randn(8, 256), fmt, **params)
-    return "_q8_" in BACKENDS[backend].kernel_name(w, 1, "int8")
+    return "_q8_" in BACKENDS[backend].kernel_name(w, 1, "int8")  # then the default (auto) and exact differ
 
 
 @dataclass(frozen=True)
@@ -121,17 +122,17 @@ class KernelCase:
     mode: str  # "hot" or "cold"
     fmt: str | None = None  # FORMATS label for sparseinfer
     backend: str | None = None
-    act: str | None = None  # sparseinfer's activation mode (None: the default, exact)
+    act: str | None = None  # sparseinfer's activation mode (None: the default, auto; "fp32": exact)
 
     @property
     def id(self) -> str:
-        what = f"si-{self.fmt}-{self.backend}{'-act8' if self.act == 'int8' else ''}" \
+        what = f"si-{self.fmt}-{self.backend}{'-exact' if self.act == 'fp32' else ''}" \
             if self.provider == "sparseinfer" else self.provider
         return f"{what}-{self.n}x{self.k}-b{self.batch}-{self.mode}"
 
     @property
     def backend_label(self) -> str:
-        return f"{self.backend}[int8 act]" if self.act == "int8" else self.backend
+        return f"{self.backend}[fp32 act]" if self.act == "fp32" else self.backend
 
 
 def kernel_cases(scope: str) -> list[KernelCase]:
@@ -139,7 +140,7 @@ def kernel_cases(scope: str) -> list[KernelCase]:
     shapes = SMOKE_SHAPES if scope == "smoke" else ALL_SHAPES
     batches = SMOKE_BATCHES if scope == "smoke" else BATCHES
     si_providers = [(f, b, None) for f in FORMATS for b in available_backends() if backend_runs_on_cpu(b, f)]
-    si_providers += [(f, b, "int8") for f, b, _ in si_providers if has_int8_act(b, f)]
+    si_providers += [(f, b, "fp32") for f, b, _ in si_providers if has_int8_act(b, f)]
     cases = []
     for n, k in shapes:
         for mode in MODES:
@@ -390,7 +391,7 @@ def run_kernel_case(benchmark, case: KernelCase, smoke: bool) -> dict:
     fn = (lambda: call(xin, weights[0])) if len(weights) == 1 else (lambda: call(xin, next(rotation)))
     m = case.batch
     info = {"kind": "kernel", "provider": case.provider, "format": case.fmt or kernel.label,
-            "backend": case.backend_label if case.backend else case.provider, "act": case.act or "fp32",
+            "backend": case.backend_label if case.backend else case.provider, "act": case.act or "auto",
             "kernel": kernel.kernel, "n": case.n, "k": case.k,
             "shape": f"{case.n}x{case.k}", "batch": m, "mode": case.mode, "weight_bytes": kernel.weight_bytes,
             "bytes_moved": kernel.weight_bytes + m * (case.k + case.n) * kernel.act_bytes,
@@ -522,11 +523,11 @@ class ModelCase:
     provider: str
     fmt: str | None = None
     backend: str | None = None
-    act: str | None = None  # sparseinfer's activation mode (None: the default, exact)
+    act: str | None = None  # sparseinfer's activation mode (None: the default, auto; "fp32": exact)
 
     @property
     def id(self) -> str:
-        what = f"si-{self.fmt}-{self.backend}{'-act8' if self.act == 'int8' else ''}" \
+        what = f"si-{self.fmt}-{self.backend}{'-exact' if self.act == 'fp32' else ''}" \
             if self.provider == "sparseinfer" else self.provider
         return f"{self.model}-b{self.batch}-{what}"
 
@@ -552,7 +553,7 @@ def model_cases(scope: str) -> list[ModelCase]:
         formats = SMOKE_MINILM_FORMATS if scope == "smoke" and family(model) == "minilm" else FORMATS
         for f in formats:  # a format's variants next to each other: they share one compressed model
             variants += [("sparseinfer", f, b) for b in backends]
-            variants += [("sparseinfer", f, b, "int8") for b in backends if has_int8_act(b, f)]
+            variants += [("sparseinfer", f, b, "fp32") for b in backends if has_int8_act(b, f)]
         cases += [ModelCase(model, batch, *v) for v in variants for batch in batches]
     return cases
 
@@ -725,8 +726,8 @@ def run_model_case(benchmark, case: ModelCase, smoke: bool) -> dict:
     info = {"kind": "model", "model": case.model, "batch": case.batch,
             "seq": MINILM_SEQ if family(case.model) == "minilm" else None, "provider": case.provider,
             "format": case.fmt or case.provider,
-            "backend": (f"{case.backend}[int8 act]" if case.act == "int8" else case.backend) or case.provider,
-            "act": case.act or "fp32", "weight_bytes": nbytes,
+            "backend": (f"{case.backend}[fp32 act]" if case.act == "fp32" else case.backend) or case.provider,
+            "act": case.act or "auto", "weight_bytes": nbytes,
             "sqnr_db": quality, **probe}
     benchmark.extra_info.update(info)
     benchmark.group = f"model {case.model} b{case.batch}"
@@ -741,8 +742,116 @@ def run_model_case(benchmark, case: ModelCase, smoke: bool) -> dict:
     return info
 
 
+# -- dispatch sweep: never slower than dense ---------------------------------------------------------
+# Every format x act mode at M = 1, 8, 33, 128, 256, 2048 on the MiniLM / BERT shapes and 4096 x 4096,
+# on the active ISA (SPARSEINFER_ISA=avx2 sweeps AVX2), through si.linear as a model calls it (routes,
+# dense fallback and all), timed against torch fp32 F.linear on the same (dequantized) weight,
+# interleaved round by round. Points below dense are flagged in the JSON and printed at the end.
+# act "int8" selects as "auto" does (tests/test_act.py checks it bit for bit), so it is not swept.
+
+SWEEP_SHAPES = SHAPES["minilm"] + SHAPES["bert-base"] + [(4096, 4096)]
+SWEEP_BATCHES = (1, 8, 33, 128, 256, 2048)
+SWEEP_ACTS = ("fp32", "auto")
+SMOKE_SWEEP_SHAPES = [(384, 384), (384, 1536)]
+SMOKE_SWEEP_BATCHES = (1, 33)
+SWEEP_ROUNDS = 5
+SWEEP_BUDGET_S = 2.0  # timing per point, both providers: no round starts past it
+BELOW_DENSE: list[dict] = []  # flagged points of this session (printed by conftest's summary)
+
+
+@dataclass(frozen=True)
+class SweepCase:
+    fmt: str
+    act: str
+    n: int
+    k: int
+    batch: int
+
+    @property
+    def id(self) -> str:
+        return f"sweep-{self.fmt}-{self.act}-{self.n}x{self.k}-m{self.batch}"
+
+
+def sweep_cases(scope: str) -> list[SweepCase]:
+    if "cpu" not in available_backends():
+        return []
+    shapes = SMOKE_SWEEP_SHAPES if scope == "smoke" else SWEEP_SHAPES
+    batches = SMOKE_SWEEP_BATCHES if scope == "smoke" else SWEEP_BATCHES
+    return [SweepCase(f, a, n, k, m) for n, k in shapes for f in FORMATS for a in SWEEP_ACTS for m in batches]
+
+
+def run_sweep_case(benchmark, case: SweepCase, smoke: bool) -> dict:
+    """Check si.linear against the exact product, time it against dense fp32 (interleaved), and
+    flag the point when it is slower. Returns the extra_info."""
+    from sparseinfer.backends import cpu_routes
+
+    if not smoke:  # the steady state: every shape measured once (a user's cache after a few runs)
+        cpu_routes.MEASURE_BUDGET_S = math.inf
+    n, k, m = case.n, case.k, case.batch
+    w = packed_weight(n, k, case.fmt)
+    dense = dequantized_weight(n, k, case.fmt)
+    x = activations(m, k)
+    ours = lambda: si.linear(x, w, act=case.act)  # noqa: E731
+    base = lambda: F.linear(x, dense)  # noqa: E731
+    err = check(ours(), x @ dense.T, TOL_FP32 if case.act == "fp32" else TOL_INT8_ACT, case.id)  # also decides the route
+    route = BACKENDS["cpu"].route(w, m, case.act)
+    rounds = 1 if smoke else SWEEP_ROUNDS
+    times = cpu_routes.time_interleaved({"si": ours, "dense": base}, rounds, 0.0 if smoke else SWEEP_BUDGET_S)
+    ratio = times["dense"] / times["si"]
+    info = {"kind": "sweep", "provider": "sparseinfer", "format": case.fmt, "backend": "cpu", "act": case.act,
+            "isa": si.backends()["cpu"]["detail"].split("ISA ")[1].split(" ")[0], "n": n, "k": k,
+            "shape": f"{n}x{k}", "batch": m, "path": route.path, "kernel": route.kernel, "act_runs": route.act,
+            "why": route.why, "si_s": times["si"], "dense_s": times["dense"], "speedup_vs_dense": ratio,
+            "below_dense": ratio < 1.0, "rel_err": err, "single_shot": smoke}
+    if ratio < 1.0:
+        BELOW_DENSE.append(info)
+    benchmark.extra_info.update(info)
+    benchmark.group = f"sweep {n}x{k} m{m}"
+    benchmark.pedantic(ours, rounds=1, iterations=1, warmup_rounds=0)  # the JSON's own timing: one call
+    return info
+
+
+def sweep_summary(points: list[dict]) -> list[str]:
+    if not points:
+        return ["dispatch sweep: no point below dense fp32"]
+    lines = [f"dispatch sweep: {len(points)} point(s) below dense fp32 (speed vs torch fp32; path, kernel):"]
+    for p in sorted(points, key=lambda p: p["speedup_vs_dense"]):
+        lines.append(f"  {p['format']:14s} act={p['act']:4s} {p['shape']:>9s} M={p['batch']:<5d} "
+                     f"{p['speedup_vs_dense']:.2f}x  {p['path']}: {p['kernel']}")
+    return lines
+
+
+def sweep_table(results_json: str) -> str:
+    """Markdown: one row per shape x format x act, one column per M: speed vs dense fp32 (bold
+    below 1; "ᵈ": the dense fallback ran, "ⁱ": the dense int8 kernels)."""
+    data = json.loads(Path(results_json).read_text())
+    pts = [b["extra_info"] for b in data["benchmarks"] if b.get("extra_info", {}).get("kind") == "sweep"]
+    ms = sorted({p["batch"] for p in pts})
+    rows = sorted({(p["n"], p["k"], p["format"], p["act"]) for p in pts},
+                  key=lambda r: (r[0] * r[1], r[0], list(FORMATS).index(r[2]), r[3]))
+    by = {(p["n"], p["k"], p["format"], p["act"], p["batch"]): p for p in pts}
+    mark = {"dense": "ᵈ", "dense_int8": "ⁱ"}
+
+    def cell(p):
+        if p is None:
+            return ""
+        r = f"{p['speedup_vs_dense']:.2f}" + mark.get(p["path"], "")
+        return f"**{r}**" if p["below_dense"] else r
+
+    out = ["| shape | format | act | " + " | ".join(f"M={m}" for m in ms) + " |",
+           "| --- | --- | --- |" + " ---: |" * len(ms)]
+    out += [f"| {n}×{k} | {f} | {a} | " + " | ".join(cell(by.get((n, k, f, a, m))) for m in ms) + " |"
+            for n, k, f, a in rows]
+    below = [p for p in pts if p["below_dense"]]
+    out.append(f"\n{len(below)} of {len(pts)} points below dense fp32 "
+               f"({sum(p['path'] != 'kernel' for p in below)} of them on a dense path).")
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "memprobe":
         _memprobe_main(sys.argv[2])
+    elif len(sys.argv) == 3 and sys.argv[1] == "sweep-table":
+        print(sweep_table(sys.argv[2]))
     else:
-        sys.exit("usage: python sibench.py memprobe '<json case>'")
+        sys.exit("usage: python sibench.py memprobe '<json case>' | sweep-table RESULTS.json")

@@ -488,16 +488,17 @@ bool overlaps(const Tensor& a, const Tensor& b) {
 
 // -- int8 activations ---------------------------------------------------------------------------------
 
+// None is "auto" (sparseinfer.act resolves SPARSEINFER_ACT before it calls; the extension reads no
+// environment for the mode).
 ActMode resolve_act(const py::object& act) {
-  ActMode mode;
-  if (act.is_none()) {
-    std::string error;
-    if (!default_act_mode(&mode, &error)) value_error(error);
-    return mode;
-  }
+  ActMode mode = ActMode::auto_;
+  if (act.is_none()) return mode;
   if (!py::isinstance<py::str>(act)) type_error("act must be a string or None");
-  if (!parse_act_mode(act.cast<std::string>(), &mode))
-    value_error("unknown act '" + act.cast<std::string>() + "'; use fp32 (exact) or int8 (fast)");
+  if (!parse_act_mode(act.cast<std::string>(), &mode)) {
+    std::string known;
+    for (const std::string& n : act_mode_names()) known += (known.empty() ? "" : ", ") + n;
+    value_error("unknown act '" + act.cast<std::string>() + "'; use one of " + known);
+  }
   return mode;
 }
 
@@ -602,7 +603,10 @@ py::object linear(py::handle x_obj, Weight& w, py::handle out_obj, py::handle bi
   const Isa isa = resolve_isa(isa_obj);
   call.act = resolve_act(act_obj);
   ensure_current(w);  // after every other Python call: nothing runs between this and the kernel
-  if (call.act == ActMode::int8) ensure_qtiles(w);
+  if (const uint64_t bits = act_call_bits(call.act)) {  // build the int8-activation layout only if it runs
+    const KernelImpl* k = select_kernel(w.view.id, isa, M, bits);
+    if (k && (k->requires & kCallInt8Act)) ensure_qtiles(w);
+  }
 
   const KernelImpl* kernel = nullptr;
   Status s;
@@ -619,6 +623,28 @@ py::object linear(py::handle x_obj, Weight& w, py::handle out_obj, py::handle bi
     if (s == Status::out_of_memory) throw std::bad_alloc();
     throw std::runtime_error(msg);
   }
+  return py::reinterpret_borrow<py::object>(out_obj);
+}
+
+// out[r - row_begin, :] = row r of w dequantized, r in [row_begin, row_end): the dense fallback's tiles.
+py::object dequantize(Weight& w, int64_t row_begin, int64_t row_end, py::handle out_obj, int64_t num_threads) {
+  if (row_begin < 0 || row_end > w.view.N || row_begin >= row_end)
+    value_error("dequantize: rows " + std::to_string(row_begin) + ":" + std::to_string(row_end) + " are not within 0:" +
+                std::to_string(w.view.N) + " of " + w.desc());
+  Tensor out = inspect(out_obj, "out");
+  check_dtype(out, {DType::f32});
+  check_shape(out, {row_end - row_begin, w.view.K}, "the rows asked for and K of " + w.desc());
+  check_contiguous(out);
+  if (num_threads < 1) value_error("num_threads must be >= 1, got " + std::to_string(num_threads));
+  Status s;
+  {
+    const WeightView view = w.view;
+    py::gil_scoped_release release;
+    s = dequantize_rows(view, row_begin, row_end, reinterpret_cast<float*>(out.ptr), w.view.K,
+                        int(num_threads < 4096 ? num_threads : 4096));
+  }
+  if (s != Status::ok) throw std::runtime_error(std::string("sparseinfer._C.dequantize: ") + status_message(s) + " for " +
+                                                w.desc());
   return py::reinterpret_borrow<py::object>(out_obj);
 }
 
@@ -669,9 +695,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("num_threads") = 1, py::arg("isa") = py::none(), py::arg("act") = py::none(),
         "out[M, N] = x[M, K] @ W^T + bias. x float32 / bfloat16 / float16 with unit stride along K (any row "
         "stride); out preallocated, x's dtype, unit stride along N; bias [N] float or None. Runs on the active "
-        "ISA unless isa names another available one. act: 'fp32' (exact) or 'int8' (int8 / int4 weights: x "
-        "quantized per call, integer dot products; see csrc/README.md), None = SPARSEINFER_ACT or fp32. "
+        "ISA unless isa names another available one. act: 'fp32' (exact), 'int8' (int8 / int4 weights: x may be "
+        "quantized per call, integer dot products; see csrc/README.md) or 'auto' (= None: int8 activations where "
+        "the table's first matching row takes them). "
         "Returns out.");
+  m.def("dequantize", &dequantize, py::arg("weight"), py::arg("row_begin"), py::arg("row_end"), py::arg("out"),
+        py::arg("num_threads") = 1,
+        "out[row_end - row_begin, K] (float32, contiguous) = rows row_begin:row_end of the weight dequantized: "
+        "exactly to_dense()'s values. Returns out.");
   m.def("threading", [] { return std::string(threading_name()); },
         "Which threads split a call: the host's OpenMP team (torch's, when loaded) or sparseinfer's own pool.");
   m.def("kernel_table", [](const py::object& isa_obj) {
@@ -686,15 +717,19 @@ PYBIND11_MODULE(_C, m) {
         return rows;
       }, py::arg("isa") = py::none(),
       "The kernel rows a call on `isa` tries, in order: name, family, isa, max_m (in force), builtin_max_m, "
-      "int8_act (needs act='int8').");
+      "int8_act (needs act='auto' or 'int8').");
   m.def("set_batch_limit", [](const std::string& name, int64_t max_m) {
         if (!set_batch_limit(name, max_m)) value_error("set_batch_limit: no kernel named '" + name + "'");
       }, py::arg("name"), py::arg("max_m"),
       "Replace a kernel row's batch limit (calls with M <= max_m may run it); max_m < 0 restores the built-in one.");
   m.def("kernel_name", &kernel_name, py::arg("weight"), py::arg("batch"), py::arg("isa") = py::none(),
         py::arg("act") = py::none(), "The kernel a call with `batch` rows (and activation mode act) would run.");
-  m.def("default_act", [] { return act_mode_name(resolve_act(py::none())); },
-        "The activation mode of calls that name none: SPARSEINFER_ACT (fp32 / exact, int8 / fast), else fp32.");
+  m.def("act_modes", [] {
+        py::tuple t(act_mode_names().size());
+        for (size_t i = 0; i < act_mode_names().size(); ++i) t[i] = act_mode_names()[i];
+        return t;
+      },
+        "The activation modes `act` accepts (the same set as sparseinfer.act.ACT_MODES).");
   m.def("available_isas", [] { return names(available_isas()); },
         "ISAs this build has kernels for and this CPU runs, scalar first.");
   m.def("compiled_isas", [] { return names(compiled_isas()); }, "ISA groups compiled into this build.");

@@ -363,42 +363,30 @@ bool active_isa(Isa* out, std::string* error) {
 
 // -- activation modes -----------------------------------------------------------------------------
 
+// The one set of names, in sparseinfer/act.py's order (tests/test_act.py checks they agree).
+const std::vector<std::string>& act_mode_names() {
+  static const std::vector<std::string> names = {"auto", "fp32", "int8"};
+  return names;
+}
+
 bool parse_act_mode(const std::string& name, ActMode* out) {
-  if (name == "fp32" || name == "exact") return *out = ActMode::fp32, true;
-  if (name == "int8" || name == "fast") return *out = ActMode::int8, true;
+  if (name == "auto") return *out = ActMode::auto_, true;
+  if (name == "fp32") return *out = ActMode::fp32, true;
+  if (name == "int8") return *out = ActMode::int8, true;
   return false;
 }
 
-const char* act_mode_name(ActMode mode) { return mode == ActMode::int8 ? "int8" : "fp32"; }
-
-namespace {
-
-struct DefaultAct {
-  ActMode mode = ActMode::fp32;
-  std::string error;
-};
-
-DefaultAct resolve_default_act() {
-  DefaultAct r;
-  const char* env = std::getenv("SPARSEINFER_ACT");
-  if (env && *env && !parse_act_mode(env, &r.mode))
-    r.error = std::string("SPARSEINFER_ACT='") + env + "' is not an activation mode; use fp32 (exact) or int8 (fast)";
-  return r;
-}
-
-}  // namespace
-
-bool default_act_mode(ActMode* out, std::string* error) {
-  static const DefaultAct act = resolve_default_act();  // the environment is read once
-  if (!act.error.empty()) {
-    if (error) *error = act.error;
-    return false;
+const char* act_mode_name(ActMode mode) {
+  switch (mode) {
+    case ActMode::auto_: return "auto";
+    case ActMode::int8: return "int8";
+    default: return "fp32";
   }
-  *out = act.mode;
-  return true;
 }
 
-uint64_t act_call_bits(ActMode mode) { return mode == ActMode::int8 ? uint64_t(kCallInt8Act) : 0; }
+// auto and int8 select alike: the tables list an int8-activation row only where it beats the exact
+// rows after it (batch limits), so "int8 where it is faster" is the first matching row either way.
+uint64_t act_call_bits(ActMode mode) { return mode == ActMode::fp32 ? 0 : uint64_t(kCallInt8Act); }
 
 // Batch limits measured on the machine at run time (set_batch_limit) replace the tables' built-in
 // ones: per level and row, 0 = the table's max_m, else limit + 1. Relaxed atomics: a call racing a
@@ -469,8 +457,11 @@ QuantizeActFn select_quantize(Isa isa) {
   return quantize_act_scalar;
 }
 
-// Below this many multiply-adds per thread, waking another thread costs more than it saves.
-constexpr int64_t kMinWorkPerThread = int64_t(1) << 16;
+// Below this many multiply-adds per thread, waking another thread costs more than it saves: a
+// fork-join is ~10 us when the helper sleeps, and 1M multiply-adds take ~15-50 us on one core (with
+// 64K, calls of ~10 us went to two threads and ran slower than on one, and waited on a busy
+// machine: bench/README.md, "Shared cores").
+constexpr int64_t kMinWorkPerThread = int64_t(1) << 20;
 // Column chunks are multiples of this, so SIMD kernels see whole register tiles except at the end.
 constexpr int64_t kColumnAlign = 16;
 

@@ -15,6 +15,7 @@
 
 #if !defined(_WIN32)
 #include <pthread.h>
+#include <sched.h>
 #endif
 #if defined(__linux__)
 #include <dlfcn.h>
@@ -43,6 +44,19 @@ inline void cpu_relax() {
 #elif defined(__aarch64__)
   __asm__ __volatile__("yield");
 #endif
+}
+
+inline void yield_cpu() {
+#if !defined(_WIN32)
+  sched_yield();
+#else
+  std::this_thread::yield();
+#endif
+}
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
 }
 
 // Spins until done() or spin_ns() pass; true if done() became true.
@@ -83,12 +97,19 @@ class ThreadPool {
       ++generation_;
     }
     cv_work_.notify_all();
-    drain();  // the caller takes tasks too
-    // Wait until every helper that joined this generation has finished its last task.
-    spin_until([&] { return active_.load(std::memory_order_acquire) == 0; });
-    std::unique_lock<std::mutex> lk(mu_);
-    cv_done_.wait(lk, [&] { return active_ == 0; });
-    wanted_ = 0;  // late wakers of this generation find nothing to do
+    drain();  // the caller takes tasks too, so a helper that is slow to wake costs nothing
+    // Wait until every helper that joined this generation has finished its last task: spin, then
+    // yield the core rather than sleep (a helper preempted mid-task may be waiting for this very
+    // core; a futex sleep would add a wake-up to the critical path).
+    for (;;) {
+      if (!spin_until([&] { return active_.load(std::memory_order_acquire) == 0; }))
+        while (active_.load(std::memory_order_acquire) != 0) yield_cpu();
+      std::lock_guard<std::mutex> lk(mu_);
+      if (active_ == 0) {  // checked under mu_: a helper joining now would still see wanted_ > 0
+        wanted_ = 0;       // late wakers of this generation find nothing to do
+        return;
+      }
+    }
   }
 
  private:
@@ -113,13 +134,13 @@ class ThreadPool {
       lk.unlock();
       drain();
       lk.lock();
-      if (--active_ == 0) cv_done_.notify_one();
+      --active_;
     }
   }
 
   std::mutex region_mu_;  // held by the thread whose run is in flight
   std::mutex mu_;         // guards everything below except next_
-  std::condition_variable cv_work_, cv_done_;
+  std::condition_variable cv_work_;
   std::vector<std::thread> workers_;
   // Written under mu_; atomic so that spinning threads may read them without it.
   std::atomic<uint64_t> generation_{0};
@@ -186,12 +207,34 @@ struct TeamRun {
   TaskFn fn;
   void* ctx;
   int64_t n_tasks;
+  std::thread::id caller;
   std::atomic<int64_t> next{0};
+  int64_t caller_done_ns = 0;  // when the caller ran out of tasks (the rest is the team's barrier)
 };
 
 void team_body(void* p) {  // every team member claims tasks until none is left
   TeamRun* r = static_cast<TeamRun*>(p);
   claim_tasks(r->fn, r->ctx, r->n_tasks, r->next);
+  if (std::this_thread::get_id() == r->caller) r->caller_done_ns = now_ns();
+}
+
+// -- shared cores ---------------------------------------------------------------------------------
+// An OpenMP region ends at a barrier that waits for every team member, including one that has not
+// even been scheduled yet: when another process holds the cores, a 20 us call waited whole
+// scheduler slices (bench/README.md, "Shared cores": ~100x dense). The caller notices, because it
+// took every task itself and still waited at the barrier; then, for a while, calls run on
+// sparseinfer's own pool instead, whose caller never waits for a helper that has not started a
+// task; then the team is tried again.
+constexpr int64_t kLateBarrierNs = 200 * 1000;        // a barrier wait this long means shared cores
+constexpr int64_t kSharedHoldNs = 200 * 1000 * 1000;  // how long the pool serves after one
+std::atomic<int64_t> g_shared_until{0};
+
+bool cores_shared() { return now_ns() < g_shared_until.load(std::memory_order_relaxed); }
+
+void note_team_wait(int64_t start_ns, int64_t caller_done_ns, int64_t end_ns) {
+  const int64_t waited = end_ns - caller_done_ns, worked = caller_done_ns - start_ns;
+  if (waited > kLateBarrierNs && waited > worked)
+    g_shared_until.store(end_ns + kSharedHoldNs, std::memory_order_relaxed);
 }
 
 // The child of a fork() has none of the parent's threads: it forgets the pool (leaked on purpose,
@@ -221,14 +264,20 @@ void parallel_run(int64_t n_tasks, int max_threads, TaskFn fn, void* ctx) {
     return;
   }
   install_fork_handler();
-  if (GompParallel parallel = host_openmp()) {
-    TeamRun run{fn, ctx, n_tasks};
+  GompParallel parallel = host_openmp();
+  if (parallel && !cores_shared()) {
+    TeamRun run{fn, ctx, n_tasks, std::this_thread::get_id()};
+    const int64_t start = now_ns();
     parallel(team_body, &run, unsigned(std::min<int64_t>(n_tasks, max_threads)), 0);
+    if (run.caller_done_ns) note_team_wait(start, run.caller_done_ns, now_ns());
     return;
   }
   pool().run(n_tasks, max_threads, fn, ctx);
 }
 
-const char* threading_name() { return host_openmp() ? "the host's OpenMP team" : "sparseinfer's thread pool"; }
+const char* threading_name() {
+  return host_openmp() ? "the host's OpenMP team (sparseinfer's pool while the cores are shared)"
+                       : "sparseinfer's thread pool";
+}
 
 }  // namespace sparseinfer

@@ -102,7 +102,8 @@ def compress(model: nn.Module, recipe=None, calib=None, *, inplace: bool = False
 class Explanation(list):
     """Rows (dicts) describing each compressed layer; prints as a table."""
 
-    COLUMNS = ("layer", "format", "shape", "packed_bytes", "dense_bytes", "ratio", "backend", "kernel")
+    COLUMNS = ("layer", "format", "shape", "packed_bytes", "dense_bytes", "ratio", "backend", "kernel", "path", "act",
+               "why")
 
     def __str__(self) -> str:
         rows = [[str(r[c]) for c in self.COLUMNS] for r in self]
@@ -115,8 +116,10 @@ class Explanation(list):
 
 
 def explain(model: nn.Module, batch: int = 1, dtype: torch.dtype = torch.float32) -> Explanation:
-    """Per compressed layer: format, packed vs fp32 bytes, and the backend and kernel a call with
-    ``batch`` rows of ``dtype`` activations would use on the layer's device."""
+    """Per compressed layer: format, packed vs fp32 bytes, and what a call with ``batch`` rows of
+    ``dtype`` activations would run on the layer's device: backend, kernel, path ("kernel", or the
+    "dense" fallback / "dense_int8" where that was measured faster), the activation precision that
+    runs (act) and why (measured times or the table and rule that decided, and the act mode)."""
     rows = Explanation()
     for name, module in model.named_modules():
         if not isinstance(module, CompressedLinear):
@@ -127,5 +130,5 @@ def explain(model: nn.Module, batch: int = 1, dtype: torch.dtype = torch.float32
         rows.append({"layer": name, "format": w.fmt, "shape": f"{w.shape[0]}x{w.shape[1]}",
                      "packed_bytes": w.nbytes, "dense_bytes": w.dense_nbytes,
                      "ratio": f"{w.dense_nbytes / w.nbytes:.2f}x", "backend": b.name,
-                     "kernel": b.kernel_name(w, batch, module.act)})
+                     **b.describe(w, batch, module.act)})
     return rows

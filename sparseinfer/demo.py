@@ -133,7 +133,7 @@ def run(n_sentences: int = 256, recipes=DEFAULT_RECIPES, batch_size: int = 64, r
     out(f"all-MiniLM-L6-v2 on {len(texts)} sentences from pydoc_data.topics; latency = median of {repeats} "
         f"forward passes over a batch of {timed['input_ids'].shape[0]} (and of {5 * repeats} over one sentence, "
         f"{single['input_ids'].shape[1]} tokens); compressed layers' activations: "
-        f"{act or 'the default (SPARSEINFER_ACT, else fp32)'}\nbackends: {avail}")
+        f"{act or 'the default (SPARSEINFER_ACT, else auto)'}\nbackends: {avail}")
 
     # one progress step per forward pass (and per compression), so a slow backend still shows motion
     steps = (1 + len(recipes)) * (len(batches) + repeats) + len(recipes)

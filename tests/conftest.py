@@ -10,13 +10,22 @@ The header line says which native ISAs were built, so a failure report shows wha
 
 from __future__ import annotations
 
+import os
 import random
+import tempfile
 import zlib
 
 import pytest
 import torch
 
 SEED = 0
+
+# Dispatch in tests is deterministic: the CPU backend follows its built-in tables (no first-use
+# timing, which could pick another path from run to run), and nothing reads or writes the user's
+# ~/.cache/sparseinfer. Set here, before sparseinfer is imported, so subprocesses inherit it; the
+# tests of the measuring itself (test_cpu_routes.py) turn it back on with injected timings.
+os.environ["SPARSEINFER_MEASURE"] = "0"
+os.environ["SPARSEINFER_CACHE_DIR"] = tempfile.mkdtemp(prefix="sparseinfer-test-cache-")
 
 
 def _native_summary() -> str:

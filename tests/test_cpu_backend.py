@@ -101,7 +101,7 @@ def make_x(m: int, k: int, dtype: torch.dtype, strided: bool, g: torch.Generator
 
 def run_native(x, w, bias, isa):
     out = torch.full((x.shape[0], w.shape[0]), float("nan"), dtype=x.dtype)
-    C.linear(x, build_native_weight(w), out, bias, num_threads=torch.get_num_threads(), isa=isa)
+    C.linear(x, build_native_weight(w), out, bias, num_threads=torch.get_num_threads(), isa=isa, act="fp32")
     return out
 
 
@@ -120,7 +120,7 @@ def test_matches_reference(isa, case, k, n, rng, rel_err):
             bias = torch.randn(n, generator=rng) if (i + j) % 3 != 2 else None
             x = make_x(m, k, dtype, strided, rng)
             out = torch.full((m, n), float("nan"), dtype=dtype)
-            C.linear(x, handle, out, bias, num_threads=torch.get_num_threads(), isa=isa)
+            C.linear(x, handle, out, bias, num_threads=torch.get_num_threads(), isa=isa, act="fp32")
             ref = reference_linear(x, w, bias)
             where = (f"{fmt} {params} w:{wdtype} isa={isa} M={m} N={n} K={k} x:{dtype} "
                      f"strided={strided} bias={bias is not None}")
@@ -174,7 +174,7 @@ def test_threads_split_columns(rel_err, rng):
     ref = reference_linear(x, w)
     for threads in (1, 2, 3, 7):
         out = torch.full((4, 1000), float("nan"))
-        C.linear(x, handle, out, None, num_threads=threads)
+        C.linear(x, handle, out, None, num_threads=threads, act="fp32")
         assert rel_err(out, ref) <= TOL_F32, f"num_threads={threads}"
 
 
@@ -211,7 +211,7 @@ def test_threading_host_openmp_own_pool_and_fork():
         assert outs[flag][1] == "0", f"forked child failed (SPARSEINFER_OPENMP={flag}): {outs[flag]}"
     assert outs["0"][0] == "sparseinfer's thread pool"
     if sys.platform.startswith("linux"):
-        assert outs["1"][0] == "the host's OpenMP team"
+        assert outs["1"][0].startswith("the host's OpenMP team")
     assert outs["0"][2] == outs["1"][2]  # the split never changes a bit
 
 
@@ -227,7 +227,7 @@ def test_concurrent_callers(rel_err, rng):
     def call(x):
         out = torch.full((3, 300), float("nan"))
         for _ in range(5):
-            C.linear(x, handle, out, None, num_threads=2)
+            C.linear(x, handle, out, None, num_threads=2, act="fp32")
         return out
 
     with ThreadPoolExecutor(4) as pool:
@@ -258,7 +258,7 @@ def test_linear_through_public_api(fmt, rng, rel_err):
     w = make_weight(fmt, params, torch.float32, 12, 64, rng)
     x = torch.randn(2, 64, 5, generator=rng).transpose(1, 2)  # [2, 5, 64], stride 1 along dim 1
     bias = torch.randn(12, generator=rng).double()
-    y = si.linear(x, w, bias, backend="cpu")
+    y = si.linear(x, w, bias, backend="cpu", act="fp32")
     assert y.shape == (2, 5, 12) and y.dtype == torch.float32
     assert rel_err(y, reference_linear(x.reshape(-1, 64), w, bias).reshape(2, 5, 12)) <= TOL_F32
     handle = BACKENDS["cpu"].prepack(w)
@@ -274,7 +274,7 @@ def test_non_contiguous_tensors_are_stored_contiguous(rng, rel_err):
     odd = Int8Weight(qweight, w.scale, 32, 16)
     assert odd.qweight.is_contiguous() and torch.equal(odd.qweight, qweight)
     x = torch.randn(3, 32, generator=rng)
-    assert rel_err(si.linear(x, odd, backend="cpu"), reference_linear(x, w)) <= TOL_F32
+    assert rel_err(si.linear(x, odd, backend="cpu", act="fp32"), reference_linear(x, w)) <= TOL_F32
 
 
 def test_autograd_is_left_to_the_reference():
@@ -311,7 +311,7 @@ def test_linear_takes_leading_dims(rng, rel_err):
     base = torch.randn(4, 2, 5, 64, generator=rng)
     for x in (base, base[1:3], base[:, :, 1], base[..., 0:1, :], torch.randn(64, generator=rng)):
         out = torch.full((*x.shape[:-1], 8), float("nan"))
-        C.linear(x, h, out, None, num_threads=2)
+        C.linear(x, h, out, None, num_threads=2, act="fp32")
         ref = reference_linear(x.reshape(-1, 64), w).reshape(out.shape)
         assert rel_err(out, ref) < TOL_F32, tuple(x.shape)
 
@@ -453,13 +453,13 @@ def test_introspection():
     w = build_native_weight(si.pack(torch.randn(4, 30), "2:4+int4", group_size=None))
     assert w.fmt == "2:4+int4" and w.shape == (4, 30) and "2:4+int4" in repr(w)
     for isa in ISAS:
-        assert C.kernel_name(w, 1, isa=isa).startswith("nm_int4_")
+        assert C.kernel_name(w, 1, isa=isa, act="fp32").startswith("nm_int4_")
     # Dispatch by ISA and batch: a level without a kernel for a format or batch falls back below it.
     w8 = build_native_weight(si.pack(torch.randn(4, 32), "int8"))
-    assert C.kernel_name(w8, 17, isa="scalar") == "int8_gemm_scalar"
+    assert C.kernel_name(w8, 17, isa="scalar", act="fp32") == "int8_gemm_scalar"
     if "avx2" in ISAS:
-        assert C.kernel_name(w8, 1, isa="avx2") == "int8_gemv_avx2"
-        assert C.kernel_name(w8, 17, isa="avx2") == "int8_gemm_avx2"
+        assert C.kernel_name(w8, 1, isa="avx2", act="fp32") == "int8_gemv_avx2"
+        assert C.kernel_name(w8, 17, isa="avx2", act="fp32") == "int8_gemm_avx2"
 
 
 # -- SPARSEINFER_ISA ----------------------------------------------------------------------------------

@@ -94,7 +94,7 @@ def gemv_or_gemm(limit, prefix):
 
 def nm_limit(handle):
     """The largest batch the avx2 table sends to the gemv kernel (the rest go to the gemm one)."""
-    return max(m for m in range(1, 65) if "gemv" in C.kernel_name(handle, m, isa=SIMD[0]))
+    return max(m for m in range(1, 65) if "gemv" in C.kernel_name(handle, m, isa=SIMD[0], act="fp32"))
 
 
 # -- N:M -------------------------------------------------------------------------------------------
@@ -395,54 +395,51 @@ def test_kernel_names():
         params = {"group_size": None} if "int4" in fmt else {}
         w = build_native_weight(si.pack(torch.randn(16, 64), fmt, **params))
         for isa in SIMD:
-            assert C.kernel_name(w, 1, isa=isa).startswith(f"{family}_gemv_"), (fmt, isa)
-            assert C.kernel_name(w, 64, isa=isa).startswith(f"{family}_gemm_"), (fmt, isa)
+            assert C.kernel_name(w, 1, isa=isa, act="fp32").startswith(f"{family}_gemv_"), (fmt, isa)
+            assert C.kernel_name(w, 64, isa=isa, act="fp32").startswith(f"{family}_gemm_"), (fmt, isa)
             if "+int" in fmt and fmt.startswith("2:4"):
                 assert C.kernel_name(w, 1, isa=isa, act="int8").startswith(f"{family}_q8_gemv_"), (fmt, isa)
                 assert C.kernel_name(w, 64, isa=isa, act="int8").startswith(f"{family}_q8_gemm_"), (fmt, isa)
 
 
-# -- CSR or dense (sparseinfer/backends/cpu_sparse.py) -------------------------------------------------
+# -- CSR or dense (sparseinfer/backends/cpu_routes.py) -------------------------------------------------
 
 @pytest.mark.parametrize("fmt", ["csr", "csr+int8"])
 def test_csr_dense_dispatch_follows_the_crossover(fmt, rng, rel_err, monkeypatch):
-    """With a crossover table forced to 0 (dense always faster) and to 1 (CSR always faster) the
-    backend runs the dense int8 kernel / torch fp32 GEMM or the CSR kernel, says so in kernel_name,
-    and both give the reference's numbers."""
-    from sparseinfer.backends import BACKENDS, cpu_sparse
+    """With a crossover forced to 0 (dense always faster) and to 1 (CSR always faster) the backend
+    runs the dense int8 kernel (csr+int8) / the dense fallback (csr) or the CSR kernel, says so, and
+    every path gives the reference's numbers (exact activations)."""
+    from sparseinfer.backends import BACKENDS, cpu_routes
 
     backend = BACKENDS["cpu"]
     w = csr_weight(fmt, torch.float32, 40, 300, 0.3, rng)
     x = torch.randn(5, 300, generator=rng)
     bias = torch.randn(40, generator=rng)
     ref = reference_linear(x, w, bias)
-    key = cpu_sparse.machine_key()
-    for d_star, path in [(0.0, "dense"), (1.0, "csr")]:
-        table = {"crossover": {f"{k}/{a}": {"1": d_star, "64": d_star}
-                               for k in ("int8", "float") for a in ("fp32", "int8")}}
-        monkeypatch.setitem(cpu_sparse._cache, key, table)
-        assert cpu_sparse.plan(w, 5)[0] == path
-        name = backend.kernel_name(w, 5)
-        assert ("dense:" in name) == (path == "dense"), name
-        assert name.startswith("cpu:csr") == (path == "csr"), name
-        out = si.linear(x, w, bias, backend="cpu")
-        assert rel_err(out, ref) <= TOL_F32, f"{fmt} {path}: {name}"
+    isa = C.active_isa()
+    for d_star, path in [(0.0, "dense_int8" if fmt == "csr+int8" else "dense"), (1.0, "kernel")]:
+        table = {"csr_crossover": {f"{k}/{a}": {"1": d_star, "64": d_star}
+                                   for k in ("csr_int8", "csr_float") for a in ("fp32", "int8")}}
+        cpu_routes.reset()
+        monkeypatch.setitem(cpu_routes.builtin_tables(), isa, table)
+        r = backend.route(w, 5, "fp32")
+        assert r.path == path and ("crossover" in r.why), r
+        assert r.kernel.startswith("csr") == (path == "kernel"), r
+        out = si.linear(x, w, bias, backend="cpu", act="fp32")
+        assert rel_err(out, ref) <= TOL_F32, f"{fmt} {path}: {r}"
+    cpu_routes.reset()
 
 
-def test_crossover_measurement_and_interpolation(monkeypatch):
-    """measure() fits d* from two CSR densities and the dense time; crossover() interpolates the
-    table in log2(batch) and clamps outside it."""
-    from sparseinfer.backends import cpu_sparse
+def test_crossover_interpolation(monkeypatch):
+    """crossover() interpolates a rule in log2(batch), clamps outside it, and falls back to the
+    fp32 points for an act class it lacks; dense_int8 is the CSR's dequantized weight exactly."""
+    from sparseinfer.backends import cpu_routes
 
-    res = cpu_sparse.measure("int8", "fp32", batches=(1, 8), n=128, k=256, copies=1, reps=1, budget=0.01)
-    assert [r["batch"] for r in res["rows"]] == [1, 8]
-    assert all(0.0 <= r["crossover"] <= 1.0 and r["dense_s"] > 0 for r in res["rows"])
-    key = cpu_sparse.machine_key()
-    monkeypatch.setitem(cpu_sparse._cache, key, {"crossover": {"int8/fp32": {"1": 0.2, "4": 0.6}}})
-    assert cpu_sparse.crossover("int8", "fp32", 1) == pytest.approx(0.2)
-    assert cpu_sparse.crossover("int8", "fp32", 2) == pytest.approx(0.4)
-    assert cpu_sparse.crossover("int8", "fp32", 64) == pytest.approx(0.6)
-    assert cpu_sparse.crossover("int8", "int8", 1) == pytest.approx(0.2)  # falls back to the fp32 table
-    assert cpu_sparse.crossover("float", "fp32", 1) is None
-    assert cpu_sparse.dense_int8(csr_weight("csr+int8", torch.float32, 6, 50, 0.4, torch.Generator())).to_dense().equal(
-        csr_weight("csr+int8", torch.float32, 6, 50, 0.4, torch.Generator()).to_dense())
+    rules = {"csr_crossover": {"csr_int8/fp32": {"1": 0.2, "4": 0.6}}}
+    assert cpu_routes.crossover(rules, "csr_int8", "fp32", 1) == pytest.approx(0.2)
+    assert cpu_routes.crossover(rules, "csr_int8", "fp32", 2) == pytest.approx(0.4)
+    assert cpu_routes.crossover(rules, "csr_int8", "fp32", 64) == pytest.approx(0.6)
+    assert cpu_routes.crossover(rules, "csr_int8", "auto", 1) == pytest.approx(0.2)  # the fp32 points
+    assert cpu_routes.crossover(rules, "csr_float", "fp32", 1) is None
+    w = csr_weight("csr+int8", torch.float32, 6, 50, 0.4, torch.Generator())
+    assert cpu_routes.dense_int8(w).to_dense().equal(w.to_dense())

@@ -10,7 +10,7 @@ import torch
 
 import sparseinfer as si
 from sparseinfer import _native
-from sparseinfer.backends import cpu_tuning
+from sparseinfer.backends import cpu_routes, cpu_tuning
 from sparseinfer.backends.cpu import build_native_weight
 
 C = _native._C
@@ -82,14 +82,16 @@ def test_calibrate_store_and_apply(monkeypatch):
     assert cpu_tuning.stored() is None
 
 
-def test_calibrate_command(tmp_path, capsys):
+def test_calibrate_command(tmp_path, capsys, monkeypatch):
     from sparseinfer.cli import main
 
     assert main(["calibrate", "--size", "100"]) == 2  # the int4 / 2:4+int4 weights need K >= 256
     assert "--size must be at least 256" in capsys.readouterr().err
+    monkeypatch.setattr(cpu_routes, "ROUNDS", 1)  # one timed round per point: a check, not a measurement
+    monkeypatch.setattr(cpu_routes, "POINT_BUDGET_S", 0.0)
     assert main(["calibrate", "--size", "256", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "batch limits on" in out and "CSR / dense crossover" in out
+    assert "batch limits on" in out and "CSR / dense crossover" in out and "dense fallback from batch" in out
     assert not cpu_tuning.cache_path().exists()  # a dry run stores nothing
 
 
@@ -97,7 +99,10 @@ def test_calibrate_command(tmp_path, capsys):
     ([1, 2], "not an object"),
     ({"limits": {"int8_gemv_avx2": "8"}}, "'limits' is not a map"),
     ({"limits": {"int8_gemv_avx2": -1}}, "'limits' is not a map"),
-    ({"limits": {}, "csr_crossover": {"crossover": {"int8/fp32": {"1": "dense"}}}}, "'csr_crossover' is not"),
+    ({"routes": {"k": {"times": {"kernel": -1.0}}}}, "'routes' is not a map"),
+    ({"routes": {"k": {"times": {}}}}, "'routes' is not a map"),
+    ({"rules": {"csr_crossover": {"csr_int8/fp32": {"1": "dense"}}}}, "'rules' is not"),
+    ({"rules": {"dense_from": {"int8/fp32": 2.5}}}, "'rules' is not"),
 ])
 def test_malformed_stored_entry_is_ignored_with_a_warning(entry, problem):
     """A hand-edited or broken cache never breaks the backend: the entry is ignored, loudly."""

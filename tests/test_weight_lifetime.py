@@ -25,7 +25,7 @@ import torch
 
 import sparseinfer as si
 from sparseinfer import _native
-from sparseinfer.backends import cpu_sparse, reference_linear
+from sparseinfer.backends import cpu_routes, reference_linear
 
 pytestmark = pytest.mark.skipif(_native._C is None, reason=f"requires sparseinfer._C ({_native._C_ERROR})")
 
@@ -34,7 +34,7 @@ USE_AFTER_FREE = textwrap.dedent("""
     from sparseinfer.formats import Int8Weight
     n, how = 8192, sys.argv[1]
     w = Int8Weight(torch.ones(n, n, dtype=torch.int8), torch.ones(n, 1), n, None)
-    m = torch.nn.Sequential(si.CompressedLinear(w))
+    m = torch.nn.Sequential(si.CompressedLinear(w, act="fp32"))  # exact: the check below is 1e-5
     x = torch.randn(2, n)
     expected = x.sum(-1, keepdim=True).expand(2, n)
     with torch.no_grad():
@@ -60,7 +60,7 @@ def test_storage_moved_under_a_prepacked_weight_in_subprocess(how):
 # -- in-place writes: every derived layout follows ------------------------------------------------------
 
 # (format, pack parameters, CSR path): CSR weights run the CSR kernels or, past the measured crossover,
-# a dense copy (float: fp32 GEMM on to_dense(); int8: the dense int8 kernels): both are pinned below.
+# a dense path (float: the dense fallback's fp32 copy; int8: the dense int8 kernels): both are pinned below.
 CASES = [("int8", {}, None), ("int4", {"group_size": 32}, None), ("int4", {"group_size": 64, "symmetric": False}, None),
          ("2:4", {}, None), ("2:4+int8", {"group_size": 64}, None), ("2:4+int4", {"group_size": 32}, None),
          ("csr", {}, "csr"), ("csr", {}, "dense"), ("csr+int8", {}, "csr"), ("csr+int8", {}, "dense")]
@@ -81,7 +81,12 @@ def _pair(fmt: str, params: dict, seed: int):
 @pytest.mark.parametrize("fmt,params,csr_path", CASES,
                          ids=[f"{f}-{'-'.join(f'{k}{v}' for k, v in p.items())}-{c}" for f, p, c in CASES])
 def test_load_state_dict_reaches_every_prepacked_layout(fmt, params, csr_path, act, monkeypatch):
-    monkeypatch.setattr(cpu_sparse, "crossover", lambda kind, act, batch: 0.0 if csr_path == "dense" else 1.0)
+    def pinned(w, family, isa, m, act, paths):  # the route rules, pinned: CSR kernels or a dense path
+        dense = "dense_int8" if "dense_int8" in paths else "dense"
+        return ("kernel" if csr_path in (None, "csr") else dense), "pinned by the test"
+
+    monkeypatch.setenv("SPARSEINFER_MEASURE", "0")
+    monkeypatch.setattr(cpu_routes, "_by_rules", pinned)
     a, b = _pair(fmt, params, seed=len(fmt))
     a.act = b.act = act
     xs = [torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows)) for rows in (1, 3, 40)]
@@ -132,6 +137,7 @@ def test_half_and_bfloat16_on_a_compressed_model(cast, dtype):
     model = si.compress(torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.ReLU(), torch.nn.Linear(48, 32),
                                             torch.nn.ReLU(), torch.nn.Linear(32, 16)),
                         {"default": "2:4+int8", "layers": {"2": "int4-g16", "4": "2:4"}}, progress=False)
+    si.set_act(model, "fp32")  # exact: compared with the reference to 1e-5 below
     x = torch.randn(3, 64)
     with torch.no_grad():
         ref = model(x)

@@ -51,3 +51,9 @@ class Backend:
     def kernel_name(self, w: PackedWeight, batch: int, act: str | None = None) -> str:
         """The kernel a call with ``batch`` rows (and activation mode ``act``) would run (for ``explain``)."""
         return f"{self.name}:{w.fmt}"
+
+    def describe(self, w: PackedWeight, batch: int, act: str | None = None) -> dict:
+        """For ``explain``: {"kernel", "path" (e.g. "kernel" / "dense"), "act" (the activation
+        precision that runs), "why"}. Default: this backend's kernel, exact activations."""
+        return {"kernel": self.kernel_name(w, batch, act), "path": "kernel", "act": "fp32",
+                "why": f"{self.name} backend"}

@@ -9,10 +9,12 @@ weights and shapes the call:
 * ``linear(x, w, bias, act)`` allocates ``out`` and calls ``_C.linear`` with ``threads()`` threads:
   torch.get_num_threads(), unless ``set_threads(n)`` / ``SPARSEINFER_NUM_THREADS`` set sparseinfer's
   own count (the GIL is released while the kernel runs).
-* int8 / int4 weights run in the activation mode the call allows (``act``, else ``SPARSEINFER_ACT``):
-  ``fp32`` (exact, the default) or ``int8`` (x quantized once per call, integer dot products;
-  csrc/README.md gives the error bound). The row tiles the int8 mode needs are built by the first
-  such call (``sparseinfer.load(act="int8")`` makes it at load).
+* int8 / int4 / N:M+int8 / N:M+int4 weights run in the activation mode the call allows
+  (``sparseinfer.act``: ``auto`` by default, ``fp32`` exact, ``int8``); csrc/README.md gives the
+  int8 error bound. The layouts int8 activations need are built by the first call that runs such a
+  kernel (``sparseinfer.load`` makes that call at load).
+* Each call takes a route (cpu_routes.py): the packed kernel, or, where it was measured slower,
+  the dense fallback (tile-dequantize + torch's GEMM) or, for csr+int8, the dense int8 kernels.
 
 The kernels are inference-only: a call that needs gradients for ``x`` is left to the reference
 backend (``supports`` says no), and a bias that needs gradients is added outside the kernel.
@@ -25,11 +27,11 @@ import os
 import torch
 
 from .. import _native
+from ..act import default_act, resolve_act
 from ..formats import CSRWeight, Int4Weight, Int8Weight, NMWeight, PackedWeight
 from ..formats.base import FLOAT_DTYPES
-from . import cpu_tuning
+from . import cpu_routes, cpu_tuning
 from .base import Backend
-from .cpu_sparse import dense_alternative, dense_kernel_name, plan as csr_plan
 
 _INT32_MAX = 2**31 - 1
 _PREPACK_KEY = "cpu"
@@ -86,6 +88,12 @@ def build_native_weight(w: PackedWeight):
     raise TypeError(f"cpu backend: no kernels for {type(w).__name__} (format {getattr(w, 'fmt', '?')!r})")
 
 
+def native_weight(w: PackedWeight):
+    """``build_native_weight(w)``, memoised on ``w`` (what the backend's calls use); the ``_C.Weight``
+    checks its own sources on every call, so the memo needs no stamp."""
+    return w.prepacked(_PREPACK_KEY, build_native_weight, self_checking=True)
+
+
 def _float_values_ok(w: PackedWeight) -> bool:
     if isinstance(w, NMWeight) and not w.value_format:
         return w.values.dtype in FLOAT_DTYPES
@@ -110,14 +118,16 @@ class CpuBackend(Backend):
             else:
                 try:
                     isa = C.active_isa()
-                    act = C.default_act()
+                    act = default_act()
                 except ValueError as err:  # SPARSEINFER_ISA / SPARSEINFER_ACT name an unknown or unsupported value
                     self._availability = (False, str(err))
                 else:
                     cpu_tuning.apply()  # this machine's measured batch limits, if `sparseinfer calibrate` stored them
+                    routes = ("measured on this machine" if cpu_routes.known_machine() else
+                              "built-in, measured per layer shape on first use")
                     self._availability = (True, f"C++ kernels, ISA {isa} (available: {', '.join(C.available_isas())}), "
-                                                f"int8/int4 activations {act} (SPARSEINFER_ACT), {cpu_tuning.describe()}, "
-                                                f"threads: {C.threading()}")
+                                                f"activations act={act} (SPARSEINFER_ACT), {cpu_tuning.describe()}, "
+                                                f"kernel vs dense routes {routes}, threads: {C.threading()}")
         return self._availability
 
     def supports(self, w: PackedWeight, x: torch.Tensor) -> bool:
@@ -131,29 +141,22 @@ class CpuBackend(Backend):
         rows = x.numel() // k if k else 0
         return max(n, k, rows) <= _INT32_MAX
 
-    # Above this many rows a scalar kernel loses to the reference path (dequantize once, then
-    # PyTorch's BLAS GEMM): the two met at batch 64 on 4096x4096 on the development machine.
-    SCALAR_MAX_ROWS = 64
-
-    def preferred(self, w: PackedWeight, x: torch.Tensor) -> bool:
-        rows = x.numel() // w.shape[1]
-        if rows <= self.SCALAR_MAX_ROWS:
-            return True
-        return not _native._C.kernel_name(self.prepack(w), rows).endswith("_scalar")
-
     def prepack(self, w: PackedWeight):
         """Validate and view ``w`` for the kernels now (load time); memoised on ``w``. The ``_C.Weight``
         rebuilds itself when w's tensors move or are written in place (csrc/README.md, weight lifetime)."""
-        return w.prepacked(_PREPACK_KEY, build_native_weight, self_checking=True)
+        return native_weight(w)
 
-    def linear(self, x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None, act: str | None = None) -> torch.Tensor:
+    def route(self, w: PackedWeight, rows: int, act: str | None = None) -> cpu_routes.Route:
+        """The path a call with ``rows`` rows takes (kernel or dense fallback), its kernel and why."""
+        return cpu_routes.route(w, self.prepack(w), rows, resolve_act(act), threads())
+
+    def linear(self, x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None,
+               act: str | None = None) -> torch.Tensor:
         """y [..., N] = x [..., K] @ W.T + bias in x.dtype (x float32 / bfloat16 / float16, on the CPU)."""
         handle = self.prepack(w)
-        dense = None  # CSR past its measured crossover with the dense kernels (cpu_sparse.py)
-        if isinstance(w, CSRWeight) and csr_plan(w, x.numel() // w.shape[1], act)[0] == "dense":
-            dense = dense_alternative(w)
-            if not isinstance(dense, torch.Tensor):
-                handle, dense = dense, None
+        act = resolve_act(act)
+        n_threads = threads()
+        path = cpu_routes.route(w, handle, x.numel() // w.shape[1], act, n_threads).path
         if not x.is_contiguous() and not (x.dim() == 2 and (x.shape[1] == 1 or x.stride(1) == 1)):
             x = x.contiguous()  # 2-D rows may be strided, elements within a row may not
         late_bias = None
@@ -164,11 +167,13 @@ class CpuBackend(Backend):
                 bias = bias.to(torch.float32)
             if bias is not None:
                 bias = _contig(bias)
-        if dense is not None:  # float CSR, dense: torch's fp32 GEMM on to_dense()
-            out = torch.nn.functional.linear(x.float(), dense, None if bias is None else bias.float()).to(x.dtype)
+        if path == "dense":
+            out = cpu_routes.dense_linear(x, w, bias)
         else:
+            if path == "dense_int8":
+                handle = cpu_routes.dense_int8_handle(w)
             out = x.new_empty(x.shape[:-1] + (w.shape[0],))
-            _native._C.linear(x, handle, out, bias, threads(), None, act)
+            _native._C.linear(x, handle, out, bias, n_threads, None, act)
         if late_bias is not None:
             out = (out.float() + late_bias.float()).to(x.dtype)
         return out
@@ -177,9 +182,19 @@ class CpuBackend(Backend):
         C = _native._C
         if C is None or not self.availability()[0]:
             return f"cpu:{w.fmt} (unavailable)"
-        if isinstance(w, CSRWeight):
-            path, why = csr_plan(w, batch, act)
-            if path == "dense":
-                return f"cpu:{dense_kernel_name(w, batch, act)} (dense: csr {why})"
-            return f"cpu:{C.kernel_name(self.prepack(w), batch, None, act)} ({why})"
-        return f"cpu:{C.kernel_name(self.prepack(w), batch, None, act)}"
+        return f"cpu:{self.route(w, batch, act).kernel}"
+
+    def describe(self, w: PackedWeight, batch: int, act: str | None = None) -> dict:
+        if not self.availability()[0]:
+            return super().describe(w, batch, act)
+        r = self.route(w, batch, act)
+        requested = resolve_act(act)
+        if requested == "fp32":
+            act_why = "fp32 requested"
+        elif r.act == "int8":
+            act_why = f"{requested}: {r.kernel} takes int8 activations at this batch"
+        elif r.path == "dense":
+            act_why = f"{requested}: the dense fallback is exact"
+        else:
+            act_why = f"{requested}: no int8-activation kernel is listed for {w.fmt} at this batch"
+        return {"kernel": f"cpu:{r.kernel}", "path": r.path, "act": r.act, "why": f"{r.why}; act {act_why}"}

@@ -9,17 +9,21 @@ one, by timing every kernel of a family forced in turn over a grid of batch size
     limit(row) = the largest batch of the grid below the first one where a later row of the
                  family is faster by more than ``MARGIN`` (rows are tried in table order)
 
-``sparseinfer calibrate`` runs it (with the CSR / dense crossover of cpu_sparse.py) and stores
-the result in the user's cache (``$SPARSEINFER_CACHE_DIR`` or ``~/.cache/sparseinfer``) under
-this machine's key (CPU model, ISA, threads); the cpu backend applies a stored entry when it
+``sparseinfer calibrate`` runs it (with the route measurements of cpu_routes.py: packed kernel
+against the dense fallback, CSR against dense) and stores the result in the user's cache
+(``$SPARSEINFER_CACHE_DIR`` or ``~/.cache/sparseinfer``) under this machine's key (CPU model and
+family, ISA, threads); the first use of a layer shape on a machine no shipped table was measured on
+adds its route measurements to the same entry. The cpu backend applies a stored entry when it
 starts. ``si.backends()`` says which limits are in force.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import platform
 import time
 import warnings
 from pathlib import Path
@@ -28,7 +32,6 @@ import torch
 
 from .. import _native
 from .._version import __version__
-from .cpu_sparse import machine_key
 
 GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 MARGIN = 0.03  # a later row must win by this much: timing noise must not flip a limit
@@ -44,6 +47,41 @@ _FAMILY_FORMATS = {  # kernel family -> (pack format, parameters) of the weight 
 }
 _applied: dict | None = None  # the stored entry in force in this process, if any
 
+
+# -- the machine -----------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """The CPU's model name and family ("AMD EPYC (family 25)"; /proc/cpuinfo on Linux, read once
+    per process: dispatch asks for it, and a file read per call cost 85 us), else platform.processor()."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    return f"{name} (family {fields['cpu family']})" if "cpu family" in fields else name
+
+
+def cpu_threads() -> int:
+    """The CPU kernels' thread count (cpu.py imports this module, hence the late import)."""
+    from .cpu import threads
+
+    return threads()
+
+
+def machine_key(threads: int | None = None) -> str:
+    """What a measurement is valid for: CPU model and family, active ISA, threads."""
+    C = _native.require_native()
+    return f"{cpu_model()}|{C.active_isa()}|{threads or cpu_threads()}"
+
+
+# -- measuring batch limits ------------------------------------------------------------------------
 
 def cache_path() -> Path:
     root = os.environ.get("SPARSEINFER_CACHE_DIR") or Path.home() / ".cache" / "sparseinfer"
@@ -169,6 +207,9 @@ def calibrate(n: int = 1024, k: int = 1024, threads: int | None = None, reps: in
 
 
 # -- storing and applying ----------------------------------------------------------------------------
+# One file, one entry per machine key: {"limits": {kernel: max_m}, "routes": {route key: {"times":
+# {path: seconds}, ...}}, ...}. `sparseinfer calibrate` writes limits (and routes); the first use of a
+# layer shape on an unmeasured machine adds routes (cpu_routes.py). Writes are atomic (rename).
 
 def load_store() -> dict:
     try:
@@ -178,12 +219,17 @@ def load_store() -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def save(entry: dict, csr_table: dict | None = None) -> Path:
-    """Store a calibration entry (and a CSR crossover table) under its machine key; atomic."""
+def save(entry: dict | None = None, routes: dict | None = None, key: str | None = None) -> Path:
+    """Store a calibration ``entry`` (its limits replace the stored ones) and ``routes`` (merged
+    into the stored ones) under the machine key (``entry["machine"]``, else ``key``, else this
+    machine's); atomic. Another process's concurrent save may be lost: both re-measure next time."""
     path = cache_path()
     data = load_store()
-    key = entry["machine"]
-    data[key] = {**entry, **({"csr_crossover": csr_table} if csr_table else {})}
+    key = entry["machine"] if entry else key or machine_key()
+    old = data.get(key) if isinstance(data.get(key), dict) and not _malformed(data.get(key)) else {}
+    merged = {**old, **(entry or {})}
+    merged["routes"] = {**old.get("routes", {}), **(entry or {}).get("routes", {}), **(routes or {})}
+    data[key] = merged
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
@@ -191,19 +237,33 @@ def save(entry: dict, csr_table: dict | None = None) -> Path:
     return path
 
 
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _is_seconds(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
 def _malformed(entry) -> str | None:
     """What is wrong with a stored entry (a hand-edited or truncated cache), or None."""
     if not isinstance(entry, dict):
         return "not an object"
-    limits = entry.get("limits")
-    if not isinstance(limits, dict) or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in limits.values()):
+    limits = entry.get("limits", {})
+    if not isinstance(limits, dict) or not all(_is_count(v) for v in limits.values()):
         return "'limits' is not a map of kernel names to batch sizes >= 0"
-    csr = entry.get("csr_crossover")
-    if csr is not None and not (isinstance(csr, dict) and isinstance(csr.get("crossover"), dict) and all(
-            isinstance(pts, dict) and all(isinstance(d, (int, float)) for d in pts.values())
-            for pts in csr["crossover"].values())):
-        return "'csr_crossover' is not a crossover table"
+    routes = entry.get("routes", {})
+    if not isinstance(routes, dict) or not all(
+            isinstance(r, dict) and isinstance(r.get("times"), dict) and r["times"]
+            and all(isinstance(p, str) and _is_seconds(t) for p, t in r["times"].items()) for r in routes.values()):
+        return "'routes' is not a map of route keys to {'times': {path: seconds > 0}}"
+    rules = entry.get("rules", {})
+    if not isinstance(rules, dict) or not isinstance(rules.get("dense_from", {}), dict) or not all(
+            _is_count(v) for v in rules.get("dense_from", {}).values()) or not isinstance(
+            rules.get("csr_crossover", {}), dict) or not all(
+            isinstance(pts, dict) and all(isinstance(d, (int, float)) and not isinstance(d, bool) for d in pts.values())
+            for pts in rules.get("csr_crossover", {}).values()):
+        return "'rules' is not {'dense_from': {family/act: batch}, 'csr_crossover': {family/act: {batch: density}}}"
     return None
 
 
@@ -233,10 +293,10 @@ def apply(entry: dict | None = None) -> dict | None:
     if not entry:
         return None
     known = {r["name"] for r in C.kernel_table(None)}
-    for name, limit in entry["limits"].items():
+    for name, limit in entry.get("limits", {}).items():
         if name in known:
             C.set_batch_limit(name, limit)
-    _applied = entry
+    _applied = entry if entry.get("limits") else None
     return entry
 
 

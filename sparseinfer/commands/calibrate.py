@@ -6,10 +6,11 @@ import sys
 
 
 def register(sub):
-    p = sub.add_parser("calibrate", help="measure the CPU kernels' batch limits and CSR crossover on this machine",
+    p = sub.add_parser("calibrate", help="measure the CPU kernels' batch limits and kernel / dense routes here",
                        description="Time each CPU kernel family's kernels against each other over batch sizes "
-                                   "(GEMV vs GEMM limits) and CSR against its dense alternative, print the result "
-                                   "next to the built-in choices, and store it in the user cache (~/.cache/"
+                                   "(GEMV vs GEMM limits), each family against the dense fallback and CSR against "
+                                   "dense, print the result next to the built-in choices, and store it in the user "
+                                   "cache (~/.cache/"
                                    "sparseinfer, or $SPARSEINFER_CACHE_DIR), where the cpu backend picks it up. "
                                    "Takes a minute or two; run it on a quiet machine.")
     p.add_argument("--threads", type=int, default=None,
@@ -21,7 +22,7 @@ def register(sub):
 
 def _run(args) -> int:
     from sparseinfer import _native
-    from sparseinfer.backends import cpu_sparse, cpu_tuning
+    from sparseinfer.backends import cpu_routes, cpu_tuning
     from sparseinfer.backends.cpu import set_threads
 
     _native.require_native()
@@ -32,17 +33,25 @@ def _run(args) -> int:
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     say(f"calibrating for {cpu_tuning.machine_key()}")
     entry = cpu_tuning.calibrate(n=args.size, k=args.size, progress=lambda m: say(f"  timing {m}"))
-    say("  timing CSR against dense")
-    csr = cpu_sparse.calibrate()
     print(f"batch limits on {entry['machine']} (kernel: built-in -> measured):")
     for name in sorted(entry["limits"]):
         print(f"  {name:32s} {entry['shipped'].get(name, '?'):>4} -> {entry['limits'][name]}")
-    print("CSR / dense crossover densities (kind/act: {batch: density}):")
-    for kind, points in sorted(csr["crossover"].items()):
-        print(f"  {kind:12s} {points}")
+    cpu_tuning.apply(entry)  # the routes compare the dense paths with the kernels these limits select
+    try:
+        rules = cpu_routes.calibrate_rules(args.size, args.size, progress=lambda m: say(f"  kernel vs dense: {m}"))
+    finally:
+        if args.dry_run:
+            for r in _native._C.kernel_table():
+                _native._C.set_batch_limit(r["name"], -1)
+            cpu_tuning.apply()  # what was stored before
+    print("dense fallback from batch (family/act):", rules["dense_from"] or "never")
+    print("CSR / dense crossover densities (family/act: {batch: density}):")
+    for kind, points in sorted(rules["csr_crossover"].items()):
+        print(f"  {kind:16s} {points}")
     if args.dry_run:
         return 0
-    path = cpu_tuning.save(entry, csr)
-    cpu_tuning.apply(entry)
+    entry["rules"] = {"dense_from": rules["dense_from"], "csr_crossover": rules["csr_crossover"]}
+    path = cpu_tuning.save({**entry, "routes": rules["routes"]})
+    cpu_routes.reset()
     print(f"stored in {path}")
     return 0

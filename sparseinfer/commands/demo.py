@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from sparseinfer.act import ACT_MODES
+
 
 def register(sub):
     from sparseinfer.demo import DEFAULT_RECIPES
@@ -15,9 +17,10 @@ def register(sub):
     p.add_argument("--recipes", nargs="+", default=None, metavar="RECIPE",
                    help=f"recipes to compare (default: {' '.join(DEFAULT_RECIPES)})")
     p.add_argument("--batch-size", type=int, default=64, metavar="B", help="sentences per forward pass (default 64)")
-    p.add_argument("--act", choices=("fp32", "int8"), default=None,
+    p.add_argument("--act", choices=ACT_MODES, default=None,
                    help="activation precision the compressed models' CPU kernels may use (default: "
-                        "SPARSEINFER_ACT, else fp32 = exact; int8 is faster at large batch, ~0.6%% error)")
+                        "SPARSEINFER_ACT, else auto = int8 activations where that kernel is faster, ~0.6%% "
+                        "error; fp32 = exact; see sparseinfer.act)")
     p.add_argument("--latency-batch", type=int, default=16, metavar="B",
                    help="sentences in the batch whose latency is timed (default 16)")
     p.add_argument("--repeat", type=int, default=None, metavar="R", help="timed runs per model (default 3)")

@@ -7,6 +7,8 @@ import time
 
 import torch
 
+from sparseinfer.act import ACT_MODES
+
 
 def register(sub):
     p = sub.add_parser("run", help="load an artifact and run it on sample input",
@@ -19,6 +21,9 @@ def register(sub):
     p.add_argument("--repeat", type=int, default=5, metavar="R", help="timed runs (median reported); default 5")
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", default=None, help="pin every compressed layer to this backend")
+    p.add_argument("--act", choices=ACT_MODES, default=None,
+                   help="activation precision the CPU kernels may use (default: SPARSEINFER_ACT, else auto; "
+                        "fp32 = exact; see sparseinfer.act)")
     p.add_argument("--seed", type=int, default=0, help="seed for random inputs")
     p.set_defaults(func=_run)
 
@@ -72,7 +77,7 @@ def _run(args) -> int:
                          f"in Python with sparseinfer.load(path, model=skeleton)")
     meta = manifest.get("model", {}).get("metadata", {})
     t0 = time.perf_counter()
-    model = si.load(args.artifact, device=args.device, backend=args.backend)
+    model = si.load(args.artifact, device=args.device, backend=args.backend, act=args.act)
     print(f"loaded {args.artifact} in {time.perf_counter() - t0:.2f} s: {len(manifest['layers'])} compressed layers, "
           f"recipe {manifest.get('recipe')}")
     if meta.get("task") == "sentence-embedding":

@@ -67,6 +67,18 @@ class PackedWeight:
     def from_parts(cls, tensors: dict[str, torch.Tensor], shape, params: dict[str, Any]) -> "PackedWeight":
         raise NotImplementedError
 
+    def rows(self, start: int, stop: int) -> "PackedWeight":
+        """Output rows start:stop as a packed weight of the same format, sharing this one's storage
+        (the dense-fallback path dequantizes a weight tile by tile). Here: every tensor holds one
+        entry per output row along dim 0, as int8, int4 and N:M do; CSR overrides it."""
+        n, k = self.shape
+        if not 0 <= start < stop <= n:
+            raise ValueError(f"rows: need 0 <= start < stop <= {n}, got {start}:{stop}")
+        from . import from_parts  # the registry imports this module
+
+        return from_parts(self.fmt, {name: t[start:stop] for name, t in self.tensors().items()},
+                          (stop - start, k), self.params())
+
     # -- shared behaviour ------------------------------------------------------------------
     @property
     def nbytes(self) -> int:

@@ -65,6 +65,14 @@ class CSRWeight(PackedWeight):
         rows = torch.repeat_interleave(torch.arange(self.shape[0], device=self.crow.device), self.crow.diff())
         return (self.values.float() * self.scale[rows]).to(dtype)
 
+    def rows(self, start: int, stop: int) -> "CSRWeight":
+        n, k = self.shape
+        if not 0 <= start < stop <= n:
+            raise ValueError(f"rows: need 0 <= start < stop <= {n}, got {start}:{stop}")
+        lo, hi = int(self.crow[start]), int(self.crow[stop])
+        scale = None if self.scale is None else self.scale[start:stop]
+        return CSRWeight(self.crow[start:stop + 1] - lo, self.col[lo:hi], self.values[lo:hi], scale, k)
+
     def to_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         dtype = dtype or self.dense_dtype
         rows = torch.repeat_interleave(torch.arange(self.shape[0], device=self.crow.device), self.crow.diff())

@@ -4,17 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from ..act import ACT_MODES, check_act, default_act  # noqa: F401  (ACT_MODES: re-exported)
 from ..backends import resolve
 from ..formats import PackedWeight
 
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Activation precision a call allows (None: the process default, SPARSEINFER_ACT, else "fp32").
-ACT_MODES = ("fp32", "int8")
-
-
-def check_act(act: str | None, where: str) -> None:
-    if act is not None and act not in ACT_MODES:
-        raise ValueError(f"{where}: act must be one of {ACT_MODES} or None, got {act!r}")
 
 
 def check_linear_args(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None) -> None:
@@ -46,13 +40,16 @@ def linear(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, b
     x: float32, bfloat16 or float16, any number of leading dims; the result has x's dtype.
     backend: "reference", "cpu", "triton", or None for the best available for x's device,
     the weight's format and x's dtype (see ``sparseinfer.backends()``).
-    act: "fp32" keeps x in float (exact up to fp32 summation order); "int8" allows kernels that have
-    an int8-activation mode to quantize x per row segment and use integer dot products (cpu: int8,
-    int4, 2:4+int8/int4 weights; ~0.6 % normwise on Gaussian x, csrc/README.md), other kernels stay
-    exact; None: the process default (``SPARSEINFER_ACT``, "fp32" unless set).
+    act: "auto" (the default) runs int8 activations where an int8-activation kernel exists for the
+    format and batch and is the faster one, exact fp32 activations otherwise; "fp32" keeps x in float
+    (exact up to fp32 summation order); "int8" is the explicit permission to quantize x per row
+    segment and use integer dot products (cpu: int8, int4, N:M+int8/int4 weights; ~0.6 % normwise on
+    Gaussian x, csrc/README.md). Kernels without an int8 mode stay exact in every mode. None: the
+    process default (``SPARSEINFER_ACT``, "auto" unless set). See ``sparseinfer.act``.
     """
     check_linear_args(x, w, bias)
     check_act(act, "linear")
+    act = act or default_act()  # raises on a bad SPARSEINFER_ACT, whichever backend runs
     b = resolve(w, x, backend)
     if x.dim() == 2 or b.takes_leading_dims:  # no reshapes on the hot path
         return b.linear(x, w, bias, act)

@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..act import check_act
 from ..formats import PackedWeight, from_parts
 from . import ops
-from .linear import check_act, linear
+from .linear import linear
 
 
 def _buffer_name(tensor_name: str) -> str:
@@ -24,7 +25,7 @@ class CompressedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = packed.shape[1], packed.shape[0]
         self.backend = backend
-        self.act = act  # activation precision the kernels may use (sparseinfer.linear's ``act``)
+        self.act = act  # activation precision the kernels may use (sparseinfer.act; None: the process default)
         self._fmt, self._params = packed.fmt, packed.params()
         self._names = list(packed.tensors())
         # the custom op's JSON spec, built once: fmt / shape / params never change after packing
@@ -105,9 +106,10 @@ class CompressedConv2d(nn.Module):
 
 
 def set_act(model: nn.Module, act: str | None) -> nn.Module:
-    """Set the activation precision every compressed layer of ``model`` may use: "int8" (kernels
-    with an int8-activation mode quantize x per call: faster at large batch, ~0.6 % normwise
-    error), "fp32" (exact) or None (the process default, SPARSEINFER_ACT). Returns ``model``."""
+    """Set the activation precision every compressed layer of ``model`` may use: "auto" (int8
+    activations where that kernel exists and is faster, else exact), "fp32" (exact), "int8" (the
+    explicit permission to quantize x per call, ~0.6 % normwise error) or None (the process default:
+    SPARSEINFER_ACT, else "auto"); see ``sparseinfer.act``. Returns ``model``."""
     check_act(act, "set_act")
     for m in model.modules():
         if isinstance(m, CompressedLinear):

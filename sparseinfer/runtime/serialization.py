@@ -65,8 +65,8 @@ from .._version import __version__
 from ..backends import resolve
 from ..formats import from_parts
 from . import ops  # noqa: F401  (registers torch.ops.sparseinfer.packed_linear for the deserializer)
+from ..act import check_act, resolve_act
 from .errors import ArtifactError, ExportError
-from .linear import check_act
 from .manifest import MAX_DEPTH, check_manifest, parse_json
 from .modules import CompressedConv2d, CompressedLinear, _buffer_name, set_act
 from .program_check import check_graph, check_program
@@ -853,7 +853,7 @@ def _prepack(model: nn.Module) -> None:
             w = m.packed
             probe = torch.zeros(1, w.shape[1], device=w.device)
             resolve(w, probe, m.backend).prepack(w)
-            if m.act == "int8":  # the int8-activation layouts are built by the first such call: make it now
+            if resolve_act(m.act) != "fp32":  # int8-activation layouts are built by the first call that runs one
                 with torch.no_grad():
                     m(probe)
 
@@ -868,7 +868,8 @@ def load(path, device="cpu", model: nn.Module | None = None, *, backend: str | N
     or compressed skeleton of the same class, e.g. built on the meta device) the artifact's
     layers replace the skeleton's and every other tensor is loaded strictly.
     backend pins every compressed layer to one backend; act sets the activation precision the kernels
-    may use ("fp32" exact, "int8" fast; see ``set_act``). verify checks the SHA-256 of the files.
+    may use ("auto", "fp32" exact, "int8"; None: the process default; see ``set_act``). verify checks
+    the SHA-256 of the files.
     Each weight is prepacked once for the backend that will run it.
     Raises ArtifactError on a missing, truncated, tampered or incompatible artifact.
     """

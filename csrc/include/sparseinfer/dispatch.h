@@ -55,14 +55,17 @@ std::vector<KernelRow> kernel_rows(Isa isa);
 // cpu_tuning.py); a negative limit restores the built-in one. False if no row has that name.
 bool set_batch_limit(const std::string& name, int64_t max_m);
 
-// Activation modes (kernels.h, ActMode): "fp32" (alias "exact") or "int8" (alias "fast").
+// Activation modes (kernels.h, ActMode): "auto", "fp32" or "int8" -- the same set as
+// sparseinfer/act.py, which also reads SPARSEINFER_ACT (the extension reads no environment for it).
+const std::vector<std::string>& act_mode_names();
 bool parse_act_mode(const std::string& name, ActMode* out);
 const char* act_mode_name(ActMode mode);
-// The mode of calls that name none: SPARSEINFER_ACT (read once), else fp32. False with a message
-// when the variable names an unknown mode.
-bool default_act_mode(ActMode* out, std::string* error);
-// The call-level bits a call in `mode` selects with (kCallInt8Act for int8).
+// The call-level bits a call in `mode` selects with (kCallInt8Act for auto and int8).
 uint64_t act_call_bits(ActMode mode);
+
+// Rows n_begin..n_end of w dequantized into out (fp32, row r at out + (r - n_begin) * stride, stride
+// >= K): the values of the Python to_dense(), for the dense fallback (ref/dequantize_ref.cpp).
+Status dequantize_rows(const WeightView& w, int64_t n_begin, int64_t n_end, float* out, int64_t stride, int threads);
 
 // One call, as bindings.cpp hands it over (already validated).
 struct LinearCall {
@@ -74,7 +77,7 @@ struct LinearCall {
   void* y;             // [M, N], unit stride along N
   int64_t stride_ym;
   int64_t M;
-  ActMode act = ActMode::fp32;  // int8: rows requiring kCallInt8Act may run (int8 / int4 weights)
+  ActMode act = ActMode::fp32;  // auto / int8: rows requiring kCallInt8Act may run (int8 / int4 weights)
 };
 
 // Converts x and bias to fp32 when needed, then runs the kernel over up to `threads` threads,

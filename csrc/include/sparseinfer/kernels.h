@@ -78,12 +78,13 @@ enum Feature : uint64_t {
   kCallInt8Act = 1ull << 32,
 };
 
-// Activation precision of a call to an int8 / int4 weight (SPARSEINFER_ACT, or per call):
+// Activation precision of a call to an int8 / int4 weight (per call; sparseinfer/act.py):
 //   fp32  exact: the kernel multiplies fp32 x by the dequantized weight (error ~1e-6 relative)
-//   int8  fast: the driver quantizes x once per call, per segment of the weight's row tiles
-//         (QActView), and the kernel takes integer dot products (vpdpbusd / pmaddubsw); the
-//         error bound is in csrc/README.md ("Activation modes").
-enum class ActMode : int32_t { fp32 = 0, int8 = 1 };
+//   int8  permission to quantize: the driver quantizes x once per call, per segment of the weight's
+//         row tiles (QActView), and the kernel takes integer dot products (vpdpbusd / pmaddubsw);
+//         the error bound is in csrc/README.md ("Activation modes").
+//   auto  the default: selects as int8 does (an int8-activation row is listed only where it is faster)
+enum class ActMode : int32_t { fp32 = 0, int8 = 1, auto_ = 2 };
 
 // -- packed weights -----------------------------------------------------------------------------
 // Views (non-owning) of the canonical tensors; bindings.cpp keeps the tensors alive.

@@ -6,7 +6,8 @@
 // in flight at a time: a concurrent caller (another Python thread, the GIL being released) runs
 // its tasks on its own thread instead of waiting. After fork() the child gets a fresh pool.
 // Where the process has loaded an OpenMP runtime (PyTorch's), parallel_run uses its team instead
-// (threadpool.cpp says why); SPARSEINFER_OPENMP=0 keeps the pool.
+// (threadpool.cpp says why), except for a while after a region's end barrier waited long for a
+// team member another process kept off the cores; SPARSEINFER_OPENMP=0 keeps the pool.
 #pragma once
 
 #include <cstdint>
@@ -17,7 +18,7 @@ using TaskFn = void (*)(void* ctx, int64_t task);
 
 void parallel_run(int64_t n_tasks, int max_threads, TaskFn fn, void* ctx);
 
-// Which threads parallel_run uses: "the host's OpenMP team" or "sparseinfer's thread pool".
+// Which threads parallel_run uses: the host's OpenMP team (and when) or sparseinfer's thread pool.
 const char* threading_name();
 
 }  // namespace sparseinfer

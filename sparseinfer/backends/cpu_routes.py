@@ -1,0 +1,437 @@
+"""Which path a CPU layer call takes, decided by measurement, so that a packed layer never runs
+slower than dense:
+
+    kernel      ``_C.linear`` on the packed weight: the kernel the table selects for (family, ISA,
+                batch, act) -- whatever kernels this build has
+    dense_int8  csr+int8 only: the ``_C`` int8 kernels on the CSR's codes as a dense int8 weight
+                (one scale per row: the same dequantized values), in the call's activation mode
+    dense       the dense fallback: the weight dequantized tile by tile (``_C.dequantize``, at most
+                TILE_BYTES of fp32 at a time; one fp32 copy only when the weight is SMALL_BYTES or
+                less) and torch's fp32 GEMM (MKL / oneDNN) on each tile: exact
+
+A decision holds for a route key: format and parameters, activation class ("fp32", or "int8" for
+auto / int8, which select alike), N x K, the batch bucket (the power of two >= M), and for CSR
+the density to two decimals. First hit wins:
+
+1. measured times for the key in this machine's entry of the user cache (cpu_tuning.py):
+   ``sparseinfer calibrate`` and earlier first uses put them there;
+2. on a machine the built-in tables were not measured on (and unless ``SPARSEINFER_MEASURE=0``),
+   the first call measures now: every candidate on this weight (at most MEASURE_MAX_M rows of x;
+   the weight's first rows only when one call would take more than CALL_CAP_S), interleaved
+   round by round, best of up to ROUNDS, at most MEASURE_BUDGET_S per process in all; stored in
+   the user cache;
+3. rules: this machine's (``sparseinfer calibrate``), else the built-in table of the active ISA
+   (``cpu_routes.json``; a scalar kernel takes the scalar table's): per (family, act class) the
+   batch from which the dense fallback wins, and for CSR the density above which dense wins, per
+   batch (interpolated in log2 batch).
+
+From measured times the packed kernel keeps the call unless another path is faster by MARGIN
+(timing noise must not flip a decision). Decisions are memoised per weight and batch, so a call
+pays a dict lookup; nothing here reads files after the first decision of a process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import _native
+from ..formats import CSRWeight, Int8Weight, PackedWeight
+from . import cpu_tuning
+
+TABLE_PATH = Path(__file__).with_name("cpu_routes.json")
+PATH_ORDER = ("kernel", "dense_int8", "dense")  # preference on ties: packed first
+MARGIN = 0.05  # another path must be this much faster to take the call from the packed kernel
+ROUNDS = 7  # interleaved rounds per measured point (fewer when POINT_BUDGET_S runs out)
+POINT_BUDGET_S = 0.25
+MEASURE_BUDGET_S = 2.0  # first-use measuring per process, all points together
+# Sizing a measured call: past MEASURE_MAX_M rows both paths are compute-bound and their ratio
+# holds, so a bucket above it is measured at MEASURE_MAX_M; a call still estimated above CALL_CAP_S
+# (at ASSUMED_FLOPS, dense-equivalent 2*M*N*K) runs on the weight's first rows, never fewer than
+# MIN_SLICE_ROWS: MKL's GEMM on a 64-row slice was 3x less efficient than on the whole weight, which
+# made the dense fallback look slower than it is.
+MEASURE_MAX_M = 512
+CALL_CAP_S = 0.05
+ASSUMED_FLOPS = 50e9
+MIN_SLICE_ROWS = 1024
+TILE_BYTES = 16 << 20  # fp32 rows the dense fallback dequantizes at a time (MKL wants wide tiles:
+                       # 4096x4096 at M=256 took 16 x 16 ms in 256-row tiles, 4 x 24 ms in 1024-row ones)
+SMALL_BYTES = 1 << 20  # a weight whose fp32 copy is at most this keeps one (made once)
+CSR_DENSITIES = (0.05, 0.3)  # calibrate: CSR time is affine in density, two points give the line
+
+_DENSE_COPY_KEY = "cpu:dense-copy"
+_DENSE_INT8_KEY = "cpu:csr-dense-int8"
+_ROUTES_KEY = "cpu:routes"
+
+
+@dataclass(frozen=True)
+class Route:
+    path: str  # "kernel" | "dense_int8" | "dense"
+    kernel: str  # what runs: a _C kernel name, or the dense fallback
+    act: str  # the activation precision it runs: "int8" or "fp32"
+    why: str
+
+
+_lock = threading.RLock()
+_generation = 0  # bumped by reset(): memoised routes made before are stale
+_spent = 0.0  # seconds of first-use measuring in this process
+_stored: dict[str, dict] = {}  # machine key -> stored entry (read once per process and key)
+_tables: dict[str, dict] = {}  # isa -> built-in table (cpu_routes.json, read once)
+
+
+def reset() -> None:
+    """Forget memoised decisions and the stored entry read (after calibrate, or in tests)."""
+    global _generation, _spent
+    with _lock:
+        _generation += 1
+        _spent = 0.0
+        _stored.clear()
+
+
+# -- route keys ------------------------------------------------------------------------------------
+
+def bucket(m: int) -> int:
+    """The batch bucket of M rows: the power of two >= M (1, 2, 4, 8, ...)."""
+    return 1 << max(0, int(m) - 1).bit_length()
+
+
+def act_class(act: str) -> str:
+    return "fp32" if act == "fp32" else "int8"
+
+
+def route_key(w: PackedWeight, m: int, act: str) -> str:
+    params = json.dumps(w.params(), sort_keys=True, separators=(",", ":"))
+    n, k = w.shape
+    key = f"{w.fmt}{params}{str(w.dense_dtype).replace('torch.', ':')}|{act_class(act)}|{n}x{k}|m{bucket(m)}"
+    return key + (f"|d{w.density:.2f}" if isinstance(w, CSRWeight) else "")
+
+
+def candidates(w: PackedWeight) -> tuple[str, ...]:
+    return ("kernel", "dense_int8", "dense") if isinstance(w, CSRWeight) and w.quantized else ("kernel", "dense")
+
+
+# -- the paths -------------------------------------------------------------------------------------
+
+def dense_int8(w: CSRWeight) -> Int8Weight:
+    """The csr+int8 weight as a dense int8 weight with one scale per row: the same dequantized values."""
+    n, k = w.shape
+    rows = torch.repeat_interleave(torch.arange(n, device=w.crow.device), w.crow.diff())
+    q = torch.zeros(n, k, dtype=torch.int8, device=w.crow.device)
+    q[rows, w.col.long()] = w.values
+    return Int8Weight(q, w.scale.reshape(n, 1).contiguous(), k, None)
+
+
+def dense_int8_handle(w: CSRWeight):
+    """The ``_C.Weight`` of ``dense_int8(w)``, built on first use and kept with ``w``."""
+    from .cpu import build_native_weight
+
+    return w.prepacked(_DENSE_INT8_KEY, lambda w: build_native_weight(dense_int8(w)))
+
+
+def _dense_copy(w: PackedWeight) -> torch.Tensor | None:
+    """The whole weight in fp32 if it is SMALL_BYTES or less (made once, kept with ``w``), else None."""
+    n, k = w.shape
+    if n * k * 4 > SMALL_BYTES:
+        return None
+    from .cpu import native_weight
+
+    dense = torch.empty(n, k)
+    _native.require_native().dequantize(native_weight(w), 0, n, dense, cpu_tuning.cpu_threads())
+    return dense
+
+
+def dense_linear(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """y [..., N] = x [..., K] @ W.T + bias through torch's fp32 GEMM on W's rows dequantized by
+    ``_C.dequantize`` (exactly to_dense()'s values), at most TILE_BYTES of them at a time; exact up
+    to fp32 summation order. Returns x.dtype."""
+    from .cpu import native_weight
+
+    n, k = w.shape
+    x2 = x.reshape(-1, k).float()
+    b = None if bias is None else bias.float()
+    dense = w.prepacked(_DENSE_COPY_KEY, _dense_copy)
+    if dense is not None:
+        out = torch.nn.functional.linear(x2, dense, b)
+    else:
+        C, handle, threads = _native.require_native(), native_weight(w), cpu_tuning.cpu_threads()
+        step = min(n, max(16, TILE_BYTES // (4 * k) // 16 * 16))
+        tile = torch.empty(step, k)
+        out_t = torch.empty(n, x2.shape[0])  # y.T: a tile's rows of it are contiguous, written in place
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            rows = tile[:stop - start]
+            C.dequantize(handle, start, stop, rows, threads)
+            if b is None:
+                torch.mm(rows, x2.T, out=out_t[start:stop])
+            else:
+                torch.addmm(b[start:stop, None], rows, x2.T, out=out_t[start:stop])
+        out = out_t.T
+    return out.reshape(*x.shape[:-1], n).to(x.dtype).contiguous()
+
+
+DENSE_KERNEL = "dense fallback (tile-dequantize + torch fp32 GEMM)"
+
+
+# -- measuring -------------------------------------------------------------------------------------
+
+def time_interleaved(runs: dict, rounds: int, budget: float) -> dict:
+    """{name: fn} -> {name: fastest call in seconds}: each round calls every entry once, in an
+    order rotated per round, so that load from elsewhere hits all alike; stops after ``rounds``
+    or after the round in which ``budget`` seconds ran out (each is warmed up once first)."""
+    names = list(runs)
+    for fn in runs.values():
+        fn()  # warm-up: prepacked layouts, scratch, dense tiles
+    best = dict.fromkeys(names, math.inf)
+    start = time.perf_counter()
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t = time.perf_counter()
+            runs[name]()
+            best[name] = min(best[name], time.perf_counter() - t)
+        if time.perf_counter() - start > budget:
+            break
+    return best
+
+
+def measure_point(w: PackedWeight, m: int, act: str, paths) -> dict:
+    """Times each of ``paths`` for ``m`` rows (at most MEASURE_MAX_M) on ``w`` (its first rows, at
+    least MIN_SLICE_ROWS, if one call would exceed CALL_CAP_S). Returns the record stored per route key."""
+    from .cpu import build_native_weight
+
+    C = _native.require_native()
+    n, k = w.shape
+    m = min(m, MEASURE_MAX_M)
+    est = 2.0 * m * n * k / ASSUMED_FLOPS
+    rows = n if est <= CALL_CAP_S else min(n, max(MIN_SLICE_ROWS, int(n * CALL_CAP_S / est) // 16 * 16))
+    part = w if rows == n else w.rows(0, rows)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m * 31 + k))
+    out = torch.empty(m, rows)
+    threads = cpu_tuning.cpu_threads()
+    handle = build_native_weight(part)
+    runs = {}
+    for p in paths:
+        if p == "kernel":
+            runs[p] = lambda: C.linear(x, handle, out, None, threads, None, act)
+        elif p == "dense_int8":
+            runs[p] = lambda h8=dense_int8_handle(part): C.linear(x, h8, out, None, threads, None, act)
+        else:
+            runs[p] = lambda: dense_linear(x, part, None)
+    times = time_interleaved(runs, ROUNDS, POINT_BUDGET_S)
+    return {"times": times, "m": m, "rows": rows, "n": n, "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def choose(times: dict) -> str:
+    """The path to take from measured times: the first of PATH_ORDER unless a later one is faster
+    than the best so far by MARGIN."""
+    best = None
+    for p in PATH_ORDER:
+        if p in times and (best is None or times[p] < times[best] * (1 - MARGIN)):
+            best = p
+    return best
+
+
+# -- tables ----------------------------------------------------------------------------------------
+
+def builtin_tables() -> dict:
+    """{isa: table} shipped with the package (cpu_routes.json): measured_on, dense_from, csr_crossover."""
+    if not _tables:
+        try:
+            _tables.update(json.loads(TABLE_PATH.read_text()).get("isa", {}))
+        except (OSError, ValueError):
+            pass
+    return _tables
+
+
+def _entry() -> dict:
+    """This machine's stored entry (user cache), read once per process and thread count."""
+    key = cpu_tuning.machine_key()
+    if key not in _stored:
+        _stored[key] = cpu_tuning.stored() or {}
+    return _stored[key]
+
+
+def known_machine() -> bool:
+    """Whether the active ISA's built-in table, or a calibration stored here, was measured on this machine."""
+    C = _native.require_native()
+    table = builtin_tables().get(C.active_isa(), {})
+    return cpu_tuning.machine_key() in table.get("measured_on", ()) or bool(_entry().get("rules"))
+
+
+def _measuring_allowed() -> bool:
+    return os.environ.get("SPARSEINFER_MEASURE", "1") != "0" and os.environ.get("SPARSEINFER_TUNING", "1") != "0"
+
+
+def _rules(isa: str) -> tuple[dict, str]:
+    rules = _entry().get("rules")
+    if rules:
+        return rules, f"calibrated here {_entry().get('when', '?')}"
+    return builtin_tables().get(isa, {}), f"built-in {isa} table"
+
+
+def crossover(rules: dict, family: str, act: str, m: int) -> float | None:
+    """Density above which dense beats the CSR kernel at ``m`` rows (None: not in ``rules``)."""
+    points = rules.get("csr_crossover", {}).get(f"{family}/{act_class(act)}") or \
+        rules.get("csr_crossover", {}).get(f"{family}/fp32")
+    if not points:
+        return None
+    pts = sorted((int(b), float(d)) for b, d in points.items())
+    lb = math.log2(max(m, 1))
+    if lb <= math.log2(pts[0][0]):
+        return pts[0][1]
+    for (b0, d0), (b1, d1) in zip(pts, pts[1:]):
+        l0, l1 = math.log2(b0), math.log2(b1)
+        if lb <= l1:
+            return d0 + (d1 - d0) * (lb - l0) / (l1 - l0)
+    return pts[-1][1]
+
+
+def _by_rules(w: PackedWeight, family: str, isa: str, m: int, act: str, paths) -> tuple[str, str]:
+    rules, source = _rules(isa)
+    dense_from = rules.get("dense_from", {})
+
+    def dense_wins(fam: str) -> int | None:
+        start = dense_from.get(f"{fam}/{act_class(act)}")
+        return start if start is not None and bucket(m) >= start else None
+
+    if isinstance(w, CSRWeight):
+        d = crossover(rules, family, act, m)
+        if d is None:
+            return "kernel", f"no CSR crossover in the {source}"
+        if w.density <= d:
+            return "kernel", f"density {w.density:.3g} <= crossover {d:.3g} at M={m} ({source})"
+        why = f"density {w.density:.3g} > crossover {d:.3g} at M={m} ({source})"
+        if "dense_int8" in paths and dense_wins("int8") is None:
+            return "dense_int8", why
+        return "dense", why
+    start = dense_wins(family)
+    if start is not None:
+        return "dense", f"{source}: the dense fallback beats {family} kernels from M={start} ({act_class(act)} act)"
+    return "kernel", f"{source}: packed kernel"
+
+
+def _by_times(record: dict, source: str) -> tuple[str, str]:
+    times = record["times"]
+    path = choose(times)
+    shown = ", ".join(f"{p} {times[p] * 1e3:.3g} ms" for p in PATH_ORDER if p in times)
+    rows = f" on rows 0:{record['rows']} of {record['n']}" if record.get("rows", 0) < record.get("n", 0) else ""
+    return path, f"{source} {record.get('when', '?')}: {shown} at M={record.get('m', '?')}{rows}"
+
+
+# -- the decision ----------------------------------------------------------------------------------
+
+def decide(w: PackedWeight, handle, m: int, act: str) -> Route:
+    """The route of a call with ``m`` rows in (resolved) activation mode ``act`` on ``w``."""
+    global _spent
+    C = _native.require_native()
+    kernel = C.kernel_name(handle, m, None, act)
+    rows = {r["name"]: r for r in C.kernel_table(None)}
+    row = rows.get(kernel, {})
+    # rules of the active ISA (its CSR and N:M rows may come from a level below, measured against its
+    # own dense kernels), except for a scalar kernel, whose speed is the same on every x86 / ARM level
+    family = handle.kernel_family
+    isa = "scalar" if row.get("isa") == "scalar" else C.active_isa()
+    paths = candidates(w)
+    key = route_key(w, m, act)
+    with _lock:
+        record = _entry().get("routes", {}).get(key)
+        if record is not None and "kernel" in record["times"]:  # (a record without it is from elsewhere)
+            path, why = _by_times(record, "measured")
+        elif not known_machine() and _measuring_allowed() and _spent < MEASURE_BUDGET_S:
+            t0 = time.perf_counter()
+            record = measure_point(w, bucket(m), act, paths)
+            _spent += time.perf_counter() - t0
+            _entry().setdefault("routes", {})[key] = record
+            try:
+                cpu_tuning.save(routes={key: record})
+            except OSError:
+                pass  # a read-only cache: the decision holds for this process
+            path, why = _by_times(record, "measured on first use")
+        else:
+            path, why = _by_rules(w, family, isa, m, act, paths)
+            if not known_machine() and _measuring_allowed():
+                why += f" (first-use measuring budget of {MEASURE_BUDGET_S:g} s spent)"
+    if path == "kernel":
+        return Route(path, kernel, "int8" if row.get("int8_act") else "fp32", why)
+    if path == "dense_int8":
+        k8 = C.kernel_name(dense_int8_handle(w), m, None, act)
+        return Route(path, k8, "int8" if rows.get(k8, {}).get("int8_act") else "fp32", why)
+    return Route(path, DENSE_KERNEL, "fp32", why)
+
+
+def route(w: PackedWeight, handle, m: int, act: str, threads: int) -> Route:
+    """``decide``, memoised on the weight per (rows, act, threads)."""
+    memo = w.prepacked(_ROUTES_KEY, lambda w: {})
+    key = (m, act, threads, _generation)
+    found = memo.get(key)
+    if found is None:
+        found = decide(w, handle, m, act)
+        if len(memo) >= 256:  # many distinct batch sizes: keep it bounded
+            memo.clear()
+        memo[key] = found
+    return found
+
+
+# -- calibrating rules (sparseinfer calibrate, bench/cpu_dispatch_rules.py) --------------------------
+
+def _random_weight(fmt: str, params: dict, n: int, k: int, density: float, g: torch.Generator) -> PackedWeight:
+    import sparseinfer as si
+
+    w = torch.randn(n, k, generator=g)
+    if density < 1:
+        w = w * (torch.rand(n, k, generator=g) < density)
+    return si.pack(w, fmt, **params)
+
+
+def calibrate_rules(n: int = 1024, k: int = 1024, batches=(1, 4, 16, 64, 256, 1024), progress=None) -> dict:
+    """Measure this machine's rules: per family and act class the batch from which the dense
+    fallback wins (the smallest measured batch where it wins at every batch from there on), and for
+    CSR the crossover density per batch (CSR timed at CSR_DENSITIES, affine in the density, against
+    the dense paths). Returns {"dense_from", "csr_crossover", "routes": raw measurements}."""
+    from .cpu import build_native_weight
+
+    C = _native.require_native()
+    g = torch.Generator().manual_seed(0)
+    rules = {"dense_from": {}, "csr_crossover": {}, "routes": {}}
+    acts = ("fp32", "int8")
+    for family, (fmt, params) in sorted(cpu_tuning._FAMILY_FORMATS.items()):
+        csr = family.startswith("csr")
+        dens = CSR_DENSITIES if csr else (1.0,)
+        ws = {d: _random_weight(fmt, params, n, k, d, g) for d in dens}
+        for act in acts:
+            h = build_native_weight(ws[dens[0]])
+            if act == "int8" and not any(C.kernel_name(h, m, None, "int8") != C.kernel_name(h, m, None, "fp32")
+                                         for m in batches) and family != "csr_int8":
+                continue  # no int8-activation kernel: the same as fp32
+            if progress:
+                progress(f"{family} ({act} activations)")
+            wins, points = [], {}
+            for m in batches:
+                recs = {d: measure_point(w, m, act, candidates(w)) for d, w in ws.items()}
+                for d, w in ws.items():
+                    rules["routes"][route_key(w, m, act)] = recs[d]
+                if csr:
+                    (d0, r0), (d1, r1) = sorted(recs.items())
+                    t0, t1 = r0["times"]["kernel"], r1["times"]["kernel"]
+                    t_dense = min(t for p, t in r0["times"].items() if p != "kernel")
+                    slope = max((t1 - t0) / (d1 - d0), 1e-12)
+                    points[str(m)] = round(min(1.0, max(0.0, d0 + (t_dense - t0) / slope)), 4)
+                else:
+                    wins.append((m, choose(recs[1.0]["times"]) == "dense"))
+            if csr:
+                rules["csr_crossover"][f"{family}/{act}"] = points
+            else:
+                start = None
+                for m, dense in reversed(wins):
+                    if not dense:
+                        break
+                    start = m
+                if start is not None:
+                    rules["dense_from"][f"{family}/{act}"] = start
+    return rules

@@ -1,0 +1,278 @@
+"""Kernel or dense, decided by measurement (sparseinfer/backends/cpu_routes.py): the dense fallback
+is exact, decisions come from stored / first-use / built-in data in that order, first-use measuring
+is bounded and cached, and a call reads no file. Timings are injected: nothing here depends on how
+fast this machine is."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+import sparseinfer as si
+from sparseinfer import _native
+from sparseinfer.backends import BACKENDS, cpu_routes, cpu_tuning, reference_linear
+
+C = _native._C
+pytestmark = pytest.mark.skipif(C is None, reason=f"requires sparseinfer._C ({_native._C_ERROR})")
+FORMATS = [("int8", {}), ("int8", {"group_size": 64}), ("int4", {"group_size": 32}),
+           ("int4", {"group_size": 64, "symmetric": False}), ("2:4", {}), ("4:8", {}), ("2:4+int8", {}),
+           ("2:4+int4", {"group_size": 32}), ("csr", {}), ("csr+int8", {})]
+TOL_F32 = 1e-5  # fp32 summation order over K <= 1000: ~sqrt(K) * 2^-24 normwise
+
+
+@pytest.fixture(autouse=True)
+def fresh_routes(monkeypatch, tmp_path):
+    """A private cache, measuring allowed, no built-in table (an unknown machine), no memo."""
+    monkeypatch.setenv("SPARSEINFER_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("SPARSEINFER_MEASURE", "1")
+    cpu_routes.reset()
+    monkeypatch.setattr(cpu_routes, "_tables", {"_": {}})  # non-empty: the shipped file is not read
+    yield
+    cpu_routes.reset()
+
+
+def _weight(fmt, params, n, k, g, density=0.4):
+    w = torch.randn(n, k, generator=g)
+    if fmt.startswith("csr"):
+        w = w * (torch.rand(n, k, generator=g) < density)
+    return si.pack(w, fmt, **params)
+
+
+class FakeTimer:
+    """measure_point stand-in: fixed times per path (seconds), counting calls."""
+
+    def __init__(self, **times):
+        self.times, self.calls = times, []
+
+    def __call__(self, w, m, act, paths):
+        self.calls.append((w.shape, m, act, tuple(paths)))
+        return {"times": {p: self.times[p] for p in paths}, "m": m, "rows": w.shape[0], "n": w.shape[0],
+                "when": "test"}
+
+
+# -- the dense fallback ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt, params", FORMATS, ids=[f"{f}-{p}" for f, p in FORMATS])
+@pytest.mark.parametrize("small", [True, False], ids=["one-copy", "tiles"])
+def test_dense_fallback_matches_the_reference(fmt, params, small, rng, rel_err, monkeypatch):
+    """Tile by tile (tiles forced small: 16 rows) or one fp32 copy, odd N / K, batch 1 / 3 / 17,
+    bias or not, fp32 / bf16 x with leading dims: the exact product to fp32 summation order."""
+    monkeypatch.setattr(cpu_routes, "SMALL_BYTES", 1 << 30 if small else 0)
+    monkeypatch.setattr(cpu_routes, "TILE_BYTES", 16 * 4 * 300)  # 16 rows: 4 tiles, the last one short
+    w = _weight(fmt, params, 53, 300, rng)
+    for m, dtype, bias in [(1, torch.float32, None), (3, torch.bfloat16, True), (17, torch.float32, True)]:
+        x = torch.randn(m, 2, 300, generator=rng).to(dtype)
+        b = torch.randn(53, generator=rng) if bias else None
+        out = cpu_routes.dense_linear(x, w, b)
+        ref = reference_linear(x.reshape(-1, 300), w, b).reshape(m, 2, 53)
+        assert out.dtype == dtype and out.shape == (m, 2, 53)
+        memo = w._prepacked.get("cpu:dense-copy")  # (stamp, fp32 copy or None)
+        assert memo is not None and (memo[1] is not None) == small
+        tol = TOL_F32 if dtype == torch.float32 else 2.0**-8
+        assert rel_err(out, ref) <= tol, (fmt, m, dtype)
+
+
+@pytest.mark.parametrize("fmt, params", FORMATS, ids=[f"{f}-{p}" for f, p in FORMATS])
+def test_dequantize_is_to_dense_bit_for_bit(fmt, params, rng):
+    w = _weight(fmt, params, 37, 301, rng)
+    h = BACKENDS["cpu"].prepack(w)
+    for a, b, threads in [(0, 37, 1), (5, 25, 2), (36, 37, 3)]:
+        out = torch.full((b - a, 301), float("nan"))
+        C.dequantize(h, a, b, out, threads)
+        assert torch.equal(out, w.to_dense(torch.float32)[a:b]), (fmt, a, b)
+    with pytest.raises(ValueError, match="rows 30:38 are not within 0:37"):
+        C.dequantize(h, 30, 38, torch.empty(8, 301))
+    with pytest.raises(ValueError, match="out"):
+        C.dequantize(h, 0, 4, torch.empty(4, 300))
+
+
+def test_rows_views_share_storage():
+    w = si.pack(torch.randn(40, 128), "int4", group_size=32)
+    part = w.rows(8, 24)
+    assert part.shape == (16, 128) and part.qweight.data_ptr() == w.qweight[8].data_ptr()
+    with pytest.raises(ValueError, match="rows: need 0 <= start < stop <= 40"):
+        w.rows(30, 41)
+
+
+# -- deciding --------------------------------------------------------------------------------------
+
+def test_bucket_and_key():
+    assert [cpu_routes.bucket(m) for m in (1, 2, 3, 8, 33, 256, 257)] == [1, 2, 4, 8, 64, 256, 512]
+    w = si.pack(torch.randn(8, 64), "int4", group_size=32)
+    assert cpu_routes.route_key(w, 33, "auto") == cpu_routes.route_key(w, 60, "int8") != \
+        cpu_routes.route_key(w, 60, "fp32")
+    c = si.pack(torch.randn(8, 64) * (torch.rand(8, 64) < 0.5), "csr")
+    assert cpu_routes.route_key(c, 1, "fp32").endswith(f"|d{c.density:.2f}")
+
+
+def test_choose_keeps_the_kernel_within_the_margin():
+    m = cpu_routes.MARGIN
+    assert cpu_routes.choose({"kernel": 1.0, "dense": 1.0 - m / 2}) == "kernel"
+    assert cpu_routes.choose({"kernel": 1.0, "dense": 1.0 - 2 * m}) == "dense"
+    assert cpu_routes.choose({"kernel": 1.0, "dense_int8": 0.5, "dense": 0.49}) == "dense_int8"
+    assert cpu_routes.choose({"kernel": 1.0, "dense_int8": 0.5, "dense": 0.4}) == "dense"
+
+
+@pytest.mark.parametrize("winner", ["kernel", "dense"])
+def test_first_use_measures_once_stores_and_runs_the_winner(winner, rng, rel_err, monkeypatch):
+    fake = FakeTimer(kernel=1.0, dense=0.5) if winner == "dense" else FakeTimer(kernel=0.5, dense=1.0)
+    monkeypatch.setattr(cpu_routes, "measure_point", fake)
+    cpu = BACKENDS["cpu"]
+    w = _weight("int8", {}, 48, 256, rng)
+    x = torch.randn(33, 256, generator=rng)
+    out = si.linear(x, w, backend="cpu", act="fp32")
+    assert rel_err(out, reference_linear(x, w)) <= TOL_F32
+    assert fake.calls == [((48, 256), 64, "fp32", ("kernel", "dense"))]  # at the bucket's batch
+    r = cpu.route(w, 40, "fp32")  # same bucket: no new measurement
+    assert r.path == winner and r.why.startswith("measured") and len(fake.calls) == 1
+    assert (r.kernel == cpu_routes.DENSE_KERNEL) == (winner == "dense")
+    stored = json.loads(cpu_tuning.cache_path().read_text())[cpu_tuning.machine_key()]["routes"]
+    assert list(stored) == [cpu_routes.route_key(w, 33, "fp32")]
+    # a new process (memo and read entry forgotten) takes the stored answer without measuring
+    cpu_routes.reset()
+    w2 = _weight("int8", {}, 48, 256, rng)
+    r2 = cpu.route(w2, 64, "fp32")
+    assert r2.path == winner and r2.why.startswith("measured test") and len(fake.calls) == 1
+
+
+def test_first_use_budget_then_rules(rng, monkeypatch):
+    fake = FakeTimer(kernel=1.0, dense=0.5)
+    monkeypatch.setattr(cpu_routes, "measure_point", fake)
+    monkeypatch.setattr(cpu_routes, "_spent", cpu_routes.MEASURE_BUDGET_S)  # this process has spent it
+    r = BACKENDS["cpu"].route(_weight("int8", {}, 16, 64, rng), 8, "fp32")
+    assert not fake.calls and r.path == "kernel" and "budget" in r.why
+
+
+def test_no_measuring_on_a_known_machine_or_when_disabled(rng, monkeypatch):
+    fake = FakeTimer(kernel=1.0, dense=0.5)
+    monkeypatch.setattr(cpu_routes, "measure_point", fake)
+    monkeypatch.setattr(cpu_routes, "_tables", {C.active_isa(): {"measured_on": [cpu_tuning.machine_key()]}})
+    assert cpu_routes.known_machine()
+    assert BACKENDS["cpu"].route(_weight("int8", {}, 16, 64, rng), 8, "fp32").path == "kernel"
+    cpu_routes.reset()
+    monkeypatch.setattr(cpu_routes, "_tables", {"_": {}})
+    monkeypatch.setenv("SPARSEINFER_MEASURE", "0")
+    assert BACKENDS["cpu"].route(_weight("int8", {}, 16, 64, rng), 8, "fp32").path == "kernel"
+    assert not fake.calls
+
+
+@pytest.mark.parametrize("fmt, params", FORMATS, ids=[f"{f}-{p}" for f, p in FORMATS])
+def test_rules_route_every_format_and_every_path_is_exact(fmt, params, rng, rel_err, monkeypatch):
+    """The built-in rules alone (no measuring): below dense_from the kernel, from it the dense
+    fallback; CSR by density against the crossover. Each path gives the reference's numbers."""
+    monkeypatch.setenv("SPARSEINFER_MEASURE", "0")
+    cpu = BACKENDS["cpu"]
+    w = _weight(fmt, params, 40, 300, rng)
+    family = cpu.prepack(w).kernel_family
+    rules = {"dense_from": {f"{f}/{a}": 16 for f in ("int8", "int4", "nm_float", "nm_int8", "nm_int4")
+                            for a in ("fp32", "int8")},
+             "csr_crossover": {f"{f}/{a}": {"1": 0.9, "16": 0.1} for f in ("csr_int8", "csr_float")
+                               for a in ("fp32", "int8")}}
+    monkeypatch.setattr(cpu_routes, "_tables", {C.active_isa(): rules, "scalar": rules})
+    for m in (1, 9, 16, 40):
+        r = cpu.route(w, m, "fp32")
+        if family.startswith("csr"):
+            dense = w.density > cpu_routes.crossover(rules, family, "fp32", m)
+            big = cpu_routes.bucket(m) >= 16
+            assert r.path == ("kernel" if not dense else "dense" if big or not w.quantized else "dense_int8"), r
+            assert "crossover" in r.why
+        else:
+            assert r.path == ("dense" if cpu_routes.bucket(m) >= 16 else "kernel"), (m, r)
+        x = torch.randn(m, 300, generator=rng)
+        b = torch.randn(40, generator=rng)
+        assert rel_err(si.linear(x, w, b, backend="cpu", act="fp32"), reference_linear(x, w, b)) <= TOL_F32, (m, r)
+
+
+def test_scalar_kernels_give_large_batches_to_the_dense_fallback(rng, monkeypatch):
+    """The shipped scalar rule: scalar kernels lose to dequantize + GEMM from 64 rows."""
+    monkeypatch.setenv("SPARSEINFER_MEASURE", "0")
+    cpu_routes.reset()
+    monkeypatch.setattr(cpu_routes, "_tables", {})  # the shipped file
+    w = _weight("csr", {}, 8, 64, rng)
+    scalar = {r["name"] for r in C.kernel_table("scalar")}
+    r64, r1 = cpu_routes.decide(w, BACKENDS["cpu"].prepack(w), 64, "fp32"), BACKENDS["cpu"].route(w, 1, "fp32")
+    assert r1.path == "kernel"
+    if C.kernel_name(BACKENDS["cpu"].prepack(w), 64, None, "fp32") in scalar:
+        assert r64.path == "dense" and "built-in scalar table" in r64.why
+
+
+def test_stored_rules_make_the_machine_known(rng, monkeypatch):
+    fake = FakeTimer(kernel=1.0, dense=0.5)
+    monkeypatch.setattr(cpu_routes, "measure_point", fake)
+    cpu_tuning.save({"machine": cpu_tuning.machine_key(), "limits": {},
+                     "rules": {"dense_from": {"int4/fp32": 4}, "csr_crossover": {}}, "when": "calibrated"})
+    cpu_routes.reset()
+    assert cpu_routes.known_machine()
+    w = _weight("int4", {"group_size": 32}, 16, 64, rng)
+    r = BACKENDS["cpu"].route(w, 8, "fp32")
+    assert r.path == "dense" and "calibrated here calibrated" in r.why and not fake.calls
+
+
+def test_malformed_routes_are_ignored_with_a_warning(rng):
+    path = cpu_tuning.cache_path()
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({cpu_tuning.machine_key(): {"routes": {"x": {"times": {"kernel": "fast"}}}}}))
+    with pytest.warns(RuntimeWarning, match="'routes' is not a map"):
+        r = BACKENDS["cpu"].route(_weight("int8", {}, 16, 64, rng), 1, "fp32")
+    assert r.path in ("kernel", "dense")  # measured anew (this machine is unknown), not broken
+
+
+def test_calibrate_rules_from_injected_times(monkeypatch):
+    """dense_from is the smallest batch from which dense wins at every larger one; the CSR
+    crossover is the affine fit of two densities against the best dense path."""
+
+    def fake(w, m, act, paths):
+        if isinstance(w, si.CSRWeight):
+            d = 0.05 if w.density < 0.15 else 0.3
+            t = {"kernel": 1.0 + 10.0 * d, "dense_int8": 3.0, "dense": 4.0}  # crossover 0.2
+        else:
+            t = {"kernel": 1.0, "dense": 0.5 if m in (16, 256, 1024) else 2.0}
+        return {"times": {p: t[p] for p in paths}, "m": m, "rows": w.shape[0], "n": w.shape[0], "when": "t"}
+
+    monkeypatch.setattr(cpu_routes, "measure_point", fake)
+    monkeypatch.setattr(cpu_tuning, "_FAMILY_FORMATS", {"int8": ("int8", {}), "csr_int8": ("csr+int8", {})})
+    rules = cpu_routes.calibrate_rules(64, 128, batches=(1, 16, 64, 256, 1024))
+    assert rules["dense_from"]["int8/fp32"] == 256
+    assert rules["csr_crossover"]["csr_int8/fp32"] == {str(m): pytest.approx(0.2) for m in (1, 16, 64, 256, 1024)}
+    assert len(rules["routes"]) >= 5
+
+
+def test_explain_says_path_act_and_why(rng, monkeypatch):
+    monkeypatch.setattr(cpu_routes, "measure_point", FakeTimer(kernel=1.0, dense=0.25))
+    model = si.compress(torch.nn.Sequential(torch.nn.Linear(128, 32)), "int8", progress=False)
+    si.set_act(model, "fp32")
+    row = si.explain(model, batch=300)[0]
+    assert row["path"] == "dense" and row["act"] == "fp32" and "dense 250 ms" in row["why"]
+    assert row["kernel"] == f"cpu:{cpu_routes.DENSE_KERNEL}"
+    text = str(si.explain(model, batch=300))
+    assert "path" in text and "why" in text and "dense fallback" in text
+
+
+# -- cheap calls -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["csr", "csr+int8", "int8"])
+def test_a_call_reads_no_file(fmt, rng, monkeypatch):
+    """After the first call, a call opens nothing (no /proc/cpuinfo, no cache, no table): the
+    decision is memoised on the weight (an audit hook sees every Python-level open)."""
+    monkeypatch.setattr(cpu_routes, "measure_point", FakeTimer(kernel=1.0, dense=2.0, dense_int8=2.0))
+    w = _weight(fmt, {}, 64, 256, rng, density=0.5)
+    x = torch.randn(2, 256, generator=rng)
+    si.linear(x, w)  # first call: decides (may read the cache and the tables)
+    opened = []
+    state = {"on": True}
+
+    def hook(event, args):
+        if state["on"] and event in ("open", "os.open"):
+            opened.append(str(args[0]))
+
+    sys.addaudithook(hook)  # hooks cannot be removed: this one switches itself off below
+    try:
+        for _ in range(20):
+            si.linear(x, w)
+    finally:
+        state["on"] = False
+    assert opened == []
+    assert cpu_tuning.cpu_model.cache_info().misses <= 1  # /proc/cpuinfo read at most once per process
