@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import torch
 
+from sparseinfer.formats.nm import index_bits, pack_bits, unpack_bits
+
 from ._common import (check_tensor, check_x, dot_dtype, grid_for, jit, launch_options, next_pow2, require_triton,
                       run_linear, store_result, swizzle, tl)
 from .int8_linear import configs as _int8_configs
@@ -49,8 +51,6 @@ def meta_bits(m: int) -> int:
 def repack_meta(meta: torch.Tensor, m: int, count: int) -> torch.Tensor:
     """Canonical meta (ceil(log2 m) bits per index) -> the kernels' layout (``meta_bits(m)`` bits);
     returns ``meta`` itself when the widths agree."""
-    from sparseinfer.formats.nm import index_bits, pack_bits, unpack_bits
-
     if meta_bits(m) == index_bits(m):
         return meta
     return pack_bits(unpack_bits(meta, index_bits(m), count), meta_bits(m))

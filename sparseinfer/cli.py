@@ -7,12 +7,12 @@ import argparse
 import importlib
 import sys
 
+from ._version import __version__
+
 COMMANDS = ("compress", "inspect", "run", "demo", "bench", "sweep", "calibrate")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ._version import __version__
-
     parser = argparse.ArgumentParser(prog="sparseinfer", description="Compress PyTorch models and run them fast.")
     parser.add_argument("--version", action="version", version=f"sparseinfer {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -18,7 +18,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+import sparseinfer as si
+
 from . import models
+from .eval.data import sentences
+from .runtime.modules import CompressedLinear
 
 # Plain rounding / magnitude next to their calibrated counterparts (GPTQ, SparseGPT: a few seconds
 # each on the demo's calibration sentences), so the table shows what calibration buys.
@@ -68,8 +72,6 @@ def model_bytes(model: torch.nn.Module) -> int:
 
 def fp32_bytes(model: torch.nn.Module) -> int:
     """Bytes of ``model`` with every compressed layer stored dense in fp32."""
-    from .runtime.modules import CompressedLinear
-
     packed = [m.packed for m in model.modules() if isinstance(m, CompressedLinear)]
     return model_bytes(model) - sum(w.nbytes for w in packed) + sum(w.dense_nbytes for w in packed)
 
@@ -114,9 +116,6 @@ def run(n_sentences: int = 256, recipes=DEFAULT_RECIPES, batch_size: int = 64, r
     sentences in their natural order. save_load: the recipe whose compressed model is saved and
     loaded back (None: skip; a recipe not in ``recipes`` falls back to the first one). act: the
     activation precision the compressed models may use (``sparseinfer.set_act``)."""
-    import sparseinfer as si
-    from .eval.data import sentences
-
     if n_sentences < 1:
         raise ValueError(f"demo: --sentences must be at least 1, got {n_sentences}")
     recipes = list(recipes)
@@ -176,8 +175,6 @@ def run(n_sentences: int = 256, recipes=DEFAULT_RECIPES, batch_size: int = 64, r
 def check_save_load(model, recipe: str, tokenizer, batches: list[dict], out=print, act: str | None = None) -> dict:
     """Save ``model`` to a temporary artifact, load it back (from its exported program, no model
     code) and compare its sentence embeddings with the in-memory model's."""
-    import sparseinfer as si
-
     with tempfile.TemporaryDirectory(prefix="sparseinfer-demo-") as tmp:
         path = Path(tmp) / "minilm.sinf"
         t0 = time.perf_counter()

@@ -44,9 +44,8 @@ from tqdm.auto import tqdm
 
 from .formats import pack
 from .passes.calibration import call_model
+from .passes.pipeline import fit_groups, recipe_layers
 from .passes.prune import magnitude_mask
-from .recipe import Recipe
-from .runtime.modules import CompressedConv2d
 
 # -- QAT -----------------------------------------------------------------------------------------
 
@@ -74,31 +73,13 @@ class FakePack(nn.Module):
         return f"fmt={self.fmt!r}, params={self.params}"
 
 
-def _recipe_layers(model: nn.Module, recipe) -> list[tuple[str, nn.Module, Any]]:
-    recipe = Recipe.from_any(recipe)
-    tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    out = []
-    for name, module in model.named_modules():
-        conv_ok = isinstance(module, nn.Conv2d) and CompressedConv2d.eligible(module) is None
-        if isinstance(module, nn.Linear) or conv_ok:
-            layer_recipe = recipe.for_layer(name, tied_to_embedding=id(module.weight) in tied)
-            if layer_recipe is not None:
-                out.append((name, module, layer_recipe))
-    if not out:
-        raise ValueError(f"recipe {recipe.to_json()!r} matches no nn.Linear / nn.Conv2d layer of "
-                         f"{type(model).__name__}")
-    return out
-
-
 def prepare_qat(model: nn.Module, recipe) -> list[str]:
     """Fake-quantize (in place) the layers ``recipe`` selects; returns their names."""
-    from .api import _fit_groups  # the same group fallback compress() applies
-
     names = []
-    for name, module, layer_recipe in _recipe_layers(model, recipe):
+    for name, module, layer_recipe in recipe_layers(model, recipe, require=True):
         if parametrize.is_parametrized(module, "weight"):
             raise ValueError(f"prepare_qat: layer {name!r} is already parametrized (prepare_qat called twice?)")
-        layer_recipe = _fit_groups(layer_recipe, module.weight[0].numel())
+        layer_recipe = fit_groups(layer_recipe, module.weight[0].numel())
         parametrize.register_parametrization(
             module, "weight", FakePack(layer_recipe.fmt, layer_recipe.params, layer_recipe.sparsity))
         names.append(name)
@@ -140,7 +121,7 @@ def output_tensor(out: Any) -> torch.Tensor:
     raise ValueError(f"distill: cannot find the output tensor in a {type(out).__name__}")
 
 
-def _split(batch: Any) -> tuple[Any, torch.Tensor | None]:
+def split_labels(batch: Any) -> tuple[Any, torch.Tensor | None]:
     if isinstance(batch, Mapping):
         if "labels" in batch:
             return {k: v for k, v in batch.items() if k != "labels"}, batch["labels"]
@@ -254,7 +235,7 @@ def distill(student: nn.Module, teacher: nn.Module, loader, *, epochs: int = 1, 
             sums: dict[str, float] = {}
             batches = 0
             for batch in loader:
-                inputs, labels = _split(batch)
+                inputs, labels = split_labels(batch)
                 with torch.no_grad():
                     t_out = output_tensor(call_model(teacher, inputs))
                 s_out = output_tensor(call_model(student, inputs))

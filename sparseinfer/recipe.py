@@ -32,6 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from .passes import METHODS
+
 _QUANT = re.compile(r"^(int8|int4)(?:-(g\d+|pc))?(?:-(asym|sym))?$")
 _NM = re.compile(r"^(\d+):(\d+)$")
 _SPARSE = re.compile(r"^sparse(\d+(?:\.\d+)?)(?:-(global|layer))?$")
@@ -52,8 +56,6 @@ class LayerRecipe:
 
     @property
     def needs_calibration(self) -> bool:
-        from .passes import METHODS
-
         return any(METHODS[m].needs_calibration for m in (self.prune_method, self.quant_method) if m in METHODS)
 
 
@@ -78,8 +80,6 @@ def parse_layer_recipe(text: str, methods: dict | None = None) -> LayerRecipe:
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"recipe must be a non-empty string, got {text!r}")
     s = text.strip().lower()
-    from .passes import METHODS
-
     prune_method = (methods or {}).get("prune", "magnitude")
     quant_method = (methods or {}).get("quantize", "rtn")
     head, sep, rest = s.partition(":")
@@ -134,8 +134,6 @@ class Recipe:
         if isinstance(recipe, Recipe):
             return recipe
         if isinstance(recipe, Path) or (isinstance(recipe, str) and recipe.endswith((".yaml", ".yml"))):
-            import yaml
-
             path = Path(recipe)
             if not path.is_file():
                 raise ValueError(f"recipe file {str(path)!r} does not exist")

@@ -37,9 +37,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .api import compress
+from .distill import distill
 from .passes import METHODS
 from .passes.calibration import sync_weights
+from .passes.movement import GradualPruner
+from .passes.pipeline import targets as recipe_targets
 from .passes.prune import nm_magnitude_mask
+from .passes.structured import prune_structured
 from .passes.wanda import apply_mask, prune_spec
 from .recipe import Recipe
 
@@ -50,12 +55,10 @@ def prune(model: nn.Module, recipe, calib=None, *, inplace: bool = False) -> nn.
     """Run the prune step of ``recipe`` on the layers it selects and leave the result in the dense
     model (pruned weights exactly 0; N:M layers keep at most N of every M); nothing is packed, so
     the model can be fine-tuned or distilled next. Returns the model (a copy unless ``inplace``)."""
-    from .api import _targets
-
     recipe = Recipe.from_any(recipe)
     if not inplace:
         model = copy.deepcopy(model)
-    targets = [t for t in _targets(model, recipe) if prune_spec(t) is not None]
+    targets = [t for t in recipe_targets(model, recipe) if prune_spec(t) is not None]
     if not targets:
         raise ValueError(f"prune: recipe {recipe.to_json()!r} selects no nn.Linear / nn.Conv2d layer of "
                          f"{type(model).__name__} to prune (it needs 'N:M' or 'sparseXX')")
@@ -159,11 +162,6 @@ def run_stages(model: nn.Module, stages, *, calib=None, loader=None, teacher: nn
     for distill / gradual / structured-taylor stages. evaluate(model) -> dict of metrics, recorded for
     the input and after every stage (with seconds, bytes and the fraction of zero weights).
     """
-    from .api import compress
-    from .distill import distill
-    from .passes.movement import GradualPruner
-    from .passes.structured import prune_structured
-
     plan = load_stages(stages)
     needs_loader = [s["name"] for s in plan if s["action"] in ("distill", "gradual") or
                     (s["action"] == "structured" and s["args"].get("criterion") == "taylor")]

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparseinfer as si
-from sparseinfer.api import _targets
+from sparseinfer.passes.pipeline import targets as _targets
 from sparseinfer.passes.calibration import calibrate, collect_stats, find_blocks
 from sparseinfer.recipe import Recipe
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import sparseinfer as si
-from sparseinfer.api import _targets
+from sparseinfer.passes.pipeline import targets as _targets
 from sparseinfer.passes import METHODS
 from sparseinfer.passes.gptq import gptq_quantize
 from sparseinfer.passes.sparsegpt import sparsegpt_prune

@@ -22,8 +22,6 @@ backend (``supports`` says no), and a bias that needs gradients is added outside
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .. import _native
@@ -32,66 +30,11 @@ from ..formats import CSRWeight, Int4Weight, Int8Weight, NMWeight, PackedWeight
 from ..formats.base import FLOAT_DTYPES
 from . import cpu_routes, cpu_tuning
 from .base import Backend
+from .cpu_native import build_native_weight, contig, native_weight, set_threads, threads
+
+__all__ = ["CpuBackend", "build_native_weight", "native_weight", "set_threads", "threads"]
 
 _INT32_MAX = 2**31 - 1
-_PREPACK_KEY = "cpu"
-_threads: int | None = None  # set_threads(); None: follow torch.get_num_threads()
-
-
-def set_threads(n: int | None) -> None:
-    """Threads the CPU kernels split output rows over; None follows torch.get_num_threads()."""
-    global _threads
-    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
-        raise ValueError(f"set_threads: n must be a positive int or None, got {n!r}")
-    _threads = n
-
-
-def threads() -> int:
-    return _threads or torch.get_num_threads()
-
-
-def _threads_from_env() -> None:
-    value = os.environ.get("SPARSEINFER_NUM_THREADS")
-    if value:
-        try:
-            set_threads(int(value))
-        except ValueError:
-            raise ValueError(f"SPARSEINFER_NUM_THREADS must be a positive integer, got {value!r}") from None
-
-
-_threads_from_env()
-
-
-def _contig(t: torch.Tensor) -> torch.Tensor:
-    return t if t.is_contiguous() else t.contiguous()
-
-
-def _pack_quant(C, w: Int8Weight | Int4Weight):
-    k = w.shape[1]
-    if isinstance(w, Int8Weight):
-        return C.pack_int8(_contig(w.qweight), _contig(w.scale), k)
-    zero = None if w.zero is None else _contig(w.zero)
-    return C.pack_int4(_contig(w.qweight), _contig(w.scale), zero, k)
-
-
-def build_native_weight(w: PackedWeight):
-    """The ``_C.Weight`` for a canonical packed weight (validated by the extension)."""
-    C = _native.require_native()
-    if isinstance(w, (Int8Weight, Int4Weight)):
-        return _pack_quant(C, w)
-    if isinstance(w, NMWeight):
-        values = _pack_quant(C, w.values) if w.value_format else _contig(w.values)
-        return C.pack_nm(_contig(w.meta), w.n, w.m, w.shape[1], values)
-    if isinstance(w, CSRWeight):
-        scale = _contig(w.scale) if w.quantized else None
-        return C.pack_csr(_contig(w.crow), _contig(w.col), _contig(w.values), scale, w.shape[1])
-    raise TypeError(f"cpu backend: no kernels for {type(w).__name__} (format {getattr(w, 'fmt', '?')!r})")
-
-
-def native_weight(w: PackedWeight):
-    """``build_native_weight(w)``, memoised on ``w`` (what the backend's calls use); the ``_C.Weight``
-    checks its own sources on every call, so the memo needs no stamp."""
-    return w.prepacked(_PREPACK_KEY, build_native_weight, self_checking=True)
 
 
 def _float_values_ok(w: PackedWeight) -> bool:
@@ -166,7 +109,7 @@ class CpuBackend(Backend):
             elif bias.dtype not in FLOAT_DTYPES:
                 bias = bias.to(torch.float32)
             if bias is not None:
-                bias = _contig(bias)
+                bias = contig(bias)
         if path == "dense":
             out = cpu_routes.dense_linear(x, w, bias)
         else:

@@ -43,8 +43,9 @@ from pathlib import Path
 import torch
 
 from .. import _native
-from ..formats import CSRWeight, Int8Weight, PackedWeight
+from ..formats import CSRWeight, Int8Weight, PackedWeight, pack
 from . import cpu_tuning
+from .cpu_native import build_native_weight, native_weight
 
 TABLE_PATH = Path(__file__).with_name("cpu_routes.json")
 PATH_ORDER = ("kernel", "dense_int8", "dense")  # preference on ties: packed first
@@ -130,8 +131,6 @@ def dense_int8(w: CSRWeight) -> Int8Weight:
 
 def dense_int8_handle(w: CSRWeight):
     """The ``_C.Weight`` of ``dense_int8(w)``, built on first use and kept with ``w``."""
-    from .cpu import build_native_weight
-
     return w.prepacked(_DENSE_INT8_KEY, lambda w: build_native_weight(dense_int8(w)))
 
 
@@ -140,8 +139,6 @@ def _dense_copy(w: PackedWeight) -> torch.Tensor | None:
     n, k = w.shape
     if n * k * 4 > SMALL_BYTES:
         return None
-    from .cpu import native_weight
-
     dense = torch.empty(n, k)
     _native.require_native().dequantize(native_weight(w), 0, n, dense, cpu_tuning.cpu_threads())
     return dense
@@ -151,8 +148,6 @@ def dense_linear(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None) ->
     """y [..., N] = x [..., K] @ W.T + bias through torch's fp32 GEMM on W's rows dequantized by
     ``_C.dequantize`` (exactly to_dense()'s values), at most TILE_BYTES of them at a time; exact up
     to fp32 summation order. Returns x.dtype."""
-    from .cpu import native_weight
-
     n, k = w.shape
     x2 = x.reshape(-1, k).float()
     b = None if bias is None else bias.float()
@@ -203,8 +198,6 @@ def time_interleaved(runs: dict, rounds: int, budget: float) -> dict:
 def measure_point(w: PackedWeight, m: int, act: str, paths) -> dict:
     """Times each of ``paths`` for ``m`` rows (at most MEASURE_MAX_M) on ``w`` (its first rows, at
     least MIN_SLICE_ROWS, if one call would exceed CALL_CAP_S). Returns the record stored per route key."""
-    from .cpu import build_native_weight
-
     C = _native.require_native()
     n, k = w.shape
     m = min(m, MEASURE_MAX_M)
@@ -381,12 +374,10 @@ def route(w: PackedWeight, handle, m: int, act: str, threads: int) -> Route:
 # -- calibrating rules (sparseinfer calibrate, bench/cpu_dispatch_rules.py) --------------------------
 
 def _random_weight(fmt: str, params: dict, n: int, k: int, density: float, g: torch.Generator) -> PackedWeight:
-    import sparseinfer as si
-
     w = torch.randn(n, k, generator=g)
     if density < 1:
         w = w * (torch.rand(n, k, generator=g) < density)
-    return si.pack(w, fmt, **params)
+    return pack(w, fmt, **params)
 
 
 def calibrate_rules(n: int = 1024, k: int = 1024, batches=(1, 4, 16, 64, 256, 1024), progress=None) -> dict:
@@ -394,8 +385,6 @@ def calibrate_rules(n: int = 1024, k: int = 1024, batches=(1, 4, 16, 64, 256, 10
     fallback wins (the smallest measured batch where it wins at every batch from there on), and for
     CSR the crossover density per batch (CSR timed at CSR_DENSITIES, affine in the density, against
     the dense paths). Returns {"dense_from", "csr_crossover", "routes": raw measurements}."""
-    from .cpu import build_native_weight
-
     C = _native.require_native()
     g = torch.Generator().manual_seed(0)
     rules = {"dense_from": {}, "csr_crossover": {}, "routes": {}}

@@ -32,6 +32,9 @@ import torch
 
 from .. import _native
 from .._version import __version__
+from ..formats import from_parts, pack
+from .cpu_native import build_native_weight
+from .cpu_native import threads as cpu_threads
 
 GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 MARGIN = 0.03  # a later row must win by this much: timing noise must not flip a limit
@@ -68,13 +71,6 @@ def cpu_model() -> str:
     return f"{name} (family {fields['cpu family']})" if "cpu family" in fields else name
 
 
-def cpu_threads() -> int:
-    """The CPU kernels' thread count (cpu.py imports this module, hence the late import)."""
-    from .cpu import threads
-
-    return threads()
-
-
 def machine_key(threads: int | None = None) -> str:
     """What a measurement is valid for: CPU model and family, active ISA, threads."""
     C = _native.require_native()
@@ -89,13 +85,11 @@ def cache_path() -> Path:
 
 
 def _weight(family: str, n: int, k: int, g: torch.Generator):
-    import sparseinfer as si
-
     fmt, params = _FAMILY_FORMATS[family]
     w = torch.randn(n, k, generator=g)
     if fmt.startswith("csr"):
         w = w * (torch.rand(n, k, generator=g) < 0.1)  # 90 % sparse: where CSR is used
-    return si.pack(w, fmt, **params)
+    return pack(w, fmt, **params)
 
 
 def chains(isa: str | None = None) -> dict[tuple[str, str], list[dict]]:
@@ -122,8 +116,6 @@ def _time_rows(chain, ws, act, batches, threads, reps):
     """{row name: {batch: best seconds per call}}, each row forced by disabling the rows before it
     and lifting its own limit (the limits in force are restored at the end). Each pass calls every weight of ``ws`` once
     (copies of one weight, together larger than the cache: a model's layers come from memory)."""
-    from .cpu import build_native_weight
-
     C = _native.require_native()
     hs = [build_native_weight(w) for w in ws]
     h = hs[0]
@@ -176,10 +168,6 @@ def calibrate(n: int = 1024, k: int = 1024, threads: int | None = None, reps: in
     """Measure every family's batch limits on this machine. Returns the entry ``save`` stores:
     {"limits": {kernel: max_m}, "shipped": {kernel: built-in max_m}, "times": ..., ...}.
     Each timed pass rotates through copies of the weight totalling ``rotate_bytes`` (at most 64)."""
-    from ..formats import from_parts
-
-    from .cpu import threads as cpu_threads
-
     threads = threads or cpu_threads()
     g = torch.Generator().manual_seed(0)
     entry = {"machine": machine_key(threads), "when": time.strftime("%Y-%m-%d %H:%M:%S"), "version": __version__,

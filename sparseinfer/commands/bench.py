@@ -15,6 +15,8 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+from ..benchmarking import render_report
+
 SUITE_ENV = "SPARSEINFER_BENCH_DIR"
 
 
@@ -67,8 +69,6 @@ def register(sub):
 
 
 def _report(args) -> int:
-    from ..benchmarking import render_report
-
     out = args.out or args.results.with_name(args.results.stem + "-report")
     written = render_report(args.results, out, compare=args.compare)
     for path in written:
@@ -115,8 +115,6 @@ def _run(args) -> int:
         return rc or 1
     print(f"results: {args.json_out}\nreport:  sparseinfer bench report {args.json_out}")
     if args.report_dir:
-        from ..benchmarking import render_report
-
         for path in render_report(args.json_out, args.report_dir):
             print(path)
     return rc

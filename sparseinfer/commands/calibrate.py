@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import sys
 
+from sparseinfer import _native
+from sparseinfer.backends import cpu_routes, cpu_tuning
+from sparseinfer.backends.cpu import set_threads
+
 
 def register(sub):
     p = sub.add_parser("calibrate", help="measure the CPU kernels' batch limits and kernel / dense routes here",
@@ -21,10 +25,6 @@ def register(sub):
 
 
 def _run(args) -> int:
-    from sparseinfer import _native
-    from sparseinfer.backends import cpu_routes, cpu_tuning
-    from sparseinfer.backends.cpu import set_threads
-
     _native.require_native()
     if args.size < 256:  # int4 groups of 128, 2:4+int4 groups of 64 kept values
         raise ValueError(f"--size must be at least 256, got {args.size}")

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import sys
 
+import sparseinfer as si
+from sparseinfer import models
+from sparseinfer.eval.data import sentences
+from sparseinfer.recipe import Recipe
+
 
 def register(sub):
     p = sub.add_parser("compress", help="compress a model with a recipe and save an artifact",
@@ -21,18 +26,12 @@ def register(sub):
 
 
 def _run(args) -> int:
-    import sparseinfer as si
-    from sparseinfer import models
-    from sparseinfer.recipe import Recipe
-
     recipe = Recipe.from_any(args.recipe)  # bad recipe: ValueError before loading anything
     if args.calib_sentences < 1:
         raise ValueError(f"--calib-sentences must be at least 1, got {args.calib_sentences}")
     model, tokenizer, path = models.load_hf(args.model)
     calib = None
     if recipe.default.needs_calibration or any(r.needs_calibration for _, r in recipe.layers):
-        from sparseinfer.eval.data import sentences
-
         texts = sentences(args.calib_sentences)
         calib = [models.tokenize(tokenizer, texts[i:i + 16]) for i in range(0, len(texts), 16)]
     compressed = si.compress(model, recipe, calib=calib)

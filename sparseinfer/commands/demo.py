@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from sparseinfer import demo
 from sparseinfer.act import ACT_MODES
+from sparseinfer.demo import DEFAULT_RECIPES
 
 
 def register(sub):
-    from sparseinfer.demo import DEFAULT_RECIPES
-
     p = sub.add_parser("demo", help="compress all-MiniLM-L6-v2 with several recipes and compare them",
                        description="Load the real all-MiniLM-L6-v2 offline, compress it with several recipes and "
                                    "print size, compression vs fp32, embedding cosine similarity to the dense "
@@ -31,8 +31,6 @@ def register(sub):
 
 
 def _run(args) -> int:
-    from sparseinfer import demo
-
     for name, value in (("--sentences", args.sentences), ("--batch-size", args.batch_size), ("--repeat", args.repeat),
                         ("--latency-batch", args.latency_batch)):
         if value is not None and value < 1:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+from sparseinfer.runtime.serialization import read_manifest, verify
+
 
 def register(sub):
     p = sub.add_parser("inspect", help="summarise an artifact; --verify checks every checksum",
@@ -32,8 +34,6 @@ def _dims(spec: dict) -> str:
 
 def _run(args) -> int:
     from pathlib import Path
-
-    from sparseinfer.runtime.serialization import read_manifest, verify
 
     path = Path(args.artifact)
     manifest = read_manifest(path)  # ArtifactError (a ValueError) -> message, exit 2

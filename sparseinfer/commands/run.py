@@ -7,7 +7,10 @@ import time
 
 import torch
 
+import sparseinfer as si
+from sparseinfer import models
 from sparseinfer.act import ACT_MODES
+from sparseinfer.runtime.serialization import read_manifest
 
 
 def register(sub):
@@ -64,10 +67,6 @@ def _describe(out, prefix="output") -> list[str]:
 
 
 def _run(args) -> int:
-    import sparseinfer as si
-    from sparseinfer import models
-    from sparseinfer.runtime.serialization import read_manifest
-
     if args.repeat < 0:
         raise ValueError(f"--repeat must be >= 0, got {args.repeat}")
     manifest = read_manifest(args.artifact)

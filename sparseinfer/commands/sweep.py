@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 
+from ..eval import data as d
+from ..eval import sweep, tune, write_report
+
 RECIPES = {
     "minilm": ["int8", "int4", "2:4", "2:4+int8", "2:4+int4", "sparse50"],
     "digits": ["int8", "int4-g32", "int4-pc", "2:4", "2:4+int8", "sparse50"],
@@ -40,8 +43,6 @@ def register(sub):
 
 
 def _workload(args):
-    from ..eval import data as d
-
     if args.model == "digits":
         model, batches = d.digits_classifier()
         if args.samples is not None:
@@ -71,8 +72,6 @@ def _take(batches, n: int):
 
 def _run(args) -> int:
     import torch
-
-    from ..eval import sweep, tune, write_report
 
     if args.repeat < 1:
         raise ValueError(f"--repeat must be at least 1, got {args.repeat}")

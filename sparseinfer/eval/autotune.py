@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..passes.pipeline import RECIPE_ATTR, compress_with_recipe
 from .data import as_batches, call_model
 from .metrics import Evaluation, collect, compare
 from .sensitivity import compressed_layers, compressible_layers, swapped
@@ -165,8 +166,6 @@ def tune(model: nn.Module, data, budget: float = 0.01, candidates=DEFAULT_CANDID
     backend: pin compressed layers to one backend (as ``compress(backend=)``), timed as such.
     conservative: for classification with labels, a step passes only when the upper end of
     the paired 95% interval of the accuracy drop is within ``budget`` (not the point estimate)."""
-    from ..api import compress
-
     if not isinstance(budget, (int, float)) or budget < 0:
         raise ValueError(f"autotune: budget must be a non-negative number (allowed quality drop), got {budget!r}")
     candidates = [candidates] if isinstance(candidates, str) else list(candidates)
@@ -217,7 +216,7 @@ def tune(model: nn.Module, data, budget: float = 0.01, candidates=DEFAULT_CANDID
 
     def within(k: int) -> bool:
         recipe = _recipe_at(moves, k)
-        candidate = compress(model, recipe, calib, backend=backend, progress=False)
+        candidate = compress_with_recipe(model, recipe, calib, backend=backend, progress=False)
         ev = compare(reference, collect(candidate, batches, task=reference.task))
         drop = ev["accuracy_drop_ci"][1] if conservative and "accuracy_drop_ci" in ev else ev.drop
         what = "drop (95% upper bound)" if conservative and "accuracy_drop_ci" in ev else "drop"
@@ -261,8 +260,6 @@ def tune(model: nn.Module, data, budget: float = 0.01, candidates=DEFAULT_CANDID
         else:
             dense_latency = latency = measure_latency(model, inputs, warmup=warmup, repeat=repeat) * 1e3
     if not chosen["layers"]:
-        from ..api import RECIPE_ATTR
-
         compressed = copy.deepcopy(model)  # never hand back the caller's own module
         setattr(compressed, RECIPE_ATTR, chosen)
     return TuneResult(chosen, compressed, evaluation, mode, cost, dense_cost, model_size(compressed)["total_bytes"],

@@ -16,6 +16,8 @@ from pathlib import Path
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..passes.pipeline import compress_with_recipe, recipe_layers
+from ..runtime.modules import CompressedConv2d
 from .data import as_batches
 from .metrics import Outputs, collect, compare
 
@@ -23,17 +25,7 @@ from .metrics import Outputs, collect, compare
 def compressible_layers(model: nn.Module, recipe="int8") -> list[str]:
     """Names of the layers ``compress(model, recipe)`` replaces, in model order (nn.Linear and
     single-GEMM nn.Conv2d, minus ignored layers and heads tied to an embedding)."""
-    from ..recipe import Recipe
-    from ..runtime.modules import CompressedConv2d
-
-    r = Recipe.from_any(recipe)
-    tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    names = []
-    for name, m in model.named_modules():
-        eligible = isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and CompressedConv2d.eligible(m) is None)
-        if eligible and name and r.for_layer(name, tied_to_embedding=id(m.weight) in tied) is not None:
-            names.append(name)
-    return names
+    return [name for name, _, _ in recipe_layers(model, recipe) if name]
 
 
 @contextmanager
@@ -52,10 +44,8 @@ def swapped(model: nn.Module, name: str, module: nn.Module):
 def compressed_layers(model: nn.Module, fmt: str, layers: list[str], calib=None,
                       backend: str | None = None) -> dict[str, nn.Module]:
     """{name: compressed replacement} for ``layers`` under layer recipe ``fmt`` (``model`` is not changed)."""
-    from ..api import compress
-
-    compressed = compress(model, {"default": "dense", "layers": {n: fmt for n in layers}}, calib, backend=backend,
-                          progress=False)
+    recipe = {"default": "dense", "layers": {n: fmt for n in layers}}
+    compressed = compress_with_recipe(model, recipe, calib, backend=backend, progress=False)
     return {n: compressed.get_submodule(n) for n in layers}
 
 
@@ -67,8 +57,6 @@ def layer_sensitivity(model: nn.Module, data, fmt: str = "int4", *, layers: list
 
     Returns rows {"layer", "format", "quality", "drop", "packed_bytes", "dense_bytes"} in model
     order; ``drop`` is the task's quality drop (see ``sparseinfer.eval.metrics``)."""
-    from ..runtime.modules import CompressedConv2d
-
     batches = as_batches(data)
     layers = compressible_layers(model, fmt) if layers is None else list(layers)
     if not layers:

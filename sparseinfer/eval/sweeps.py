@@ -40,6 +40,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..backends import backends
+from ..passes.pipeline import compress_with_recipe
+from ..runtime.explain import explain
+from ..runtime.modules import CompressedLinear
 from .data import as_batches, call_model
 from .metrics import collect, compare
 
@@ -51,9 +55,6 @@ OBJECTIVES = (("size_bytes", "min"), ("quality", "max"), ("latency_ms", "min"))
 def model_size(model: nn.Module) -> dict[str, int]:
     """{"packed_bytes", "dense_bytes", "total_bytes"}: the compressed layers' packed tensors
     (from ``explain``) and every other parameter and buffer, each shared tensor counted once."""
-    from ..api import explain
-    from ..runtime.modules import CompressedLinear
-
     packed = sum(r["packed_bytes"] for r in explain(model))
     skip = {id(b) for m in model.modules() if isinstance(m, CompressedLinear)
             for n, b in m.named_buffers(recurse=False) if n.startswith("packed_")}
@@ -109,8 +110,6 @@ def measure_latencies(models, inputs, *, warmup: int = 2, repeat: int = 7, min_s
 
 def machine_info() -> dict[str, Any]:
     """Where the latencies were measured."""
-    from ..backends import backends
-
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "backends": [n for n, b in backends().items() if b["available"]]}
@@ -239,8 +238,6 @@ def sweep(model: nn.Module, data, recipes, *, calib=None, latency_inputs=None, t
     is always the first row ("dense"). calib: calibration batches for recipes that need them.
     backend: pin every compressed layer to one backend (default: the best available per call).
     """
-    from ..api import compress, explain
-
     items = list(recipes.items()) if isinstance(recipes, dict) else [(_label(r), r) for r in recipes]
     if not items:
         raise ValueError("sweep: no recipes given")
@@ -254,7 +251,7 @@ def sweep(model: nn.Module, data, recipes, *, calib=None, latency_inputs=None, t
     bar = tqdm(items, desc="sweep", unit="recipe", disable=None if progress is None else not progress)
     for label, recipe in bar:
         bar.set_postfix_str(label)
-        compressed = compress(model, recipe, calib, backend=backend, progress=False)
+        compressed = compress_with_recipe(model, recipe, calib, backend=backend, progress=False)
         ev = compare(reference, collect(compressed, batches, task=reference.task))
         kernels = sorted({f"{r['format']}: {r['kernel']}" for r in explain(compressed, batch=_rows(inputs))})
         rows.append({"label": label, "recipe": recipe, "size_bytes": model_size(compressed)["total_bytes"],

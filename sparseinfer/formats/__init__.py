@@ -11,7 +11,6 @@ Format names::
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
@@ -20,13 +19,10 @@ from .base import PackedWeight
 from .csr import CSRWeight
 from .int4 import Int4Weight
 from .int8 import Int8Weight
-from .nm import NMWeight
+from .nm import NMWeight, parse_nm_name
 
 __all__ = ["PackedWeight", "Int8Weight", "Int4Weight", "NMWeight", "CSRWeight", "pack", "parse_format",
            "from_parts"]
-
-_NM = re.compile(r"^(\d+):(\d+)(?:\+(int8|int4))?$")
-
 
 def parse_format(fmt: str) -> dict[str, Any]:
     """Split a format name into its family and fixed parameters; ValueError if unknown."""
@@ -37,9 +33,9 @@ def parse_format(fmt: str) -> dict[str, Any]:
         return {"kind": name}
     if name in ("csr", "csr+int8"):
         return {"kind": "csr", "values": "int8" if name.endswith("int8") else None}
-    match = _NM.match(name)
-    if match:
-        return {"kind": "nm", "n": int(match.group(1)), "m": int(match.group(2)), "values": match.group(3)}
+    nm = parse_nm_name(name)
+    if nm:
+        return {"kind": "nm", **nm}
     raise ValueError(
         f"unknown format {fmt!r}; expected one of 'int8', 'int4', 'N:M' (e.g. '2:4'), 'N:M+int8', 'N:M+int4', "
         f"'csr', 'csr+int8'"

@@ -23,18 +23,6 @@ from typing import Any, ClassVar
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return _DTYPE_NAMES[dtype]
-
-
-def dtype_from_name(name: str) -> torch.dtype:
-    for dtype, n in _DTYPE_NAMES.items():
-        if n == name:
-            return dtype
-    raise ValueError(f"unknown float dtype name {name!r}; expected one of {sorted(_DTYPE_NAMES.values())}")
 
 
 class PackedWeight:
@@ -64,7 +52,7 @@ class PackedWeight:
         raise NotImplementedError
 
     @classmethod
-    def from_parts(cls, tensors: dict[str, torch.Tensor], shape, params: dict[str, Any]) -> "PackedWeight":
+    def from_parts(cls, tensors: dict[str, torch.Tensor], shape, params: dict[str, Any], fmt: str) -> "PackedWeight":
         raise NotImplementedError
 
     def rows(self, start: int, stop: int) -> "PackedWeight":
@@ -74,10 +62,8 @@ class PackedWeight:
         n, k = self.shape
         if not 0 <= start < stop <= n:
             raise ValueError(f"rows: need 0 <= start < stop <= {n}, got {start}:{stop}")
-        from . import from_parts  # the registry imports this module
-
-        return from_parts(self.fmt, {name: t[start:stop] for name, t in self.tensors().items()},
-                          (stop - start, k), self.params())
+        return type(self).from_parts({name: t[start:stop] for name, t in self.tensors().items()},
+                                     (stop - start, k), self.params(), self.fmt)
 
     # -- shared behaviour ------------------------------------------------------------------
     @property
@@ -96,12 +82,10 @@ class PackedWeight:
         return next(iter(self.tensors().values())).device
 
     def to(self, device: torch.device | str) -> "PackedWeight":
-        from . import from_parts  # the registry imports this module
-
         if torch.device(device) == self.device:
             return self
         moved = {k: v.to(device) for k, v in self.tensors().items()}
-        return from_parts(self.fmt, moved, self.shape, self.params())
+        return type(self).from_parts(moved, self.shape, self.params(), self.fmt)
 
     def prepacked(self, key: str, build, *, self_checking: bool = False):
         """Memoise a backend's repacked layout of this weight, ``build(self)``, built once (e.g. at load).

@@ -115,7 +115,7 @@ class Int4Weight(PackedWeight):
         return {"group_size": self.group_size, "symmetric": self.symmetric}
 
     @classmethod
-    def from_parts(cls, tensors, shape, params):
+    def from_parts(cls, tensors, shape, params, fmt: str = "int4"):
         (n, k), gs = shape, params.get("group_size")
         g = cls._group_len(gs, k, "int4", shape)
         kp = math.ceil(k / g) * g

@@ -55,7 +55,7 @@ class Int8Weight(PackedWeight):
         return {"group_size": self.group_size}
 
     @classmethod
-    def from_parts(cls, tensors, shape, params):
+    def from_parts(cls, tensors, shape, params, fmt: str = "int8"):
         (n, k), gs = shape, params.get("group_size")
         g = check_group_size(gs, k, "int8", shape)
         kp = math.ceil(k / g) * g

@@ -18,6 +18,7 @@ index, which makes packing canonical.
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 
@@ -26,6 +27,17 @@ from .int4 import Int4Weight
 from .int8 import Int8Weight
 
 QUANTIZED_VALUES = {"int8": Int8Weight, "int4": Int4Weight}
+
+
+_NAME = re.compile(r"^(\d+):(\d+)(?:\+(int8|int4))?$")
+
+
+def parse_nm_name(fmt: str) -> dict | None:
+    """{"n", "m", "values"} of an N:M format name ("2:4", "2:4+int8"), None if it is not one."""
+    match = _NAME.match(fmt)
+    if not match:
+        return None
+    return {"n": int(match.group(1)), "m": int(match.group(2)), "values": match.group(3)}
 
 
 def index_bits(m: int) -> int:
@@ -139,9 +151,9 @@ class NMWeight(PackedWeight):
 
     @classmethod
     def from_parts(cls, tensors, shape, params, fmt: str = "2:4"):
-        from . import parse_format  # local: the registry imports this module
-
-        spec = parse_format(fmt)
+        spec = parse_nm_name(fmt)
+        if spec is None:
+            raise ValueError(f"{fmt!r} is not an N:M format name")
         n, m, vf = spec["n"], spec["m"], spec["values"]
         rows, k = shape
         kc = math.ceil(k / m) * n

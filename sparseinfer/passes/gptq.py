@@ -35,7 +35,7 @@ import torch
 from ..formats import parse_format
 from ..formats.base import asymmetric_quantize, symmetric_quantize
 from ..formats.nm import select_nm
-from . import Target, register_method
+from .base import Target, register_method
 from .calibration import calibrate
 from .sparsegpt import BLOCKSIZE, PERCDAMP, inverse_hessian_cholesky
 

@@ -35,6 +35,7 @@ from torch.nn.utils import parametrize
 
 from ..formats import parse_format
 from ..recipe import Recipe
+from .pipeline import recipe_layers
 
 
 class _Mask(nn.Module):
@@ -75,10 +76,8 @@ class _Layer:
 
 
 def _specs(model: nn.Module, recipe) -> list[tuple[str, nn.Module, dict]]:
-    from ..distill import _recipe_layers
-
     out = []
-    for name, module, r in _recipe_layers(model, recipe):
+    for name, module, r in recipe_layers(model, recipe, require=True):
         if r.sparsity is not None:
             spec = {"sparsity": r.sparsity, "scope": r.scope}
         else:

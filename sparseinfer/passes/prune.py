@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from . import Target, register_method
+from ..formats.nm import select_nm
+from .base import Target, register_method
 
 
 def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -29,8 +30,6 @@ def global_magnitude_masks(weights: list[torch.Tensor], sparsity: float) -> list
 
 def nm_magnitude_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Keep-mask of the n largest |w| in every group of m along K (as ``pack`` selects)."""
-    from ..formats.nm import select_nm
-
     rows, k = weight.shape
     idx = select_nm(weight, n, m)
     mask = torch.zeros(rows, idx.shape[1] * m, dtype=torch.bool, device=weight.device)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import Target, register_method
+from .base import Target, register_method
 
 
 @register_method("rtn", stage="quantize")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from . import Target, register_method
+from .base import Target, register_method
 from .calibration import calibrate
 from .wanda import _mask_args, check_per_layer
 

@@ -33,6 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distill import output_tensor, split_labels
+from .calibration import call_model
+
 _PASS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Hardswish, nn.Mish,
          nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
          nn.AdaptiveMaxPool2d)
@@ -181,8 +184,6 @@ def _norm_scores(group: Group, mods: dict, p: int) -> torch.Tensor:
 
 
 def _taylor_scores(model: nn.Module, groups: list[Group], loader, loss_fn) -> list[torch.Tensor]:
-    from ..distill import _split, output_tensor
-    from .calibration import call_model
 
     mods = dict(model.named_modules())
     scores = [torch.zeros(g.size) for g in groups]
@@ -191,7 +192,7 @@ def _taylor_scores(model: nn.Module, groups: list[Group], loader, loss_fn) -> li
     batches = 0
     try:
         for batch in loader:
-            inputs, labels = _split(batch)
+            inputs, labels = split_labels(batch)
             model.zero_grad(set_to_none=True)
             out = call_model(model, inputs)
             if loss_fn is not None:

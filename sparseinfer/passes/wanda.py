@@ -16,7 +16,7 @@ import torch
 
 from ..formats import parse_format
 from ..formats.base import pad_k
-from . import Target, register_method
+from .base import Target, register_method
 from .calibration import calibrate
 
 

@@ -33,6 +33,7 @@ import re
 
 import torch
 
+from . import ops  # noqa: F401  (registers sparseinfer::packed_linear)
 from .errors import ArtifactError
 from .manifest import MAX_DEPTH, parse_json
 
@@ -104,8 +105,6 @@ def _writes_an_argument(op) -> bool:
 @functools.lru_cache(maxsize=None)
 def allowed_targets() -> dict:
     """{serialized name: operator} of everything a program may call."""
-    from . import ops  # noqa: F401  (registers sparseinfer::packed_linear)
-
     allowed = {}
     for family in ATEN_FAMILIES:
         packet = getattr(torch.ops.aten, family, None)  # an older torch may lack a few
