@@ -34,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from .formats.int4 import DEFAULT_GROUP_SIZE
 from .passes import METHODS
 
 _QUANT = re.compile(r"^(int8|int4)(?:-(g\d+|pc))?(?:-(asym|sym))?$")
@@ -66,7 +67,7 @@ def _quant_part(token: str, text: str) -> tuple[str, dict]:
     bits, group, sym = m.groups()
     params: dict[str, Any] = {}
     if bits == "int4":
-        params["group_size"] = None if group == "pc" else int(group[1:]) if group else 128
+        params["group_size"] = None if group == "pc" else int(group[1:]) if group else DEFAULT_GROUP_SIZE
         params["symmetric"] = sym != "asym"
     else:
         if sym == "asym":

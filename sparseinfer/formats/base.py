@@ -25,6 +25,16 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+class _Default:
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+# A pack parameter left to the format: its default, fitted to the weight's shape (a default must
+# work on every shape the format accepts; an explicit value that cannot is an error).
+DEFAULT: Any = _Default()
+
+
 class PackedWeight:
     """Base class of the canonical packed formats (see the subclasses for layouts)."""
 
@@ -145,6 +155,11 @@ def check_weight(weight: torch.Tensor, fmt: str) -> torch.Tensor:
         bad = int((~torch.isfinite(weight)).sum())
         raise ValueError(f"pack({fmt!r}): weight of shape {tuple(weight.shape)} has {bad} NaN/Inf entries")
     return weight
+
+
+def fit_group_size(group_size: int | None, k: int) -> int | None:
+    """A group longer than the K values it groups becomes one group per row (None)."""
+    return None if group_size is not None and group_size > k else group_size
 
 
 def check_group_size(group_size: int | None, k: int, fmt: str, shape) -> int:

@@ -19,8 +19,10 @@ import math
 
 import torch
 
-from .base import (PackedWeight, asymmetric_quantize, check_group_size, check_tensor, check_weight, pad_k,
-                   symmetric_quantize)
+from .base import (DEFAULT, PackedWeight, asymmetric_quantize, check_group_size, check_tensor, check_weight,
+                   fit_group_size, pad_k, symmetric_quantize)
+
+DEFAULT_GROUP_SIZE = 128  # the one definition (recipes ask for it); rows shorter than it get one group
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
@@ -68,12 +70,15 @@ class Int4Weight(PackedWeight):
         return g + (g & 1)  # per-channel with odd K: pad the row to a whole byte
 
     @classmethod
-    def from_dense(cls, weight: torch.Tensor, group_size: int | None = 128, symmetric: bool = True,
+    def from_dense(cls, weight: torch.Tensor, group_size: int | None = DEFAULT, symmetric: bool = True,
                    scale: torch.Tensor | None = None, zero: torch.Tensor | None = None,
                    fmt: str = "int4") -> "Int4Weight":
-        """Quantize ``weight`` [N, K]. ``scale`` (and ``zero`` when asymmetric) [N, G] may be given."""
+        """Quantize ``weight`` [N, K]. ``scale`` (and ``zero`` when asymmetric) [N, G] may be given.
+        ``group_size`` by default: DEFAULT_GROUP_SIZE, or one group per row when K is shorter."""
         check_weight(weight, fmt)
         n, k = weight.shape
+        if group_size is DEFAULT:
+            group_size = fit_group_size(DEFAULT_GROUP_SIZE, k)
         g = cls._group_len(group_size, k, fmt, weight.shape)
         groups = pad_k(weight.float(), g).reshape(n, -1, g)
         if scale is not None:

@@ -104,7 +104,8 @@ class NMWeight(PackedWeight):
             return cls(kept.contiguous(), meta, n, m, weight.shape[1])
         if values not in QUANTIZED_VALUES:
             raise ValueError(f"pack({fmt!r}): unknown value format {values!r}; expected int8 or int4")
-        if value_params.get("group_size") and value_params["group_size"] > kept.shape[1]:
+        group_size = value_params.get("group_size")
+        if isinstance(group_size, int) and group_size > kept.shape[1]:
             raise ValueError(f"pack({fmt!r}): group_size={value_params['group_size']} counts kept values and is "
                              f"larger than the {kept.shape[1]} kept per row (weight shape {tuple(weight.shape)})")
         q = QUANTIZED_VALUES[values].from_dense(kept, fmt=fmt, **value_params)
