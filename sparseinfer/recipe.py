@@ -4,8 +4,8 @@ A recipe is a string for the whole model, or a dict (or a YAML file holding one)
 
     "int8"              int8, per-channel scales
     "int8-g128"         int8, groups of 128
-    "int4"              int4, groups of 128, symmetric ("int4-g64", "int4-pc" per-channel,
-                        "int4-g128-asym" with zero points)
+    "int4"              int4, groups of formats.int4.DEFAULT_GROUP_SIZE, symmetric ("int4-g64",
+                        "int4-pc" per-channel, "int4-g128-asym" with zero points)
     "2:4"  "4:8"  "1:4" N:M sparsity with float values (any N < M)
     "2:4+int8"          N:M, kept values int8 ("2:4+int4", "2:4+int4-g64")
     "sparse90"          90% unstructured magnitude pruning per layer, CSR ("sparse90-global"
@@ -20,6 +20,9 @@ nearest) are the defaults and need no calibration data.
      "ignore": ["pooler.*"],
      "methods": {"prune": "magnitude", "quantize": "rtn"}}
 
+The format part (after any method) is read by the registered formats (``from_recipe`` in
+``sparseinfer/formats/*.py``), so a new format brings its own syntax.
+
 Layers whose weight is tied to an embedding (LM heads) and names matching ``lm_head`` stay
 dense unless a ``layers`` pattern names them explicitly.
 """
@@ -27,19 +30,15 @@ dense unless a ``layers`` pattern names them explicitly.
 from __future__ import annotations
 
 import fnmatch
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .formats.int4 import DEFAULT_GROUP_SIZE
+from .formats import parse_recipe_part
 from .passes import METHODS
 
-_QUANT = re.compile(r"^(int8|int4)(?:-(g\d+|pc))?(?:-(asym|sym))?$")
-_NM = re.compile(r"^(\d+):(\d+)$")
-_SPARSE = re.compile(r"^sparse(\d+(?:\.\d+)?)(?:-(global|layer))?$")
 DEFAULT_IGNORE = ("lm_head", "*.lm_head")
 
 
@@ -60,22 +59,6 @@ class LayerRecipe:
         return any(METHODS[m].needs_calibration for m in (self.prune_method, self.quant_method) if m in METHODS)
 
 
-def _quant_part(token: str, text: str) -> tuple[str, dict]:
-    m = _QUANT.match(token)
-    if not m:
-        raise ValueError(f"recipe {text!r}: cannot read {token!r}; expected int8 / int4 with optional -gN, -pc, -asym")
-    bits, group, sym = m.groups()
-    params: dict[str, Any] = {}
-    if bits == "int4":
-        params["group_size"] = None if group == "pc" else int(group[1:]) if group else DEFAULT_GROUP_SIZE
-        params["symmetric"] = sym != "asym"
-    else:
-        if sym == "asym":
-            raise ValueError(f"recipe {text!r}: int8 is symmetric only")
-        params["group_size"] = int(group[1:]) if group and group != "pc" else None
-    return bits, params
-
-
 def parse_layer_recipe(text: str, methods: dict | None = None) -> LayerRecipe:
     """Parse one recipe string (see the module docstring)."""
     if not isinstance(text, str) or not text.strip():
@@ -93,32 +76,11 @@ def parse_layer_recipe(text: str, methods: dict | None = None) -> LayerRecipe:
     for m in (prune_method, quant_method):
         if m not in METHODS:
             raise ValueError(f"recipe {text!r}: unknown method {m!r}; known: {sorted(METHODS)}")
-    common = dict(prune_method=prune_method, quant_method=quant_method, text=text)
     if s == "dense":
         return LayerRecipe(None, text=text)
-    structure, _, quant = s.partition("+")
-    nm, sparse = _NM.match(structure), _SPARSE.match(structure)
-    if nm:
-        n, m = int(nm.group(1)), int(nm.group(2))
-        if not 1 <= n < m:
-            raise ValueError(f"recipe {text!r}: N:M needs 1 <= N < M")
-        if not quant:
-            return LayerRecipe(f"{n}:{m}", **common)
-        bits, params = _quant_part(quant, text)
-        return LayerRecipe(f"{n}:{m}+{bits}", params, **common)
-    if sparse:
-        sparsity = float(sparse.group(1)) / 100
-        if not 0 < sparsity < 1:
-            raise ValueError(f"recipe {text!r}: the sparsity of sparseXX must lie strictly between 0 and 100 percent "
-                             f"(sparse{sparse.group(1)} would keep {'every' if sparsity <= 0 else 'no'} weight)")
-        if quant and quant != "int8":
-            raise ValueError(f"recipe {text!r}: CSR values can be float or int8 only")
-        fmt = "csr+int8" if quant else "csr"
-        return LayerRecipe(fmt, {}, sparsity, sparse.group(2) or "layer", **common)
-    if quant:
-        raise ValueError(f"recipe {text!r}: cannot read {structure!r}; expected N:M or sparseXX before '+'")
-    bits, params = _quant_part(structure, text)
-    return LayerRecipe(bits, params, **common)
+    part = parse_recipe_part(s, text)  # each registered format reads its own syntax
+    return LayerRecipe(part.fmt, part.params, part.sparsity, part.scope, prune_method=prune_method,
+                       quant_method=quant_method, text=text)
 
 
 @dataclass

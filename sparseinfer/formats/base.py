@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import functools
 import math
+import re
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -35,12 +37,58 @@ class _Default:
 DEFAULT: Any = _Default()
 
 
+@dataclass(frozen=True)
+class RecipePart:
+    """What the format part of a recipe string asks for (see ``PackedWeight.from_recipe``)."""
+
+    fmt: str  # the format name to pack with
+    params: dict[str, Any] = field(default_factory=dict)  # pack parameters the recipe sets
+    sparsity: float | None = None  # unstructured pruning before packing
+    scope: str = "layer"  # "layer" or "global" pruning threshold
+
+
 class PackedWeight:
-    """Base class of the canonical packed formats (see the subclasses for layouts)."""
+    """Base class of the canonical packed formats (see the subclasses for layouts).
+
+    A format is a subclass registered with ``formats.registry.register_format``; the class methods
+    below are what the registry asks it (the rest of the library never reads a format name).
+    """
 
     fmt: str  # the format name, e.g. "int4" or "2:4+int8"
     kind: ClassVar[str]  # the family: "int8", "int4", "nm", "csr"
     shape: tuple[int, int]  # true (N, K) of the dense weight
+
+    # -- the format as a type: grammar, defaults, traits (class level) -----------------------
+    grammar: ClassVar[str] = ""  # its names, for messages ("'int8'")
+    recipe_grammar: ClassVar[str] = ""  # its recipe strings, for messages ("int8[-gN|-pc]"); "" = none
+    takes_scales: ClassVar[bool] = False  # pack() takes quantization parameters from a pass (scale=, zero=)
+
+    @classmethod
+    def parse_name(cls, name: str) -> dict[str, Any] | None:
+        """The parameters a (lower-case) format name fixes -- {} for "int8", {"n": 2, "m": 4,
+        "values": "int8"} for "2:4+int8" -- or None when the name is not this format's."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_recipe(cls, token: str, text: str) -> RecipePart | None:
+        """Read the format part of a recipe string ("int4-g64-asym"), None if it is not this
+        format's; ValueError naming ``text`` when it is but is malformed. Default: no recipe syntax."""
+        return None
+
+    @classmethod
+    def fit_params(cls, fixed: dict[str, Any], params: dict[str, Any], k: int) -> dict[str, Any]:
+        """Pack parameters fitted to a weight with ``k`` columns (what ``compress`` packs with)."""
+        return params
+
+    @classmethod
+    def sparsity_pattern(cls, fixed: dict[str, Any]) -> tuple[int, int] | None:
+        """(n, m) when at most n of every m weights along K are kept: pruning passes respect it."""
+        return None
+
+    @classmethod
+    def value_bits(cls, fixed: dict[str, Any]) -> int | None:
+        """Bits of the quantized values (quantization passes target them); None: float values."""
+        return None
 
     def __init__(self) -> None:
         # Backend-specific repacked layouts, built once on first use (see ``prepacked``).
@@ -159,7 +207,23 @@ def check_weight(weight: torch.Tensor, fmt: str) -> torch.Tensor:
 
 def fit_group_size(group_size: int | None, k: int) -> int | None:
     """A group longer than the K values it groups becomes one group per row (None)."""
-    return None if group_size is not None and group_size > k else group_size
+    return None if isinstance(group_size, int) and group_size > k else group_size
+
+
+_QUANT_RECIPE = re.compile(r"^(int\d+)(?:-(g\d+|pc))?(?:-(asym|sym))?$")
+
+
+def read_quant_recipe(token: str, name: str) -> tuple[str | None, str | None] | None:
+    """(group option "gN" / "pc" / None, symmetry "asym" / "sym" / None) of a recipe token
+    "<name>[-gN|-pc][-asym|-sym]", None if the token is not one."""
+    match = _QUANT_RECIPE.match(token)
+    return match.group(2, 3) if match and match.group(1) == name else None
+
+
+def fit_group_params(params: dict[str, Any], k: int) -> dict[str, Any]:
+    """``params`` with a ``group_size`` larger than ``k`` replaced by one group per row (None)."""
+    g = params.get("group_size")
+    return params if fit_group_size(g, k) == g else {**params, "group_size": None}
 
 
 def check_group_size(group_size: int | None, k: int, fmt: str, shape) -> int:

@@ -13,13 +13,45 @@ Only non-zero entries are stored (an int8 code of 0 is dropped), which makes pac
 
 from __future__ import annotations
 
+import re
+
 import torch
 
-from .base import FLOAT_DTYPES, PackedWeight, check_tensor, check_weight, symmetric_quantize
+from .base import FLOAT_DTYPES, PackedWeight, RecipePart, check_tensor, check_weight, symmetric_quantize
+from .registry import register_format
+
+_RECIPE = re.compile(r"^sparse(\d+(?:\.\d+)?)(?:-(global|layer))?(?:\+(.+))?$")
 
 
+@register_format
 class CSRWeight(PackedWeight):
     kind = "csr"
+    grammar = "'csr', 'csr+int8'"
+    recipe_grammar = "sparseXX[-global][+int8]"
+
+    @classmethod
+    def parse_name(cls, name):
+        return {"values": "int8" if name.endswith("int8") else None} if name in ("csr", "csr+int8") else None
+
+    @classmethod
+    def from_recipe(cls, token, text):
+        """"sparse90": prune 90 % of each layer's weights by magnitude (or the method's score), then CSR;
+        "-global" prunes against one threshold for all layers; "+int8" quantizes the kept values."""
+        match = _RECIPE.match(token)
+        if not match:
+            return None
+        percent, scope, quant = match.groups()
+        sparsity = float(percent) / 100
+        if not 0 < sparsity < 1:
+            raise ValueError(f"recipe {text!r}: the sparsity of sparseXX must lie strictly between 0 and 100 percent "
+                             f"(sparse{percent} would keep {'every' if sparsity <= 0 else 'no'} weight)")
+        if quant and quant != "int8":
+            raise ValueError(f"recipe {text!r}: CSR values can be float or int8 only")
+        return RecipePart("csr+int8" if quant else "csr", {}, sparsity, scope or "layer")
+
+    @classmethod
+    def value_bits(cls, fixed):
+        return 8 if fixed["values"] == "int8" else None
 
     def __init__(self, crow, col, values, scale, k: int):
         super().__init__()

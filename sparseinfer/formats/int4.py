@@ -19,8 +19,9 @@ import math
 
 import torch
 
-from .base import (DEFAULT, PackedWeight, asymmetric_quantize, check_group_size, check_tensor, check_weight,
-                   fit_group_size, pad_k, symmetric_quantize)
+from .base import (DEFAULT, PackedWeight, RecipePart, asymmetric_quantize, check_group_size, check_tensor,
+                   check_weight, fit_group_params, fit_group_size, pad_k, read_quant_recipe, symmetric_quantize)
+from .registry import register_format
 
 DEFAULT_GROUP_SIZE = 128  # the one definition (recipes ask for it); rows shorter than it get one group
 
@@ -49,9 +50,34 @@ def _check_zero(zero, shape, fmt: str) -> torch.Tensor:
     return zero.to(torch.int32)
 
 
+@register_format
 class Int4Weight(PackedWeight):
     kind = "int4"
     bits = 4
+    grammar = "'int4'"
+    recipe_grammar = "int4[-gN|-pc][-asym]"
+    takes_scales = True
+
+    @classmethod
+    def parse_name(cls, name):
+        return {} if name == "int4" else None
+
+    @classmethod
+    def from_recipe(cls, token, text):
+        options = read_quant_recipe(token, "int4")
+        if options is None:
+            return None
+        group, sym = options
+        group_size = None if group == "pc" else int(group[1:]) if group else DEFAULT_GROUP_SIZE
+        return RecipePart("int4", {"group_size": group_size, "symmetric": sym != "asym"})
+
+    @classmethod
+    def fit_params(cls, fixed, params, k):
+        return fit_group_params(params, k)
+
+    @classmethod
+    def value_bits(cls, fixed):
+        return cls.bits
 
     def __init__(self, qweight, scale, zero, k: int, group_size: int | None):
         super().__init__()

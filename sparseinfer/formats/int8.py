@@ -14,12 +14,40 @@ import math
 
 import torch
 
-from .base import PackedWeight, check_group_size, check_tensor, check_weight, pad_k, symmetric_quantize
+from .base import (PackedWeight, RecipePart, check_group_size, check_tensor, check_weight, fit_group_params, pad_k,
+                   read_quant_recipe, symmetric_quantize)
+from .registry import register_format
 
 
+@register_format
 class Int8Weight(PackedWeight):
     kind = "int8"
     bits = 8
+    grammar = "'int8'"
+    recipe_grammar = "int8[-gN|-pc]"
+    takes_scales = True
+
+    @classmethod
+    def parse_name(cls, name):
+        return {} if name == "int8" else None
+
+    @classmethod
+    def from_recipe(cls, token, text):
+        options = read_quant_recipe(token, "int8")
+        if options is None:
+            return None
+        group, sym = options
+        if sym == "asym":
+            raise ValueError(f"recipe {text!r}: int8 is symmetric only")
+        return RecipePart("int8", {"group_size": int(group[1:]) if group and group != "pc" else None})
+
+    @classmethod
+    def fit_params(cls, fixed, params, k):
+        return fit_group_params(params, k)
+
+    @classmethod
+    def value_bits(cls, fixed):
+        return cls.bits
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, k: int, group_size: int | None):
         super().__init__()

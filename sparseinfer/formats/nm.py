@@ -22,22 +22,16 @@ import re
 
 import torch
 
-from .base import FLOAT_DTYPES, PackedWeight, check_tensor, check_weight, pad_k
+from .base import FLOAT_DTYPES, PackedWeight, RecipePart, check_tensor, check_weight, pad_k
 from .int4 import Int4Weight
 from .int8 import Int8Weight
+from .registry import register_format
 
 QUANTIZED_VALUES = {"int8": Int8Weight, "int4": Int4Weight}
 
 
 _NAME = re.compile(r"^(\d+):(\d+)(?:\+(int8|int4))?$")
-
-
-def parse_nm_name(fmt: str) -> dict | None:
-    """{"n", "m", "values"} of an N:M format name ("2:4", "2:4+int8"), None if it is not one."""
-    match = _NAME.match(fmt)
-    if not match:
-        return None
-    return {"n": int(match.group(1)), "m": int(match.group(2)), "values": match.group(3)}
+_RECIPE = re.compile(r"^(\d+):(\d+)(?:\+(.+))?$")  # the value part is read by the value format
 
 
 def index_bits(m: int) -> int:
@@ -73,8 +67,51 @@ def select_nm(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return order[..., :n].sort(dim=-1).values
 
 
+@register_format
 class NMWeight(PackedWeight):
     kind = "nm"
+    grammar = "'N:M' (e.g. '2:4'), 'N:M+int8', 'N:M+int4'"
+    recipe_grammar = "N:M[+int8|+int4...]"
+    takes_scales = True  # the quantized values' scales
+
+    @classmethod
+    def parse_name(cls, name):
+        match = _NAME.match(name)
+        if not match:
+            return None
+        return {"n": int(match.group(1)), "m": int(match.group(2)), "values": match.group(3)}
+
+    @classmethod
+    def from_recipe(cls, token, text):
+        match = _RECIPE.match(token)
+        if not match:
+            return None
+        n, m, quant = int(match.group(1)), int(match.group(2)), match.group(3)
+        if not 1 <= n < m:
+            raise ValueError(f"recipe {text!r}: N:M needs 1 <= N < M")
+        if not quant:
+            return RecipePart(f"{n}:{m}")
+        for value_format in QUANTIZED_VALUES.values():
+            part = value_format.from_recipe(quant, text)
+            if part is not None:
+                return RecipePart(f"{n}:{m}+{part.fmt}", part.params)
+        grammars = " or ".join(v.recipe_grammar for v in QUANTIZED_VALUES.values())
+        raise ValueError(f"recipe {text!r}: cannot read {quant!r} after '+'; expected {grammars}")
+
+    @classmethod
+    def fit_params(cls, fixed, params, k):
+        if fixed["values"] is None:
+            return params
+        kept = math.ceil(k / fixed["m"]) * fixed["n"]  # value groups count kept values
+        return QUANTIZED_VALUES[fixed["values"]].fit_params({}, params, kept)
+
+    @classmethod
+    def sparsity_pattern(cls, fixed):
+        return fixed["n"], fixed["m"]
+
+    @classmethod
+    def value_bits(cls, fixed):
+        return QUANTIZED_VALUES[fixed["values"]].bits if fixed["values"] else None
 
     def __init__(self, values, meta: torch.Tensor, n: int, m: int, k: int):
         super().__init__()
@@ -152,7 +189,7 @@ class NMWeight(PackedWeight):
 
     @classmethod
     def from_parts(cls, tensors, shape, params, fmt: str = "2:4"):
-        spec = parse_nm_name(fmt)
+        spec = cls.parse_name(fmt)
         if spec is None:
             raise ValueError(f"{fmt!r} is not an N:M format name")
         n, m, vf = spec["n"], spec["m"], spec["values"]

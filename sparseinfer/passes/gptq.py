@@ -32,7 +32,7 @@ import math
 
 import torch
 
-from ..formats import parse_format
+from ..formats import format_of
 from ..formats.base import asymmetric_quantize, symmetric_quantize
 from ..formats.nm import select_nm
 from .base import Target, register_method
@@ -126,19 +126,18 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, gro
 def _plan(t: Target) -> dict | None:
     """How to GPTQ a target: bits, symmetric, K-space group size, and the N:M survivors; None if
     the target has nothing quantized."""
-    spec = parse_format(t.recipe.fmt)
-    values = spec["kind"] if spec["kind"] in ("int8", "int4") else spec.get("values")
-    if values is None:
+    fmt = format_of(t.recipe.fmt)
+    bits = fmt.value_bits
+    if bits is None:
         return None
-    if spec["kind"] == "csr":
-        raise ValueError(f"gptq: recipe {t.recipe.text!r} (layer {t.name!r}): csr+int8 derives its per-row scales "
-                         f"in pack and takes none from GPTQ; use rtn (the default) for CSR")
-    bits = 8 if values == "int8" else 4
+    if not fmt.takes_scales:
+        raise ValueError(f"gptq: recipe {t.recipe.text!r} (layer {t.name!r}): {fmt.name} derives its scales "
+                         f"in pack and takes none from GPTQ; use rtn (the default) for it")
     symmetric = t.recipe.params.get("symmetric", True)
     g = t.recipe.params.get("group_size")
     plan = {"bits": bits, "symmetric": symmetric, "group_size": g, "keep": None}
-    if spec["kind"] == "nm":
-        n, m = spec["n"], spec["m"]
+    if fmt.nm is not None:
+        n, m = fmt.nm
         if g is not None and g % n:
             raise ValueError(f"gptq: recipe {t.recipe.text!r} (layer {t.name!r}): value group size {g} is not a "
                              f"multiple of N={n}, so value groups would not line up with groups of {m} columns")

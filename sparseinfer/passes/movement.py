@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..formats import parse_format
+from ..formats import format_of
 from ..recipe import Recipe
 from .pipeline import recipe_layers
 
@@ -81,10 +81,10 @@ def _specs(model: nn.Module, recipe) -> list[tuple[str, nn.Module, dict]]:
         if r.sparsity is not None:
             spec = {"sparsity": r.sparsity, "scope": r.scope}
         else:
-            f = parse_format(r.fmt)
-            if f["kind"] != "nm":
+            nm = format_of(r.fmt).nm
+            if nm is None:
                 continue
-            spec = {"n": f["n"], "m": f["m"]}
+            spec = {"n": nm[0], "m": nm[1]}
         out.append((name, module, spec))
     if not out:
         raise ValueError(f"pruning: recipe {Recipe.from_any(recipe).to_json()!r} asks for no sparsity (use 'sparseXX' "

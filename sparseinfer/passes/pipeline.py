@@ -12,7 +12,7 @@ from dataclasses import replace
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..formats import pack
+from ..formats import format_of, pack
 from ..recipe import LayerRecipe, Recipe
 from ..runtime.modules import CompressedConv2d, CompressedLinear
 from ..runtime.serialization import RECIPE_ATTR
@@ -28,14 +28,12 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def fit_groups(recipe: LayerRecipe, k: int) -> LayerRecipe:
-    """A group larger than the layer's K (or an N:M layer's kept values) falls back to per-channel."""
-    g = recipe.params.get("group_size")
-    if g is None or recipe.fmt is None:
+    """The recipe's pack parameters fitted to a layer with K inputs, by its format's rule (a group
+    larger than the values it groups falls back to per-channel)."""
+    if recipe.fmt is None:
         return recipe
-    if "+" in recipe.fmt and ":" in recipe.fmt:
-        n, m = (int(v) for v in recipe.fmt.split("+")[0].split(":"))
-        k = -(-k // m) * n
-    return recipe if g <= k else replace(recipe, params={**recipe.params, "group_size": None})
+    params = format_of(recipe.fmt).fit_params(recipe.params, k)
+    return recipe if params == recipe.params else replace(recipe, params=params)
 
 
 def recipe_layers(model: nn.Module, recipe, require: bool = False) -> list[tuple[str, nn.Module, LayerRecipe]]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..formats import parse_format
+from ..formats import format_of
 from ..formats.base import pad_k
 from .base import Target, register_method
 from .calibration import calibrate
@@ -24,10 +24,8 @@ def prune_spec(t: Target) -> dict | None:
     """What a target's recipe prunes: {"n", "m"} for N:M, {"sparsity"} for unstructured, None."""
     if t.recipe.sparsity is not None:
         return {"sparsity": t.recipe.sparsity, "scope": t.recipe.scope}
-    spec = parse_format(t.recipe.fmt)
-    if spec["kind"] == "nm":
-        return {"n": spec["n"], "m": spec["m"]}
-    return None
+    nm = format_of(t.recipe.fmt).nm
+    return None if nm is None else {"n": nm[0], "m": nm[1]}
 
 
 def nm_keep_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
