@@ -111,9 +111,9 @@ def test_loaded_model_has_compressed_modules_and_is_prepacked(saved, monkeypatch
 
     prepacked = []
     def recording(original):
-        def prepack(self, w):
+        def prepack(self, w, *args, **kwargs):  # prepack(w, act): the activation mode the layer runs in
             prepacked.append((self.name, w.fmt))
-            return original(self, w)
+            return original(self, w, *args, **kwargs)
         return prepack
 
     for cls in {type(b) for b in BACKENDS.values()}:  # whichever backend resolves for a layer prepacks it, once

@@ -2,13 +2,43 @@
 
 A backend turns ``y = x @ W.T + bias`` with a packed W into a kernel call. Backends are looked
 up by name in ``sparseinfer.backends.BACKENDS``; ``resolve()`` picks the best one for a call.
+What a backend does per format (its layout, its kernel call, its kernel's name) sits in its own
+module as one implementation per format class, registered in the backend's ``FormatTable``.
 """
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 
 from ..formats import PackedWeight
+
+
+class FormatTable:
+    """A backend's per-format implementations, keyed by format class: ``@table.register(Int8Weight)``
+    on a class registers an instance of it; ``table.get(w)`` finds the one for ``type(w)`` (or the
+    nearest registered base class), None when the backend has none for that format."""
+
+    def __init__(self) -> None:
+        self._impls: dict[type, Any] = {}
+
+    def register(self, format_cls: type[PackedWeight]) -> Callable[[type], type]:
+        def wrap(impl_cls: type) -> type:
+            self._impls[format_cls] = impl_cls()
+            return impl_cls
+
+        return wrap
+
+    def get(self, w: PackedWeight) -> Any | None:
+        for cls in type(w).__mro__:
+            impl = self._impls.get(cls)
+            if impl is not None:
+                return impl
+        return None
+
+    def formats(self) -> list[type]:
+        return list(self._impls)
 
 
 class BackendUnavailable(RuntimeError):
@@ -44,9 +74,10 @@ class Backend:
         see ``sparseinfer.linear``) allows int8 activations; backends without such kernels run exact."""
         raise NotImplementedError
 
-    def prepack(self, w: PackedWeight) -> None:
+    def prepack(self, w: PackedWeight, act: str | None = None) -> Any:
         """Repack ``w`` into this backend's preferred layout now (load time) instead of on the
-        first call. Default: nothing to do."""
+        first call, including what calls in activation mode ``act`` (None: the process default)
+        need. Default: nothing to do."""
 
     def kernel_name(self, w: PackedWeight, batch: int, act: str | None = None) -> str:
         """The kernel a call with ``batch`` rows (and activation mode ``act``) would run (for ``explain``)."""

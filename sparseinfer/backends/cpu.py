@@ -12,7 +12,7 @@ weights and shapes the call:
 * int8 / int4 / N:M+int8 / N:M+int4 weights run in the activation mode the call allows
   (``sparseinfer.act``: ``auto`` by default, ``fp32`` exact, ``int8``); csrc/README.md gives the
   int8 error bound. The layouts int8 activations need are built by the first call that runs such a
-  kernel (``sparseinfer.load`` makes that call at load).
+  kernel, or by ``prepack(w, act)`` (which ``sparseinfer.load`` calls).
 * Each call takes a route (cpu_routes.py): the packed kernel, or, where it was measured slower,
   the dense fallback (tile-dequantize + torch's GEMM) or, for csr+int8, the dense int8 kernels.
 
@@ -26,23 +26,15 @@ import torch
 
 from .. import _native
 from ..act import default_act, resolve_act
-from ..formats import CSRWeight, Int4Weight, Int8Weight, NMWeight, PackedWeight
+from ..formats import PackedWeight
 from ..formats.base import FLOAT_DTYPES
 from . import cpu_routes, cpu_tuning
 from .base import Backend
-from .cpu_native import build_native_weight, contig, native_weight, set_threads, threads
+from .cpu_native import FORMATS, build_native_weight, contig, native_weight, set_threads, threads
 
 __all__ = ["CpuBackend", "build_native_weight", "native_weight", "set_threads", "threads"]
 
 _INT32_MAX = 2**31 - 1
-
-
-def _float_values_ok(w: PackedWeight) -> bool:
-    if isinstance(w, NMWeight) and not w.value_format:
-        return w.values.dtype in FLOAT_DTYPES
-    if isinstance(w, CSRWeight) and not w.quantized:
-        return w.values.dtype in FLOAT_DTYPES
-    return True
 
 
 class CpuBackend(Backend):
@@ -74,7 +66,8 @@ class CpuBackend(Backend):
         return self._availability
 
     def supports(self, w: PackedWeight, x: torch.Tensor) -> bool:
-        if not isinstance(w, (Int8Weight, Int4Weight, NMWeight, CSRWeight)) or not _float_values_ok(w):
+        impl = FORMATS.get(w)
+        if impl is None or not impl.supports(w):
             return False
         if x.device.type != "cpu" or w.device.type != "cpu" or x.dtype not in FLOAT_DTYPES:
             return False
@@ -84,19 +77,26 @@ class CpuBackend(Backend):
         rows = x.numel() // k if k else 0
         return max(n, k, rows) <= _INT32_MAX
 
-    def prepack(self, w: PackedWeight):
+    def prepack(self, w: PackedWeight, act: str | None = None):
         """Validate and view ``w`` for the kernels now (load time); memoised on ``w``. The ``_C.Weight``
-        rebuilds itself when w's tensors move or are written in place (csrc/README.md, weight lifetime)."""
-        return native_weight(w)
+        rebuilds itself when w's tensors move or are written in place (csrc/README.md, weight lifetime).
+        With ``act`` allowing int8 activations ("auto" / "int8"), also build what those kernels need:
+        the extension makes their row tiles on the first call that runs one and has no other entry
+        for it, so a one-row call is made here."""
+        handle = native_weight(w)
+        if act is not None and resolve_act(act) != "fp32" and self.availability()[0]:
+            with torch.no_grad():
+                self.linear(torch.zeros(1, w.shape[1]), w, None, act)
+        return handle
 
     def route(self, w: PackedWeight, rows: int, act: str | None = None) -> cpu_routes.Route:
         """The path a call with ``rows`` rows takes (kernel or dense fallback), its kernel and why."""
-        return cpu_routes.route(w, self.prepack(w), rows, resolve_act(act), threads())
+        return cpu_routes.route(w, native_weight(w), rows, resolve_act(act), threads())
 
     def linear(self, x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None,
                act: str | None = None) -> torch.Tensor:
         """y [..., N] = x [..., K] @ W.T + bias in x.dtype (x float32 / bfloat16 / float16, on the CPU)."""
-        handle = self.prepack(w)
+        handle = native_weight(w)
         act = resolve_act(act)
         n_threads = threads()
         path = cpu_routes.route(w, handle, x.numel() // w.shape[1], act, n_threads).path

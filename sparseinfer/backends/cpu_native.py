@@ -1,5 +1,6 @@
 """The CPU backend's handles on ``sparseinfer._C``: thread count and ``_C.Weight`` views of packed
-weights. The backend (cpu.py), its routes (cpu_routes.py) and its tuning (cpu_tuning.py) all use them."""
+weights, built by one implementation per format (``FORMATS``, at the end). The backend (cpu.py), its
+routes (cpu_routes.py) and its tuning (cpu_tuning.py) all use them."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import torch
 
 from .. import _native
 from ..formats import CSRWeight, Int4Weight, Int8Weight, NMWeight, PackedWeight
+from ..formats.base import FLOAT_DTYPES
+from .base import FormatTable
 
 _PREPACK_KEY = "cpu"
 _UNSET = object()
@@ -39,29 +42,60 @@ def contig(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
-def _pack_quant(C, w: Int8Weight | Int4Weight):
-    k = w.shape[1]
-    if isinstance(w, Int8Weight):
-        return C.pack_int8(contig(w.qweight), contig(w.scale), k)
-    zero = None if w.zero is None else contig(w.zero)
-    return C.pack_int4(contig(w.qweight), contig(w.scale), zero, k)
-
-
 def build_native_weight(w: PackedWeight):
     """The ``_C.Weight`` for a canonical packed weight (validated by the extension)."""
-    C = _native.require_native()
-    if isinstance(w, (Int8Weight, Int4Weight)):
-        return _pack_quant(C, w)
-    if isinstance(w, NMWeight):
-        values = _pack_quant(C, w.values) if w.value_format else contig(w.values)
-        return C.pack_nm(contig(w.meta), w.n, w.m, w.shape[1], values)
-    if isinstance(w, CSRWeight):
-        scale = contig(w.scale) if w.quantized else None
-        return C.pack_csr(contig(w.crow), contig(w.col), contig(w.values), scale, w.shape[1])
-    raise TypeError(f"cpu backend: no kernels for {type(w).__name__} (format {getattr(w, 'fmt', '?')!r})")
+    impl = FORMATS.get(w)
+    if impl is None:
+        raise TypeError(f"cpu backend: no kernels for {type(w).__name__} (format {getattr(w, 'fmt', '?')!r})")
+    return impl.build(_native.require_native(), w)
 
 
 def native_weight(w: PackedWeight):
     """``build_native_weight(w)``, memoised on ``w`` (what the backend's calls use); the ``_C.Weight``
     checks its own sources on every call, so the memo needs no stamp."""
     return w.prepacked(_PREPACK_KEY, build_native_weight, self_checking=True)
+
+
+# -- per-format implementations ----------------------------------------------------------------
+# Each: supports(w) -- whether the kernels take this weight -- and build(C, w) -> its _C.Weight.
+# The kernels themselves are chosen inside the extension (csrc/dispatch.cpp) per format and batch.
+
+FORMATS = FormatTable()
+
+
+class CpuFormat:
+    def supports(self, w: PackedWeight) -> bool:
+        return True
+
+
+@FORMATS.register(Int8Weight)
+class _Int8(CpuFormat):
+    def build(self, C, w):
+        return C.pack_int8(contig(w.qweight), contig(w.scale), w.shape[1])
+
+
+@FORMATS.register(Int4Weight)
+class _Int4(CpuFormat):
+    def build(self, C, w):
+        zero = None if w.zero is None else contig(w.zero)
+        return C.pack_int4(contig(w.qweight), contig(w.scale), zero, w.shape[1])
+
+
+@FORMATS.register(NMWeight)
+class _NM(CpuFormat):
+    def supports(self, w):
+        return w.value_format is not None or w.values.dtype in FLOAT_DTYPES
+
+    def build(self, C, w):
+        values = FORMATS.get(w.values).build(C, w.values) if w.value_format else contig(w.values)
+        return C.pack_nm(contig(w.meta), w.n, w.m, w.shape[1], values)
+
+
+@FORMATS.register(CSRWeight)
+class _CSR(CpuFormat):
+    def supports(self, w):
+        return w.quantized or w.values.dtype in FLOAT_DTYPES
+
+    def build(self, C, w):
+        scale = contig(w.scale) if w.quantized else None
+        return C.pack_csr(contig(w.crow), contig(w.col), contig(w.values), scale, w.shape[1])

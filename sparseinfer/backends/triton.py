@@ -25,7 +25,7 @@ import os
 import torch
 
 from ..formats import CSRWeight, Int4Weight, Int8Weight, NMWeight, PackedWeight
-from .base import Backend
+from .base import Backend, FormatTable
 
 ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_NM_GROUP = 32  # N:M kernels handle groups up to 32 wide (kernels.nm_linear.MAX_M)
@@ -81,16 +81,13 @@ class TritonBackend(Backend):
                 return False
         elif x.device.type != "cpu" or not interpreter_requested():
             return False
-        if isinstance(w, (Int8Weight, Int4Weight, CSRWeight)):
-            return True
-        return isinstance(w, NMWeight) and w.m <= MAX_NM_GROUP
+        impl = FORMATS.get(w)
+        return impl is not None and impl.supports(w)
 
     # -- prepack -----------------------------------------------------------------------------
 
-    def prepack(self, w: PackedWeight) -> None:
-        self._packed(w)
-
-    def _packed(self, w: PackedWeight) -> dict:
+    def prepack(self, w: PackedWeight, act: str | None = None) -> dict:
+        """The kernels' layout of ``w``, memoised on it (float activations whatever ``act`` allows)."""
         return w.prepacked("triton", _prepack)
 
     # -- run ---------------------------------------------------------------------------------
@@ -104,46 +101,75 @@ class TritonBackend(Backend):
         if not self.supports(w, x):
             raise RuntimeError(f"triton: no kernel for format {w.fmt!r} with {x.dtype} activations on {x.device}"
                                + (" (CPU tensors need TRITON_INTERPRET=1)" if x.device.type == "cpu" else ""))
-        p = self._packed(w)
-        kind = p["kind"]
-        if kind == "int8":
-            from sparseinfer.kernels.int8_linear import int8_linear
-
-            return int8_linear(x, p["qweight"], p["scale_t"], bias)
-        if kind == "int4":
-            from sparseinfer.kernels.int4_linear import int4_linear
-
-            return int4_linear(x, p["qweight"], p["scale_t"], p["zero_t"], bias)
-        if kind == "nm":
-            from sparseinfer.kernels.nm_linear import nm_linear
-
-            return nm_linear(x, p["values"], p["meta"], p["n"], p["m"], bias, scale_t=p["scale_t"],
-                             zero_t=p["zero_t"], value_format=p["value_format"])
-        return p["plan"].linear(x, bias)
+        return FORMATS.get(w).linear(x, self.prepack(w), bias)
 
     def kernel_name(self, w: PackedWeight, batch: int, act: str | None = None) -> str:
-        variant = "gemv" if batch <= GEMV_MAX_M else "dot"
-        if isinstance(w, Int8Weight):
-            return f"triton:int8_w8a16_{variant}"
-        if isinstance(w, Int4Weight):
-            return f"triton:int4_w4a16_{variant}"
-        if isinstance(w, NMWeight):
-            return f"triton:nm_{variant}({w.fmt})"
-        return "triton:csr_spmm|torch.sparse.mm (measured per batch)"
+        impl = FORMATS.get(w)
+        if impl is None:
+            return f"triton:{w.fmt} (no kernel)"
+        return "triton:" + impl.kernel_name(w, "gemv" if batch <= GEMV_MAX_M else "dot")
 
 
 def _prepack(w: PackedWeight) -> dict:
-    """The kernels' layout of a canonical weight (see the module docstring)."""
-    if isinstance(w, Int8Weight):
-        return {"kind": "int8", "qweight": w.qweight, "scale_t": w.scale.T.contiguous()}
-    if isinstance(w, Int4Weight):
-        return {"kind": "int4", "qweight": w.qweight, "scale_t": w.scale.T.contiguous(),
+    """The kernels' layout of a canonical weight (see the module docstring): {"kind": the format
+    family, ...the operands its implementation's ``linear`` takes}."""
+    impl = FORMATS.get(w)
+    if impl is None:
+        raise ValueError(f"triton: no kernels for format {w.fmt!r} ({type(w).__name__})")
+    return {"kind": w.kind, **impl.prepack(w)}
+
+
+# -- per-format implementations ----------------------------------------------------------------
+# Each: supports(w), prepack(w) -> operands, linear(x, operands, bias), kernel_name(w, variant).
+# The kernels (sparseinfer.kernels, which need Triton) are imported at the first call.
+
+FORMATS = FormatTable()
+
+
+class TritonFormat:
+    def supports(self, w: PackedWeight) -> bool:
+        return True
+
+
+@FORMATS.register(Int8Weight)
+class _Int8(TritonFormat):
+    def prepack(self, w):
+        return {"qweight": w.qweight, "scale_t": w.scale.T.contiguous()}
+
+    def linear(self, x, p, bias):
+        from sparseinfer.kernels.int8_linear import int8_linear
+
+        return int8_linear(x, p["qweight"], p["scale_t"], bias)
+
+    def kernel_name(self, w, variant):
+        return f"int8_w8a16_{variant}"
+
+
+@FORMATS.register(Int4Weight)
+class _Int4(TritonFormat):
+    def prepack(self, w):
+        return {"qweight": w.qweight, "scale_t": w.scale.T.contiguous(),
                 "zero_t": None if w.zero is None else w.zero.T.contiguous()}
-    if isinstance(w, NMWeight):
+
+    def linear(self, x, p, bias):
+        from sparseinfer.kernels.int4_linear import int4_linear
+
+        return int4_linear(x, p["qweight"], p["scale_t"], p["zero_t"], bias)
+
+    def kernel_name(self, w, variant):
+        return f"int4_w4a16_{variant}"
+
+
+@FORMATS.register(NMWeight)
+class _NM(TritonFormat):
+    def supports(self, w):
+        return w.m <= MAX_NM_GROUP
+
+    def prepack(self, w):
         from sparseinfer.kernels.nm_linear import repack_meta
 
-        p = {"kind": "nm", "n": w.n, "m": w.m, "value_format": w.value_format,
-             "meta": repack_meta(w.meta, w.m, w.kc), "scale_t": None, "zero_t": None}
+        p = {"n": w.n, "m": w.m, "value_format": w.value_format, "meta": repack_meta(w.meta, w.m, w.kc),
+             "scale_t": None, "zero_t": None}
         if w.value_format is None:
             p["values"] = w.values
         else:
@@ -153,8 +179,26 @@ def _prepack(w: PackedWeight) -> dict:
             if getattr(q, "zero", None) is not None:
                 p["zero_t"] = q.zero.T.contiguous()
         return p
-    if isinstance(w, CSRWeight):
+
+    def linear(self, x, p, bias):
+        from sparseinfer.kernels.nm_linear import nm_linear
+
+        return nm_linear(x, p["values"], p["meta"], p["n"], p["m"], bias, scale_t=p["scale_t"], zero_t=p["zero_t"],
+                         value_format=p["value_format"])
+
+    def kernel_name(self, w, variant):
+        return f"nm_{variant}({w.fmt})"
+
+
+@FORMATS.register(CSRWeight)
+class _CSR(TritonFormat):
+    def prepack(self, w):
         from sparseinfer.kernels.csr_linear import CSRPlan
 
-        return {"kind": "csr", "plan": CSRPlan(w.crow, w.col, w.values, w.scale, w.shape)}
-    raise ValueError(f"triton: no kernels for format {w.fmt!r} ({type(w).__name__})")
+        return {"plan": CSRPlan(w.crow, w.col, w.values, w.scale, w.shape)}
+
+    def linear(self, x, p, bias):
+        return p["plan"].linear(x, bias)
+
+    def kernel_name(self, w, variant):
+        return "csr_spmm|torch.sparse.mm (measured per batch)"

@@ -848,14 +848,13 @@ def _fill_skeleton(model: nn.Module, manifest: dict, tensors: dict, layers: dict
 
 
 def _prepack(model: nn.Module) -> None:
+    """Each layer's weight in the layout of the backend a one-row call would take, with what its
+    activation mode needs (``Backend.prepack``)."""
     for m in model.modules():
         if isinstance(m, CompressedLinear):
             w = m.packed
-            probe = torch.zeros(1, w.shape[1], device=w.device)
-            resolve(w, probe, m.backend).prepack(w)
-            if resolve_act(m.act) != "fp32":  # int8-activation layouts are built by the first call that runs one
-                with torch.no_grad():
-                    m(probe)
+            row = torch.empty(1, w.shape[1], device=w.device)  # names the device and dtype for resolve
+            resolve(w, row, m.backend).prepack(w, resolve_act(m.act))
 
 
 def load(path, device="cpu", model: nn.Module | None = None, *, backend: str | None = None,
