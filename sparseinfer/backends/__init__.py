@@ -23,6 +23,14 @@ def register(backend: Backend) -> Backend:
     return backend
 
 
+def unregister(name: str) -> None:
+    """Forget a backend added with ``register`` (a plugin's or a test's)."""
+    global _generation
+    del BACKENDS[name]
+    _BY_PRIORITY[:] = sorted(BACKENDS.values(), key=lambda b: -b.priority)
+    _generation += 1
+
+
 register(ReferenceBackend())
 # Optional backends register themselves here; importing them never fails (their availability()
 # reports what is missing).
@@ -81,4 +89,5 @@ def _search(w: PackedWeight, x: torch.Tensor, backend: str | None) -> Backend:
     return BACKENDS["reference"]
 
 
-__all__ = ["Backend", "BackendUnavailable", "BACKENDS", "backends", "register", "resolve", "reference_linear"]
+__all__ = ["Backend", "BackendUnavailable", "BACKENDS", "backends", "register", "unregister", "resolve",
+           "reference_linear"]

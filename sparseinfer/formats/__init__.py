@@ -20,8 +20,9 @@ from .int8 import Int8Weight  # isort: skip
 from .int4 import Int4Weight  # isort: skip
 from .nm import NMWeight  # isort: skip
 from .csr import CSRWeight  # isort: skip
-from .registry import FORMATS, Format, format_of, from_parts, pack, parse_format, parse_recipe_part, register_format
+from .registry import (FORMATS, Format, format_of, from_parts, pack, parse_format, parse_recipe_part, register_format,
+                       unregister_format)
 
 __all__ = ["PackedWeight", "Int8Weight", "Int4Weight", "NMWeight", "CSRWeight", "pack", "parse_format",
-           "from_parts", "format_of", "Format", "FORMATS", "register_format", "parse_recipe_part", "RecipePart",
-           "DEFAULT"]
+           "from_parts", "format_of", "Format", "FORMATS", "register_format", "unregister_format", "parse_recipe_part",
+           "RecipePart", "DEFAULT"]

@@ -33,6 +33,12 @@ def register_format(cls: type[PackedWeight]) -> type[PackedWeight]:
     return cls
 
 
+def unregister_format(cls: type[PackedWeight]) -> None:
+    """Forget a format registered with ``register_format`` (a plugin's or a test's)."""
+    FORMATS.remove(cls)
+    _lookup.cache_clear()
+
+
 @dataclass(frozen=True)
 class Format:
     """One format name resolved: its class and the parameters the name fixes."""
