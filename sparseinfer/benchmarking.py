@@ -18,12 +18,17 @@ Each benchmark in the JSON carries ``extra_info`` written by the suite:
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import glob
 import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
+
+import torch
 
 # Baselines every row is compared against, and the peers a user would pick instead.
 BASELINES = ("torch-fp32", "torch-bf16")
@@ -38,8 +43,6 @@ MIN_COLD_BYTES = 64 << 20  # floor for the cold rotation: VMs often under-report
 
 def int8_per_channel(w):
     """The usual symmetric per-channel int8 of torch and ORT: scale = absmax / 127 (> 0)."""
-    import torch
-
     scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
     q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
     return q, scale
@@ -49,10 +52,6 @@ def fbgemm_int8(w):
     """torch's dynamic int8 linear (FBGEMM on x86), the int8 peer every benchmark uses: per-channel
     int8 weight, activations quantized per call to 7 bits (reduce_range, as ``quantize_dynamic``
     does on x86). Returns (make() -> a new prepacked copy, call(x, packed) -> y, dequantized weight)."""
-    import warnings
-
-    import torch
-
     q, scale = int8_per_channel(w)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # quantized tensors are deprecated in favour of torchao
@@ -118,8 +117,6 @@ def measure_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> dict:
     """Memory bandwidth in GB/s (1e9 bytes/s), best of ``repeats`` with torch's threads and with one:
     ``read_gbps`` from a sum over a float32 buffer of ``nbytes`` (read only, the traffic pattern
     of a weight-streaming kernel) and ``copy_gbps`` (read + write bytes) from a tensor copy."""
-    import torch
-
     n = max(1, nbytes // 4)
     src = torch.ones(n)
     dst = torch.empty_like(src)
@@ -188,12 +185,8 @@ def reset_peak_rss() -> bool:
 def release_free_memory() -> None:
     """Give freed heap memory back to the OS (glibc ``malloc_trim``) so that RSS reflects live
     data; a no-op elsewhere."""
-    import gc
-
     gc.collect()
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass

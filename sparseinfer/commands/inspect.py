@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from sparseinfer.runtime.serialization import read_manifest, verify
 
@@ -33,8 +34,6 @@ def _dims(spec: dict) -> str:
 
 
 def _run(args) -> int:
-    from pathlib import Path
-
     path = Path(args.artifact)
     manifest = read_manifest(path)  # ArtifactError (a ValueError) -> message, exit 2
     if args.json:

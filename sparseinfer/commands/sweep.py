@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from ..eval import data as d
 from ..eval import sweep, tune, write_report
 
@@ -71,8 +73,6 @@ def _take(batches, n: int):
 
 
 def _run(args) -> int:
-    import torch
-
     if args.repeat < 1:
         raise ValueError(f"--repeat must be at least 1, got {args.repeat}")
     if args.threads is not None:

@@ -17,10 +17,15 @@ groups are any hashable per-sample values (strings, ints). The batches are mater
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -142,11 +147,6 @@ def _load_digits():
     """(x float64 [1797, 64] in 0..16, y int [1797]): sklearn's digits. The CSV that
     ``sklearn.datasets.load_digits`` reads is read directly when present, because importing
     sklearn (scipy) takes seconds and this is all that is needed from it."""
-    import gzip
-    import importlib.util
-    from pathlib import Path
-
-    import numpy as np
 
     spec = importlib.util.find_spec("sklearn")
     roots = list(spec.submodule_search_locations or []) if spec else []
@@ -214,7 +214,6 @@ def _adam(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int) -> No
 def sentences(n: int = 100, min_words: int = 6, max_words: int = 25) -> list[str]:
     """``n`` English sentences from the Python documentation shipped with the stdlib
     (``pydoc_data.topics``), in a fixed order: no download, the same text everywhere."""
-    import re
 
     from pydoc_data.topics import topics
 

@@ -25,6 +25,7 @@ frontier only, by this rule:
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import os
@@ -354,8 +355,6 @@ def _annotate(ax, xs, ys, labels) -> None:
 
 def write_report(result: SweepResult, out_dir, stem: str = "sweep") -> dict[str, Path]:
     """Write ``<stem>.json``, ``<stem>.png``, ``<stem>.md`` and ``<stem>.html`` under ``out_dir``."""
-    import html
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / f"{stem}.json", "png": out / f"{stem}.png", "md": out / f"{stem}.md",
