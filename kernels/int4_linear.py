@@ -4,7 +4,7 @@
 Operands (N = out features, K = in features, Kp = K padded to the group, G = Kp / g)::
 
     x        [M, K]          float32 / float16 / bfloat16, any strides
-    qweight  uint8 [N, Kp/2] canonical: element k in byte k/2, low nibble = even k
+    qweight  uint8 [N, Kp/2] canonical (layout: sparseinfer/formats/int4.py): low nibble = even k
     scale_t  float32 [G, N]  scales transposed (prepack), one group's row-tile contiguous
     zero_t   uint8 [G, N]    zero points transposed, or None for symmetric (zero = 8)
 

@@ -3,7 +3,7 @@
 Operands (N = out features, K = in features, Kp = K padded to the group, G = Kp / g)::
 
     x        [M, K]   float32 / float16 / bfloat16, any strides
-    qweight  int8 [N, Kp]   canonical layout (rows K-contiguous: coalesced for both variants)
+    qweight  int8 [N, Kp]   canonical (sparseinfer/formats/int8.py; rows K-contiguous: coalesced for both)
     scale_t  float32 [G, N] the scales transposed (prepack does it once: one group's scales of
                              a tile of rows are then contiguous)
 

@@ -13,7 +13,7 @@ Operands (Kc = kept values per row = ceil(K / M) * N)::
     meta     uint8 [N_out, ceil(Kc * bits / 8)]
              little-endian bit stream, ``bits`` in {1, 2, 4, 8}: kept value c's index inside its
              group lies in bits [c * bits, (c + 1) * bits) -- never across a byte. That is the
-             canonical layout whenever ceil(log2 M) is a power of two (2:4, 1:4, 1:2, 4:16);
+             canonical layout (sparseinfer/formats/nm.py) whenever ceil(log2 M) is a power of two (2:4, 1:4, 1:2, 4:16);
              ``repack_meta`` widens the others (4:8's 3 bits -> 4) once, at prepack.
 
 Decoding happens in registers, never in memory:
