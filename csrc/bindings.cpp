@@ -211,6 +211,7 @@ struct Weight {
   std::vector<Source> sources;       // every tensor the view points into (a nested Weight's too)
   std::function<Weight()> repack;    // the pack_* call that built this weight, on the same objects
   std::shared_ptr<Derived> derived = std::make_shared<Derived>();
+  bool nm_tiles_tried = false;       // build_nm_qtiles ran (or found the layout unsupported) since the last build
 
   std::string desc() const {
     return "weight " + fmt + " of shape (" + std::to_string(view.N) + ", " + std::to_string(view.K) + ")";
@@ -527,10 +528,19 @@ void* alloc_derived(Weight& w, size_t bytes) {
 
 // The int8-activation layout of a weight, built once (per rebuild: see ensure_current), on the first call
 // that can use it, under the GIL (so concurrent first calls build it once): row tiles of int8 / int4 (kernels.h, QTileView),
-// reordered codes of 2:4 + int8 / int4 (NMView::Q8, ref/nm_q8_prepack_ref.cpp). They cost about as
+// reordered codes of 2:4 + int8 / int4 (NMView::Q8, ref/nm_q8_prepack_ref.cpp), or for a kernel row that reads
+// row tiles (kReadsQTiles) those of the 2:4 weight made dense (twice its codes). They cost about as
 // much memory as the canonical codes, which is why fp32-mode users never pay for them.
-void ensure_qtiles(Weight& w) {
+void ensure_qtiles(Weight& w, const KernelImpl& k) {
   const KernelId id = w.view.id;
+  if (k.requires & kReadsQTiles) {  // 2:4 made dense (kernels.h); without them the kernel takes NMView::Q8
+    if (!w.view.qt.codes && !w.nm_tiles_tried) {
+      w.nm_tiles_tried = true;
+      const size_t bytes = nm_qtile_bytes(w.view);
+      if (bytes) w.view.qt = build_nm_qtiles(w.view, alloc_derived(w, bytes));
+    }
+    if (w.view.qt.codes) return;
+  }
   if ((id == KernelId::nm_int8 || id == KernelId::nm_int4) && !w.view.nm.q8.codes) {
     const size_t bytes = nm_q8_prepack_bytes(w.view);
     if (bytes) w.view.nm.q8 = nm_q8_prepack(w.view, alloc_derived(w, bytes));  // 0: a layout only exact kernels take
@@ -605,7 +615,7 @@ py::object linear(py::handle x_obj, Weight& w, py::handle out_obj, py::handle bi
   ensure_current(w);  // after every other Python call: nothing runs between this and the kernel
   if (const uint64_t bits = act_call_bits(call.act)) {  // build the int8-activation layout only if it runs
     const KernelImpl* k = select_kernel(w.view.id, isa, M, bits);
-    if (k && (k->requires & kCallInt8Act)) ensure_qtiles(w);
+    if (k && (k->requires & kCallInt8Act)) ensure_qtiles(w, *k);
   }
 
   const KernelImpl* kernel = nullptr;
