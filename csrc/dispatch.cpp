@@ -184,8 +184,9 @@ const KernelImpl kScalarKernels[] = {
     // int8 activations (ActMode::int8) come first: they win whenever the call allows them.
     {KernelId::int8, int8_q8_gemm_scalar, "int8_q8_gemm_scalar", kAnyM, kCallInt8Act},
     {KernelId::int4, int4_q8_gemm_scalar, "int4_q8_gemm_scalar", kAnyM, kCallInt8Act},
-    {KernelId::nm_int8, nm_q8_tiles_scalar, "nm_int8_q8_tiles_scalar", kAnyM, kCallInt8Act | kReadsQTiles},
-    {KernelId::nm_int4, nm_q8_tiles_scalar, "nm_int4_q8_tiles_scalar", kAnyM, kCallInt8Act | kReadsQTiles},
+    // 2:4 + int8 / int4 on their dense row tiles (build_nm_qtiles): the reference of the SIMD rows below
+    {KernelId::nm_int8, int8_q8_gemm_scalar, "nm_int8_q8_tiles_scalar", kAnyM, kCallInt8Act | kReadsQTiles},
+    {KernelId::nm_int4, int4_q8_gemm_scalar, "nm_int4_q8_tiles_scalar", kAnyM, kCallInt8Act | kReadsQTiles},
     {KernelId::int8, int8_gemm_scalar, "int8_gemm_scalar", kAnyM, 0},
     {KernelId::int4, int4_gemm_scalar, "int4_gemm_scalar", kAnyM, 0},
     {KernelId::nm_float, nm_gemm_scalar, "nm_gemm_scalar", kAnyM, 0},
@@ -242,9 +243,9 @@ const KernelImpl kAvx512Kernels[] = {
     // 2:4 + int8 / int4, int8 x: the weight made dense on row tiles (twice the multiply-adds, at the
     // VNNI rate, no gather) beat nm_q8_*_avx2 at every batch here, 1.4-7x at 1 row (hot) and 2-12x
     // from 2 to 256 rows (4096^2 and MiniLM shapes, Zen 4, 2 threads); the same bits (build_nm_qtiles).
-    {KernelId::nm_int8, nm_q8_tiles_vnni_avx512, "nm_int8_q8_tiles_vnni_avx512", kAnyM,
+    {KernelId::nm_int8, int8_q8_gemm_vnni_avx512, "nm_int8_q8_tiles_vnni_avx512", kAnyM,
      kCallInt8Act | kFeatAvx512Vnni | kReadsQTiles},
-    {KernelId::nm_int4, nm_q8_tiles_vnni_avx512, "nm_int4_q8_tiles_vnni_avx512", kAnyM,
+    {KernelId::nm_int4, int4_q8_gemm_vnni_avx512, "nm_int4_q8_tiles_vnni_avx512", kAnyM,
      kCallInt8Act | kFeatAvx512Vnni | kReadsQTiles},
     {KernelId::int8, int8_gemm_avx512, "int8_gemm_avx512", kAnyM, 0},
     {KernelId::int4, int4_gemm_avx512, "int4_gemm_avx512", kAnyM, 0},
@@ -411,7 +412,7 @@ int64_t row_limit(Isa l, size_t i, const KernelImpl& k) {
 }  // namespace
 
 const KernelImpl* select_kernel(KernelId id, Isa isa, int64_t M, uint64_t call) {
-  const uint64_t features = cpu_features() | call | kReadsQTiles;
+  const uint64_t features = cpu_features() | call;
   for (Isa l = isa;; l = level(l).fallback) {
     const IsaLevel& lv = level(l);
     for (size_t i = 0; i < lv.count; ++i) {
@@ -506,7 +507,8 @@ int64_t work_per_column(const WeightView& w) {
 }  // namespace
 
 Status run_linear(const LinearCall& call, const WeightView& w, Isa isa, int threads, const KernelImpl** kernel) {
-  const KernelImpl* k = select_kernel(w.id, isa, call.M, act_call_bits(call.act));
+  const uint64_t tiles = w.qt.codes ? uint64_t(kReadsQTiles) : 0;
+  const KernelImpl* k = select_kernel(w.id, isa, call.M, act_call_bits(call.act) | tiles);
   if (kernel) *kernel = k;
   if (!k) return Status::no_kernel;
   if (call.M <= 0) return Status::ok;
@@ -537,8 +539,7 @@ Status run_linear(const LinearCall& call, const WeightView& w, Isa isa, int thre
   // int8 activations: quantize x once per call, here, on the calling thread (grow-only scratch,
   // shared read-only with the workers), in the segments of the weight's row tiles. (The N:M int8
   // kernels, which have no row tiles, quantize x themselves: x86/avx2/nm_q8_gemv_avx2.cpp.)
-  const bool nm_tiles = (k->requires & kReadsQTiles) && w.qt.codes;  // else that kernel takes another path
-  if ((k->requires & kCallInt8Act) && (w.id == KernelId::int8 || w.id == KernelId::int4 || nm_tiles)) {
+  if ((k->requires & kCallInt8Act) && (w.id == KernelId::int8 || w.id == KernelId::int4 || (k->requires & kReadsQTiles))) {
     const QTileView& t = w.qt;
     if (!t.codes) return Status::invalid_argument;  // bindings.cpp builds the tiles before such a call
     const size_t cells = size_t(a.M) * size_t(t.nseg);

@@ -124,8 +124,8 @@ struct DenseNM {
 };
 
 bool dense_nm(const WeightView& w, DenseNM& d) {
+  if (!nm_qtiles_supported(w)) return false;
   d.seg = nm_q8_segment(w);
-  if (!d.seg || w.K % 64) return false;  // K % 64: the N:M kernels' exact fp32 tail would give other bits
   const QuantView& q = w.q;
   const NMView& nm = w.nm;
   const bool int4 = nm.values == ValueKind::i4;
@@ -168,6 +168,9 @@ bool dense_nm(const WeightView& w, DenseNM& d) {
 size_t qtile_bytes(const QuantView& q, int64_t N, int bits) { return tile_bytes(q, N, bits, 0); }
 
 QTileView build_qtiles(const QuantView& q, int64_t N, int bits, void* buf) { return build_tiles(q, N, bits, 0, buf); }
+
+// K % 64: the N:M kernels' columns past the last whole 64-column block are exact fp32, not int8 math.
+bool nm_qtiles_supported(const WeightView& w) { return nm_q8_segment(w) > 0 && w.K % 64 == 0; }
 
 size_t nm_qtile_bytes(const WeightView& w) {
   DenseNM d;
@@ -261,13 +264,6 @@ Status int8_q8_gemm_scalar(const GemmArgs& a, const WeightView& w, int64_t n_beg
 
 Status int4_q8_gemm_scalar(const GemmArgs& a, const WeightView& w, int64_t n_begin, int64_t n_end) {
   return w.qt.bits == 4 ? q8_gemm_scalar(a, w, n_begin, n_end) : Status::invalid_argument;
-}
-
-// 2:4 + int8 / int4 on their dense row tiles (build_nm_qtiles): the reference of nm_q8_tiles_*; a weight
-// without tiles (a layout they do not cover) runs the exact N:M kernel.
-Status nm_q8_tiles_scalar(const GemmArgs& a, const WeightView& w, int64_t n_begin, int64_t n_end) {
-  if (!w.qt.codes || !a.qx.q) return nm_gemm_scalar(a, w, n_begin, n_end);
-  return q8_gemm_scalar(a, w, n_begin, n_end);
 }
 
 }  // namespace sparseinfer

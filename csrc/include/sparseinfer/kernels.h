@@ -76,9 +76,9 @@ enum Feature : uint64_t {
   // Not a CPU feature: the driver adds this bit to the mask it selects with when the call allows
   // int8 activations (ActMode::int8). A row that requires it reads GemmArgs::qx, not x.
   kCallInt8Act = 1ull << 32,
-  // Not a condition: marks a row of an N:M family whose kernel reads the weight's row tiles
-  // (WeightView::qt, build_nm_qtiles) and the x the driver quantizes in their segments, as the
-  // int8 / int4 rows with kCallInt8Act do. Selection ignores it.
+  // Not a CPU feature either: set when the weight has row tiles (WeightView::qt) where its family
+  // may lack them (N:M: build_nm_qtiles). A row of such a family that requires it runs a row-tile
+  // kernel, on the x the driver quantizes in the tiles' segments (as for int8 / int4).
   kReadsQTiles = 1ull << 33,
 };
 
@@ -220,15 +220,15 @@ void convert_to_f32_scalar(const void*, DType, int64_t, int64_t, int64_t, float*
 Status int8_q8_gemm_scalar(const GemmArgs&, const WeightView&, int64_t, int64_t);
 Status int4_q8_gemm_scalar(const GemmArgs&, const WeightView&, int64_t, int64_t);
 void quantize_act_scalar(const float*, int64_t, int64_t, int64_t, const QTileView&, int8_t*, float*, int32_t*);
-Status nm_q8_tiles_scalar(const GemmArgs&, const WeightView&, int64_t, int64_t);  // N:M int8 / int4 (build_nm_qtiles)
 // ref/nm_q8_prepack_ref.cpp: the NMView::Q8 copy of a 2:4 + int8 / int4 weight (0 bytes: a layout the
 // int8-activation N:M kernels do not take; the exact kernels serve it).
 size_t nm_q8_prepack_bytes(const WeightView&);
 NMView::Q8 nm_q8_prepack(const WeightView&, void* buf);
 int64_t nm_q8_segment(const WeightView&);  // activation segment of that copy; 0: not supported
 // Row tiles of a 2:4 + int8 / int4 weight made dense (pruned positions add nothing), in the segments
-// above, for the row-tile kernels at GEMM batch sizes: the same integers and the same fp32 steps as
-// nm_q8_*_avx2, so the same bits (ref/qtile_ref.cpp). 0 bytes: not supported (K % 64, layout).
+// above, for the int8 / int4 row-tile kernels: the same integers and the same fp32 steps as
+// nm_q8_*_avx2, so the same bits (ref/qtile_ref.cpp). Supported: the layouts of that copy, K % 64 == 0.
+bool nm_qtiles_supported(const WeightView&);
 size_t nm_qtile_bytes(const WeightView&);
 QTileView build_nm_qtiles(const WeightView&, void* buf);
 
@@ -265,9 +265,6 @@ Status int4_q8_gemm_vnni_avx512(const GemmArgs&, const WeightView&, int64_t, int
 // fp32 activations (exact mode), every batch size.
 Status int8_gemm_avx512(const GemmArgs&, const WeightView&, int64_t, int64_t);
 Status int4_gemm_avx512(const GemmArgs&, const WeightView&, int64_t, int64_t);
-// 2:4 + int8 / int4, int8 x, on the weight's dense row tiles (build_nm_qtiles) with the two above; a
-// weight without them (no tiles for its layout) goes to nm_q8_gemm_avx2.
-Status nm_q8_tiles_vnni_avx512(const GemmArgs&, const WeightView&, int64_t, int64_t);
 // (activations are quantized by quantize_act_avx2 at this level too: the step is not the bottleneck)
 #endif
 #ifdef SPARSEINFER_HAVE_NEON
