@@ -65,11 +65,12 @@ def main():
         for m in (int(v) for v in args.batches.split(",")):
             x = torch.randn(m, k, generator=g)
             out = torch.empty(m, n)
-            fns = {"fp32": lambda: F.linear(x, w), "fbgemm": lambda: call_fbgemm(x, fb)}
+            fns = {"fp32": lambda x=x, w=w: F.linear(x, w), "fbgemm": lambda x=x, fb=fb, f=call_fbgemm: f(x, fb)}
             for f, h in handles.items():
-                fns[f] = lambda h=h: C.linear(x, h, out, None, num_threads=THREADS, act="int8")
+                fns[f] = lambda h=h, x=x, out=out: C.linear(x, h, out, None, num_threads=THREADS, act="int8")
                 if vnni and f.startswith("2:4"):
-                    fns[f + "@avx2"] = lambda h=h: C.linear(x, h, out, None, num_threads=THREADS, isa="avx2", act="int8")
+                    fns[f + "@avx2"] = lambda h=h, x=x, out=out: C.linear(x, h, out, None, num_threads=THREADS,
+                                                                          isa="avx2", act="int8")
             t = best_of(fns, args.rounds)
             cells = []
             for f, h in handles.items():
