@@ -527,17 +527,27 @@ void* alloc_derived(Weight& w, size_t bytes) {
 
 // The int8-activation layout of a weight, built once (per rebuild: see ensure_current), on the first call
 // that can use it, under the GIL (so concurrent first calls build it once): row tiles of int8 / int4 (kernels.h, QTileView),
-// reordered codes of 2:4 + int8 / int4 (NMView::Q8, ref/nm_q8_prepack_ref.cpp). They cost about as
+// reordered codes of 2:4 + int8 / int4 (NMView::Q8, ref/nm_q8_prepack_ref.cpp), or for a kernel row that reads
+// row tiles (kReadsQTiles) those of the 2:4 weight made dense (twice its codes). They cost about as
 // much memory as the canonical codes, which is why fp32-mode users never pay for them.
-void ensure_qtiles(Weight& w) {
+void ensure_qtiles(Weight& w, const KernelImpl& k) {
   const KernelId id = w.view.id;
-  if ((id == KernelId::nm_int8 || id == KernelId::nm_int4) && !w.view.nm.q8.codes) {
+  if (k.requires & kReadsQTiles) {  // 2:4 made dense (kernels.h, build_nm_qtiles)
+    if (!w.view.qt.codes) w.view.qt = build_nm_qtiles(w.view, alloc_derived(w, nm_qtile_bytes(w.view)));
+  } else if ((id == KernelId::nm_int8 || id == KernelId::nm_int4) && !w.view.nm.q8.codes) {
     const size_t bytes = nm_q8_prepack_bytes(w.view);
     if (bytes) w.view.nm.q8 = nm_q8_prepack(w.view, alloc_derived(w, bytes));  // 0: a layout only exact kernels take
   } else if ((id == KernelId::int8 || id == KernelId::int4) && !w.view.qt.codes) {
     const int bits = id == KernelId::int8 ? 8 : 4;
     w.view.qt = build_qtiles(w.view.q, w.view.N, bits, alloc_derived(w, qtile_bytes(w.view.q, w.view.N, bits)));
   }
+}
+
+// kReadsQTiles for selection: the weight has row tiles, or (N:M) can have them built on first use.
+uint64_t tile_bits(const Weight& w) {
+  const KernelId id = w.view.id;
+  const bool nm = id == KernelId::nm_int8 || id == KernelId::nm_int4;
+  return w.view.qt.codes || (nm && nm_qtiles_supported(w.view)) ? uint64_t(kReadsQTiles) : 0;
 }
 
 // Rows of a [..., C] tensor as one 2-D matrix: M = prod(leading dims) and the stride between rows,
@@ -604,8 +614,8 @@ py::object linear(py::handle x_obj, Weight& w, py::handle out_obj, py::handle bi
   call.act = resolve_act(act_obj);
   ensure_current(w);  // after every other Python call: nothing runs between this and the kernel
   if (const uint64_t bits = act_call_bits(call.act)) {  // build the int8-activation layout only if it runs
-    const KernelImpl* k = select_kernel(w.view.id, isa, M, bits);
-    if (k && (k->requires & kCallInt8Act)) ensure_qtiles(w);
+    const KernelImpl* k = select_kernel(w.view.id, isa, M, bits | tile_bits(w));
+    if (k && (k->requires & kCallInt8Act)) ensure_qtiles(w, *k);
   }
 
   const KernelImpl* kernel = nullptr;
@@ -650,7 +660,8 @@ py::object dequantize(Weight& w, int64_t row_begin, int64_t row_end, py::handle 
 
 std::string kernel_name(const Weight& w, int64_t batch, const py::object& isa_obj, const py::object& act_obj) {
   if (batch < 0) value_error("batch must be >= 0, got " + std::to_string(batch));
-  const KernelImpl* k = select_kernel(w.view.id, resolve_isa(isa_obj), batch, act_call_bits(resolve_act(act_obj)));
+  const uint64_t bits = act_call_bits(resolve_act(act_obj));
+  const KernelImpl* k = select_kernel(w.view.id, resolve_isa(isa_obj), batch, bits ? bits | tile_bits(w) : 0);
   return k ? k->name : "none";
 }
 

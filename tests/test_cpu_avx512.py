@@ -232,7 +232,7 @@ def test_avx512_kernels_under_emulation(tmp_path):
     in place of <immintrin.h>) against the scalar kernels: q8 kernels bit for bit, exact kernels to
     1e-5, on 1,694 (format x shape x batch x column split) cases."""
     sources = [ROOT / "tests/native/avx512_emulation_test.cpp", *sorted((ROOT / "csrc/x86/avx512").glob("*.cpp")),
-               *(ROOT / "csrc/ref" / f for f in ("qtile_ref.cpp", "int8_ref.cpp", "int4_ref.cpp"))]
+               *(ROOT / "csrc/ref" / f for f in ("qtile_ref.cpp", "nm_q8_prepack_ref.cpp", "int8_ref.cpp", "int4_ref.cpp"))]
     exe = tmp_path / "avx512_emulation_test"
     flags = ["-std=c++17", "-O1", "-ffp-contract=off", "-w", "-DSPARSEINFER_AVX512_EMULATION",
              "-DSPARSEINFER_HAVE_AVX512", f"-I{ROOT / 'csrc/include'}", f"-I{ROOT / 'tests/native'}",

@@ -138,6 +138,24 @@ def test_first_use_measures_once_stores_and_runs_the_winner(winner, rng, rel_err
     assert r2.path == winner and r2.why.startswith("measured test") and len(fake.calls) == 1
 
 
+def test_a_record_of_another_kernel_is_measured_again(rng, monkeypatch):
+    """A stored record names the kernel it timed: when the table now picks another one for that batch
+    (a build that added a faster kernel), the point is measured again instead of trusting old times."""
+    fake = FakeTimer(kernel=1.0, dense=0.5)
+    monkeypatch.setattr(cpu_routes, "measure_point", lambda w, m, act, paths: {**fake(w, m, act, paths),
+                                                                                "kernel": "an_old_kernel"})
+    w = _weight("int8", {}, 16, 64, rng)
+    assert BACKENDS["cpu"].route(w, 8, "fp32").path == "dense" and len(fake.calls) == 1
+    cpu_routes.reset()
+    fake.times = {"kernel": 0.5, "dense": 1.0}
+    monkeypatch.setattr(cpu_routes, "measure_point", fake)  # records with no kernel name are trusted
+    r = BACKENDS["cpu"].route(_weight("int8", {}, 16, 64, rng), 8, "fp32")
+    assert r.path == "kernel" and r.why.startswith("measured on first use") and len(fake.calls) == 2
+    cpu_routes.reset()
+    assert BACKENDS["cpu"].route(_weight("int8", {}, 16, 64, rng), 8, "fp32").path == "kernel"
+    assert len(fake.calls) == 2
+
+
 def test_first_use_budget_then_rules(rng, monkeypatch):
     fake = FakeTimer(kernel=1.0, dense=0.5)
     monkeypatch.setattr(cpu_routes, "measure_point", fake)

@@ -207,7 +207,7 @@ def test_nm_int8_activations_within_bound(case, rng):
             for isa in SIMD:
                 kernel = C.kernel_name(handle, m, isa=isa, act="int8")
                 where = f"{fmt} {params} isa={isa} kernel={kernel} M={m} N={n} K={k} x:{dtype} strided={strided}"
-                assert "_q8_gemv" in kernel or "_q8_gemm" in kernel, where
+                assert any(f"_q8_{op}" in kernel for op in ("gemv", "gemm", "tiles")), where
                 out = run(x, handle, n, bias, isa=isa, act="int8")
                 assert torch.isfinite(out).all(), f"{where}: unwritten (NaN) outputs"
                 err = (out.double() - exact).abs()
@@ -227,7 +227,7 @@ def test_nm_int8_activations_typical_error_and_fallbacks(rng, rel_err):
         outs = [run(x, handle, 256, act="int8", threads=t) for t in (1, 2, 3)]
         assert all(torch.equal(o, outs[0]) for o in outs[1:]), "the thread split changed the bits"
         assert 1e-3 < rel_err(outs[0], reference_linear(x, w)) < 1.2e-2
-    assert "_q8_gemm_" in C.kernel_name(handle, 64, act="int8")
+    assert any(f"_q8_{op}_" in C.kernel_name(handle, 64, act="int8") for op in ("gemm", "tiles"))
     w16 = si.pack(torch.randn(64, 512, generator=rng), "2:4+int8", group_size=16)
     x16 = torch.randn(2, 512, generator=rng)
     assert rel_err(run(x16, build_native_weight(w16), 64, act="int8"), reference_linear(x16, w16)) <= TOL_F32
@@ -314,8 +314,9 @@ def nm_int8_mode_reference(x, w, bias, out_dtype):
 @needs_simd
 @pytest.mark.parametrize("case", Q8_CASES, ids=Q8_IDS)
 def test_nm_int8_activations_bit_exact(case, rng, rel_err):
-    """Both q8 kernels (gemv: 4 weight rows x 1 batch row, 2 x 2; gemm: 1 x 4 and the leftover rows)
-    give the reference definition's bits on every shape, dtype, stride, bias and thread count."""
+    """The q8 kernels (AVX2 gemv: 4 weight rows x 1 batch row, 2 x 2; gemm: 1 x 4 and the leftover rows;
+    AVX-512 VNNI: the row-tile kernels on the weight made dense) give the reference definition's bits on
+    every shape, dtype, stride, bias and thread count."""
     fmt, params = case
     for k, n in Q8_SHAPES:
         w = pack_nm(fmt, params, torch.float32, n, k, rng)
@@ -398,6 +399,10 @@ def test_kernel_names():
             assert C.kernel_name(w, 1, isa=isa, act="fp32").startswith(f"{family}_gemv_"), (fmt, isa)
             assert C.kernel_name(w, 64, isa=isa, act="fp32").startswith(f"{family}_gemm_"), (fmt, isa)
             if "+int" in fmt and fmt.startswith("2:4"):
+                if isa == "avx512" and C.cpu_features().get("avx512_vnni"):  # dense row tiles, every batch
+                    for m in (1, 64):
+                        assert C.kernel_name(w, m, isa=isa, act="int8") == f"{family}_q8_tiles_vnni_avx512", (fmt, m)
+                    continue
                 assert C.kernel_name(w, 1, isa=isa, act="int8").startswith(f"{family}_q8_gemv_"), (fmt, isa)
                 assert C.kernel_name(w, 64, isa=isa, act="int8").startswith(f"{family}_q8_gemm_"), (fmt, isa)
 

@@ -47,6 +47,8 @@ inline int kept_at(int p) { return 16 * ((p >> 3) & 1) + 8 * (p >> 4) + (p & 7);
 
 }  // namespace
 
+int64_t nm_q8_segment(const WeightView& w) { return q8_supported(w) ? q8_segment(w) : 0; }
+
 size_t nm_q8_prepack_bytes(const WeightView& w) {
   if (!q8_supported(w)) return 0;
   const int64_t nblk = w.K / 64, nseg = (w.K + q8_segment(w) - 1) / q8_segment(w);

@@ -15,6 +15,7 @@
 // offset in the same integer step.
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "ref_common.h"
 
@@ -31,12 +32,15 @@ constexpr int64_t kSegTarget = 128;  // activation block for groups that are mul
 // overflow (|dot| <= seg_pad * 255 * 127 < 2^31 needs seg_pad < 66,000).
 constexpr int64_t kSegMax = 4096;
 
-QTileView qtile_geometry(const QuantView& q, int64_t N, int bits) {
+// seg > 0: that segment (it must divide the group, or the row when there is one group); 0: the rule above.
+QTileView qtile_geometry(const QuantView& q, int64_t N, int bits, int64_t seg = 0) {
   QTileView t;
   t.bits = bits;
   t.tiles = (N + kQTileRows - 1) / kQTileRows;
   t.n_groups = q.n_groups;
-  if (q.n_groups == 1) {
+  if (seg > 0) {
+    t.seg = seg;
+  } else if (q.n_groups == 1) {
     t.seg = q.kp < kSegTarget ? q.kp : kSegTarget;
   } else if (q.group % kSegTarget == 0) {
     t.seg = kSegTarget;
@@ -65,15 +69,13 @@ QTileSizes qtile_sizes(const QTileView& t, bool asymmetric) {
   return s;
 }
 
-}  // namespace
-
-size_t qtile_bytes(const QuantView& q, int64_t N, int bits) {
-  const QTileSizes s = qtile_sizes(qtile_geometry(q, N, bits), bits == 4 && q.zero);
+size_t tile_bytes(const QuantView& q, int64_t N, int bits, int64_t seg) {
+  const QTileSizes s = qtile_sizes(qtile_geometry(q, N, bits, seg), bits == 4 && q.zero);
   return s.codes + s.scale + s.zero;
 }
 
-QTileView build_qtiles(const QuantView& q, int64_t N, int bits, void* buf) {
-  QTileView t = qtile_geometry(q, N, bits);
+QTileView build_tiles(const QuantView& q, int64_t N, int bits, int64_t seg, void* buf) {
+  QTileView t = qtile_geometry(q, N, bits, seg);
   const bool asym = bits == 4 && q.zero;
   const QTileSizes sz = qtile_sizes(t, asym);
   uint8_t* codes = static_cast<uint8_t*>(buf);
@@ -109,6 +111,77 @@ QTileView build_qtiles(const QuantView& q, int64_t N, int bits, void* buf) {
   }
   t.codes = codes, t.scale = scale, t.zero = zero;
   return t;
+}
+
+// The dense equivalent of an N:M + int8 / int4 weight (kept values at their columns; pruned positions
+// hold code 0, or the group's zero point for int4, so they add exactly nothing to any segment's
+// integer sum), as a QuantView over the columns: the group spans group * m / n columns.
+struct DenseNM {
+  QuantView q;
+  int64_t seg = 0;
+  std::vector<uint8_t> codes, zero;
+  std::vector<float> scale;
+};
+
+bool dense_nm(const WeightView& w, DenseNM& d) {
+  if (!nm_qtiles_supported(w)) return false;
+  d.seg = nm_q8_segment(w);
+  const QuantView& q = w.q;
+  const NMView& nm = w.nm;
+  const bool int4 = nm.values == ValueKind::i4;
+  const int64_t kd = w.K, span = q.n_groups == 1 ? kd : q.group * nm.m / nm.n;
+  d.q.kp = kd, d.q.group = span, d.q.n_groups = (kd + span - 1) / span;
+  if (d.q.n_groups > q.n_groups) return false;
+  d.scale.resize(size_t(w.N * d.q.n_groups));
+  if (q.zero) d.zero.resize(d.scale.size());
+  for (int64_t n = 0; n < w.N; ++n)
+    for (int64_t g = 0; g < d.q.n_groups; ++g) {
+      d.scale[size_t(n * d.q.n_groups + g)] = q.scale[n * q.n_groups + g];
+      if (q.zero) d.zero[size_t(n * d.q.n_groups + g)] = q.zero[n * q.n_groups + g];
+    }
+  d.codes.assign(size_t(w.N * (int4 ? kd / 2 : kd)), 0);
+  for (int64_t n = 0; n < w.N; ++n) {
+    uint8_t* row = d.codes.data() + n * (int4 ? kd / 2 : kd);
+    if (int4)  // every position starts at its group's zero point (pruned = zero contribution)
+      for (int64_t k = 0; k < kd; ++k) {
+        const uint8_t z = q.zero ? q.zero[n * q.n_groups + k / span] : 8;
+        row[k / 2] = uint8_t(row[k / 2] | (z << ((k & 1) * 4)));
+      }
+    BitReader rd(nm.meta + n * nm.meta_stride);
+    for (int64_t j = 0; j < nm.kc; ++j) {
+      const int64_t col = (j / nm.n) * nm.m + int64_t(rd.get(nm.bits));
+      if (col >= w.K) continue;  // zero padding of the last group
+      if (int4) {
+        const uint8_t c = uint8_t(int4_code(q, n, j)), shift = uint8_t((col & 1) * 4);
+        row[col / 2] = uint8_t((row[col / 2] & ~(0xF << shift)) | (c << shift));
+      } else {
+        row[col] = static_cast<const uint8_t*>(q.codes)[n * q.kp + j];
+      }
+    }
+  }
+  d.q.codes = d.codes.data(), d.q.scale = d.scale.data(), d.q.zero = q.zero ? d.zero.data() : nullptr;
+  return true;
+}
+
+}  // namespace
+
+size_t qtile_bytes(const QuantView& q, int64_t N, int bits) { return tile_bytes(q, N, bits, 0); }
+
+QTileView build_qtiles(const QuantView& q, int64_t N, int bits, void* buf) { return build_tiles(q, N, bits, 0, buf); }
+
+// K % 64: the N:M kernels' columns past the last whole 64-column block are exact fp32, not int8 math.
+bool nm_qtiles_supported(const WeightView& w) { return nm_q8_segment(w) > 0 && w.K % 64 == 0; }
+
+size_t nm_qtile_bytes(const WeightView& w) {
+  DenseNM d;
+  if (!dense_nm(w, d)) return 0;
+  return tile_bytes(d.q, w.N, w.nm.values == ValueKind::i4 ? 4 : 8, d.seg);
+}
+
+QTileView build_nm_qtiles(const WeightView& w, void* buf) {
+  DenseNM d;
+  if (!dense_nm(w, d)) return QTileView();
+  return build_tiles(d.q, w.N, w.nm.values == ValueKind::i4 ? 4 : 8, d.seg, buf);
 }
 
 void quantize_act_scalar(const float* x, int64_t rows, int64_t K, int64_t stride_x, const QTileView& t, int8_t* q,

@@ -217,7 +217,8 @@ def measure_point(w: PackedWeight, m: int, act: str, paths) -> dict:
         else:
             runs[p] = lambda: dense_linear(x, part, None)
     times = time_interleaved(runs, ROUNDS, POINT_BUDGET_S)
-    return {"times": times, "m": m, "rows": rows, "n": n, "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return {"times": times, "m": m, "rows": rows, "n": n, "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "kernel": C.kernel_name(handle, m, None, act)}
 
 
 def choose(times: dict) -> str:
@@ -334,7 +335,10 @@ def decide(w: PackedWeight, handle, m: int, act: str) -> Route:
     key = route_key(w, m, act)
     with _lock:
         record = _entry().get("routes", {}).get(key)
-        if record is not None and "kernel" in record["times"]:  # (a record without it is from elsewhere)
+        # (a record without a "kernel" time is from elsewhere; one that timed another kernel than the
+        # table picks now, e.g. before an upgrade added a faster one, is measured again)
+        if record is not None and "kernel" in record["times"] and (
+                record.get("kernel") in (None, C.kernel_name(handle, record.get("m", m), None, act))):
             path, why = _by_times(record, "measured")
         elif not known_machine() and _measuring_allowed() and _spent < MEASURE_BUDGET_S:
             t0 = time.perf_counter()

@@ -76,6 +76,10 @@ enum Feature : uint64_t {
   // Not a CPU feature: the driver adds this bit to the mask it selects with when the call allows
   // int8 activations (ActMode::int8). A row that requires it reads GemmArgs::qx, not x.
   kCallInt8Act = 1ull << 32,
+  // Not a CPU feature either: set when the weight has row tiles (WeightView::qt) where its family
+  // may lack them (N:M: build_nm_qtiles). A row of such a family that requires it runs a row-tile
+  // kernel, on the x the driver quantizes in the tiles' segments (as for int8 / int4).
+  kReadsQTiles = 1ull << 33,
 };
 
 // Activation precision of a call to an int8 / int4 weight (per call; sparseinfer/act.py):
@@ -220,6 +224,13 @@ void quantize_act_scalar(const float*, int64_t, int64_t, int64_t, const QTileVie
 // int8-activation N:M kernels do not take; the exact kernels serve it).
 size_t nm_q8_prepack_bytes(const WeightView&);
 NMView::Q8 nm_q8_prepack(const WeightView&, void* buf);
+int64_t nm_q8_segment(const WeightView&);  // activation segment of that copy; 0: not supported
+// Row tiles of a 2:4 + int8 / int4 weight made dense (pruned positions add nothing), in the segments
+// above, for the int8 / int4 row-tile kernels: the same integers and the same fp32 steps as
+// nm_q8_*_avx2, so the same bits (ref/qtile_ref.cpp). Supported: the layouts of that copy, K % 64 == 0.
+bool nm_qtiles_supported(const WeightView&);
+size_t nm_qtile_bytes(const WeightView&);
+QTileView build_nm_qtiles(const WeightView&, void* buf);
 
 // x86/avx2/, x86/avx512/, arm/neon/: declare <format>_<op>_<isa> functions here under
 // #ifdef SPARSEINFER_HAVE_<ISA> and list them in that ISA's table in dispatch.cpp.
