@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import fnmatch
 from dataclasses import replace
 
 import torch
@@ -13,6 +14,7 @@ from .backends import resolve
 from .formats import pack
 from .passes import METHODS, Target
 from .recipe import LayerRecipe, Recipe
+from .runtime.embedding import CompressedEmbedding, gathers_rows
 from .runtime.modules import CompressedConv2d, CompressedLinear
 
 RECIPE_ATTR = "_sparseinfer_recipe"  # where compress() leaves the recipe for save()
@@ -86,6 +88,7 @@ def compress(model: nn.Module, recipe=None, calib=None, *, inplace: bool = False
     for stage in ("prune_method", "quant_method"):
         for method in sorted({getattr(t.recipe, stage) for t in targets}):
             METHODS[method].run([t for t in targets if getattr(t.recipe, stage) == method], calib, model)
+    embeddings = {id(m.weight): name for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
     # disable=None lets tqdm show the bar on a terminal only
     for t in tqdm(targets, desc="packing", unit="layer", disable=None if progress is None else not progress):
         packed = pack(t.weight, t.recipe.fmt, **{**t.recipe.params, **t.pack_kwargs})
@@ -95,15 +98,26 @@ def compress(model: nn.Module, recipe=None, calib=None, *, inplace: bool = False
             c = t.module
             layer = CompressedConv2d(layer, c.kernel_size, c.stride, c.padding, c.dilation)
         _set_submodule(model, t.name, layer)
+        tied = embeddings.get(id(t.module.weight))
+        if tied is not None and isinstance(layer, CompressedLinear) and gathers_rows(layer.packed):
+            # a head tied to the input embedding (named by the recipe): the embedding reads its rows from
+            # the packed head, so the matrix stays stored once; a CSR head unties (the embedding keeps it)
+            emb = model.get_submodule(tied)
+            _set_submodule(model, tied, CompressedEmbedding(layer, emb.padding_idx))
     setattr(model, RECIPE_ATTR, recipe.to_json())
     return model
 
 
 class Explanation(list):
-    """Rows (dicts) describing each compressed layer; prints as a table."""
+    """Rows (dicts) describing each compressed layer; prints as a table. ``dense`` lists the weight
+    layers that stayed dense ({"layer", "kind", "shape", "bytes", "why"})."""
 
     COLUMNS = ("layer", "format", "shape", "packed_bytes", "dense_bytes", "ratio", "backend", "kernel", "path", "act",
                "why")
+
+    def __init__(self, rows=(), dense=()):
+        super().__init__(rows)
+        self.dense = list(dense)
 
     def __str__(self) -> str:
         rows = [[str(r[c]) for c in self.COLUMNS] for r in self]
@@ -112,15 +126,54 @@ class Explanation(list):
         packed = sum(r["packed_bytes"] for r in self)
         dense = sum(r["dense_bytes"] for r in self)
         total = f"total: {len(self)} compressed layers, {packed / 1e6:.2f} MB packed vs {dense / 1e6:.2f} MB fp32"
-        return "\n".join([line(self.COLUMNS), *(line(r) for r in rows), total])
+        kept = [f"stayed dense: {d['layer']} ({d['kind']} {d['shape']}, {d['bytes'] / 1e6:.2f} MB): {d['why']}"
+                for d in self.dense]
+        return "\n".join([line(self.COLUMNS), *(line(r) for r in rows), total, *kept])
+
+
+def _dense_layers(model: nn.Module) -> list[dict]:
+    """The nn.Linear / nn.Conv2d / nn.Embedding layers that compress() left dense, and why."""
+    from .recipe import DEFAULT_IGNORE, Recipe
+
+    source = getattr(model, RECIPE_ATTR, None)
+    try:
+        recipe = Recipe.from_any(source) if source is not None else None
+    except ValueError:  # e.g. a YAML path that is gone: say less
+        recipe = None
+    embeddings = {id(m.weight): name for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    out = []
+    for name, m in model.named_modules():
+        if not isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
+            continue
+        w = m.weight
+        row = {"layer": name, "kind": type(m).__name__, "shape": "x".join(map(str, w.shape)),
+               "bytes": w.numel() * w.element_size()}
+        if isinstance(m, nn.Embedding):
+            row["why"] = "an embedding (a lookup reads one row per token)" + (
+                "; its tied head stayed dense too" if any(
+                    isinstance(h, nn.Linear) and h.weight is w for h in model.modules()) else "")
+        elif id(w) in embeddings:
+            row["why"] = (f"tied to the embedding {embeddings[id(w)]!r}: kept dense unless the recipe's layers name it "
+                          f"(e.g. {{\"layers\": {{\"{name}\": \"int8\"}}}})")
+        elif isinstance(m, nn.Conv2d) and CompressedConv2d.eligible(m) is not None:
+            row["why"] = f"not compressible: {CompressedConv2d.eligible(m)}"
+        elif recipe is None:
+            row["why"] = "the model was not compressed by compress()"
+        elif any(fnmatch.fnmatchcase(name, p) for p in (*recipe.ignore, *DEFAULT_IGNORE)):
+            row["why"] = "an LM head / ignored by the recipe: kept dense unless the recipe's layers name it"
+        else:
+            row["why"] = "the recipe left it dense"
+        out.append(row)
+    return out
 
 
 def explain(model: nn.Module, batch: int = 1, dtype: torch.dtype = torch.float32) -> Explanation:
     """Per compressed layer: format, packed vs fp32 bytes, and what a call with ``batch`` rows of
     ``dtype`` activations would run on the layer's device: backend, kernel, path ("kernel", or the
     "dense" fallback / "dense_int8" where that was measured faster), the activation precision that
-    runs (act) and why (measured times or the table and rule that decided, and the act mode)."""
-    rows = Explanation()
+    runs (act) and why (measured times or the table and rule that decided, and the act mode).
+    ``.dense`` (printed below the table) lists the weight layers that stayed dense and why."""
+    rows = Explanation(dense=_dense_layers(model))
     for name, module in model.named_modules():
         if not isinstance(module, CompressedLinear):
             continue
