@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("compress", "inspect", "run", "demo", "bench", "sweep", "calibrate")
+COMMANDS = ("compress", "inspect", "run", "generate", "demo", "bench", "sweep", "calibrate")
 
 
 def build_parser() -> argparse.ArgumentParser:
