@@ -190,3 +190,50 @@ def test_unlisted_lm_class_says_what_to_do(tmp_path):
         si.save(model, tmp_path / "x")
     si.save(model, tmp_path / "x", export=False)  # tensors only: load(path, model=skeleton)
     assert "architecture" not in json.loads((tmp_path / "x" / "sparseinfer.json").read_text())
+
+
+def test_cli_compress_folder_with_calib_file_and_generate(tmp_path, capsys):
+    from sparseinfer.cli import main
+
+    model = _llama()
+    model.save_pretrained(tmp_path / "hf")
+    _tokenizer(tmp_path).save_pretrained(tmp_path / "hf")
+    (tmp_path / "calib.txt").write_text(" ".join(f"w{3 + i % 150}" for i in range(200)))
+    out = tmp_path / "lm.sinf"
+    assert main(["compress", str(tmp_path / "hf"), "wanda:2:4+int8", "--lm-head", "int8", "--calib-file",
+                 str(tmp_path / "calib.txt"), "--calib-tokens", "64", "-o", str(out)]) == 0
+    assert "lm_head" in capsys.readouterr().out
+    m = json.loads((out / "sparseinfer.json").read_text())
+    assert m["layers"]["lm_head"]["fmt"] == "int8" and m["layers"]["model.layers.0.mlp.up_proj"]["fmt"] == "2:4+int8"
+    assert main(["generate", str(out), "--prompt", "w17 w93 w40", "--max-new-tokens", "6", "--threads", "1",
+                 "--act", "fp32"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("w17 w93 w40") and "decode 5 tokens at" in captured.err
+    loaded = si.load(out, act="fp32")
+    ids = si.load_tokenizer(out)("w17 w93 w40", return_tensors="pt").input_ids
+    expected = loaded.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)[0, ids.shape[1]:]
+    streamed = "w17 w93 w40" + si.load_tokenizer(out).decode(expected, skip_special_tokens=True)
+    assert "".join(captured.out.split()) == "".join(streamed.split())  # this word-level tokenizer has no spaces
+
+
+def test_cli_compress_llm_errors(tmp_path):
+    from sparseinfer.cli import main
+
+    _llama().save_pretrained(tmp_path / "hf")
+    assert main(["compress", str(tmp_path / "hf"), "wanda:2:4", "-o", str(tmp_path / "x")]) == 2  # no calib
+    assert main(["compress", str(tmp_path / "hf"), "int8", "--lm-head", "int3", "-o", str(tmp_path / "x")]) == 2
+
+
+def test_greedy_matches_generate_and_decode_threads_restore():
+    from sparseinfer.llm import decode_threads, greedy
+
+    c = si.set_act(si.compress(_llama(), "int8", progress=False), "fp32")
+    before = torch.get_num_threads()
+    with decode_threads(1):
+        assert torch.get_num_threads() == 1
+        g = greedy(c, torch.tensor(PROMPT), NEW_TOKENS)
+    assert torch.get_num_threads() == before
+    assert PROMPT[0] + g.tokens == _generate(c)
+    assert g.prompt_tokens == len(PROMPT[0]) and g.decode_tokens_per_s > 0
+    with pytest.raises(ValueError, match="one prompt at a time"):
+        greedy(c, torch.tensor(PROMPT * 2), 4)
