@@ -22,6 +22,7 @@ at the mean decode position; roofline fraction = bytes per token / read bandwidt
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -32,7 +33,7 @@ import torch
 from torch import nn
 
 import sparseinfer as si
-from sparseinfer.llm import decode_threads, greedy
+from sparseinfer.llm import compile_model, decode_threads, greedy
 from sparseinfer.runtime.embedding import CompressedEmbedding
 from sparseinfer.runtime.modules import CompressedLinear
 
@@ -122,8 +123,9 @@ def read_bandwidth(threads: int, nbytes: int = 256 << 20, repeat: int = 5) -> fl
     return nbytes / min(times)
 
 
-def build_variants(dense: nn.Module, recipes, head: str, act: str | None) -> dict[str, nn.Module]:
+def build_variants(dense: nn.Module, recipes, head: str, act: str | None, compiled=()) -> dict[str, nn.Module]:
     variants = {}
+    recipes = list(recipes) + [f"{r}+compile" for r in compiled]
     for r in recipes:
         if r == "dense":
             variants[r] = dense
@@ -132,8 +134,11 @@ def build_variants(dense: nn.Module, recipes, head: str, act: str | None) -> dic
 
             variants[r] = copy.deepcopy(dense).to(torch.bfloat16)
         else:
-            recipe = {"default": r, "layers": {"lm_head": head}} if head != "dense" else r
+            base = r.removesuffix("+compile")
+            recipe = {"default": base, "layers": {"lm_head": head}} if head != "dense" else base
             variants[r] = si.set_act(si.compress(dense, recipe, progress=False), act)
+            if r.endswith("+compile"):
+                compile_model(variants[r])
     return variants
 
 
@@ -146,24 +151,55 @@ def prefill_seconds(model, ids) -> float:
 
 def run(model_name: str, recipes=RECIPES, threads: int = 2, new_tokens: int = 64, prompt_tokens: int = 256,
         rounds: int = 3, head: str = "int8", act: str | None = None, modes=("torch", "decode"),
-        log=print) -> dict:
+        dense_modes=("torch", "decode"), compiled=(), lock: str | None = None, log=print) -> dict:
     torch.set_num_threads(threads)
     si.set_threads(None)
+    t0 = time.perf_counter()
     dense = load_model(model_name)
-    variants = build_variants(dense, recipes, head, act)
+    log(f"loaded {model_name} in {time.perf_counter() - t0:.0f} s")
+    variants = build_variants(dense, recipes, head, act, compiled)
+    log(f"built {list(variants)} in {time.perf_counter() - t0:.0f} s")
     vocab = dense.config.vocab_size
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, vocab, (1, prompt_tokens), generator=g)
     decode_prompt = prompt[:, :16]
-    results: dict = {name: {m: {"decode": [], "prefill": [], "tokens": None} for m in modes} for name in variants}
+    modes_of = {name: dense_modes if name == "dense" else ("decode",) if name.endswith("+compile") else modes
+                for name in variants}
+    t0 = time.perf_counter()
+    for name, model in variants.items():  # warm-up: routes, first-use measurements, allocator, compiling
+        with decode_threads(threads):
+            greedy(model, decode_prompt, 3)
+            prefill_seconds(model, prompt)
+            prefill_seconds(model, prompt[:, :32])
+    log(f"warmed up in {time.perf_counter() - t0:.0f} s")
+    with _locked(lock):
+        return _measure(model_name, variants, modes_of, prompt, decode_prompt, threads, new_tokens, rounds, head,
+                        act, log)
+
+
+@contextlib.contextmanager
+def _locked(path):
+    """Hold the bench lock (flock) around the measured rounds only: loading and compiling run outside."""
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _measure(model_name, variants, modes_of, prompt, decode_prompt, threads, new_tokens, rounds, head, act, log):
+    prompt_tokens = prompt.shape[1]
+    results: dict = {name: {m: {"decode": [], "prefill": [], "tokens": None} for m in modes_of[name]}
+                     for name in variants}
     bandwidths = []
-    for name, model in variants.items():  # warm-up: routes, first-use measurements, allocator
-        greedy(model, decode_prompt, 2)
-        prefill_seconds(model, prompt[:, :32])
+    t0 = time.perf_counter()
     for rnd in range(rounds):
         bandwidths.append(read_bandwidth(threads))
         for name, model in variants.items():
-            for mode in modes:
+            for mode in modes_of[name]:
                 ctx = decode_threads(threads) if mode == "decode" else _nothing()
                 with ctx:
                     gen = greedy(model, decode_prompt, new_tokens)
@@ -174,18 +210,24 @@ def run(model_name: str, recipes=RECIPES, threads: int = 2, new_tokens: int = 64
                 r["tokens"] = gen.tokens
                 log(f"round {rnd} {name:10s} {mode:6s} decode {gen.decode_tokens_per_s:7.2f} tok/s  "
                     f"prefill {prompt_tokens / pre:8.1f} tok/s")
+    log(f"measured in {time.perf_counter() - t0:.0f} s")
     bw = statistics.median(bandwidths)
     context = decode_prompt.shape[1] + new_tokens // 2
     table = []
-    best_dense = {k: max(statistics.median(results["dense"][m][k]) for m in modes) for k in ("decode", "prefill")} \
+    best_dense = {k: max(statistics.median(r[k]) for r in results["dense"].values()) for k in ("decode", "prefill")} \
         if "dense" in results else None
     for name, model in variants.items():
         nbytes = bytes_per_token(model, context)
-        for mode in modes:
+        for mode in modes_of[name]:
             r = results[name][mode]
             dec, pre = statistics.median(r["decode"]), statistics.median(r["prefill"])
             row = {"model": model_name, "variant": name, "threads": mode, "decode_tok_s": dec, "prefill_tok_s": pre,
                    "bytes_per_token": nbytes, "roofline_fraction": nbytes / bw * dec}
+            base = results.get(name.removesuffix("+compile"), {})
+            if name.endswith("+compile") and base:  # leading tokens equal to the eager model's
+                eager = next(iter(base.values()))["tokens"]
+                row["same_tokens_as_eager"] = next((i for i, (a, b) in enumerate(zip(eager, r["tokens"])) if a != b),
+                                                   min(len(eager), len(r["tokens"])))
             if best_dense:
                 row["decode_x_dense"] = dec / best_dense["decode"]
                 row["prefill_x_dense"] = pre / best_dense["prefill"]
@@ -220,7 +262,9 @@ def markdown(report: dict) -> str:
     lines = [head, "", "| variant | threads | decode tok/s | x dense | prefill tok/s | x dense | MB/token | "
              "roofline |", "|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
-        lines.append(f"| {r['variant']} | {r['threads']} | {r['decode_tok_s']:.1f} | {r.get('decode_x_dense', 0):.2f} | "
+        same = r.get("same_tokens_as_eager")
+        variant = r["variant"] + (f" ({same}/{report['new_tokens']} tokens as eager)" if same is not None else "")
+        lines.append(f"| {variant} | {r['threads']} | {r['decode_tok_s']:.1f} | {r.get('decode_x_dense', 0):.2f} | "
                      f"{r['prefill_tok_s']:.0f} | {r.get('prefill_x_dense', 0):.2f} | {r['bytes_per_token'] / 1e6:.1f} | "
                      f"{r['roofline_fraction']:.2f} |")
     return "\n".join(lines)
@@ -237,10 +281,14 @@ def main(argv=None) -> int:
     p.add_argument("--head", default="int8", help="recipe for the LM head of compressed variants, or dense")
     p.add_argument("--act", default=None, choices=("auto", "fp32", "int8"))
     p.add_argument("--modes", default="torch,decode", help="thread settings to measure: torch, decode")
+    p.add_argument("--dense-modes", default="torch,decode", help="thread settings for dense fp32")
+    p.add_argument("--compile", default="", help="recipes to measure also under torch.compile (decode threads)")
+    p.add_argument("--lock", help="flock this file around the measured rounds only (e.g. /work/bench.lock)")
     p.add_argument("--json", help="write the report here")
     args = p.parse_args(argv)
     report = run(args.model, args.recipes.split(","), args.threads, args.new_tokens, args.prompt_tokens, args.rounds,
-                 args.head, args.act, tuple(args.modes.split(",")), log=lambda s: print(s, file=sys.stderr, flush=True))
+                 args.head, args.act, tuple(args.modes.split(",")), tuple(args.dense_modes.split(",")),
+                 tuple(r for r in args.compile.split(",") if r), args.lock, log=lambda s: print(s, file=sys.stderr, flush=True))
     print(markdown(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))

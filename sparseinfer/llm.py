@@ -73,6 +73,19 @@ def decode_threads(n: int | None = None):
         cpu.set_threads(before_si)
 
 
+def compile_model(model: nn.Module, **compile_kwargs) -> nn.Module:
+    """``torch.compile`` the model's forward (dynamic shapes: prompt and KV lengths vary) with each
+    compressed layer called as one ``sparseinfer::layer_linear`` op on the live layer
+    (``prepare_compile``); the norms, rotary embeddings and attention around them are fused by
+    inductor. Compiling takes minutes on 2 cores (first prefill and first decode step); figures in
+    bench/README.md. Returns ``model`` (compiled in place)."""
+    from .runtime.modules import prepare_compile
+
+    prepare_compile(model)
+    model.forward = torch.compile(model.forward, **{"dynamic": True, **compile_kwargs})
+    return model
+
+
 @dataclass
 class Generation:
     tokens: list[int]  # the new tokens
