@@ -237,3 +237,24 @@ def test_greedy_matches_generate_and_decode_threads_restore():
     assert g.prompt_tokens == len(PROMPT[0]) and g.decode_tokens_per_s > 0
     with pytest.raises(ValueError, match="one prompt at a time"):
         greedy(c, torch.tensor(PROMPT * 2), 4)
+
+
+@pytest.mark.slow
+def test_compiled_model_calls_the_live_layers(monkeypatch):
+    """torch.compile (aot_eager: the graph capture, without inductor's C++ build) with every compressed
+    layer one sparseinfer::layer_linear call: same greedy tokens as eager."""
+    from sparseinfer.llm import compile_model, greedy
+
+    c = si.set_act(si.compress(_llama(), RECIPE, progress=False), "fp32")
+    ref = greedy(c, torch.tensor(PROMPT), 8).tokens
+    torch._dynamo.reset()
+    compile_model(c, backend="aot_eager")
+    assert all(m._compile_handle for m in c.modules() if isinstance(m, si.CompressedLinear))
+    from sparseinfer.runtime import ops
+
+    calls = []
+    monkeypatch.setattr(ops, "linear", lambda x, w, *a: calls.append(w) or si.linear(x, w, *a))
+    assert greedy(c, torch.tensor(PROMPT), 8).tokens == ref
+    layers = [m.packed for m in c.modules() if isinstance(m, si.CompressedLinear)]
+    assert len(calls) == 8 * len(layers) and {id(w) for w in calls} == {id(w) for w in layers}
+    torch._dynamo.reset()
