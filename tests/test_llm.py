@@ -209,6 +209,9 @@ def test_cli_compress_folder_with_calib_file_and_generate(tmp_path, capsys):
                  "--act", "fp32"]) == 0
     captured = capsys.readouterr()
     assert captured.out.startswith("w17 w93 w40") and "decode 5 tokens at" in captured.err
+    assert main(["run", str(out)]) == 2 and "sparseinfer generate" in capsys.readouterr().err
+    assert main(["inspect", str(out), "--verify"]) == 0
+    assert "architecture transformers LlamaForCausalLM" in capsys.readouterr().out
     loaded = si.load(out, act="fp32")
     ids = si.load_tokenizer(out)("w17 w93 w40", return_tensors="pt").input_ids
     expected = loaded.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)[0, ids.shape[1]:]
