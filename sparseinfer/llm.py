@@ -81,7 +81,12 @@ def compile_model(model: nn.Module, **compile_kwargs) -> nn.Module:
     bench/README.md. Returns ``model`` (compiled in place)."""
     from .runtime.modules import prepare_compile
 
+    import torch._dynamo
+
     prepare_compile(model)
+    # every model of one class shares forward's code object, and dynamo's recompile limit (8) counts
+    # per code object: prefill / decode / with and without a cache, per compiled model
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     model.forward = torch.compile(model.forward, **{"dynamic": True, **compile_kwargs})
     return model
 
