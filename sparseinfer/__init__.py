@@ -19,9 +19,8 @@ from .formats import CSRWeight, Int4Weight, Int8Weight, NMWeight, PackedWeight, 
 from .recipe import Recipe, parse_layer_recipe
 from .runtime.linear import linear
 from .runtime.modules import CompressedConv2d, CompressedLinear, set_act
-from .runtime.serialization import ArtifactError, load, save
+from .runtime.serialization import ArtifactError, load, load_tokenizer, save
 from .runtime.embedding import CompressedEmbedding
-from .runtime.hf import load_tokenizer
 from .distill import distill, finish_qat, prepare_qat
 from .passes.movement import GradualPruner, iterative_prune
 from .passes.structured import prune_structured

@@ -133,13 +133,7 @@ class Explanation(list):
 
 def _dense_layers(model: nn.Module) -> list[dict]:
     """The nn.Linear / nn.Conv2d / nn.Embedding layers that compress() left dense, and why."""
-    from .recipe import DEFAULT_IGNORE, Recipe
-
-    source = getattr(model, RECIPE_ATTR, None)
-    try:
-        recipe = Recipe.from_any(source) if source is not None else None
-    except ValueError:  # e.g. a YAML path that is gone: say less
-        recipe = None
+    compressed = getattr(model, RECIPE_ATTR, None) is not None
     embeddings = {id(m.weight): name for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
     out = []
     for name, m in model.named_modules():
@@ -157,12 +151,12 @@ def _dense_layers(model: nn.Module) -> list[dict]:
                           f"(e.g. {{\"layers\": {{\"{name}\": \"int8\"}}}})")
         elif isinstance(m, nn.Conv2d) and CompressedConv2d.eligible(m) is not None:
             row["why"] = f"not compressible: {CompressedConv2d.eligible(m)}"
-        elif recipe is None:
+        elif not compressed:
             row["why"] = "the model was not compressed by compress()"
-        elif any(fnmatch.fnmatchcase(name, p) for p in (*recipe.ignore, *DEFAULT_IGNORE)):
-            row["why"] = "an LM head / ignored by the recipe: kept dense unless the recipe's layers name it"
+        elif fnmatch.fnmatchcase(name.rpartition(".")[2], "lm_head"):
+            row["why"] = "an LM head: kept dense unless the recipe's layers name it"
         else:
-            row["why"] = "the recipe left it dense"
+            row["why"] = "the recipe left it dense (a dense pattern, the ignore list, or no default)"
         out.append(row)
     return out
 

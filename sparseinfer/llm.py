@@ -15,7 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch._dynamo
 from torch import nn
+
+from .backends import cpu
+from .runtime.modules import prepare_compile
 
 
 def _transformers():
@@ -59,8 +63,6 @@ def decode_threads(n: int | None = None):
     those is a fork / join, and on a busy machine a join waits for a descheduled thread (measured in
     bench/README.md: SmolLM2 int8 decode ~6x faster on a loaded 2-core Zen 4). Dense layers left in
     the model run on torch's one thread too."""
-    from .backends import cpu
-
     before_torch, before_si = torch.get_num_threads(), cpu._threads
     if n is not None and (not isinstance(n, int) or n < 1):
         raise ValueError(f"decode_threads: n must be a positive int or None, got {n!r}")
@@ -79,10 +81,6 @@ def compile_model(model: nn.Module, **compile_kwargs) -> nn.Module:
     (``prepare_compile``); the norms, rotary embeddings and attention around them are fused by
     inductor. Compiling takes minutes on 2 cores (first prefill and first decode step); figures in
     bench/README.md. Returns ``model`` (compiled in place)."""
-    from .runtime.modules import prepare_compile
-
-    import torch._dynamo
-
     prepare_compile(model)
     # every model of one class shares forward's code object, and dynamo's recompile limit (8) counts
     # per code object: prefill / decode / with and without a cache, per compiled model

@@ -3,7 +3,12 @@ Hugging Face folder or a GGUF file), and save an artifact."""
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
+
+from sparseinfer.llm import load_causal_lm
+from sparseinfer.recipe import Recipe, parse_layer_recipe
 
 
 def register(sub):
@@ -67,16 +72,12 @@ MAX_CALIB_CHUNKS = 32
 
 
 def _is_causal_lm(model: str) -> bool:
-    from pathlib import Path
-
     path = Path(model)
     if path.is_file() and path.suffix == ".gguf":
         return True
     config = path / "config.json"
     if not config.is_file():
         return False
-    import json
-
     try:
         archs = json.loads(config.read_text()).get("architectures") or []
     except (ValueError, OSError, AttributeError):
@@ -85,11 +86,7 @@ def _is_causal_lm(model: str) -> bool:
 
 
 def _run_causal_lm(args, recipe) -> int:
-    from pathlib import Path
-
-    import sparseinfer as si
-    from sparseinfer.llm import load_causal_lm
-    from sparseinfer.recipe import Recipe, parse_layer_recipe
+    import sparseinfer as si  # as _run does
 
     if args.no_export:
         raise ValueError("--no-export: a causal LM's artifact records its config, not an exported program")

@@ -4,8 +4,11 @@ tokens, and report prefill and decode speed."""
 from __future__ import annotations
 
 import sys
+import time
 
+import sparseinfer as si
 from sparseinfer.act import ACT_MODES
+from sparseinfer.llm import decode_threads, greedy
 
 
 def register(sub):
@@ -26,11 +29,6 @@ def register(sub):
 
 
 def _run(args) -> int:
-    import time
-
-    import sparseinfer as si
-    from sparseinfer.llm import decode_threads, greedy
-
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     t0 = time.perf_counter()

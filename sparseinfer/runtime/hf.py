@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -69,8 +70,6 @@ def is_tokenizer_file(name: str) -> bool:
 def architecture_of(model: nn.Module) -> dict | None:
     """The manifest's ``architecture`` entry for a transformers model of an allow-listed class, None
     for any other model. Raises ValueError for a transformers LM that cannot be recorded this way."""
-    import sys
-
     if "transformers" not in sys.modules:  # a model of that library implies it is imported
         return None
     transformers = sys.modules["transformers"]
@@ -205,10 +204,8 @@ def build_skeleton(manifest: dict, tensors: dict, where: str) -> nn.Module:
     with _parameters_on_meta():
         model = cls(config)
     if arch.get("generation_config") is not None:
-        from transformers import GenerationConfig
-
         try:
-            model.generation_config = GenerationConfig.from_dict(dict(arch["generation_config"]))
+            model.generation_config = _transformers().GenerationConfig.from_dict(dict(arch["generation_config"]))
         except Exception as err:
             raise ArtifactError(f"{where}: architecture.generation_config is not valid: {err}") from None
     return model
@@ -221,26 +218,10 @@ def check_filled(model: nn.Module, where: str) -> None:
         raise ArtifactError(f"{where}: the artifact does not provide {left[:5]}")
 
 
-def load_tokenizer(path):
-    """The tokenizer saved with the artifact at ``path`` (``save(..., tokenizer=...)``), each of its
-    files checked against the manifest's size and SHA-256 first; loaded by transformers with remote
-    code refused."""
-    from .serialization import _check_file, read_manifest
-
-    path = Path(path)
-    manifest = read_manifest(path)
-    names = [n for n in manifest["files"] if is_tokenizer_file(n)]
-    if not names:
-        raise ArtifactError(f"{str(path)!r} holds no tokenizer (save it with save(model, path, tokenizer=...))")
-    for name in names:
-        _check_file(path, name, manifest["files"][name], hash_it=True)
-    present = {p.name for p in (path / TOKENIZER_DIR).iterdir()}
-    if present != {n.partition("/")[2] for n in names}:
-        raise ArtifactError(f"{path / TOKENIZER_DIR}: holds files the manifest does not list")
+def read_tokenizer(folder: Path):
+    """The tokenizer in ``folder`` (files already checked by the caller), remote code refused."""
     transformers = _transformers()
     try:
-        return transformers.AutoTokenizer.from_pretrained(str(path / TOKENIZER_DIR), local_files_only=True,
-                                                          trust_remote_code=False)
+        return transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except Exception as err:
-        raise ArtifactError(f"{path / TOKENIZER_DIR}: transformers could not read the tokenizer: "
-                            f"{type(err).__name__}: {err}") from None
+        raise ArtifactError(f"{folder}: transformers could not read the tokenizer: {type(err).__name__}: {err}") from None

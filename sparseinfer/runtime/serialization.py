@@ -585,6 +585,23 @@ def _read_tensors(path: Path, manifest: dict, verify: bool) -> dict[str, torch.T
     return tensors
 
 
+def load_tokenizer(path):
+    """The tokenizer saved with the artifact at ``path`` (``save(..., tokenizer=...)``), each of its
+    files checked against the manifest's size and SHA-256 first (and no file the manifest does not
+    list); read by transformers with remote code refused."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    names = [n for n in manifest["files"] if hf.is_tokenizer_file(n)]
+    if not names:
+        raise ArtifactError(f"{str(path)!r} holds no tokenizer (save it with save(model, path, tokenizer=...))")
+    for name in names:
+        _check_file(path, name, manifest["files"][name], hash_it=True)
+    folder = path / hf.TOKENIZER_DIR
+    if {p.name for p in folder.iterdir()} != {n.partition("/")[2] for n in names}:
+        raise ArtifactError(f"{folder}: holds files the manifest does not list")
+    return hf.read_tokenizer(folder)
+
+
 def verify(path) -> list[str]:
     """Check everything (file sizes and checksums, every tensor's checksum, every layer rebuilt and
     validated, the program's operators and expressions against the allow-list: program_check.py);
