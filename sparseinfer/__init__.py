@@ -19,7 +19,8 @@ from .formats import CSRWeight, Int4Weight, Int8Weight, NMWeight, PackedWeight, 
 from .recipe import Recipe, parse_layer_recipe
 from .runtime.linear import linear
 from .runtime.modules import CompressedConv2d, CompressedLinear, set_act
-from .runtime.serialization import ArtifactError, load, save
+from .runtime.serialization import ArtifactError, load, load_tokenizer, save
+from .runtime.embedding import CompressedEmbedding
 from .distill import distill, finish_qat, prepare_qat
 from .passes.movement import GradualPruner, iterative_prune
 from .passes.structured import prune_structured
@@ -27,7 +28,7 @@ from .staged import prune, run_stages
 
 __all__ = ["__version__", "pack", "linear", "compress", "explain", "save", "load", "backends", "set_threads",
            "ArtifactError", "PackedWeight", "Int8Weight", "Int4Weight", "NMWeight", "CSRWeight", "CompressedLinear",
-           "CompressedConv2d", "set_act", "Recipe", "parse_layer_recipe"]
+           "CompressedConv2d", "CompressedEmbedding", "set_act", "Recipe", "parse_layer_recipe", "load_tokenizer"]
 __all__ += ["evaluate", "sweep", "pareto_front", "knee_point", "choose_recipe"]
 __all__ += ["prune", "prune_structured", "distill", "prepare_qat", "finish_qat", "GradualPruner", "iterative_prune",
             "run_stages"]

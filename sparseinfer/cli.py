@@ -9,7 +9,7 @@ import sys
 
 from ._version import __version__
 
-COMMANDS = ("compress", "inspect", "run", "demo", "bench", "sweep", "calibrate")
+COMMANDS = ("compress", "inspect", "run", "generate", "demo", "bench", "sweep", "calibrate")
 
 
 def build_parser() -> argparse.ArgumentParser:

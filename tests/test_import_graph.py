@@ -28,7 +28,8 @@ LAYERS = (
     ("sparseinfer.passes.pipeline",),  # apply a recipe: passes, pack, swap modules
     ("sparseinfer.eval",),  # quality, latency, sweeps, recipe search
     ("sparseinfer.api",),  # compress (recipe or target), explain
-    ("sparseinfer.distill", "sparseinfer.staged", "sparseinfer.passes.movement", "sparseinfer.passes.structured"),
+    ("sparseinfer.distill", "sparseinfer.staged", "sparseinfer.passes.movement", "sparseinfer.passes.structured",
+     "sparseinfer.llm"),
     ("sparseinfer",),  # the public API (__init__)
     ("sparseinfer.demo", "sparseinfer.models", "sparseinfer.benchmarking", "sparseinfer.commands", "sparseinfer.cli"),
 )

@@ -26,16 +26,21 @@ def set_threads(n: int | None) -> None:
     _threads = n
 
 
-def threads() -> int:
+def configured_threads() -> int | None:
     """set_threads()'s count, else SPARSEINFER_NUM_THREADS (read on first use, so that a bad value
-    fails the call that needs it, not ``import sparseinfer``), else torch.get_num_threads()."""
+    fails the call that needs it, not ``import sparseinfer``); None: follow torch.get_num_threads()."""
     if _threads is _UNSET:
         value = os.environ.get("SPARSEINFER_NUM_THREADS")
         try:
             set_threads(int(value) if value else None)
         except ValueError:
             raise ValueError(f"SPARSEINFER_NUM_THREADS must be a positive integer, got {value!r}") from None
-    return _threads or torch.get_num_threads()
+    return _threads
+
+
+def threads() -> int:
+    """The CPU kernels' thread count: configured_threads(), else torch.get_num_threads()."""
+    return configured_threads() or torch.get_num_threads()
 
 
 def contig(t: torch.Tensor) -> torch.Tensor:

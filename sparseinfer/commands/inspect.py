@@ -67,6 +67,10 @@ def _summary(path, manifest: dict) -> None:
         ins = program.get("inputs", {})
         sig = [_dims(s) for s in ins.get("args", [])] + [f"{k}={_dims(s)}" for k, s in ins.get("kwargs", {}).items()]
         print(f"program    {program.get('file')} (torch.export); inputs ({', '.join(sig)})  * = dynamic")
+    elif manifest.get("architecture"):
+        arch = manifest["architecture"]
+        print(f"architecture transformers {arch.get('class')} from its config (transformers "
+              f"{arch.get('transformers_version')}); load() builds it, `sparseinfer generate` runs it")
     else:
         print("program    none (saved with export=False: load with load(path, model=skeleton))")
     rows, packed, dense = [], 0, 0

@@ -71,6 +71,9 @@ def _run(args) -> int:
         raise ValueError(f"--repeat must be >= 0, got {args.repeat}")
     manifest = read_manifest(args.artifact)
     program = manifest.get("program")
+    if not program and manifest.get("architecture"):
+        raise ValueError(f"{args.artifact} holds a causal LM ({manifest['architecture'].get('class')}): run it with "
+                         f"sparseinfer generate {args.artifact} --prompt ...")
     if not program:
         raise ValueError(f"{args.artifact} was saved with export=False: it holds no architecture to run; load it "
                          f"in Python with sparseinfer.load(path, model=skeleton)")

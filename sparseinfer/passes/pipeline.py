@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from ..formats import format_of, pack
 from ..recipe import LayerRecipe, Recipe
+from ..runtime.embedding import CompressedEmbedding, gathers_rows
 from ..runtime.modules import CompressedConv2d, CompressedLinear
 from ..runtime.serialization import RECIPE_ATTR
 from . import METHODS
@@ -83,6 +84,7 @@ def compress_with_recipe(model: nn.Module, recipe, calib=None, *, inplace: bool 
         for method in sorted({getattr(t.recipe, stage) for t in found}):
             METHODS[method].run([t for t in found if getattr(t.recipe, stage) == method], calib, model)
     # disable=None lets tqdm show the bar on a terminal only
+    embeddings = {id(m.weight): name for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
     for t in tqdm(found, desc="packing", unit="layer", disable=None if progress is None else not progress):
         packed = pack(t.weight, t.recipe.fmt, **{**t.recipe.params, **t.pack_kwargs})
         bias = t.module.bias.detach() if t.module.bias is not None else None
@@ -91,5 +93,11 @@ def compress_with_recipe(model: nn.Module, recipe, calib=None, *, inplace: bool 
             c = t.module
             layer = CompressedConv2d(layer, c.kernel_size, c.stride, c.padding, c.dilation)
         _set_submodule(model, t.name, layer)
+        tied = embeddings.get(id(t.module.weight))
+        if tied is not None and isinstance(layer, CompressedLinear) and gathers_rows(layer.packed):
+            # a head tied to the input embedding (named by the recipe): the embedding reads its rows from
+            # the packed head, so the matrix stays stored once; a CSR head unties (the embedding keeps it)
+            emb = model.get_submodule(tied)
+            _set_submodule(model, tied, CompressedEmbedding(layer, emb.padding_idx))
     setattr(model, RECIPE_ATTR, recipe.to_json())
     return model

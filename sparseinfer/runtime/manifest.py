@@ -107,6 +107,14 @@ def check_manifest(m: dict, where: str) -> None:
         c.string(f.get("sha256"), f"files[{name!r}].sha256")
     if m.get("program") is not None:
         _check_program_entry(c, c.obj(m["program"], "program"))
+    if m.get("embeddings") is not None:
+        c.str_map(m["embeddings"], "embeddings")
+    if m.get("architecture") is not None:
+        arch = c.obj(m["architecture"], "architecture")
+        c.string(arch.get("class"), "architecture.class")
+        c.obj(arch.get("config"), "architecture.config")
+        if arch.get("generation_config") is not None:
+            c.obj(arch["generation_config"], "architecture.generation_config")
 
 
 def _check_layer(c: _Checker, e, path: str) -> None:

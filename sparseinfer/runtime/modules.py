@@ -35,6 +35,7 @@ class CompressedLinear(nn.Module):
             self.register_buffer(_buffer_name(name), t)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.packed = packed
+        self._compile_handle = None  # set by prepare_compile (ops.layer_linear)
 
     def _rebuild(self) -> None:
         tensors = {n: getattr(self, _buffer_name(n)) for n in self._names}
@@ -63,6 +64,8 @@ class CompressedLinear(nn.Module):
         self._rebuild()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._compile_handle is not None and torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+            return torch.ops.sparseinfer.layer_linear(x, self._compile_handle, self.out_features)
         if torch.compiler.is_exporting():
             tensors = [getattr(self, _buffer_name(n)) for n in self._names]
             return torch.ops.sparseinfer.packed_linear(x, tensors, self._spec, self.bias)
@@ -103,6 +106,15 @@ class CompressedConv2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, dilation={self.dilation}"
+
+
+def prepare_compile(model: nn.Module) -> nn.Module:
+    """Before ``torch.compile(model)``: give every compressed layer a handle, so that the compiled
+    graph calls each as one ``sparseinfer::layer_linear`` op on the live layer (see ops.py)."""
+    for m in model.modules():
+        if isinstance(m, CompressedLinear):
+            m._compile_handle = ops.register_layer(m)
+    return model
 
 
 def set_act(model: nn.Module, act: str | None) -> nn.Module:

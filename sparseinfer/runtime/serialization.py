@@ -9,6 +9,8 @@ Layout::
                           constants (under ``__constant__.<name>``)
       program.json        the architecture: a torch.export program serialized WITHOUT weights
                           (graph, signatures, input / output tree specs); absent for export=False
+                          and for transformers causal LMs (the manifest's "architecture", hf.py)
+      tokenizer/          optional: the tokenizer's files (hf.TOKENIZER_FILES), listed in "files"
 
 Manifest (``format_version`` 1)::
 
@@ -23,6 +25,8 @@ Manifest (``format_version`` 1)::
                 "conv": {"kernel_size": [3, 3], "stride": ..., "padding": ..., "dilation": ...}}},
      "tensors": {"<key>": {"dtype": "int8", "shape": [...], "sha256": "..."}},
      "aliases": {"<tied key>": "<stored key>"},
+     "embeddings": {"<embedding name>": "<compressed head it reads>"},   # optional (tied, quantized head)
+     "architecture": {"library": "transformers", "class", "config", ...},  # optional, see hf.py
      "program": null | {"file": "program.json", "strict": false,
                         "inputs": {"args": [<input>], "kwargs": {"<name>": <input>}}},
                         # <input> = {"dtype", "shape" (example), "dynamic": {"<dim>": [min, max|null]},
@@ -64,10 +68,11 @@ from torch import nn
 from .._version import __version__
 from ..backends import resolve
 from ..formats import from_parts
-from . import ops  # noqa: F401  (registers torch.ops.sparseinfer.packed_linear for the deserializer)
+from . import hf, ops  # noqa: F401  (ops registers torch.ops.sparseinfer.packed_linear for the deserializer)
 from ..act import check_act, resolve_act
 from .errors import ArtifactError, ExportError
 from .manifest import MAX_DEPTH, check_manifest, parse_json
+from .embedding import CompressedEmbedding
 from .modules import CompressedConv2d, CompressedLinear, _buffer_name, set_act
 from .program_check import check_graph, check_program
 
@@ -154,6 +159,18 @@ def _layer_entries(model: nn.Module) -> dict[str, dict]:
         if isinstance(module, CompressedLinear) and id(module) not in inner:
             entries[name] = _linear_entry(module, name, "CompressedLinear")
     return entries
+
+
+def _embedding_entries(model: nn.Module) -> dict[str, str]:
+    """{CompressedEmbedding name: name of the compressed head whose packed rows it reads}."""
+    names = {id(m): n for n, m in model.named_modules()}
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, CompressedEmbedding):
+            if id(m.head) not in names:
+                raise ValueError(f"save: embedding {name!r} reads a compressed head that is not part of the model")
+            out[name] = names[id(m.head)]
+    return out
 
 
 def _linear_entry(layer: CompressedLinear, prefix: str, kind: str) -> dict:
@@ -397,7 +414,7 @@ def _replace(tmp: Path, path: Path) -> None:
 
 
 def save(model: nn.Module, path, example_inputs=None, *, example_kwargs: dict | None = None, dynamic_shapes=None,
-         export: bool = True, strict: bool = False, metadata: dict | None = None) -> Path:
+         export: bool = True, strict: bool = False, metadata: dict | None = None, tokenizer=None) -> Path:
     """Write ``model`` (compressed by ``compress`` or not) to the artifact directory ``path``.
 
     example_inputs: what the model is called with, for ``torch.export`` -- a tensor, a tuple of
@@ -409,6 +426,10 @@ def save(model: nn.Module, path, example_inputs=None, *, example_kwargs: dict | 
     export=False: tensors and manifest only; load them with ``load(path, model=skeleton)``.
     strict: torch.export's strict (TorchDynamo) mode. metadata: JSON-able dict kept in the
     manifest. The model is exported in eval mode.
+    A transformers causal LM (``hf.ARCHITECTURES``: Llama, Mistral, Qwen2, ...) needs no example
+    inputs: its class name and config are recorded instead of a program, and ``load`` rebuilds it
+    with the installed transformers (``generate()`` works). tokenizer: a transformers tokenizer or a
+    directory of its files, stored under ``tokenizer/`` (``load_tokenizer(path)`` reads it back).
 
     The artifact is written into a temporary directory next to ``path``, synced, and moved into
     place at the end: an interrupted save never leaves a half artifact at ``path``.
@@ -426,7 +447,8 @@ def save(model: nn.Module, path, example_inputs=None, *, example_kwargs: dict | 
     state = dict(model.state_dict())
     cls = type(model)
     program_bytes, program = None, None
-    if export:
+    architecture = hf.architecture_of(model) if export else None
+    if export and architecture is None:
         args, kwargs = _normalize_inputs(example_inputs, example_kwargs)
         ep, program_bytes = _serialize_loadable(_export(model, args, kwargs, dynamic_shapes, strict), cls.__name__)
         program = {"file": PROGRAM, "strict": strict, "inputs": _describe_inputs(ep, args, kwargs)}
@@ -446,6 +468,11 @@ def save(model: nn.Module, path, example_inputs=None, *, example_kwargs: dict | 
         "aliases": aliases,
         "program": program,
     }
+    if architecture is not None:
+        manifest["architecture"] = architecture
+    embeddings = _embedding_entries(model)
+    if embeddings:
+        manifest["embeddings"] = embeddings
     path.parent.mkdir(parents=True, exist_ok=True)
     with _directory_lock(path.parent) as locked:
         if locked:  # no other save is writing here: a temporary folder of this target is an interrupted save's
@@ -458,10 +485,12 @@ def save(model: nn.Module, path, example_inputs=None, *, example_kwargs: dict | 
             if program_bytes is not None:
                 _write_bytes(tmp / PROGRAM, program_bytes)
                 files[PROGRAM] = _file_digest(tmp / PROGRAM)
+            if tokenizer is not None:
+                files.update({name: _file_digest(tmp / name) for name in hf.write_tokenizer(tokenizer, tmp)})
             manifest["files"] = files
             _write_bytes(tmp / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
-            for f in tmp.iterdir():  # safetensors creates its file 0600; give every file the usual mode
-                os.chmod(f, 0o666 & ~_umask())
+            for f in tmp.rglob("*"):  # safetensors creates its file 0600; give every file the usual mode
+                os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~_umask())
             _fsync_dir(tmp)
             _replace(tmp, path)
         except BaseException:
@@ -556,6 +585,23 @@ def _read_tensors(path: Path, manifest: dict, verify: bool) -> dict[str, torch.T
     return tensors
 
 
+def load_tokenizer(path):
+    """The tokenizer saved with the artifact at ``path`` (``save(..., tokenizer=...)``), each of its
+    files checked against the manifest's size and SHA-256 first (and no file the manifest does not
+    list); read by transformers with remote code refused."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    names = [n for n in manifest["files"] if hf.is_tokenizer_file(n)]
+    if not names:
+        raise ArtifactError(f"{str(path)!r} holds no tokenizer (save it with save(model, path, tokenizer=...))")
+    for name in names:
+        _check_file(path, name, manifest["files"][name], hash_it=True)
+    folder = path / hf.TOKENIZER_DIR
+    if {p.name for p in folder.iterdir()} != {n.partition("/")[2] for n in names}:
+        raise ArtifactError(f"{folder}: holds files the manifest does not list")
+    return hf.read_tokenizer(folder)
+
+
 def verify(path) -> list[str]:
     """Check everything (file sizes and checksums, every tensor's checksum, every layer rebuilt and
     validated, the program's operators and expressions against the allow-list: program_check.py);
@@ -567,7 +613,7 @@ def verify(path) -> list[str]:
         return [str(err)]
     problems = []
     for name, expected in manifest["files"].items():
-        if name not in (WEIGHTS, PROGRAM):
+        if name not in (WEIGHTS, PROGRAM) and not hf.is_tokenizer_file(name):
             problems.append(f"the manifest lists an unknown file {name!r}")
             continue
         try:
@@ -830,6 +876,8 @@ def _fill_skeleton(model: nn.Module, manifest: dict, tensors: dict, layers: dict
         if not name:
             raise ArtifactError("a model that is itself one compressed layer cannot be filled; wrap it in a module")
         _set_submodule(model, name, new)
+    for name, head in (manifest.get("embeddings") or {}).items():
+        _fill_embedding(model, name, head, layers)
     dense = {k: v for k, v in tensors.items() if not k.startswith(CONSTANT_PREFIX)}
     try:
         result = model.load_state_dict(dense, strict=False, assign=True)
@@ -845,6 +893,26 @@ def _fill_skeleton(model: nn.Module, manifest: dict, tensors: dict, layers: dict
             t_owner, _, t_attr = target.rpartition(".")
             setattr(model.get_submodule(owner), attr, getattr(model.get_submodule(t_owner), t_attr))
     return model
+
+
+def _fill_embedding(model: nn.Module, name: str, head: str, layers: dict) -> None:
+    """Replace the embedding ``name`` by one reading the rows of the compressed layer ``head``."""
+    if head not in layers or layers[head][2]["module"] != "CompressedLinear":
+        raise ArtifactError(f"embedding {name!r} reads layer {head!r}, which the artifact does not hold as a "
+                            f"compressed linear layer")
+    try:
+        current = model.get_submodule(name)
+    except AttributeError:
+        raise ArtifactError(f"the model has no embedding {name!r}, which the artifact ties to {head!r}") from None
+    linear = model.get_submodule(head)
+    if not isinstance(current, (nn.Embedding, CompressedEmbedding)) or (
+            current.num_embeddings, current.embedding_dim) != (linear.out_features, linear.in_features):
+        raise ArtifactError(f"{name!r} is not an embedding of {linear.out_features}x{linear.in_features} "
+                            f"(the shape of {head!r})")
+    try:
+        _set_submodule(model, name, CompressedEmbedding(linear, current.padding_idx))
+    except ValueError as err:
+        raise ArtifactError(f"embedding {name!r}: {err}") from None
 
 
 def _prepack(model: nn.Module) -> None:
@@ -863,7 +931,9 @@ def load(path, device="cpu", model: nn.Module | None = None, *, backend: str | N
 
     Without ``model`` the architecture comes from the artifact's exported program (no model code
     needed; the result is a torch.fx GraphModule whose compressed layers are CompressedLinear
-    submodules, called with the same arguments as the original model). With ``model`` (a dense
+    submodules, called with the same arguments as the original model). A transformers causal LM's artifact
+    names its class and config instead: the installed transformers builds it (parameters on the
+    meta device, filled from the artifact), and ``generate()`` works on it (see ``hf.py``). With ``model`` (a dense
     or compressed skeleton of the same class, e.g. built on the meta device) the artifact's
     layers replace the skeleton's and every other tensor is loaded strictly.
     backend pins every compressed layer to one backend; act sets the activation precision the kernels
@@ -884,6 +954,10 @@ def load(path, device="cpu", model: nn.Module | None = None, *, backend: str | N
         if not isinstance(model, nn.Module):
             raise ValueError(f"load: model must be an nn.Module skeleton, got {type(model).__name__}")
         module = _fill_skeleton(model, manifest, tensors, layers, backend).to(device)
+    elif manifest.get("architecture") is not None:
+        module = _fill_skeleton(hf.build_skeleton(manifest, tensors, str(path)), manifest, tensors, layers, backend)
+        hf.check_filled(module, str(path))
+        module = module.to(device)
     elif not manifest.get("program"):
         raise ArtifactError(f"{str(path)!r} was saved with export=False and holds no architecture: build the model "
                             f"and pass it, load(path, model=skeleton)")

@@ -1,0 +1,139 @@
+"""Causal LMs: load a local Hugging Face folder or a GGUF file, and a lean greedy decode loop that
+reports prefill and decode speed (used by ``sparseinfer compress`` / ``generate`` and bench/llm_decode.py).
+
+The loop calls the model's ``forward`` with a KV cache and takes the argmax: the same tokens as
+``model.generate(do_sample=False)``, without generate's per-token Python (logits processors,
+stopping criteria, cache bookkeeping), and under ``torch.inference_mode``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch._dynamo
+from torch import nn
+
+from .backends import cpu_native
+from .runtime.modules import prepare_compile
+
+
+def _transformers():
+    try:
+        import transformers
+        from transformers.utils import logging as hf_logging
+    except ImportError as err:
+        raise ImportError("causal LMs need transformers (pip install 'sparseinfer[demo]')") from err
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    return transformers
+
+
+def load_causal_lm(source, dtype: torch.dtype = torch.float32):
+    """(model in eval mode, tokenizer) from a local Hugging Face model folder (config.json + weights)
+    or a GGUF file (dequantized to ``dtype`` by transformers; needs the ``gguf`` package). Offline."""
+    transformers = _transformers()
+    path = Path(source)
+    if path.is_file() and path.suffix == ".gguf":
+        kw = {"gguf_file": path.name}
+        folder = path.parent
+    elif path.is_dir() and (path / "config.json").is_file():
+        kw, folder = {}, path
+    else:
+        raise ValueError(f"{str(source)!r} is neither a .gguf file nor a Hugging Face model folder with config.json")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True, **kw)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=dtype, **kw)
+    if "gguf_file" in kw:  # the weights are dequantized: nothing of the GGUF quantizer remains in use
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model.eval(), tokenizer
+
+
+@contextlib.contextmanager
+def decode_threads(n: int | None = None):
+    """Threads for batch-1 decoding: sparseinfer's kernels on ``n`` threads (default: torch's count on
+    entry), torch's own ops on one. A decode step is ~200 kernel calls plus ~1,500 small torch ops
+    (norms, rotary, attention over one query: microseconds each); with several torch threads each of
+    those is a fork / join, and on a busy machine a join waits for a descheduled thread (measured in
+    bench/README.md: SmolLM2 int8 decode ~6x faster on a loaded 2-core Zen 4). Dense layers left in
+    the model run on torch's one thread too."""
+    before_torch, before_si = torch.get_num_threads(), cpu_native.configured_threads()
+    if n is not None and (not isinstance(n, int) or n < 1):
+        raise ValueError(f"decode_threads: n must be a positive int or None, got {n!r}")
+    cpu_native.set_threads(n or before_si or before_torch)
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before_torch)
+        cpu_native.set_threads(before_si)
+
+
+def compile_model(model: nn.Module, **compile_kwargs) -> nn.Module:
+    """``torch.compile`` the model's forward (dynamic shapes: prompt and KV lengths vary) with each
+    compressed layer called as one ``sparseinfer::layer_linear`` op on the live layer
+    (``prepare_compile``); the norms, rotary embeddings and attention around them are fused by
+    inductor. Compiling takes minutes on 2 cores (first prefill and first decode step); figures in
+    bench/README.md. Returns ``model`` (compiled in place)."""
+    prepare_compile(model)
+    # every model of one class shares forward's code object, and dynamo's recompile limit (8) counts
+    # per code object: prefill / decode / with and without a cache, per compiled model
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    model.forward = torch.compile(model.forward, **{"dynamic": True, **compile_kwargs})
+    return model
+
+
+@dataclass
+class Generation:
+    tokens: list[int]  # the new tokens
+    prompt_tokens: int
+    prefill_s: float  # the prompt's forward, up to the first new token
+    decode_s: float  # the other new tokens
+    step_s: list[float] = field(default_factory=list)
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s else float("nan")
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return (len(self.tokens) - 1) / self.decode_s if self.decode_s and len(self.tokens) > 1 else float("nan")
+
+
+@torch.inference_mode()
+def greedy(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id=None,
+           on_token=None) -> Generation:
+    """Greedy decoding of one prompt (``input_ids`` [1, S]) with a KV cache; ``on_token(id)`` is
+    called as each token is chosen (streaming). Stops at ``max_new_tokens`` or an EOS token."""
+    from transformers import DynamicCache
+
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"greedy: one prompt at a time, input_ids of shape [1, S]; got {tuple(input_ids.shape)}")
+    if max_new_tokens < 1:
+        raise ValueError(f"greedy: max_new_tokens must be >= 1, got {max_new_tokens}")
+    eos = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
+    cache = DynamicCache(config=model.config)
+    # transformers renamed the KV cache argument (past_key_values -> cache, 5.x)
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    tokens, steps = [], []
+    ids = input_ids
+    start = time.perf_counter()
+    for _ in range(max_new_tokens):
+        t = time.perf_counter()
+        logits = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_arg: cache}).logits
+        token = int(logits[0, -1].argmax())
+        steps.append(time.perf_counter() - t)
+        tokens.append(token)
+        if on_token is not None:
+            on_token(token)
+        if token in eos:
+            break
+        ids = torch.tensor([[token]], device=input_ids.device)
+    total = time.perf_counter() - start
+    return Generation(tokens, input_ids.shape[1], steps[0], total - steps[0], steps)
