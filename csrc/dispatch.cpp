@@ -238,25 +238,12 @@ const KernelImpl kAvx512Kernels[] = {
     {KernelId::int4, int4_q8_gemm_avx2, "int4_q8_gemm_avx2", kAnyM, kCallInt8Act},
 #endif
     // Exact mode: rows decoded in registers (GEMV) for a few batch rows, then fp32 panels decoded
-    // once per call + 8 x 32 FMA tiles (panel_gemm_avx512.cpp; limits measured on Zen 4, bench/README.md).
-    {KernelId::int8, int8_gemm_avx512, "int8_gemm_avx512", 4, 0},
+    // once per call + 8 x 32 FMA tiles (panel_gemm_avx512.cpp). Limit: the panel path was ahead from 4
+    // rows on 4096x4096 (int8; int4 from 6) and from 2-4 rows on 1536x384 (Zen 4, 1 thread, bench/README.md).
+    {KernelId::int8, int8_gemm_avx512, "int8_gemm_avx512", 3, 0},
     {KernelId::int8, int8_panel_gemm_avx512, "int8_panel_gemm_avx512", kAnyM, 0},
-    {KernelId::int4, int4_gemm_avx512, "int4_gemm_avx512", 4, 0},
+    {KernelId::int4, int4_gemm_avx512, "int4_gemm_avx512", 3, 0},
     {KernelId::int4, int4_panel_gemm_avx512, "int4_panel_gemm_avx512", kAnyM, 0},
-#ifdef SPARSEINFER_HAVE_AVX2
-    // N:M: the AVX2 rows for small batches and int8 activations (the same rows as the AVX2 table),
-    // then the panel GEMM.
-    {KernelId::nm_float, nm_gemv_avx2, "nm_gemv_avx2", 10, 0},
-    {KernelId::nm_int8, nm_q8_gemv_avx2, "nm_int8_q8_gemv_avx2", 2, kCallInt8Act},
-    {KernelId::nm_int8, nm_q8_gemm_avx2, "nm_int8_q8_gemm_avx2", kAnyM, kCallInt8Act},
-    {KernelId::nm_int8, nm_gemv_avx2, "nm_int8_gemv_avx2", 10, 0},
-    {KernelId::nm_int4, nm_q8_gemv_avx2, "nm_int4_q8_gemv_avx2", 2, kCallInt8Act},
-    {KernelId::nm_int4, nm_q8_gemm_avx2, "nm_int4_q8_gemm_avx2", kAnyM, kCallInt8Act},
-    {KernelId::nm_int4, nm_gemv_avx2, "nm_int4_gemv_avx2", 10, 0},
-#endif
-    {KernelId::nm_float, nm_panel_gemm_avx512, "nm_panel_gemm_avx512", kAnyM, 0},
-    {KernelId::nm_int8, nm_panel_gemm_avx512, "nm_int8_panel_gemm_avx512", kAnyM, 0},
-    {KernelId::nm_int4, nm_panel_gemm_avx512, "nm_int4_panel_gemm_avx512", kAnyM, 0},
 };
 #endif
 

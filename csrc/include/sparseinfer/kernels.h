@@ -255,10 +255,9 @@ Status int4_q8_gemm_vnni_avx512(const GemmArgs&, const WeightView&, int64_t, int
 Status int8_gemm_avx512(const GemmArgs&, const WeightView&, int64_t, int64_t);
 Status int4_gemm_avx512(const GemmArgs&, const WeightView&, int64_t, int64_t);
 // fp32 activations (exact), batches past the GEMV rows: panels decoded once per call into fp32 and
-// 8 x 32 FMA tiles (sparseinfer/panel_gemm.h); nm_: float, int8 and int4 values.
+// 8 x 32 FMA tiles (sparseinfer/panel_gemm.h).
 Status int8_panel_gemm_avx512(const GemmArgs&, const WeightView&, int64_t, int64_t);
 Status int4_panel_gemm_avx512(const GemmArgs&, const WeightView&, int64_t, int64_t);
-Status nm_panel_gemm_avx512(const GemmArgs&, const WeightView&, int64_t, int64_t);
 // (activations are quantized by quantize_act_avx2 at this level too: the step is not the bottleneck)
 #endif
 #ifdef SPARSEINFER_HAVE_NEON
