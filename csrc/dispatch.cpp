@@ -442,6 +442,14 @@ bool set_batch_limit(const std::string& name, int64_t max_m) {
   return found;
 }
 
+DequantizeRowFn active_dequantize_row() {
+#ifdef SPARSEINFER_HAVE_AVX512
+  Isa isa;
+  if (active_isa(&isa, nullptr) && isa == Isa::avx512) return dequantize_row_avx512;
+#endif
+  return nullptr;
+}
+
 // -- the driver -----------------------------------------------------------------------------------
 
 namespace {

@@ -187,7 +187,8 @@ def test_kernel_selection_by_mode_and_isa():
             vnni = C.cpu_features()["avx512_vnni"]
             want = f"{fmt}_q8_gemm_vnni_avx512" if vnni else f"{fmt}_q8_gemm_avx2"
             assert C.kernel_name(h, 64, isa="avx512", act="int8") == want
-            assert C.kernel_name(h, 64, isa="avx512", act="fp32") == f"{fmt}_gemm_avx512"
+            assert C.kernel_name(h, 3, isa="avx512", act="fp32") == f"{fmt}_gemm_avx512"  # GEMV rows
+            assert C.kernel_name(h, 64, isa="avx512", act="fp32") == f"{fmt}_panel_gemm_avx512"
     # CSR ignores the mode; 2:4 + int8 / int4 has its own int8 gemv (tests/test_cpu_sparse_simd.py)
     csr = build_native_weight(si.pack(torch.randn(8, 32), "csr+int8"))
     assert C.kernel_name(csr, 1, act="int8") == C.kernel_name(csr, 1, act="fp32")

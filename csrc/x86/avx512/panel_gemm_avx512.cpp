@@ -6,7 +6,8 @@
 // codes of 16 rows x 64 columns are transposed as bytes, then widened per k line. Group lengths
 // that are not a multiple of 16 (int8) / 32 (int4) decode row by row and transpose as fp32.
 //
-// N:M has no panel kernel here: decompressing 2:4 into dense fp32 panels doubles the FMAs, and the
+// N:M rows decode here for the dense fallback only (dequantize_row_avx512; 2:4 with vexpandps: 2
+// meta bytes say where the 8 kept values of 16 columns go). N:M has no panel kernel: decompressing 2:4 into dense fp32 panels doubles the FMAs, and the
 // sparse-aware nm_gemm_avx2 (x transposed, kept values only) was faster on the MiniLM shapes at
 // M = 16..256 (bench/README.md, "Exact-mode GEMM").
 #include "avx512_common.h"
@@ -260,6 +261,97 @@ void decode_int4_row(const QuantView& q, int64_t n, int64_t k0, int kb, float* o
   }
 }
 
+// Kept value j of N:M row n as fp32 (float values widened, codes dequantized).
+inline float nm_value(const WeightView& w, int64_t n, int64_t j) {
+  switch (w.nm.values) {
+    case ValueKind::i8: return dequant_int8(w.q, n, j);
+    case ValueKind::i4: return dequant_int4(w.q, n, j);
+    default: return load_float_value(w.nm.fvalues, w.nm.values, n * w.nm.kc + j);
+  }
+}
+
+// Generic N:M: zero, then add each kept value of the groups that can reach [k0, k0 + kb) at its
+// column (an index is a `bits`-wide field, so group g reaches g*m .. g*m + 2^bits - 1; indices are
+// not trusted). Added, not stored, like the scalar kernel sums duplicate columns.
+void decode_nm_row_generic(const WeightView& w, int64_t n, int64_t k0, int kb, float* out) {
+  const NMView& nm = w.nm;
+  for (int i = 0; i < kb; ++i) out[i] = 0.0f;
+  const int64_t reach = (int64_t(1) << (nm.bits < 31 ? nm.bits : 31)) - 1;
+  int64_t g = k0 > reach ? (k0 - reach) / nm.m : 0;
+  const int64_t end = k0 + kb < w.K ? k0 + kb : w.K;
+  int64_t j = g * nm.n;
+  const int64_t bit = j * nm.bits;
+  BitReader meta(nm.meta + n * nm.meta_stride + bit / 8);
+  if (bit % 8) meta.get(int(bit % 8));
+  for (; g * nm.m < end && j < nm.kc; ++g)
+    for (int t = 0; t < nm.n && j < nm.kc; ++t, ++j) {
+      const int64_t col = g * nm.m + meta.get(nm.bits);
+      if (col >= k0 && col < end) out[col - k0] += nm_value(w, n, j);
+    }
+}
+
+// 2:4: a meta byte holds the indices of 2 groups (8 columns). kExpand24[byte] = the 8-bit mask of
+// the columns they name, or 0 when a group's indices are not strictly ascending (vexpandps would
+// misplace them: that block takes the generic path).
+struct Expand24 {
+  uint8_t mask[256];
+  constexpr Expand24() : mask() {
+    for (int b = 0; b < 256; ++b) {
+      const int i0 = b & 3, i1 = (b >> 2) & 3, i2 = (b >> 4) & 3, i3 = b >> 6;
+      mask[b] = i0 < i1 && i2 < i3 ? uint8_t((1 << i0) | (1 << i1) | (16 << i2) | (16 << i3)) : 0;
+    }
+  }
+};
+constexpr Expand24 kExpand24;
+
+// The 8 kept values j .. j + 7 of row n (j a multiple of 8; quantized values: q.group % 8 == 0).
+inline __m256 nm_values8(const WeightView& w, int64_t n, int64_t j) {
+  const NMView& nm = w.nm;
+  switch (nm.values) {
+    case ValueKind::f32: return _mm256_loadu_ps(static_cast<const float*>(nm.fvalues) + n * nm.kc + j);
+    case ValueKind::bf16: {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(nm.fvalues) + n * nm.kc + j));
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    case ValueKind::f16:
+      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(nm.fvalues) + n * nm.kc + j)));
+    case ValueKind::i8: {
+      const QuantView& q = w.q;
+      const __m128i c = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(q.codes) + n * q.kp + j));
+      return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c)), _mm256_set1_ps(q.scale[n * q.n_groups + j / q.group]));
+    }
+    default: {  // i4
+      const QuantView& q = w.q;
+      const int64_t g = n * q.n_groups + j / q.group;
+      const __m128i b = _mm_maskz_loadu_epi8(0xF, static_cast<const uint8_t*>(q.codes) + n * (q.kp / 2) + j / 2);
+      const __m128i nib = _mm_set1_epi8(0x0F);
+      const __m128i c = _mm_unpacklo_epi8(_mm_and_si128(b, nib), _mm_and_si128(_mm_srli_epi16(b, 4), nib));
+      const __m256i v = _mm256_sub_epi32(_mm256_cvtepu8_epi32(c), _mm256_set1_epi32(q.zero ? q.zero[g] : 8));
+      return _mm256_mul_ps(_mm256_cvtepi32_ps(v), _mm256_set1_ps(q.scale[g]));
+    }
+  }
+}
+
+void decode_nm_row(const WeightView& w, int64_t n, int64_t k0, int kb, float* out) {
+  const NMView& nm = w.nm;
+  const bool quantized = nm.values == ValueKind::i8 || nm.values == ValueKind::i4;
+  if (!(nm.n == 2 && nm.m == 4 && nm.bits == 2) || (quantized && w.q.group % 8) || k0 % 16)
+    return decode_nm_row_generic(w, n, k0, kb, out);
+  const uint8_t* meta = nm.meta + n * nm.meta_stride;
+  int kk = 0;
+  for (; kk + 16 <= kb && k0 + kk + 16 <= w.K; kk += 16) {  // 16 columns = 8 kept values = 2 meta bytes
+    const int64_t j = (k0 + kk) / 2;
+    const uint32_t lo = kExpand24.mask[meta[j / 4]], hi = kExpand24.mask[meta[j / 4 + 1]];
+    if (!lo || !hi) {  // indices out of order: the generic decoder, for these 16 columns only
+      decode_nm_row_generic(w, n, k0 + kk, 16, out + kk);
+      continue;
+    }
+    const __m512 v = _mm512_castps256_ps512(nm_values8(w, n, j));
+    _mm512_storeu_ps(out + kk, _mm512_maskz_expand_ps(__mmask16(lo | hi << 8), v));
+  }
+  if (kk < kb) decode_nm_row_generic(w, n, k0 + kk, kb - kk, out + kk);
+}
+
 Status check_quant(const QuantView& q, int64_t K, bool int4) {
   if (q.group <= 0 || q.kp < K || q.n_groups * q.group != q.kp || (int4 && (q.kp & 1))) return Status::invalid_argument;
   return Status::ok;
@@ -299,6 +391,31 @@ Status int4_panel_gemm_avx512(const GemmArgs& a, const WeightView& w, int64_t n_
     rows_to_panel(rows, Avx512Panel::kKC, nr, kb, panel);
     return true;
   });
+}
+
+// The dense fallback's row dequantizer (ref/dequantize_ref.cpp calls it through dispatch.cpp):
+// the decoders above over the whole row, the same values as to_dense(). CSR stays scalar.
+bool dequantize_row_avx512(const WeightView& w, int64_t n, float* out) {
+  switch (w.id) {
+    case KernelId::int8:
+      if (check_quant(w.q, w.K, false) != Status::ok) return false;
+      decode_int8_row(w.q, n, 0, int(w.K), out);
+      return true;
+    case KernelId::int4:
+      if (check_quant(w.q, w.K, true) != Status::ok) return false;
+      decode_int4_row(w.q, n, 0, int(w.K), out);
+      return true;
+    case KernelId::nm_float: case KernelId::nm_int8: case KernelId::nm_int4: {
+      const NMView& nm = w.nm;
+      const bool quantized = nm.values == ValueKind::i8 || nm.values == ValueKind::i4;
+      if (nm.n < 1 || nm.m <= nm.n || nm.bits < 1 || nm.bits > 32 || nm.kc < 1 ||
+          (quantized ? w.q.group <= 0 || w.q.kp < nm.kc || !w.q.codes || !w.q.scale : !nm.fvalues))
+        return false;
+      decode_nm_row(w, n, 0, int(w.K), out);
+      return true;
+    }
+    default: return false;
+  }
 }
 
 }  // namespace sparseinfer
