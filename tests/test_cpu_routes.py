@@ -138,6 +138,24 @@ def test_first_use_measures_once_stores_and_runs_the_winner(winner, rng, rel_err
     assert r2.path == winner and r2.why.startswith("measured test") and len(fake.calls) == 1
 
 
+def test_a_record_of_another_kernel_is_measured_again(rng, monkeypatch):
+    """A stored measurement counts only for the kernel it timed: after an upgrade (another kernel
+    selected for the key) the first use measures again and replaces it."""
+    fake = FakeTimer(kernel=0.5, dense=1.0)
+    monkeypatch.setattr(cpu_routes, "measure_point", fake)
+    w = _weight("int8", {}, 48, 256, rng)
+    BACKENDS["cpu"].route(w, 64, "fp32")
+    path = cpu_tuning.cache_path()
+    data = json.loads(path.read_text())
+    record = data[cpu_tuning.machine_key()]["routes"][cpu_routes.route_key(w, 64, "fp32")]
+    assert record["kernel_name"] == C.kernel_name(BACKENDS["cpu"].prepack(w), 64, None, "fp32")
+    record["kernel_name"] = "int8_gemm_of_an_older_build"
+    path.write_text(json.dumps(data))
+    cpu_routes.reset()
+    r = BACKENDS["cpu"].route(_weight("int8", {}, 48, 256, rng), 64, "fp32")
+    assert len(fake.calls) == 2 and r.why.startswith("measured on first use")
+
+
 def test_first_use_budget_then_rules(rng, monkeypatch):
     fake = FakeTimer(kernel=1.0, dense=0.5)
     monkeypatch.setattr(cpu_routes, "measure_point", fake)

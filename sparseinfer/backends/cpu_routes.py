@@ -354,11 +354,13 @@ def decide(w: PackedWeight, handle, m: int, act: str) -> Route:
     key = route_key(w, m, act)
     with _lock:
         record = _entry().get("routes", {}).get(key)
-        if record is not None and "kernel" in record["times"]:  # (a record without it is from elsewhere)
+        # a record counts if it timed the kernel this build selects (an older build's kernel, or a
+        # record without one, is measured again)
+        if record is not None and "kernel" in record["times"] and record.get("kernel_name") == kernel:
             path, why = _by_times(record, "measured")
         elif not known_machine() and _measuring_allowed() and _spent < MEASURE_BUDGET_S:
             t0 = time.perf_counter()
-            record = measure_point(w, bucket(m), act, paths)
+            record = {**measure_point(w, bucket(m), act, paths), "kernel_name": kernel}
             _spent += time.perf_counter() - t0
             _entry().setdefault("routes", {})[key] = record
             try:
@@ -428,7 +430,7 @@ def calibrate_rules(n: int = 1024, k: int = 1024, batches=(1, 4, 16, 64, 256, 10
             for m in batches:
                 recs = {d: measure_point(w, m, act, candidates(w)) for d, w in ws.items()}
                 for d, w in ws.items():
-                    rules["routes"][route_key(w, m, act)] = recs[d]
+                    rules["routes"][route_key(w, m, act)] = {**recs[d], "kernel_name": C.kernel_name(h, m, None, act)}
                 if csr:
                     (d0, r0), (d1, r1) = sorted(recs.items())
                     t0, t1 = r0["times"]["kernel"], r1["times"]["kernel"]
