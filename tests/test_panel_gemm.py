@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_cpu_exact_avx2 import odd_group_weight
 
 import sparseinfer as si
 from sparseinfer import _native
 from sparseinfer.backends import reference_linear
 from sparseinfer.backends.cpu import build_native_weight
-from test_cpu_exact_avx2 import odd_group_weight
 
 C = _native._C
 pytestmark = pytest.mark.skipif(
