@@ -377,7 +377,9 @@ def decide(w: PackedWeight, handle, m: int, act: str) -> Route:
     if path == "dense_int8":
         k8 = C.kernel_name(dense_int8_handle(w), m, None, act)
         return Route(path, k8, "int8" if rows.get(k8, {}).get("int8_act") else "fp32", why)
-    return Route(path, DENSE_KERNEL, "fp32", why)
+    n, k = w.shape
+    copy = "an fp32 copy of the weight, kept" if n * k * 4 <= SMALL_BYTES else "tiles dequantized per call"
+    return Route(path, DENSE_KERNEL, "fp32", f"{why}; dense from {copy}")
 
 
 def route(w: PackedWeight, handle, m: int, act: str, threads: int) -> Route:
