@@ -247,8 +247,13 @@ const KernelImpl kAvx512Kernels[] = {
      kCallInt8Act | kFeatAvx512Vnni | kReadsQTiles},
     {KernelId::nm_int4, int4_q8_gemm_vnni_avx512, "nm_int4_q8_tiles_vnni_avx512", kAnyM,
      kCallInt8Act | kFeatAvx512Vnni | kReadsQTiles},
-    {KernelId::int8, int8_gemm_avx512, "int8_gemm_avx512", kAnyM, 0},
-    {KernelId::int4, int4_gemm_avx512, "int4_gemm_avx512", kAnyM, 0},
+    // Exact mode: rows decoded in registers (GEMV) for a few batch rows, then fp32 panels decoded
+    // once per call + 8 x 32 FMA tiles (panel_gemm_avx512.cpp). Limit: the panel path was ahead from 4
+    // rows on 4096x4096 (int8; int4 from 6) and from 2-4 rows on 1536x384 (Zen 4, 1 thread, bench/README.md).
+    {KernelId::int8, int8_gemm_avx512, "int8_gemm_avx512", 3, 0},
+    {KernelId::int8, int8_panel_gemm_avx512, "int8_panel_gemm_avx512", kAnyM, 0},
+    {KernelId::int4, int4_gemm_avx512, "int4_gemm_avx512", 3, 0},
+    {KernelId::int4, int4_panel_gemm_avx512, "int4_panel_gemm_avx512", kAnyM, 0},
 };
 #endif
 
@@ -446,6 +451,14 @@ bool set_batch_limit(const std::string& name, int64_t max_m) {
         found = true;
       }
   return found;
+}
+
+DequantizeRowFn active_dequantize_row() {
+#ifdef SPARSEINFER_HAVE_AVX512
+  Isa isa;
+  if (active_isa(&isa, nullptr) && isa == Isa::avx512) return dequantize_row_avx512;
+#endif
+  return nullptr;
 }
 
 // -- the driver -----------------------------------------------------------------------------------

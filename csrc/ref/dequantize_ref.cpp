@@ -1,7 +1,9 @@
 // Dequantize output rows of any packed weight into fp32, for the dense fallback (sparseinfer/
 // backends/cpu_routes.py: a tile of rows at a time, then torch's GEMM on it). The values are
 // exactly those of the Python to_dense(): the same helpers as the scalar kernels, one fp32
-// multiply per element. Scalar, no ISA flags; rows are split over threads by parallel_run.
+// multiply per element. Scalar, no ISA flags: the active ISA's row decoder (dispatch.cpp,
+// active_dequantize_row) takes the rows of the formats it has first. Rows are split over threads
+// by parallel_run.
 #include <atomic>
 
 #include "ref_common.h"
@@ -51,6 +53,7 @@ bool dequantize_row(const WeightView& w, int64_t n, float* out) {
 
 struct DequantizeTask {
   const WeightView* w;
+  DequantizeRowFn fast;  // the active ISA's, tried first (nullptr: none)
   int64_t n_begin, n_end, rows_per_task, stride;
   float* out;
   std::atomic<bool> failed{false};
@@ -61,7 +64,9 @@ void dequantize_task(void* p, int64_t task) {
   const int64_t r0 = t.n_begin + task * t.rows_per_task;
   const int64_t r1 = r0 + t.rows_per_task < t.n_end ? r0 + t.rows_per_task : t.n_end;
   for (int64_t n = r0; n < r1; ++n)
-    if (!dequantize_row(*t.w, n, t.out + (n - t.n_begin) * t.stride)) t.failed.store(true);
+    if (!(t.fast && t.fast(*t.w, n, t.out + (n - t.n_begin) * t.stride)) &&
+        !dequantize_row(*t.w, n, t.out + (n - t.n_begin) * t.stride))
+      t.failed.store(true);
 }
 
 }  // namespace
@@ -75,7 +80,7 @@ Status dequantize_rows(const WeightView& w, int64_t n_begin, int64_t n_end, floa
   int64_t rows_per_task = ((int64_t(1) << 18) + w.K - 1) / (w.K > 0 ? w.K : 1);
   if (rows_per_task < 1) rows_per_task = 1;
   DequantizeTask t;
-  t.w = &w, t.n_begin = n_begin, t.n_end = n_end, t.rows_per_task = rows_per_task, t.stride = stride, t.out = out;
+  t.w = &w, t.fast = active_dequantize_row(), t.n_begin = n_begin, t.n_end = n_end, t.rows_per_task = rows_per_task, t.stride = stride, t.out = out;
   parallel_run((rows + rows_per_task - 1) / rows_per_task, threads, dequantize_task, &t);
   return t.failed.load() ? Status::no_kernel : Status::ok;
 }

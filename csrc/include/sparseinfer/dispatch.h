@@ -66,6 +66,9 @@ uint64_t act_call_bits(ActMode mode);
 // Rows n_begin..n_end of w dequantized into out (fp32, row r at out + (r - n_begin) * stride, stride
 // >= K): the values of the Python to_dense(), for the dense fallback (ref/dequantize_ref.cpp).
 Status dequantize_rows(const WeightView& w, int64_t n_begin, int64_t n_end, float* out, int64_t stride, int threads);
+// The active ISA's row dequantizer for dequantize_rows (nullptr: only the scalar one there).
+using DequantizeRowFn = bool (*)(const WeightView& w, int64_t n, float* out);
+DequantizeRowFn active_dequantize_row();
 
 // One call, as bindings.cpp hands it over (already validated).
 struct LinearCall {

@@ -265,6 +265,13 @@ Status int4_q8_gemm_vnni_avx512(const GemmArgs&, const WeightView&, int64_t, int
 // fp32 activations (exact mode), every batch size.
 Status int8_gemm_avx512(const GemmArgs&, const WeightView&, int64_t, int64_t);
 Status int4_gemm_avx512(const GemmArgs&, const WeightView&, int64_t, int64_t);
+// fp32 activations (exact), batches past the GEMV rows: panels decoded once per call into fp32 and
+// 8 x 32 FMA tiles (sparseinfer/panel_gemm.h).
+Status int8_panel_gemm_avx512(const GemmArgs&, const WeightView&, int64_t, int64_t);
+Status int4_panel_gemm_avx512(const GemmArgs&, const WeightView&, int64_t, int64_t);
+// Row n of an int8 / int4 / N:M weight as fp32 (to_dense()'s values) into out[0, K); false: another
+// format, or a layout it does not take (the scalar dequantize_row then serves it).
+bool dequantize_row_avx512(const WeightView&, int64_t n, float* out);
 // (activations are quantized by quantize_act_avx2 at this level too: the step is not the bottleneck)
 #endif
 #ifdef SPARSEINFER_HAVE_NEON

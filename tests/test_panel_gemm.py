@@ -1,0 +1,117 @@
+"""The exact-mode panel GEMM (csrc/x86/avx512/panel_gemm_avx512.cpp over sparseinfer/panel_gemm.h)
+and the AVX-512 row dequantizer of the dense fallback.
+
+The panel kernel decodes 32-row strips x 256 columns of an int8 / int4 weight into fp32 (16 rows x
+64 codes transposed as bytes, or row by row for group lengths that are not a multiple of 16 / 32)
+and runs 8 x 32 FMA tiles over every batch row. Each call goes through ``_C.linear(..., isa="avx512",
+act="fp32")`` with the GEMV rows disabled (so M = 1 and 3 reach the panel kernel too), outputs
+poisoned with NaN, fresh random inputs. Shapes cross every block edge: N not a multiple of the 32-
+and 16-row strips nor of the 256-column N block, K not a multiple of 16 / 64 / 256, M not a
+multiple of the 8-row tile.
+
+Tolerance (derived): the kernel multiplies the same fp32 values to_dense() gives, so it differs
+from the fp32 reference only in summation order: normwise <= 1e-5 for K <= 1000 (~sqrt(K) * 2^-24
+with margin, tests/test_cpu_backend.py), plus the output dtype's rounding for bf16 / fp16.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_cpu_exact_avx2 import odd_group_weight
+
+import sparseinfer as si
+from sparseinfer import _native
+from sparseinfer.backends import reference_linear
+from sparseinfer.backends.cpu import build_native_weight
+
+C = _native._C
+pytestmark = pytest.mark.skipif(
+    C is None or "avx512" not in C.available_isas(), reason="requires sparseinfer._C with AVX-512 on this CPU"
+)
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-10}
+BATCHES = [1, 3, 17, 65]
+SHAPES = [(1, 1), (33, 7), (45, 64), (300, 17), (1000, 61), (513, 290)]  # (K, N)
+# (format, group): pack's groups; ("odd", g) = a weight built directly with group length g, which
+# takes the row-by-row decoder (and, for int4, groups starting mid-byte).
+CASES = [("int8", None), ("int8", 16), ("int8", 64), ("int8", ("odd", 17)), ("int8", ("odd", 100)),
+         ("int4", 32), ("int4", 64), ("int4", 128), ("int4", None), ("int4", ("odd", 5)), ("int4", ("odd", 48))]
+
+
+@pytest.fixture
+def panel_only():
+    """Disable the GEMV rows of the AVX-512 table (restored afterwards) so every batch runs the panel kernel."""
+    limits = {r["name"]: r["max_m"] for r in C.kernel_table("avx512")}
+    for name in ("int8_gemm_avx512", "int4_gemm_avx512"):
+        C.set_batch_limit(name, 0)
+    yield
+    for name in ("int8_gemm_avx512", "int4_gemm_avx512"):
+        C.set_batch_limit(name, limits[name])
+
+
+def make_weight(fmt, group, n, k, g):
+    if isinstance(group, tuple):
+        return odd_group_weight(fmt, n, k, group[1], symmetric=(group[1] % 2 == 1), g=g)
+    if group is not None and group > k:
+        group = None
+    params = {"group_size": group} if fmt == "int8" else {"group_size": group, "symmetric": group != 64}
+    return si.pack(torch.randn(n, k, generator=g), fmt, **params)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{f}-g{g[1] if isinstance(g, tuple) else g}" for f, g in CASES])
+@pytest.mark.parametrize("k,n", SHAPES, ids=[f"K{k}-N{n}" for k, n in SHAPES])
+def test_panel_gemm_matches_reference(case, k, n, rng, rel_err, panel_only):
+    fmt, group = case
+    w = make_weight(fmt, group, n, k, rng)
+    h = build_native_weight(w)
+    for i, m in enumerate(BATCHES):
+        assert C.kernel_name(h, m, isa="avx512", act="fp32") == f"{fmt}_panel_gemm_avx512"
+        dtype = (torch.float32, torch.bfloat16, torch.float16)[i % 3] if m > 1 else torch.float32
+        bias = torch.randn(n, generator=rng) if i % 2 == 0 else None
+        x = torch.randn(m, k + 3 * (i % 2), generator=rng).to(dtype)[:, :k]  # odd rows: row stride k + 3
+        out = torch.full((m, n), float("nan"), dtype=dtype)
+        C.linear(x, h, out, bias, num_threads=1 + i % 3, isa="avx512", act="fp32")
+        where = f"{fmt} group={group} M={m} N={n} K={k} {dtype} bias={bias is not None}"
+        assert torch.isfinite(out).all(), f"{where}: unwritten (NaN) outputs"
+        assert rel_err(out, reference_linear(x, w, bias)) <= TOL[dtype], where
+
+
+def test_panel_gemm_large_blocks(rng, rel_err, panel_only):
+    """Several 256-column N blocks per thread and K blocks, fp32 output written in place across K blocks."""
+    for fmt, params in (("int8", {}), ("int4", {"group_size": 64})):
+        w = si.pack(torch.randn(600, 700, generator=rng), fmt, **params)
+        h = build_native_weight(w)
+        x = torch.randn(20, 700, generator=rng)
+        out = torch.full((20, 600), float("nan"))
+        C.linear(x, h, out, None, num_threads=1, isa="avx512", act="fp32")
+        assert rel_err(out, reference_linear(x, w, None)) <= TOL[torch.float32], fmt
+
+
+def test_dispatch_uses_gemv_then_panel():
+    for fmt in ("int8", "int4"):
+        h = build_native_weight(si.pack(torch.randn(64, 128), fmt, group_size=64))
+        names = [C.kernel_name(h, m, isa="avx512", act="fp32") for m in (1, 3, 4, 16, 2048)]
+        assert names == [f"{fmt}_gemm_avx512"] * 2 + [f"{fmt}_panel_gemm_avx512"] * 3
+
+
+@pytest.mark.parametrize("fmt, params", [("int8", {}), ("int8", {"group_size": 16}), ("int4", {"group_size": 32}),
+                                         ("int4", {"group_size": 64, "symmetric": False}), ("2:4", {}),
+                                         ("2:4+int8", {}), ("2:4+int4", {"group_size": 32}), ("4:8", {})])
+@pytest.mark.parametrize("k", [16, 61, 301])
+def test_avx512_dequantize_is_to_dense_bit_for_bit(fmt, params, k, rng):
+    """_C.dequantize on the active ISA (the AVX-512 row decoder here) gives to_dense()'s exact bits,
+    K tails and 2:4 blocks with out-of-order indices (the generic path) included."""
+    if C.active_isa() != "avx512":
+        pytest.skip("SPARSEINFER_ISA selects another ISA: _C.dequantize would not use the AVX-512 decoder")
+    if "int4" in fmt and params["group_size"] > k // (2 if fmt.startswith("2:4") else 1):
+        params = {**params, "group_size": None} if fmt == "int4" else {"group_size": 8}
+    w = si.pack(torch.randn(37, k, generator=rng), fmt, **params)
+    if fmt == "2:4":  # swap the two indices of a group in some rows: still valid, not ascending
+        meta = w.meta.clone()
+        meta[::3, 0] = (meta[::3, 0] & 0xF0) | ((meta[::3, 0] & 0x3) << 2) | ((meta[::3, 0] >> 2) & 0x3)
+        w.meta.copy_(meta)
+        w.values[::3, :2] = w.values[::3, :2].flip(1).clone()
+    h = build_native_weight(w)
+    out = torch.full((37, k), float("nan"))
+    C.dequantize(h, 0, 37, out, 2)
+    assert torch.equal(out, w.to_dense(torch.float32)), fmt
