@@ -31,7 +31,7 @@ LAYERS = (
     ("sparseinfer.distill", "sparseinfer.staged", "sparseinfer.passes.movement", "sparseinfer.passes.structured",
      "sparseinfer.llm"),
     ("sparseinfer",),  # the public API (__init__)
-    ("sparseinfer.demo", "sparseinfer.models", "sparseinfer.benchmarking", "sparseinfer.commands", "sparseinfer.cli"),
+    ("sparseinfer.apps", "sparseinfer.commands", "sparseinfer.cli"),  # apps: demo, models, benchmarking
 )
 # Function-level imports of package modules are allowed only into these (they need an optional
 # dependency: Triton).

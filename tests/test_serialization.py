@@ -429,7 +429,7 @@ MINILM_FRESH = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_minilm_round_trip_in_fresh_process(tmp_path):
-    from sparseinfer import models
+    from sparseinfer.apps import models
 
     model, tokenizer, _ = models.load_hf(models.MINILM)
     compressed = si.compress(model, "int8", progress=False)
