@@ -9,9 +9,11 @@ columns at every step). The mask is chosen on the fly: for N:M at the first colu
 of M (the M - N smallest w^2 / [H^-1]_qq^2 are dropped); for unstructured sparsity once per block of
 128 columns (the adaptive mask selection of the paper).
 
-Recipes: "sparsegpt:2:4", "sparsegpt:2:4+int8", "sparsegpt:sparse50". Chain with GPTQ on the
-survivors through a dict recipe: {"default": "2:4+int4", "methods": {"prune": "sparsegpt",
-"quantize": "gptq"}}.
+Recipes: "sparsegpt:2:4", "sparsegpt:2:4+int8", "sparsegpt:sparse50". With GPTQ as the quantize
+method, {"default": "2:4+int4", "methods": {"prune": "sparsegpt", "quantize": "gptq"}}, N:M layers
+are pruned and quantized in ONE column sweep, as the SparseGPT paper does (``gptq_quantize`` with
+``prune_nm``): each column is pruned, its survivors rounded to the grid, and both errors spread
+onto the columns to the right -- one calibration and one sweep instead of two full passes.
 """
 
 from __future__ import annotations
@@ -103,10 +105,20 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: fl
 
 @register_method("sparsegpt", stage="prune", needs_calibration=True)
 def sparsegpt(targets: list[Target], calib, model) -> None:
-    """Prune every target that asks for N:M or unstructured sparsity with SparseGPT."""
+    """Prune every target that asks for N:M or unstructured sparsity with SparseGPT (and quantize
+    N:M+int targets in the same sweep when their quantize method is GPTQ)."""
+    from .gptq import gptq_quantize, plan, set_quantized
 
     def process(group, stats):
         for t in group:
-            t.weight = sparsegpt_prune(t.weight, stats[t.name].hessian(), **_mask_args(t))
+            hessian = stats[t.name].hessian()
+            joint = plan(t, survivors=False) if t.recipe.quant_method == "gptq" else None
+            if joint is not None and "nm" in joint:
+                q, scale, zero = gptq_quantize(t.weight, hessian, bits=joint["bits"], group_size=joint["group_size"],
+                                               symmetric=joint["symmetric"], prune_nm=joint["nm"])
+                set_quantized(t, q, scale, zero)
+            else:
+                t.weight = sparsegpt_prune(t.weight, hessian, **_mask_args(t))
 
-    calibrate(model, check_per_layer(targets, "sparsegpt"), calib, process, gram=True, desc="sparsegpt")
+    calibrate(model, check_per_layer(targets, "sparsegpt"), calib, process, gram=True, desc="sparsegpt",
+              sequential=True)
