@@ -142,7 +142,9 @@ def unpack_for_training(model: nn.Module, min_sparsity: float = 0.05) -> list[_L
             fmt, params, fixed = packed.fmt, packed.params(), _fixed_tensors(packed)
             # sparse formats: the zeros are the mask (a kept weight that rounded to exactly 0 stays 0 too)
             keep = w != 0 if packed.kind in ("nm", "csr") else torch.ones_like(w, dtype=torch.bool)
-            parametrize.register_parametrization(lin, "weight", FixedGrid(fmt, params, fixed, keep))
+            # float N:M / CSR: the mask is the whole projection (pack would keep exactly the masked weight)
+            grid = fmt if "int" in fmt else None
+            parametrize.register_parametrization(lin, "weight", FixedGrid(grid, params, fixed, keep))
             _set_submodule(model, name, lin)
             layers.append(_Layer(name, lin, fmt, params, fixed, module.backend, module.act))
         elif isinstance(module, nn.Linear) and not parametrize.is_parametrized(module):

@@ -60,16 +60,23 @@ class LayerStats:
         self.sqsum = torch.zeros(k, dtype=torch.float64)
         self.gram = torch.zeros(k, k, dtype=torch.float64) if gram else None
 
-    def add(self, x: torch.Tensor) -> None:
-        """x [rows, K]: one call's input rows."""
+    def add(self, x: torch.Tensor) -> tuple:
+        """x [rows, K]: one call's input rows. Returns the increment (for ``add_increment``)."""
         if x.shape[-1] != self.k:
             raise ValueError(f"calibration: layer {self.name!r} expects K={self.k} input features, got input rows "
                              f"of shape {tuple(x.shape)}")
         x = x.detach().float().cpu()
-        self.rows += x.shape[0]
-        self.sqsum += (x * x).sum(0, dtype=torch.float64)
+        inc = (x.shape[0], (x * x).sum(0, dtype=torch.float64),
+               None if self.gram is None else (x.T @ x).double())  # float32 GEMM per batch, float64 running sum
+        self.add_increment(inc)
+        return inc
+
+    def add_increment(self, inc: tuple) -> None:
+        rows, sqsum, gram = inc
+        self.rows += rows
+        self.sqsum += sqsum
         if self.gram is not None:
-            self.gram += (x.T @ x).double()  # float32 GEMM per batch, float64 running sum
+            self.gram += gram
 
     @property
     def col_norms(self) -> torch.Tensor:
@@ -176,14 +183,19 @@ class _Collect:
 
     ``row_mask`` (set by the caller before each batch): the rows to count, when a layer's input has
     one row per token of the batch (padding is dropped). ``stage[name]``: the number of the first
-    distinct input tensor the target saw, in forward order (targets sharing an input share it)."""
+    distinct input tensor the target saw, in forward order (targets sharing an input share it).
+    Linear targets fed the same tensor (q/k/v) share one computed Gram increment. ``stop``: raise
+    _StopForward once every target has seen the current batch (``seen`` is reset per batch by
+    the caller), so a re-run skips the rest of the block."""
 
-    def __init__(self, targets: list[Target], gram: bool):
+    def __init__(self, targets: list[Target], gram: bool, stop: bool = False):
         self.stats = {t.name: LayerStats(t.name, t.weight.shape[1], gram) for t in targets}
-        self.targets = targets
+        self.targets, self.stop = targets, stop
         self.row_mask: torch.Tensor | None = None
         self.stage: dict[str, int] = {}
+        self.seen: set[str] = set()
         self._last_input: torch.Tensor | None = None
+        self._last_increment: tuple | None = None
         self._tick = 0
 
     def __enter__(self) -> dict[str, LayerStats]:
@@ -191,13 +203,22 @@ class _Collect:
             def hook(module, args):
                 x = args[0]
                 if x is not self._last_input:
-                    self._last_input = x
+                    self._last_input, self._last_increment = x, None
                     self._tick += 1
                 self.stage.setdefault(name, self._tick)
-                rows = gemm_input(module, x)
-                if self.row_mask is not None and rows.shape[0] == self.row_mask.numel():
-                    rows = rows[self.row_mask.to(rows.device)]
-                stats.add(rows)
+                inc = self._last_increment
+                if isinstance(module, nn.Linear) and inc is not None and inc[1].shape[0] == stats.k:
+                    stats.add_increment(inc)
+                else:
+                    rows = gemm_input(module, x)
+                    if self.row_mask is not None and rows.shape[0] == self.row_mask.numel():
+                        rows = rows[self.row_mask.to(rows.device)]
+                    inc = stats.add(rows)
+                    if isinstance(module, nn.Linear):
+                        self._last_increment = inc
+                self.seen.add(name)
+                if self.stop and len(self.seen) == len(self.stats):
+                    raise _StopForward
             return hook
 
         self.handles = [t.module.register_forward_pre_hook(hook_for(t.name, self.stats[t.name]))
@@ -205,7 +226,7 @@ class _Collect:
         return self.stats
 
     def __exit__(self, *exc) -> None:
-        self._last_input = None
+        self._last_input = self._last_increment = None
         for h in self.handles:
             h.remove()
         if exc[0] is None:
@@ -382,14 +403,17 @@ def calibrate(model: nn.Module, targets: list[Target], calib, process: Process, 
 
 def _run_block(block: nn.Module, collect: "_Collect", inputs: list, masks: list) -> None:
     for (a, kw), mask in zip(inputs, masks):
-        collect.row_mask = mask
-        block(*a, **kw)
+        collect.row_mask, collect.seen = mask, set()
+        try:
+            block(*a, **kw)
+        except _StopForward:  # every target of the group has its input: the rest of the block is not needed
+            pass
 
 
 def _calibrate_block(block, group, inputs, masks, process, gram: bool, sequential: bool) -> None:
     """Statistics for the targets of one block, then ``process``; in true-sequential order, one
     group of targets sharing an input at a time, each calibrated after the ones before it."""
-    collect = _Collect(group, gram)
+    collect = _Collect(group, gram, stop=True)
     with collect as stats:
         _run_block(block, collect, inputs, masks)
     if not sequential:
@@ -400,7 +424,7 @@ def _calibrate_block(block, group, inputs, masks, process, gram: bool, sequentia
     for n, stage in enumerate(stages):
         part = [t for t in group if collect.stage[t.name] == stage]
         if n:  # re-collect: the groups before this one are compressed now
-            again = _Collect(part, gram)
+            again = _Collect(part, gram, stop=True)
             with again as stats:
                 _run_block(block, again, inputs, masks)
         process(part, {t.name: stats[t.name] for t in part})

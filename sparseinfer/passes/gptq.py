@@ -41,13 +41,32 @@ from .sparsegpt import BLOCKSIZE, PERCDAMP, inverse_hessian_cholesky
 from .wanda import nm_keep_mask
 
 
-def _group_params(values: torch.Tensor, bits: int, symmetric: bool):
-    """Scale (and zero) per row [N] of one group's values [N, g], by the format's own quantizer."""
-    if symmetric:
-        _, scale = symmetric_quantize(values.unsqueeze(1), bits)
-        return scale[:, 0], None
-    _, scale, zero = asymmetric_quantize(values.unsqueeze(1), bits)
-    return scale[:, 0], zero[:, 0]
+CLIP_GRID = torch.linspace(1.0, 0.8, 21).tolist()  # range shrink factors tried per group
+CLIP_NORM = 2.4  # the error norm of the reference implementation's MSE scale search
+
+
+def _group_params(values: torch.Tensor, bits: int, symmetric: bool, clip: bool = True):
+    """Scale (and zero) per row [N] of one group's values [N, g], by the format's own quantizer.
+    clip: try the group's range shrunk by each factor of CLIP_GRID and keep, per row, the one with
+    the lowest sum |w - q|^2.4 (the reference GPTQ's ``mse`` option): a few outliers then no longer
+    stretch the grid of the whole group."""
+    best = best_err = None
+    for factor in (CLIP_GRID if clip else [1.0]):
+        if symmetric:
+            _, scale = symmetric_quantize((values * factor).unsqueeze(1), bits)
+            scale, zero = scale[:, 0], None
+        else:
+            _, scale, zero = asymmetric_quantize((values * factor).unsqueeze(1), bits)
+            scale, zero = scale[:, 0], zero[:, 0]
+        err = (_quantize(values, scale.unsqueeze(1), None if zero is None else zero.unsqueeze(1).float(), bits)
+               - values).abs_().pow_(CLIP_NORM).sum(1)
+        if best is None:
+            best, best_err = (scale, zero), err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = (torch.where(better, scale, best[0]), None if zero is None else torch.where(better, zero, best[1]))
+    return best
 
 
 def _quantize(col: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
@@ -61,7 +80,8 @@ def _quantize(col: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_size: int | None = None,
                   symmetric: bool = True, keep: torch.Tensor | None = None, act_order: bool = False,
-                  prune_nm: tuple[int, int] | None = None, blocksize: int = BLOCKSIZE, percdamp: float = PERCDAMP):
+                  prune_nm: tuple[int, int] | None = None, clip: bool = True, blocksize: int = BLOCKSIZE,
+                  percdamp: float = PERCDAMP):
     """Quantize ``weight`` [N, K] with GPTQ.
 
     group_size: consecutive columns sharing a scale (None: the whole row). keep: bool [N, K], entries
@@ -70,7 +90,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, gro
     first column of every group of m the m - n lowest w^2 / [H^-1]_qq^2 of the OBS-updated weights
     are dropped, the survivors quantized, and both errors spread right. A value group's scale is
     fixed at its first column from the survivors the same score predicts for the whole group.
-    Returns (q float32 [N, K] on the quantization grid, scale float32 [N, G], zero int32 [N, G] or
+    clip: search each group's scale (see ``_group_params``). Returns (q float32 [N, K] on the quantization grid, scale float32 [N, G], zero int32 [N, G] or
     None) with G = ceil(K / group_size).
     """
     n_out, k = weight.shape
@@ -95,7 +115,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, gro
     zero = None if symmetric else torch.zeros(n_out, ngroups, dtype=torch.int32, device=w.device)
     if act_order:  # static groups from the original (masked) weights, then visit by decreasing H diagonal
         for g in range(ngroups):
-            s, z = _group_params(torch.where(keep, w, zero_f)[:, g * span:(g + 1) * span], bits, symmetric)
+            s, z = _group_params(torch.where(keep, w, zero_f)[:, g * span:(g + 1) * span], bits, symmetric, clip)
             scale[:, g] = s
             if zero is not None:
                 zero[:, g] = z
@@ -127,7 +147,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, gro
                     kept = keep[:, col_idx:col_idx + span]
                 else:  # the survivors the score predicts (the masks of later groups of m are not chosen yet)
                     kept = nm_keep_mask(cur ** 2 / hdiag[col_idx:col_idx + cur.shape[1]].unsqueeze(0) ** 2, pn, pm)
-                s, z = _group_params(torch.where(kept, cur, zero_f), bits, symmetric)
+                s, z = _group_params(torch.where(kept, cur, zero_f), bits, symmetric, clip)
                 scale[:, g] = s
                 if zero is not None:
                     zero[:, g] = z
