@@ -142,6 +142,8 @@ def main() -> None:
     ap.add_argument("--recover-lr", type=float, default=1e-4)
     ap.add_argument("--recover-hidden", type=float, default=1.0)
     ap.add_argument("--recover-seq", type=int, default=256)
+    ap.add_argument("--fp32-recipes", nargs="*", default=[], help="recipes also evaluated with act='fp32' (exact "
+                    "activations; the default act='auto' runs int8 activations where that kernel is faster)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--lock", default=None, help="a lock file held (flock) while compress is timed")
     ap.add_argument("--json", type=Path, default=None, help="append one JSON line per result")
@@ -168,6 +170,11 @@ def main() -> None:
         packed, seconds, peak_mb = timed_compress(model, RECIPES[name], calib, tok, args.lock)
         ppl = perplexity(packed, held, args.eval_windows, args.eval_len)
         row = {"recipe": name, "ppl": ppl, "x_dense": ppl / dense, "compress_s": seconds, "peak_mb": peak_mb}
+        if name in args.fp32_recipes:
+            si.set_act(packed, "fp32")
+            row["ppl_fp32"] = perplexity(packed, held, args.eval_windows, args.eval_len)
+            row["x_dense_fp32"] = row["ppl_fp32"] / dense
+            si.set_act(packed, None)
         if args.recover_steps and (args.recover_recipes is None or name in args.recover_recipes):
             t0 = time.perf_counter()
             res = si.recover(packed, model, train, tokenizer=tok, seq_len=args.recover_seq, steps=args.recover_steps,
