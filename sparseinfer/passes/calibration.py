@@ -16,21 +16,21 @@ the model runs once, up to the first block, to capture that block's inputs; then
 Memory therefore holds one set of block inputs and one block's statistics, never every layer's
 activations or Hessians at once: for a decoder of hidden size d, calibration on S tokens holds
 S * d floats of activations (128 x 2048 tokens of a d=576 model: 0.6 GB) plus one layer's K x K Gram
-matrices, whatever the depth.
+matrices, whatever the depth. (The weights themselves stay where the model keeps them: a model
+that does not fit in memory at all needs its blocks loaded lazily, which this module does not do.)
+Targets outside the block stack (a classifier head, a pooler) and models without one are
+calibrated with one more pass through the whole model.
 
 True-sequential order (GPTQ's ``true-sequential``, on for the second-order methods): inside a block
 the targets are processed in the order the forward reaches them, in groups of targets that share
 one input tensor (q/k/v, then o, then gate/up, then down in a Llama layer); each group is
-calibrated on the block's output of the groups already compressed, at one more run of the block
-per group.
+calibrated on the block's output of the groups already compressed, at one more (partial) run of
+the block per group: a re-run stops once the group has its inputs.
 
 Padding is never counted: when a batch is a mapping with an ``attention_mask`` [B, T], the rows of
 padded tokens are dropped from every layer's statistics. ``text_batches`` turns raw text (a list of
 strings or a file) into token windows with a tokenizer, as ``compress(..., calib=texts,
-tokenizer=tok)`` does. (The weights themselves stay where the model keeps them: a model
-that does not fit in memory at all needs its blocks loaded lazily, which this module does not do.)
-Targets outside the block stack (a classifier head, a pooler) and models without one are
-calibrated with one more pass through the whole model.
+tokenizer=tok)`` does.
 
 ``calib`` is an iterable of model inputs: a tensor (``model(x)``), a tuple or list (``model(*x)``) or
 a mapping of keyword arguments (``model(**x)``, e.g. tokenizer output). It is read once per
