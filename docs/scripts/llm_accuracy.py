@@ -139,6 +139,23 @@ def timed_compress(model, recipe, calib, tok, lock):
     return packed, seconds, max(_status("VmHWM") - base, 0) / 2**20
 
 
+def table(path: Path) -> str:
+    """The markdown table of a --json results file (the last row of each recipe wins)."""
+    rows = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        rows[row["recipe"]] = row
+    dense = rows.pop("dense")["ppl"]
+    out = [f"| recipe | perplexity | × dense | after recovery (× dense) | compress time | peak memory |",
+           "| --- | ---: | ---: | ---: | ---: | ---: |", f"| dense | {dense:.2f} | 1.00 | — | — | — |"]
+    for name, r in rows.items():
+        rec = f"{r['ppl_recovered']:.2f} ({r['x_dense_recovered']:.2f}×), {r['recover_steps']} steps, " \
+              f"{r['recover_s'] / 60:.0f} min" if "ppl_recovered" in r else "—"
+        out.append(f"| `{name}` | {r['ppl']:.2f} | {r['x_dense']:.3f} | {rec} | {r['compress_s']:.0f} s | "
+                   f"{r['peak_mb']:.0f} MB |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gguf", type=Path, default=GGUF)
@@ -157,7 +174,11 @@ def main() -> None:
     ap.add_argument("--lock", default=None, help="a lock file held (flock) while compress is timed")
     ap.add_argument("--json", type=Path, default=None, help="append one JSON line per result")
     ap.add_argument("--dense-ppl", type=float, default=None, help="skip the dense evaluation (a known value)")
+    ap.add_argument("--table", type=Path, default=None, help="print the markdown table of a --json file and exit")
     args = ap.parse_args()
+    if args.table:
+        print(table(args.table))
+        return
     unknown = [r for r in args.recipes if r not in RECIPES]
     if unknown:
         ap.error(f"unknown recipes {unknown}; known: {list(RECIPES)}")
