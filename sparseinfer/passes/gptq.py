@@ -50,11 +50,13 @@ def _group_params(values: torch.Tensor, bits: int, symmetric: bool, clip: bool =
     clip: try the group's range shrunk by each factor of CLIP_GRID and keep, per row, the one with
     the lowest sum |w - q|^2.4 (the reference GPTQ's ``mse`` option): a few outliers then no longer
     stretch the grid of the whole group."""
+    if symmetric:
+        _, base = symmetric_quantize(values.unsqueeze(1), bits)
+        base = base[:, 0]
     best = best_err = None
     for factor in (CLIP_GRID if clip else [1.0]):
-        if symmetric:
-            _, scale = symmetric_quantize((values * factor).unsqueeze(1), bits)
-            scale, zero = scale[:, 0], None
+        if symmetric:  # the absmax scale of values * f is f times that of values
+            scale, zero = base * factor, None
         else:
             _, scale, zero = asymmetric_quantize((values * factor).unsqueeze(1), bits)
             scale, zero = scale[:, 0], zero[:, 0]
