@@ -209,6 +209,7 @@ def main() -> None:
             row["ppl_fp32"] = perplexity(packed, held, args.eval_windows, args.eval_len)
             row["x_dense_fp32"] = row["ppl_fp32"] / dense
             si.set_act(packed, None)
+        emit(row)  # before recovery: a long recovery run that is cut short still leaves this row
         if args.recover_steps and (args.recover_recipes is None or name in args.recover_recipes):
             t0 = time.perf_counter()
             res = si.recover(packed, model, train, tokenizer=tok, seq_len=args.recover_seq, steps=args.recover_steps,
@@ -217,7 +218,7 @@ def main() -> None:
             row["recover_steps"] = args.recover_steps
             row["ppl_recovered"] = perplexity(res.model, held, args.eval_windows, args.eval_len)
             row["x_dense_recovered"] = row["ppl_recovered"] / dense
-        emit(row)
+            emit(row)
 
 
 if __name__ == "__main__":
