@@ -44,8 +44,8 @@ from __future__ import annotations
 import copy
 import json
 import os
-from contextlib import nullcontext
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any

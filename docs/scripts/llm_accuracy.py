@@ -146,7 +146,7 @@ def table(path: Path) -> str:
         row = json.loads(line)
         rows[row["recipe"]] = row
     dense = rows.pop("dense")["ppl"]
-    out = [f"| recipe | perplexity | × dense | after recovery (× dense) | compress time | peak memory |",
+    out = ["| recipe | perplexity | × dense | after recovery (× dense) | compress time | peak memory |",
            "| --- | ---: | ---: | ---: | ---: | ---: |", f"| dense | {dense:.2f} | 1.00 | — | — | — |"]
     for name, r in rows.items():
         rec = f"{r['ppl_recovered']:.2f} ({r['x_dense_recovered']:.2f}×), {r['recover_steps']} steps, " \

@@ -40,7 +40,6 @@ from .calibration import calibrate
 from .sparsegpt import BLOCKSIZE, PERCDAMP, inverse_hessian_cholesky
 from .wanda import nm_keep_mask
 
-
 CLIP_GRID = torch.linspace(1.0, 0.8, 21).tolist()  # range shrink factors tried per group
 CLIP_NORM = 2.4  # the error norm of the reference implementation's MSE scale search
 
