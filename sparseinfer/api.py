@@ -20,7 +20,8 @@ def compress(model: nn.Module, recipe=None, calib=None, *, inplace: bool = False
     overrides, or a YAML path (see ``sparseinfer.recipe``). calib: calibration batches for
     methods that need them (an iterable of model inputs), or text -- a list of strings or a file
     path -- with ``tokenizer`` (cut into windows of 512 tokens, see
-    ``passes.calibration.text_batches``). The model is copied first unless ``inplace``. ``backend`` pins every layer to one backend (default: best available per call).
+    ``passes.calibration.text_batches``). The model is copied first unless ``inplace``. ``backend``
+    pins every layer to one backend (default: best available per call).
     target: instead of a recipe, an allowed quality drop (e.g. 0.01), or {"max_drop", "minimize":
     "latency"|"size", "candidates"}: a per-layer recipe is searched on ``data`` (evaluation
     batches) and measured on this machine (see ``sparseinfer.eval.autotune``).
