@@ -111,17 +111,6 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def _copy(model: nn.Module) -> nn.Module:
-    """A deep copy; packed weights leave their per-backend caches behind (a prepacked native layout
-    cannot be copied, and is rebuilt on first use)."""
-    memo: dict[int, Any] = {}
-    for m in model.modules():
-        if isinstance(m, CompressedLinear):
-            memo[id(m.packed._prepacked)] = {}
-            memo[id(m.packed._routes)] = {}
-    return copy.deepcopy(model, memo)
-
-
 def unpack_for_training(model: nn.Module, min_sparsity: float = 0.05) -> list[_Layer]:
     """Replace (in place) every CompressedLinear by a float nn.Linear with a FixedGrid
     parametrization, and put a mask on every plain nn.Linear with at least ``min_sparsity`` zeros.
@@ -326,7 +315,7 @@ def recover(model: nn.Module, teacher: nn.Module, data, *, steps: int | None = N
         raise ValueError(f"recover: {len(batches)} batches cannot fill one step of accumulate={accumulate}")
     total = steps if steps is not None else epochs * per_epoch
     if not inplace:
-        model = _copy(model)
+        model = copy.deepcopy(model)
     layers = unpack_for_training(model)
     for p in model.parameters():
         p.requires_grad_(False)
