@@ -17,7 +17,6 @@ tensor for tensor. The quantizers below are built so that this holds by construc
 from __future__ import annotations
 
 import copy
-
 import functools
 import math
 import re
