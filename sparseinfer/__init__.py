@@ -25,10 +25,11 @@ from .distill import distill, finish_qat, prepare_qat
 from .passes.movement import GradualPruner, iterative_prune
 from .passes.structured import prune_structured
 from .staged import prune, run_stages
+from .recover import recover
 
 __all__ = ["__version__", "pack", "linear", "compress", "explain", "save", "load", "backends", "set_threads",
            "ArtifactError", "PackedWeight", "Int8Weight", "Int4Weight", "NMWeight", "CSRWeight", "CompressedLinear",
            "CompressedConv2d", "CompressedEmbedding", "set_act", "Recipe", "parse_layer_recipe", "load_tokenizer"]
 __all__ += ["evaluate", "sweep", "pareto_front", "knee_point", "choose_recipe"]
 __all__ += ["prune", "prune_structured", "distill", "prepare_qat", "finish_qat", "GradualPruner", "iterative_prune",
-            "run_stages"]
+            "run_stages", "recover"]

@@ -17,7 +17,10 @@ A stage is a mapping with one action key and an optional ``name``:
     gradual     {"recipe", "epochs", "criterion", "every", + distill kwargs}: gradual magnitude or
                 movement pruning during distillation from the teacher
     distill     kwargs of ``distill`` (epochs, lr, temperature, alpha, qat, features, ...)
-    compress    recipe: ``compress()``; packs the model, so it must be the last stage
+    compress    recipe: ``compress()``; packs the model, so only ``recover`` stages may follow it
+    recover     kwargs of ``recover`` (steps, lr, temperature, hidden_weight, checkpoint, ...):
+                distillation of a compressed causal LM from the teacher with its masks and
+                quantization grids fixed (sparseinfer.recover); batches from ``loader``
 
 The stages may also be given as {"stages": [...]} or as a YAML / JSON file holding either.
 The teacher (for ``distill`` and ``gradual``) defaults to a frozen copy of the input model.
@@ -47,8 +50,9 @@ from .passes.prune import nm_magnitude_mask
 from .passes.structured import prune_structured
 from .passes.wanda import apply_mask, prune_spec
 from .recipe import Recipe
+from .recover import recover
 
-ACTIONS = ("prune", "structured", "gradual", "distill", "compress")
+ACTIONS = ("prune", "structured", "gradual", "distill", "compress", "recover")
 
 
 def prune(model: nn.Module, recipe, calib=None, *, inplace: bool = False) -> nn.Module:
@@ -147,9 +151,13 @@ def load_stages(stages) -> list[dict]:
             Recipe.from_any(args)  # parse now: a bad recipe fails before any work is done
         elif not isinstance(args, dict):
             raise ValueError(f"stage {i} ({action}): expected a mapping of arguments, got {type(args).__name__}")
-        if action == "compress" and i != len(stages) - 1:
-            raise ValueError(f"stage {i}: 'compress' packs the model and must be the last stage")
         out.append({"name": st.get("name", action), "action": action, "args": args})
+    actions = [st["action"] for st in out]
+    if "compress" in actions:
+        i = actions.index("compress")
+        if any(a != "recover" for a in actions[i + 1:]):
+            raise ValueError(f"stage {i}: 'compress' packs the model; only 'recover' stages may follow it, got "
+                             f"{actions[i + 1:]}")
     return out
 
 
@@ -163,13 +171,13 @@ def run_stages(model: nn.Module, stages, *, calib=None, loader=None, teacher: nn
     the input and after every stage (with seconds, bytes and the fraction of zero weights).
     """
     plan = load_stages(stages)
-    needs_loader = [s["name"] for s in plan if s["action"] in ("distill", "gradual") or
+    needs_loader = [s["name"] for s in plan if s["action"] in ("distill", "gradual", "recover") or
                     (s["action"] == "structured" and s["args"].get("criterion") == "taylor")]
     if needs_loader and loader is None:
         raise ValueError(f"stages {needs_loader} train the model: pass loader=[batches]")
     if not inplace:
         model = copy.deepcopy(model)
-    if teacher is None and any(s["action"] in ("distill", "gradual") for s in plan):
+    if teacher is None and any(s["action"] in ("distill", "gradual", "recover") for s in plan):
         teacher = copy.deepcopy(model).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
@@ -221,6 +229,10 @@ def run_stages(model: nn.Module, stages, *, calib=None, loader=None, teacher: nn
                 finally:
                     pruner.finish()
                 extra["loss"] = res.history[-1]["loss"]
+            elif action == "recover":
+                res = recover(result.model, teacher, loader, inplace=True, progress=False, **args)
+                result.model = res.model
+                extra["loss"] = res.history[-1]["loss"] if res.history else float("nan")
             else:
                 result.model = compress(result.model, args, calib=calib, inplace=True, progress=False)
         except TypeError as err:  # an unknown or misspelt argument in the stage

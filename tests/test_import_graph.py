@@ -29,7 +29,7 @@ LAYERS = (
     ("sparseinfer.eval",),  # quality, latency, sweeps, recipe search
     ("sparseinfer.api",),  # compress (recipe or target), explain
     ("sparseinfer.distill", "sparseinfer.staged", "sparseinfer.passes.movement", "sparseinfer.passes.structured",
-     "sparseinfer.llm"),
+     "sparseinfer.llm", "sparseinfer.recover"),
     ("sparseinfer",),  # the public API (__init__)
     ("sparseinfer.apps", "sparseinfer.commands", "sparseinfer.cli"),  # apps: demo, models, benchmarking
 )

@@ -96,7 +96,7 @@ def test_structured_and_gradual_stages_from_a_file(trained, tmp_path):
     ([], "non-empty list"),
     ([{"prune": "2:4", "distill": {}}], "exactly one of"),
     ([{"squash": 1}], "exactly one of"),
-    ([{"compress": "int8"}, {"prune": "2:4"}], "must be the last"),
+    ([{"compress": "int8"}, {"prune": "2:4"}], "only .recover. stages may follow"),
     ([{"prune": "2:5:7"}], "recipe"),
     ([{"distill": 3}], "mapping of arguments"),
     ({"steps": []}, "only 'stages'"),

@@ -15,6 +15,7 @@ paths under AddressSanitizer in tests/test_native_sanitizers.py.
 
 from __future__ import annotations
 
+import copy
 import signal
 import subprocess
 import sys
@@ -113,6 +114,22 @@ def test_storage_moves_in_process(fmt, params):
         for t in layer.packed.tensors().values():
             t.set_(t.clone())
             assert torch.equal(layer(x), want)
+
+
+@pytest.mark.parametrize("fmt,params", [("int8", {}), ("2:4+int4", {"group_size": 32}), ("csr+int8", {})])
+def test_deepcopy_of_a_layer_that_has_run(fmt, params):
+    """copy.deepcopy after calls (native layouts prepacked): the copy owns its tensors, rebuilds its
+    own caches and gives the same bits, and the original still runs on its own."""
+    layer = _pair(fmt, params, seed=2)[0]
+    layer.act = "int8"
+    x = torch.randn(5, 256)
+    with torch.no_grad():
+        want = layer(x)
+        twin = copy.deepcopy(torch.nn.Sequential(layer))[0]
+        assert torch.equal(twin(x), want)
+        for a, b in zip(layer.packed.tensors().values(), twin.packed.tensors().values()):
+            assert a.data_ptr() != b.data_ptr()
+        assert torch.equal(layer(x), want)
 
 
 def test_a_write_that_breaks_the_format_is_refused():

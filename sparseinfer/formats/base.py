@@ -16,6 +16,7 @@ tensor for tensor. The quantizers below are built so that this holds by construc
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import re
@@ -95,6 +96,15 @@ class PackedWeight:
         self._prepacked: dict[str, Any] = {}
         # Which backend ran which kind of call (``sparseinfer.backends.resolve``'s memo).
         self._routes: dict[tuple, Any] = {}
+
+    def __deepcopy__(self, memo):
+        """A copy with its own tensors; the per-backend caches stay behind (a native prepacked
+        layout cannot be copied, and the copy rebuilds its own on first use)."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for name, value in self.__dict__.items():
+            setattr(new, name, {} if name in ("_prepacked", "_routes") else copy.deepcopy(value, memo))
+        return new
 
     # -- interface every format implements --------------------------------------------------
     dense_dtype: torch.dtype = torch.float32  # what to_dense() returns by default

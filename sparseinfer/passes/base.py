@@ -24,6 +24,7 @@ class Target:
     recipe: LayerRecipe
     weight: torch.Tensor  # float32 [N, K] GEMM form, edited by passes
     pack_kwargs: dict[str, Any] = field(default_factory=dict)
+    quantized: bool = False  # a calibrated quantizer already fixed its grid (a joint prune + quantize sweep)
 
 
 @dataclass(frozen=True)

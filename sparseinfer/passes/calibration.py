@@ -14,10 +14,23 @@ the model runs once, up to the first block, to capture that block's inputs; then
     3. runs again, so the next block is calibrated on the outputs of the *compressed* blocks before it.
 
 Memory therefore holds one set of block inputs and one block's statistics, never every layer's
-activations or Hessians at once. (The weights themselves stay where the model keeps them: a model
+activations or Hessians at once: for a decoder of hidden size d, calibration on S tokens holds
+S * d floats of activations (128 x 2048 tokens of a d=576 model: 0.6 GB) plus one layer's K x K Gram
+matrices, whatever the depth. (The weights themselves stay where the model keeps them: a model
 that does not fit in memory at all needs its blocks loaded lazily, which this module does not do.)
 Targets outside the block stack (a classifier head, a pooler) and models without one are
 calibrated with one more pass through the whole model.
+
+True-sequential order (GPTQ's ``true-sequential``, on for the second-order methods): inside a block
+the targets are processed in the order the forward reaches them, in groups of targets that share
+one input tensor (q/k/v, then o, then gate/up, then down in a Llama layer); each group is
+calibrated on the block's output of the groups already compressed, at one more (partial) run of
+the block per group: a re-run stops once the group has its inputs.
+
+Padding is never counted: when a batch is a mapping with an ``attention_mask`` [B, T], the rows of
+padded tokens are dropped from every layer's statistics. ``text_batches`` turns raw text (a list of
+strings or a file) into token windows with a tokenizer, as ``compress(..., calib=texts,
+tokenizer=tok)`` does.
 
 ``calib`` is an iterable of model inputs: a tensor (``model(x)``), a tuple or list (``model(*x)``) or
 a mapping of keyword arguments (``model(**x)``, e.g. tokenizer output). It is read once per
@@ -28,6 +41,7 @@ two of them (``wanda`` then ``gptq``).
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -46,16 +60,23 @@ class LayerStats:
         self.sqsum = torch.zeros(k, dtype=torch.float64)
         self.gram = torch.zeros(k, k, dtype=torch.float64) if gram else None
 
-    def add(self, x: torch.Tensor) -> None:
-        """x [rows, K]: one call's input rows."""
+    def add(self, x: torch.Tensor) -> tuple:
+        """x [rows, K]: one call's input rows. Returns the increment (for ``add_increment``)."""
         if x.shape[-1] != self.k:
             raise ValueError(f"calibration: layer {self.name!r} expects K={self.k} input features, got input rows "
                              f"of shape {tuple(x.shape)}")
         x = x.detach().float().cpu()
-        self.rows += x.shape[0]
-        self.sqsum += (x * x).sum(0, dtype=torch.float64)
+        inc = (x.shape[0], (x * x).sum(0, dtype=torch.float64),
+               None if self.gram is None else (x.T @ x).double())  # float32 GEMM per batch, float64 running sum
+        self.add_increment(inc)
+        return inc
+
+    def add_increment(self, inc: tuple) -> None:
+        rows, sqsum, gram = inc
+        self.rows += rows
+        self.sqsum += sqsum
         if self.gram is not None:
-            self.gram += (x.T @ x).double()  # float32 GEMM per batch, float64 running sum
+            self.gram += gram
 
     @property
     def col_norms(self) -> torch.Tensor:
@@ -148,23 +169,64 @@ def gemm_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-class _Collect:
-    """Context manager: forward-pre-hooks that feed each target's input into its LayerStats."""
+def token_mask(batch: Any) -> torch.Tensor | None:
+    """bool [B * T]: the real (unpadded) tokens of a batch that carries an ``attention_mask`` [B, T]."""
+    if isinstance(batch, Mapping):
+        mask = batch.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            return mask.reshape(-1).bool()
+    return None
 
-    def __init__(self, targets: list[Target], gram: bool):
+
+class _Collect:
+    """Context manager: forward-pre-hooks that feed each target's input into its LayerStats.
+
+    ``row_mask`` (set by the caller before each batch): the rows to count, when a layer's input has
+    one row per token of the batch (padding is dropped). ``stage[name]``: the number of the first
+    distinct input tensor the target saw, in forward order (targets sharing an input share it).
+    Linear targets fed the same tensor (q/k/v) share one computed Gram increment. ``stop``: raise
+    _StopForward once every target has seen the current batch (``seen`` is reset per batch by
+    the caller), so a re-run skips the rest of the block."""
+
+    def __init__(self, targets: list[Target], gram: bool, stop: bool = False):
         self.stats = {t.name: LayerStats(t.name, t.weight.shape[1], gram) for t in targets}
-        self.targets = targets
+        self.targets, self.stop = targets, stop
+        self.row_mask: torch.Tensor | None = None
+        self.stage: dict[str, int] = {}
+        self.seen: set[str] = set()
+        self._last_input: torch.Tensor | None = None
+        self._last_increment: tuple | None = None
+        self._tick = 0
 
     def __enter__(self) -> dict[str, LayerStats]:
-        def hook_for(stats: LayerStats):
+        def hook_for(name: str, stats: LayerStats):
             def hook(module, args):
-                stats.add(gemm_input(module, args[0]))
+                x = args[0]
+                if x is not self._last_input:
+                    self._last_input, self._last_increment = x, None
+                    self._tick += 1
+                self.stage.setdefault(name, self._tick)
+                inc = self._last_increment
+                if isinstance(module, nn.Linear) and inc is not None and inc[1].shape[0] == stats.k:
+                    stats.add_increment(inc)
+                else:
+                    rows = gemm_input(module, x)
+                    if self.row_mask is not None and rows.shape[0] == self.row_mask.numel():
+                        rows = rows[self.row_mask.to(rows.device)]
+                    inc = stats.add(rows)
+                    if isinstance(module, nn.Linear):
+                        self._last_increment = inc
+                self.seen.add(name)
+                if self.stop and len(self.seen) == len(self.stats):
+                    raise _StopForward
             return hook
 
-        self.handles = [t.module.register_forward_pre_hook(hook_for(self.stats[t.name])) for t in self.targets]
+        self.handles = [t.module.register_forward_pre_hook(hook_for(t.name, self.stats[t.name]))
+                        for t in self.targets]
         return self.stats
 
     def __exit__(self, *exc) -> None:
+        self._last_input = self._last_increment = None
         for h in self.handles:
             h.remove()
         if exc[0] is None:
@@ -181,6 +243,49 @@ def sync_weights(targets: list[Target]) -> None:
         for t in targets:
             w = t.module.weight
             w.copy_(t.weight.reshape(w.shape).to(w.dtype))
+
+
+# -- text -------------------------------------------------------------------------------------
+
+def text_batches(texts, tokenizer, *, seq_len: int = 512, max_windows: int | None = None) -> list[dict]:
+    """Calibration batches from raw text: ``texts`` (a list of strings, or the path of a text file)
+    is joined, tokenized once with ``tokenizer`` (a Hugging Face tokenizer) and cut into windows of
+    ``seq_len`` tokens (the last one shorter), one window per batch: {"input_ids", "attention_mask"}
+    [1, T]. No padding is made, so every token counts. ``max_windows`` keeps the first ones."""
+    if isinstance(texts, (str, Path)):
+        path = Path(texts)
+        if not path.is_file():
+            raise ValueError(f"calibration text: {str(texts)[:80]!r} is not a file; pass a list of strings for "
+                             f"text itself, or the path of a text file")
+        texts = [path.read_text(encoding="utf-8", errors="replace")]
+    texts = list(texts)
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise ValueError("calibration text: expected a non-empty list of strings (or a file path)")
+    if tokenizer is None or not callable(tokenizer):
+        raise ValueError("calibration text needs the model's tokenizer: pass tokenizer=...")
+    if seq_len < 2:
+        raise ValueError(f"calibration text: seq_len must be >= 2, got {seq_len}")
+    ids = tokenizer("\n\n".join(texts), return_tensors="pt")["input_ids"].reshape(-1)
+    if ids.numel() == 0:
+        raise ValueError("calibration text: the tokenizer produced no tokens")
+    windows = [ids[i:i + seq_len] for i in range(0, ids.numel(), seq_len)]
+    if max_windows is not None:
+        windows = windows[:max_windows]
+    return [{"input_ids": w.unsqueeze(0), "attention_mask": torch.ones(1, w.numel(), dtype=torch.long)}
+            for w in windows]
+
+
+def as_calibration(calib, tokenizer=None, **kwargs):
+    """``calib`` as model inputs: text (a list of strings or a file path) goes through
+    ``text_batches`` with ``tokenizer``; anything else is returned as it is."""
+    is_text = isinstance(calib, (str, Path)) or (
+        isinstance(calib, (list, tuple)) and calib and all(isinstance(c, str) for c in calib))
+    if not is_text:
+        if tokenizer is not None and calib is not None:
+            raise ValueError("tokenizer= is for calibration text (a list of strings or a file path); calib holds "
+                             f"{type(calib).__name__} of model inputs already")
+        return calib
+    return text_batches(calib, tokenizer, **kwargs)
 
 
 # -- the block stack ------------------------------------------------------------------------
@@ -218,6 +323,7 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple
 
 
 def _capture_block_inputs(model: nn.Module, block: nn.Module, batches: list) -> list[tuple[tuple, dict]]:
+    """(args, kwargs) of the first block's call for every batch."""
     captured: list[tuple[tuple, dict]] = []
 
     def hook(module, args, kwargs):
@@ -251,17 +357,19 @@ Process = Callable[[list[Target], dict[str, LayerStats]], None]
 
 
 def calibrate(model: nn.Module, targets: list[Target], calib, process: Process, *, gram: bool,
-              desc: str = "calibrating") -> None:
+              desc: str = "calibrating", sequential: bool = False) -> None:
     """Collect input statistics for ``targets`` block by block and call ``process(group, stats)``
     for each group of targets (one block, then those outside the block stack); ``process`` edits
     ``t.weight``, which is written back into the model before the next block is calibrated.
 
     gram: collect X^T X (SparseGPT, GPTQ) besides the per-column sums of squares (Wanda).
+    sequential: true-sequential order inside each block (see the module docstring).
     """
     if not targets:
         return
     device = model_device(model)
     batches = [_to_device(b, device) for b in batches_of(calib)]
+    masks = [token_mask(b) for b in batches]
     sync_weights(targets)  # earlier passes (a magnitude prune before GPTQ) are part of the model now
     was_training = model.training
     model.eval()
@@ -275,23 +383,52 @@ def calibrate(model: nn.Module, targets: list[Target], calib, process: Process, 
                     inside = {id(m) for m in block.modules()}
                     group = [t for t in targets if id(t.module) in inside]
                     if group:
-                        with _Collect(group, gram) as stats:
-                            for args, kwargs in inputs:
-                                block(*args, **kwargs)
-                        process(group, stats)
-                        sync_weights(group)
+                        _calibrate_block(block, group, inputs, masks, process, gram, sequential)
                         done.update(id(t.module) for t in group)
-                    inputs = [_with_hidden(a, kw, _block_output(block(*a, **kw))) for a, kw in inputs]
+                    for j, (a, kw) in enumerate(inputs):  # in place: one set of activations at a time
+                        inputs[j] = _with_hidden(a, kw, _block_output(block(*a, **kw)))
                 del inputs
             rest = [t for t in targets if id(t.module) not in done]
             if rest:
-                with _Collect(rest, gram) as stats:
+                collect = _Collect(rest, gram)
+                with collect as stats:
                     for i, batch in enumerate(batches):
+                        collect.row_mask = masks[i]
                         _run_batch(model, batch, i)
                 process(rest, stats)
                 sync_weights(rest)
     finally:
         model.train(was_training)
+
+
+def _run_block(block: nn.Module, collect: "_Collect", inputs: list, masks: list) -> None:
+    for (a, kw), mask in zip(inputs, masks):
+        collect.row_mask, collect.seen = mask, set()
+        try:
+            block(*a, **kw)
+        except _StopForward:  # every target of the group has its input: the rest of the block is not needed
+            pass
+
+
+def _calibrate_block(block, group, inputs, masks, process, gram: bool, sequential: bool) -> None:
+    """Statistics for the targets of one block, then ``process``; in true-sequential order, one
+    group of targets sharing an input at a time, each calibrated after the ones before it."""
+    collect = _Collect(group, gram, stop=True)
+    with collect as stats:
+        _run_block(block, collect, inputs, masks)
+    if not sequential:
+        process(group, stats)
+        sync_weights(group)
+        return
+    stages = sorted(set(collect.stage.values()))
+    for n, stage in enumerate(stages):
+        part = [t for t in group if collect.stage[t.name] == stage]
+        if n:  # re-collect: the groups before this one are compressed now
+            again = _Collect(part, gram, stop=True)
+            with again as stats:
+                _run_block(block, again, inputs, masks)
+        process(part, {t.name: stats[t.name] for t in part})
+        sync_weights(part)
 
 
 def collect_stats(model: nn.Module, targets: list[Target], calib, *, gram: bool = False) -> dict[str, LayerStats]:
@@ -302,8 +439,10 @@ def collect_stats(model: nn.Module, targets: list[Target], calib, *, gram: bool 
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), _Collect(targets, gram) as stats:
+        collect = _Collect(targets, gram)
+        with torch.no_grad(), collect as stats:
             for i, batch in enumerate(batches):
+                collect.row_mask = token_mask(batch)
                 _run_batch(model, batch, i)
     finally:
         model.train(was_training)

@@ -37,16 +37,37 @@ from ..formats.base import asymmetric_quantize, symmetric_quantize
 from ..formats.nm import select_nm
 from .base import Target, register_method
 from .calibration import calibrate
-from .sparsegpt import BLOCKSIZE, PERCDAMP, inverse_hessian_cholesky
+from .obs import BLOCKSIZE, PERCDAMP, inverse_hessian_cholesky
+from .wanda import nm_keep_mask
+
+CLIP_GRID = torch.linspace(1.0, 0.8, 21).tolist()  # range shrink factors tried per group
+CLIP_NORM = 2.4  # the error norm of the reference implementation's MSE scale search
 
 
-def _group_params(values: torch.Tensor, bits: int, symmetric: bool):
-    """Scale (and zero) per row [N] of one group's values [N, g], by the format's own quantizer."""
+def _group_params(values: torch.Tensor, bits: int, symmetric: bool, clip: bool = True):
+    """Scale (and zero) per row [N] of one group's values [N, g], by the format's own quantizer.
+    clip: try the group's range shrunk by each factor of CLIP_GRID and keep, per row, the one with
+    the lowest sum |w - q|^2.4 (the reference GPTQ's ``mse`` option): a few outliers then no longer
+    stretch the grid of the whole group."""
     if symmetric:
-        _, scale = symmetric_quantize(values.unsqueeze(1), bits)
-        return scale[:, 0], None
-    _, scale, zero = asymmetric_quantize(values.unsqueeze(1), bits)
-    return scale[:, 0], zero[:, 0]
+        _, base = symmetric_quantize(values.unsqueeze(1), bits)
+        base = base[:, 0]
+    best = best_err = None
+    for factor in (CLIP_GRID if clip else [1.0]):
+        if symmetric:  # the absmax scale of values * f is f times that of values
+            scale, zero = base * factor, None
+        else:
+            _, scale, zero = asymmetric_quantize((values * factor).unsqueeze(1), bits)
+            scale, zero = scale[:, 0], zero[:, 0]
+        err = (_quantize(values, scale.unsqueeze(1), None if zero is None else zero.unsqueeze(1).float(), bits)
+               - values).abs_().pow_(CLIP_NORM).sum(1)
+        if best is None:
+            best, best_err = (scale, zero), err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = (torch.where(better, scale, best[0]), None if zero is None else torch.where(better, zero, best[1]))
+    return best
 
 
 def _quantize(col: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
@@ -60,14 +81,25 @@ def _quantize(col: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_size: int | None = None,
                   symmetric: bool = True, keep: torch.Tensor | None = None, act_order: bool = False,
-                  blocksize: int = BLOCKSIZE, percdamp: float = PERCDAMP):
+                  prune_nm: tuple[int, int] | None = None, clip: bool = True, blocksize: int = BLOCKSIZE,
+                  percdamp: float = PERCDAMP):
     """Quantize ``weight`` [N, K] with GPTQ.
 
     group_size: consecutive columns sharing a scale (None: the whole row). keep: bool [N, K], entries
-    to quantize; the others end at 0 (N:M survivors). Returns (q float32 [N, K] on the quantization
-    grid, scale float32 [N, G], zero int32 [N, G] or None) with G = ceil(K / group_size).
+    to quantize; the others end at 0 (N:M survivors). prune_nm (n, m): instead of a fixed ``keep``,
+    prune to N:M in the same column sweep (SparseGPT's joint sparsification and quantization): at the
+    first column of every group of m the m - n lowest w^2 / [H^-1]_qq^2 of the OBS-updated weights
+    are dropped, the survivors quantized, and both errors spread right. A value group's scale is
+    fixed at its first column from the survivors the same score predicts for the whole group.
+    clip: search each group's scale (see ``_group_params``). Returns (q float32 [N, K] on the
+    quantization grid, scale float32 [N, G], zero int32 [N, G] or None) with G = ceil(K / group_size).
     """
     n_out, k = weight.shape
+    if prune_nm is not None:
+        if act_order or keep is not None:
+            raise ValueError("gptq: prune_nm chooses the mask in column order; it excludes act_order and keep")
+        pn, pm = prune_nm
+        blocksize = pm * max(1, blocksize // pm)  # a group of M never straddles two blocks
     if hessian.shape != (k, k):
         raise ValueError(f"gptq: Hessian of shape {tuple(hessian.shape)} does not match weight {tuple(weight.shape)} "
                          f"(need {k}x{k})")
@@ -84,13 +116,16 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, gro
     zero = None if symmetric else torch.zeros(n_out, ngroups, dtype=torch.int32, device=w.device)
     if act_order:  # static groups from the original (masked) weights, then visit by decreasing H diagonal
         for g in range(ngroups):
-            s, z = _group_params(torch.where(keep, w, zero_f)[:, g * span:(g + 1) * span], bits, symmetric)
+            s, z = _group_params(torch.where(keep, w, zero_f)[:, g * span:(g + 1) * span], bits, symmetric, clip)
             scale[:, g] = s
             if zero is not None:
                 zero[:, g] = z
         w, keep, h = w[:, perm], keep[:, perm], h[perm][:, perm]
     hinv, dead = inverse_hessian_cholesky(h, percdamp)
     w[:, dead] = 0
+    hdiag = torch.diag(hinv)
+    if prune_nm is not None:
+        keep = keep.clone()
     order = perm if act_order else torch.arange(k, device=w.device)
     group_of = (order // span).tolist()
     for i1 in range(0, k, blocksize):
@@ -102,10 +137,18 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, gro
         for i in range(i2 - i1):
             col_idx = i1 + i
             g = group_of[col_idx]
+            if prune_nm is not None and col_idx % pm == 0:
+                width = min(pm, k - col_idx)
+                score = w1[:, i:i + width] ** 2 / hdiag[col_idx:col_idx + width].unsqueeze(0) ** 2
+                keep[:, col_idx:col_idx + width] = nm_keep_mask(score, min(pn, width), width)
             if not act_order and col_idx % span == 0:
                 # the group's current values: this block's part is in w1, later blocks' in w
                 cur = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :span]
-                s, z = _group_params(torch.where(keep[:, col_idx:col_idx + span], cur, zero_f), bits, symmetric)
+                if prune_nm is None:
+                    kept = keep[:, col_idx:col_idx + span]
+                else:  # the survivors the score predicts (the masks of later groups of m are not chosen yet)
+                    kept = nm_keep_mask(cur ** 2 / hdiag[col_idx:col_idx + cur.shape[1]].unsqueeze(0) ** 2, pn, pm)
+                s, z = _group_params(torch.where(kept, cur, zero_f), bits, symmetric, clip)
                 scale[:, g] = s
                 if zero is not None:
                     zero[:, g] = z
@@ -123,9 +166,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, gro
     return w, scale, zero
 
 
-def _plan(t: Target) -> dict | None:
-    """How to GPTQ a target: bits, symmetric, K-space group size, and the N:M survivors; None if
-    the target has nothing quantized."""
+def plan(t: Target, survivors: bool = True) -> dict | None:
+    """How to GPTQ a target: bits, symmetric, K-space group size, and (``survivors``) the N:M
+    survivors ``pack`` would keep; None if the target has nothing quantized."""
     fmt = format_of(t.recipe.fmt)
     bits = fmt.value_bits
     if bits is None:
@@ -141,19 +184,31 @@ def _plan(t: Target) -> dict | None:
         if g is not None and g % n:
             raise ValueError(f"gptq: recipe {t.recipe.text!r} (layer {t.name!r}): value group size {g} is not a "
                              f"multiple of N={n}, so value groups would not line up with groups of {m} columns")
-        idx = select_nm(t.weight, n, m)
-        rows, k = t.weight.shape
-        keep = torch.zeros(rows, idx.shape[1] * m, dtype=torch.bool)
-        keep.view(rows, -1, m).scatter_(-1, idx, True)
-        plan["keep"] = keep[:, :k]
+        plan["nm"] = (n, m)
+        if survivors:
+            idx = select_nm(t.weight, n, m)
+            rows, k = t.weight.shape
+            keep = torch.zeros(rows, idx.shape[1] * m, dtype=torch.bool)
+            keep.view(rows, -1, m).scatter_(-1, idx, True)
+            plan["keep"] = keep[:, :k]
         plan["group_size"] = None if g is None else g * m // n
     return plan
 
 
+def set_quantized(t: Target, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> None:
+    """Record a GPTQ result on the target: the on-grid weight and the scales ``pack`` must use."""
+    t.weight = q
+    t.pack_kwargs["scale"] = scale
+    if zero is not None:
+        t.pack_kwargs["zero"] = zero.to(torch.uint8)
+    t.quantized = True
+
+
 def _gptq_method(act_order: bool):
     def run(targets: list[Target], calib, model) -> None:
-        plans = {t.name: _plan(t) for t in targets}
-        work = [t for t in targets if plans[t.name] is not None]
+        todo = [t for t in targets if not t.quantized]  # a joint SparseGPT sweep may have done some already
+        plans = {t.name: plan(t) for t in todo}
+        work = [t for t in todo if plans[t.name] is not None]
 
         def process(group, stats):
             for t in group:
@@ -161,12 +216,9 @@ def _gptq_method(act_order: bool):
                 q, scale, zero = gptq_quantize(t.weight, stats[t.name].hessian(), bits=p["bits"],
                                                group_size=p["group_size"], symmetric=p["symmetric"],
                                                keep=p["keep"], act_order=act_order)
-                t.weight = q
-                t.pack_kwargs["scale"] = scale
-                if zero is not None:
-                    t.pack_kwargs["zero"] = zero.to(torch.uint8)
+                set_quantized(t, q, scale, zero)
 
-        calibrate(model, work, calib, process, gram=True, desc="gptq-act" if act_order else "gptq")
+        calibrate(model, work, calib, process, gram=True, desc="gptq-act" if act_order else "gptq", sequential=True)
 
     run.__doc__ = f"GPTQ on every target with int8 / int4 values (act_order={act_order})."
     return run

@@ -9,46 +9,22 @@ columns at every step). The mask is chosen on the fly: for N:M at the first colu
 of M (the M - N smallest w^2 / [H^-1]_qq^2 are dropped); for unstructured sparsity once per block of
 128 columns (the adaptive mask selection of the paper).
 
-Recipes: "sparsegpt:2:4", "sparsegpt:2:4+int8", "sparsegpt:sparse50". Chain with GPTQ on the
-survivors through a dict recipe: {"default": "2:4+int4", "methods": {"prune": "sparsegpt",
-"quantize": "gptq"}}.
+Recipes: "sparsegpt:2:4", "sparsegpt:2:4+int8", "sparsegpt:sparse50". With GPTQ as the quantize
+method, {"default": "2:4+int4", "methods": {"prune": "sparsegpt", "quantize": "gptq"}}, N:M layers
+are pruned and quantized in ONE column sweep, as the SparseGPT paper does (``gptq_quantize`` with
+``prune_nm``): each column is pruned, its survivors rounded to the grid, and both errors spread
+onto the columns to the right -- one calibration and one sweep instead of two full passes.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import gptq
 from .base import Target, register_method
 from .calibration import calibrate
+from .obs import BLOCKSIZE, PERCDAMP, inverse_hessian_cholesky
 from .wanda import _mask_args, check_per_layer
-
-PERCDAMP = 0.01  # dampening: a fraction of the mean diagonal of H, added to H (the papers' default)
-BLOCKSIZE = 128  # columns per lazy-update block (a multiple of M for N:M)
-
-
-def inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float = PERCDAMP) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U, dead): U float32 [K, K] upper with U^T U = (H + damp I)^-1; ``dead`` marks columns that
-    never saw a non-zero input (their H diagonal is 0; they get a unit diagonal and are zeroed by the
-    callers). Dampening grows tenfold while the factorisation fails (a rank-deficient H)."""
-    h = hessian.double().clone()
-    k = h.shape[0]
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    damp = percdamp * torch.diag(h).mean()
-    eye = torch.eye(k, dtype=h.dtype, device=h.device)
-    flip = torch.arange(k - 1, -1, -1, device=h.device)
-    for _ in range(8):
-        # With J the order reversal and J H J = L L^T, H = R R^T for the upper R = J L J, so
-        # H^-1 = (R^-1)^T R^-1 and R^-1 = J L^-1 J is the upper factor wanted: one Cholesky and one
-        # triangular solve (cholesky_inverse + a second Cholesky cost several times more on CPU).
-        chol, info = torch.linalg.cholesky_ex((h + damp * eye)[flip][:, flip])
-        if int(info) == 0:
-            upper = torch.linalg.solve_triangular(chol, eye, upper=False)[flip][:, flip]
-            if torch.isfinite(upper).all():
-                return upper.float(), dead
-        damp = damp * 10
-    raise ValueError(f"the calibration Hessian ({k}x{k}) is not positive definite even with heavy dampening; "
-                     f"calibrate with more (or more varied) data")
 
 
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: float | None = None,
@@ -103,10 +79,19 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: fl
 
 @register_method("sparsegpt", stage="prune", needs_calibration=True)
 def sparsegpt(targets: list[Target], calib, model) -> None:
-    """Prune every target that asks for N:M or unstructured sparsity with SparseGPT."""
-
+    """Prune every target that asks for N:M or unstructured sparsity with SparseGPT (and quantize
+    N:M+int targets in the same sweep when their quantize method is GPTQ)."""
     def process(group, stats):
         for t in group:
-            t.weight = sparsegpt_prune(t.weight, stats[t.name].hessian(), **_mask_args(t))
+            hessian = stats[t.name].hessian()
+            joint = gptq.plan(t, survivors=False) if t.recipe.quant_method == "gptq" else None
+            if joint is not None and "nm" in joint:
+                q, scale, zero = gptq.gptq_quantize(t.weight, hessian, bits=joint["bits"],
+                                                    group_size=joint["group_size"], symmetric=joint["symmetric"],
+                                                    prune_nm=joint["nm"])
+                gptq.set_quantized(t, q, scale, zero)
+            else:
+                t.weight = sparsegpt_prune(t.weight, hessian, **_mask_args(t))
 
-    calibrate(model, check_per_layer(targets, "sparsegpt"), calib, process, gram=True, desc="sparsegpt")
+    calibrate(model, check_per_layer(targets, "sparsegpt"), calib, process, gram=True, desc="sparsegpt",
+              sequential=True)
