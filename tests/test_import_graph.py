@@ -28,8 +28,7 @@ LAYERS = (
     ("sparseinfer.passes.pipeline",),  # apply a recipe: passes, pack, swap modules
     ("sparseinfer.eval",),  # quality, latency, sweeps, recipe search
     ("sparseinfer.api",),  # compress (recipe or target), explain
-    ("sparseinfer.distill", "sparseinfer.staged", "sparseinfer.passes.movement", "sparseinfer.passes.structured",
-     "sparseinfer.llm", "sparseinfer.recover"),
+    ("sparseinfer.training", "sparseinfer.llm"),  # distill, staged, recover, movement, structured
     ("sparseinfer",),  # the public API (__init__)
     ("sparseinfer.apps", "sparseinfer.commands", "sparseinfer.cli"),  # apps: demo, models, benchmarking
 )
