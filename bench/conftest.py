@@ -22,7 +22,7 @@ import sibench
 import torch
 
 import sparseinfer as si
-from sparseinfer import benchmarking as sb
+from sparseinfer.apps import benchmarking as sb
 
 _BANDWIDTH = pytest.StashKey[dict]()
 

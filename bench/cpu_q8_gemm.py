@@ -4,7 +4,7 @@
     python bench/cpu_q8_gemm.py --shapes 384x384 --batches 64 --rounds 5
 
 Standalone script (not collected by pytest). 2 threads; every point times its providers in interleaved
-rounds (torch fp32 ``F.linear``, FBGEMM dynamic int8 (``sparseinfer.benchmarking.fbgemm_int8``), and
+rounds (torch fp32 ``F.linear``, FBGEMM dynamic int8 (``sparseinfer.apps.benchmarking.fbgemm_int8``), and
 ``sparseinfer._C.linear(act="int8")`` on int8 (per channel), int4-g128, 2:4+int8 and 2:4+int4-g64
 weights), hot weights, best of the rounds. Where the CPU has AVX-512 VNNI, 2:4+int8 / 2:4+int4 also run
 on the AVX2 level (the register-gather N:M kernels), which is what they ran before the dense row tiles.
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 import sparseinfer as si
 from sparseinfer import _native
-from sparseinfer import benchmarking as sb
+from sparseinfer.apps import benchmarking as sb
 from sparseinfer.backends.cpu import build_native_weight
 
 THREADS = 2

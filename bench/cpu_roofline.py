@@ -14,7 +14,8 @@ Measured, for a 4096 x 4096 weight:
 * batch 64 HOT: one weight, compute-bound.
 
 Providers: torch fp32 ``F.linear``; torch dynamic int8 (``quantized::linear_dynamic`` on a
-per-channel int8 weight: FBGEMM, 7-bit activations, ``sparseinfer.benchmarking.fbgemm_int8``); ONNX Runtime ``MatMulNBits`` int4
+per-channel int8 weight: FBGEMM, 7-bit activations, ``sparseinfer.apps.benchmarking.fbgemm_int8``);
+ONNX Runtime ``MatMulNBits`` int4
 (block 128, accuracy_level 4 = int8 activations; com.microsoft domain, 2 intra-op threads, no
 spinning); sparseinfer int8 (per-channel) and int4-g128 through ``sparseinfer._C.linear`` in both
 activation modes (``act="int8"``: x quantized per call, integer dot products; ``act="fp32"``: exact), and
@@ -44,7 +45,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import sparseinfer as si  # noqa: E402
 from sparseinfer import _native  # noqa: E402
-from sparseinfer import benchmarking as sb  # noqa: E402
+from sparseinfer.apps import benchmarking as sb  # noqa: E402
 from sparseinfer.backends import BACKENDS  # noqa: E402
 from sparseinfer.formats import from_parts  # noqa: E402
 

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 import sparseinfer as si
 from sparseinfer import _native
-from sparseinfer import benchmarking as sb
+from sparseinfer.apps import benchmarking as sb
 from sparseinfer.backends import cpu_tuning
 from sparseinfer.backends.cpu import build_native_weight
 from sparseinfer.formats import from_parts

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparseinfer as si
-from sparseinfer import benchmarking as sb
+from sparseinfer.apps import benchmarking as sb
 from sparseinfer.backends import BACKENDS
 from sparseinfer.formats import from_parts
 

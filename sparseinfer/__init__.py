@@ -17,15 +17,15 @@ from .backends.cpu import set_threads
 from .eval import choose_recipe, evaluate, knee_point, pareto_front, sweep
 from .formats import CSRWeight, Int4Weight, Int8Weight, NMWeight, PackedWeight, pack
 from .recipe import Recipe, parse_layer_recipe
+from .runtime.embedding import CompressedEmbedding
 from .runtime.linear import linear
 from .runtime.modules import CompressedConv2d, CompressedLinear, set_act
 from .runtime.serialization import ArtifactError, load, load_tokenizer, save
-from .runtime.embedding import CompressedEmbedding
-from .distill import distill, finish_qat, prepare_qat
-from .passes.movement import GradualPruner, iterative_prune
-from .passes.structured import prune_structured
-from .staged import prune, run_stages
-from .recover import recover
+from .training.distill import distill, finish_qat, prepare_qat
+from .training.movement import GradualPruner, iterative_prune
+from .training.recover import recover
+from .training.staged import prune, run_stages
+from .training.structured import prune_structured
 
 __all__ = ["__version__", "pack", "linear", "compress", "explain", "save", "load", "backends", "set_threads",
            "ArtifactError", "PackedWeight", "Int8Weight", "Int4Weight", "NMWeight", "CSRWeight", "CompressedLinear",

@@ -372,12 +372,12 @@ KILLED_SAVE = textwrap.dedent("""
     import os, signal, sys, torch
     import sparseinfer as si
     from sparseinfer.runtime import serialization
-    real = serialization._write_bytes
+    real = serialization.write_bytes
     def die_before_the_manifest(path, data):
         if path.name == "sparseinfer.json":
             os.kill(os.getpid(), signal.SIGKILL)
         real(path, data)
-    serialization._write_bytes = die_before_the_manifest
+    serialization.write_bytes = die_before_the_manifest
     model = si.compress(torch.nn.Sequential(torch.nn.Linear(16, 8)), "int8", progress=False)
     si.save(model, sys.argv[1], export=False)
 """)

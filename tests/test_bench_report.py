@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sparseinfer import benchmarking as sb
+from sparseinfer.apps import benchmarking as sb
 from sparseinfer.cli import main
 from sparseinfer.commands import bench as bench_cmd
 

@@ -33,7 +33,7 @@ def test_demo_int8_activations(capsys):
 
 
 def test_demo_table_format():
-    from sparseinfer.demo import Row, format_table
+    from sparseinfer.apps.demo import Row, format_table
 
     dense = Row("dense fp32", 100, 100, 1.0, 1.0, 10.0, 10.0, "torch")
     table = format_table([Row("int8", 50, 100, 0.99, 0.98, 5.0, 10.0, "reference", 4.0)], dense)

@@ -28,10 +28,9 @@ LAYERS = (
     ("sparseinfer.passes.pipeline",),  # apply a recipe: passes, pack, swap modules
     ("sparseinfer.eval",),  # quality, latency, sweeps, recipe search
     ("sparseinfer.api",),  # compress (recipe or target), explain
-    ("sparseinfer.distill", "sparseinfer.staged", "sparseinfer.passes.movement", "sparseinfer.passes.structured",
-     "sparseinfer.llm", "sparseinfer.recover"),
+    ("sparseinfer.training", "sparseinfer.llm"),  # distill, staged, recover, movement, structured
     ("sparseinfer",),  # the public API (__init__)
-    ("sparseinfer.demo", "sparseinfer.models", "sparseinfer.benchmarking", "sparseinfer.commands", "sparseinfer.cli"),
+    ("sparseinfer.apps", "sparseinfer.commands", "sparseinfer.cli"),  # apps: demo, models, benchmarking
 )
 # Function-level imports of package modules are allowed only into these (they need an optional
 # dependency: Triton).

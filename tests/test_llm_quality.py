@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import sparseinfer as si
-from sparseinfer.passes.pipeline import targets as _targets
 from sparseinfer.formats import pack
 from sparseinfer.passes.calibration import calibrate, collect_stats, text_batches
 from sparseinfer.passes.gptq import gptq_quantize
+from sparseinfer.passes.pipeline import targets as _targets
 from sparseinfer.passes.sparsegpt import sparsegpt_prune
 from sparseinfer.recipe import Recipe
 
@@ -176,7 +176,7 @@ def test_joint_recipe_runs_one_sweep(monkeypatch):
 # -- recovery ---------------------------------------------------------------------------------
 
 def _kl(student, teacher, data):
-    from sparseinfer.recover import kl_loss
+    from sparseinfer.training.recover import kl_loss
 
     with torch.no_grad():
         return sum(kl_loss(student(**b).logits, teacher(**b).logits, b["attention_mask"], 1.0).item() for b in data)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparseinfer as si
-from sparseinfer.distill import FakePack, soft_target_loss
+from sparseinfer.training.distill import FakePack, soft_target_loss
 
 
 def _data(n=384, seed=0):

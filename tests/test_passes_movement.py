@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparseinfer as si
-from sparseinfer.passes.movement import cubic_schedule, snapshot
+from sparseinfer.training.movement import cubic_schedule, snapshot
 
 
 def _task(seed=0):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import sparseinfer as si
-from sparseinfer.passes.structured import structured_groups
+from sparseinfer.training.structured import structured_groups
 
 
 def _switch_off(model, report):

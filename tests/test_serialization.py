@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import sparseinfer as si
-from sparseinfer.runtime import serialization
+from sparseinfer.runtime import atomic, serialization
 from sparseinfer.runtime.serialization import ArtifactError, ExportError
 
 
@@ -342,8 +342,8 @@ def test_interrupted_save_keeps_the_old_artifact(saved, tmp_path, monkeypatch):
             raise OSError("disk full (simulated)")
         return real(path, data)
 
-    real = serialization._write_bytes
-    monkeypatch.setattr(serialization, "_write_bytes", fail_on_manifest)
+    real = serialization.write_bytes
+    monkeypatch.setattr(serialization, "write_bytes", fail_on_manifest)
     with pytest.raises(OSError, match="simulated"):
         si.save(_model("int8"), target, _inputs())
     assert "sparseinfer.json" in calls
@@ -360,7 +360,7 @@ def test_interrupted_save_keeps_the_old_artifact(saved, tmp_path, monkeypatch):
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
 def test_save_replaces_an_artifact_but_not_other_directories(saved, tmp_path, monkeypatch, exchange):
     if not exchange:
-        monkeypatch.setattr(serialization, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(atomic, "exchange", lambda a, b: False)
     si.save(_model("int8"), tmp_path / "a", export=False)
     si.save(saved[0], tmp_path / "a", export=False)
     assert json.loads((tmp_path / "a" / "sparseinfer.json").read_text())["layers"]["fc1"]["fmt"] == "int4"
@@ -429,7 +429,7 @@ MINILM_FRESH = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_minilm_round_trip_in_fresh_process(tmp_path):
-    from sparseinfer import models
+    from sparseinfer.apps import models
 
     model, tokenizer, _ = models.load_hf(models.MINILM)
     compressed = si.compress(model, "int8", progress=False)

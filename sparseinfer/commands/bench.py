@@ -15,7 +15,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from ..benchmarking import render_report
+from ..apps.benchmarking import render_report
 
 SUITE_ENV = "SPARSEINFER_BENCH_DIR"
 

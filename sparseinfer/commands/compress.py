@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import sparseinfer as si
-from sparseinfer import models
+from sparseinfer.apps import models
 from sparseinfer.eval.data import sentences
 from sparseinfer.llm import load_causal_lm
 from sparseinfer.recipe import Recipe, parse_layer_recipe

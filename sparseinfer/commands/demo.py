@@ -1,10 +1,10 @@
-"""`sparseinfer demo`: the README's main job (see sparseinfer/demo.py)."""
+"""`sparseinfer demo`: the README's main job (see sparseinfer/apps/demo.py)."""
 
 from __future__ import annotations
 
-from sparseinfer import demo
 from sparseinfer.act import ACT_MODES
-from sparseinfer.demo import DEFAULT_RECIPES
+from sparseinfer.apps import demo
+from sparseinfer.apps.demo import DEFAULT_RECIPES
 
 
 def register(sub):

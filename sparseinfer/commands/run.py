@@ -8,8 +8,8 @@ import time
 import torch
 
 import sparseinfer as si
-from sparseinfer import models
 from sparseinfer.act import ACT_MODES
+from sparseinfer.apps import models
 from sparseinfer.runtime.serialization import read_manifest
 
 

@@ -4,13 +4,23 @@ them meets a list where it expects an object (the manifest's layout is in serial
 
 Unknown keys are ignored (a newer writer of the same format version may add some); known keys of the
 wrong JSON type, missing required keys and JSON nested deeper than ``MAX_DEPTH`` are ``ArtifactError``.
+
+Also the format's constants (file names, version), ``read_manifest`` and the size / SHA-256 checks of
+files and tensors against what the manifest records.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+from pathlib import Path
 from typing import Any
 
+import torch
+
+from .._version import __version__
+from .atomic import IN_FLIGHT
 from .errors import ArtifactError
 
 MAX_DEPTH = 64  # saved manifests nest 8 levels, exported programs 11, their pytree specs 5
@@ -40,6 +50,7 @@ def parse_json(data: str | bytes, where: str, max_depth: int = MAX_DEPTH) -> Any
 
 
 # -- the manifest's field types ---------------------------------------------------------------------
+
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
@@ -164,3 +175,81 @@ def _check_program_entry(c: _Checker, p: dict) -> None:
         for key in ("min", "max"):
             if key in spec and not _is_int(spec[key]):
                 c.fail(f"{path}.{key}", "an integer", spec[key])
+
+
+FORMAT = "sparseinfer-artifact"
+FORMAT_VERSION = 1
+MANIFEST, WEIGHTS, PROGRAM = "sparseinfer.json", "model.safetensors", "program.json"
+CONSTANT_PREFIX = "__constant__."
+_CHUNK = 1 << 20
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    t = t.detach().cpu().contiguous()
+    return hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"").hexdigest()
+
+
+def file_digest(path: Path, fsync: bool = False) -> dict[str, Any]:
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+        if fsync:
+            os.fsync(f.fileno())
+    return {"bytes": size, "sha256": h.hexdigest()}
+
+
+def read_manifest(path) -> dict:
+    """The manifest of the artifact at ``path``, checked for format and version (no tensors read)."""
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"no artifact at {str(path)!r}: the path does not exist")
+    if not path.is_dir():
+        raise ArtifactError(f"{str(path)!r} is not an artifact directory (expected {MANIFEST} and {WEIGHTS} in it)")
+    match = IN_FLIGHT.fullmatch(path.name)
+    if match:
+        what = ("the temporary folder of a save that did not finish (the next save to that place removes it)"
+                if match.group(1) == "tmp" else "an artifact a save was replacing when it stopped: rename it to use it")
+        raise ArtifactError(f"{str(path)!r} is not an artifact: it is {what}")
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise ArtifactError(f"{str(path)!r} has no {MANIFEST}: not a sparseinfer artifact, or an incomplete one")
+    manifest = parse_json(mpath.read_bytes(), f"{mpath}: the manifest")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        fmt = manifest.get("format") if isinstance(manifest, dict) else None
+        raise ArtifactError(f"{mpath}: not a sparseinfer manifest (format {fmt!r})")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ArtifactError(f"{mpath}: format_version is missing or not an integer ({version!r})")
+    if version > FORMAT_VERSION:
+        raise ArtifactError(f"{mpath}: artifact format version {version} is newer than this sparseinfer "
+                            f"{__version__} reads (up to {FORMAT_VERSION}); upgrade sparseinfer")
+    if version < 1:
+        raise ArtifactError(f"{mpath}: unknown artifact format version {version}")
+    for key, kind in (("layers", dict), ("tensors", dict), ("aliases", dict), ("files", dict)):
+        if not isinstance(manifest.get(key), kind):
+            raise ArtifactError(f"{mpath}: the manifest lacks {key!r} (or it is not a {kind.__name__})")
+    if WEIGHTS not in manifest["files"]:
+        raise ArtifactError(f"{mpath}: the manifest does not list {WEIGHTS}")
+    check_manifest(manifest, str(mpath))
+    return manifest
+
+
+def check_file(path: Path, name: str, expected: dict, hash_it: bool) -> None:
+    f = path / name
+    if not f.is_file():
+        raise ArtifactError(f"{str(path)!r}: {name} is missing")
+    if not isinstance(expected, dict) or not isinstance(expected.get("bytes"), int):
+        raise ArtifactError(f"{path / MANIFEST}: the entry for {name} is malformed ({expected!r})")
+    size = f.stat().st_size
+    if size != expected["bytes"]:
+        what = "truncated" if size < expected["bytes"] else "longer than recorded"
+        raise ArtifactError(f"{f}: {what} ({size} bytes, the manifest records {expected.get('bytes')})")
+    if hash_it and file_digest(f)["sha256"] != expected.get("sha256"):
+        raise ArtifactError(f"{f}: checksum mismatch (SHA-256 differs from the manifest): the file was modified "
+                            f"or corrupted")

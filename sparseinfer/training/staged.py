@@ -20,7 +20,7 @@ A stage is a mapping with one action key and an optional ``name``:
     compress    recipe: ``compress()``; packs the model, so only ``recover`` stages may follow it
     recover     kwargs of ``recover`` (steps, lr, temperature, hidden_weight, checkpoint, ...):
                 distillation of a compressed causal LM from the teacher with its masks and
-                quantization grids fixed (sparseinfer.recover); batches from ``loader``
+                quantization grids fixed (sparseinfer.training.recover); batches from ``loader``
 
 The stages may also be given as {"stages": [...]} or as a YAML / JSON file holding either.
 The teacher (for ``distill`` and ``gradual``) defaults to a frozen copy of the input model.
@@ -40,17 +40,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .api import compress
+from ..api import compress
+from ..passes import METHODS
+from ..passes.calibration import sync_weights
+from ..passes.pipeline import targets as recipe_targets
+from ..passes.prune import nm_magnitude_mask
+from ..passes.wanda import apply_mask, prune_spec
+from ..recipe import Recipe
 from .distill import distill
-from .passes import METHODS
-from .passes.calibration import sync_weights
-from .passes.movement import GradualPruner
-from .passes.pipeline import targets as recipe_targets
-from .passes.prune import nm_magnitude_mask
-from .passes.structured import prune_structured
-from .passes.wanda import apply_mask, prune_spec
-from .recipe import Recipe
+from .movement import GradualPruner
 from .recover import recover
+from .structured import prune_structured
 
 ACTIONS = ("prune", "structured", "gradual", "distill", "compress", "recover")
 

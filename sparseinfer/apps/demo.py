@@ -20,9 +20,9 @@ from tqdm.auto import tqdm
 
 import sparseinfer as si
 
+from ..eval.data import sentences
+from ..runtime.modules import CompressedLinear
 from . import models
-from .eval.data import sentences
-from .runtime.modules import CompressedLinear
 
 # Plain rounding / magnitude next to their calibrated counterparts (GPTQ, SparseGPT: a few seconds
 # each on the demo's calibration sentences), so the table shows what calibration buys.

@@ -34,8 +34,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..formats import format_of
+from ..passes.pipeline import recipe_layers
 from ..recipe import Recipe
-from .pipeline import recipe_layers
 
 
 class _Mask(nn.Module):

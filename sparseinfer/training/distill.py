@@ -42,10 +42,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
-from .formats import pack
-from .passes.calibration import call_model
-from .passes.pipeline import fit_groups, recipe_layers
-from .passes.prune import magnitude_mask
+from ..formats import pack
+from ..passes.calibration import call_model
+from ..passes.pipeline import fit_groups, recipe_layers
+from ..passes.prune import magnitude_mask
 
 # -- QAT -----------------------------------------------------------------------------------------
 

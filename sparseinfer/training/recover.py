@@ -56,9 +56,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
-from .formats import pack
-from .passes.calibration import as_calibration
-from .runtime.modules import CompressedConv2d, CompressedLinear
+from ..formats import pack
+from ..passes.calibration import as_calibration
+from ..runtime.modules import CompressedConv2d, CompressedLinear
 
 CHECKPOINT_FORMAT = "sparseinfer.recover/1"
 
