@@ -357,40 +357,38 @@ Status check_quant(const QuantView& q, int64_t K, bool int4) {
   return Status::ok;
 }
 
-}  // namespace
-
-Status int8_panel_gemm_avx512(const GemmArgs& a, const WeightView& w, int64_t n_begin, int64_t n_end) {
-  if (check_quant(w.q, a.K, false) != Status::ok) return Status::invalid_argument;
+// int8 / int4 differ only in their decoders and in the group length the whole-panel decoder needs
+// (16 int8 / 32 int4 codes per 16-byte load); other groups decode row by row, then transpose.
+template <bool Int4>
+Status quant_panel_gemm(const GemmArgs& a, const WeightView& w, int64_t n_begin, int64_t n_end) {
+  if (check_quant(w.q, a.K, Int4) != Status::ok) return Status::invalid_argument;
   const QuantView& q = w.q;
-  if (q.group % 16 == 0)
+  if (q.group % (Int4 ? 32 : 16) == 0)
     return panel::gemm<Avx512Panel>(a, n_begin, n_end, [&q](int64_t n, int nr, int64_t k0, int kb, float* panel) {
-      decode_int8_panel(q, n, nr, k0, kb, panel);
+      if constexpr (Int4) decode_int4_panel(q, n, nr, k0, kb, panel);
+      else decode_int8_panel(q, n, nr, k0, kb, panel);
       return true;
     });
   float* rows = row_strip();
   if (!rows) return Status::out_of_memory;
   return panel::gemm<Avx512Panel>(a, n_begin, n_end, [&q, rows](int64_t n, int nr, int64_t k0, int kb, float* panel) {
-    for (int j = 0; j < nr; ++j) decode_int8_row(q, n + j, k0, kb, rows + j * Avx512Panel::kKC);
+    for (int j = 0; j < nr; ++j) {
+      if constexpr (Int4) decode_int4_row(q, n + j, k0, kb, rows + j * Avx512Panel::kKC);
+      else decode_int8_row(q, n + j, k0, kb, rows + j * Avx512Panel::kKC);
+    }
     rows_to_panel(rows, Avx512Panel::kKC, nr, kb, panel);
     return true;
   });
 }
 
+}  // namespace
+
+Status int8_panel_gemm_avx512(const GemmArgs& a, const WeightView& w, int64_t n_begin, int64_t n_end) {
+  return quant_panel_gemm<false>(a, w, n_begin, n_end);
+}
+
 Status int4_panel_gemm_avx512(const GemmArgs& a, const WeightView& w, int64_t n_begin, int64_t n_end) {
-  if (check_quant(w.q, a.K, true) != Status::ok) return Status::invalid_argument;
-  const QuantView& q = w.q;
-  if (q.group % 32 == 0)
-    return panel::gemm<Avx512Panel>(a, n_begin, n_end, [&q](int64_t n, int nr, int64_t k0, int kb, float* panel) {
-      decode_int4_panel(q, n, nr, k0, kb, panel);
-      return true;
-    });
-  float* rows = row_strip();
-  if (!rows) return Status::out_of_memory;
-  return panel::gemm<Avx512Panel>(a, n_begin, n_end, [&q, rows](int64_t n, int nr, int64_t k0, int kb, float* panel) {
-    for (int j = 0; j < nr; ++j) decode_int4_row(q, n + j, k0, kb, rows + j * Avx512Panel::kKC);
-    rows_to_panel(rows, Avx512Panel::kKC, nr, kb, panel);
-    return true;
-  });
+  return quant_panel_gemm<true>(a, w, n_begin, n_end);
 }
 
 // The dense fallback's row dequantizer (ref/dequantize_ref.cpp calls it through dispatch.cpp):
