@@ -41,6 +41,14 @@ class FormatTable:
         return list(self._impls)
 
 
+class FormatImpl:
+    """Base of a backend's per-format implementation: takes every weight of its format unless it
+    says otherwise."""
+
+    def supports(self, w: PackedWeight) -> bool:
+        return True
+
+
 class BackendUnavailable(RuntimeError):
     """Raised when an explicitly requested backend cannot run here; the message says why."""
 

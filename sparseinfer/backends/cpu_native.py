@@ -11,7 +11,7 @@ import torch
 from .. import _native
 from ..formats import CSRWeight, Int4Weight, Int8Weight, NMWeight, PackedWeight
 from ..formats.base import FLOAT_DTYPES
-from .base import FormatTable
+from .base import FormatImpl, FormatTable
 
 _PREPACK_KEY = "cpu"
 _UNSET = object()
@@ -68,26 +68,21 @@ def native_weight(w: PackedWeight):
 FORMATS = FormatTable()
 
 
-class CpuFormat:
-    def supports(self, w: PackedWeight) -> bool:
-        return True
-
-
 @FORMATS.register(Int8Weight)
-class _Int8(CpuFormat):
+class _Int8(FormatImpl):
     def build(self, C, w):
         return C.pack_int8(contig(w.qweight), contig(w.scale), w.shape[1])
 
 
 @FORMATS.register(Int4Weight)
-class _Int4(CpuFormat):
+class _Int4(FormatImpl):
     def build(self, C, w):
         zero = None if w.zero is None else contig(w.zero)
         return C.pack_int4(contig(w.qweight), contig(w.scale), zero, w.shape[1])
 
 
 @FORMATS.register(NMWeight)
-class _NM(CpuFormat):
+class _NM(FormatImpl):
     def supports(self, w):
         return w.value_format is not None or w.values.dtype in FLOAT_DTYPES
 
@@ -97,7 +92,7 @@ class _NM(CpuFormat):
 
 
 @FORMATS.register(CSRWeight)
-class _CSR(CpuFormat):
+class _CSR(FormatImpl):
     def supports(self, w):
         return w.quantized or w.values.dtype in FLOAT_DTYPES
 

@@ -25,7 +25,7 @@ import os
 import torch
 
 from ..formats import CSRWeight, Int4Weight, Int8Weight, NMWeight, PackedWeight
-from .base import Backend, FormatTable
+from .base import Backend, FormatImpl, FormatTable
 
 ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_NM_GROUP = 32  # N:M kernels handle groups up to 32 wide (kernels.nm_linear.MAX_M)
@@ -92,7 +92,8 @@ class TritonBackend(Backend):
 
     # -- run ---------------------------------------------------------------------------------
 
-    def linear(self, x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None, act: str | None = None) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None,
+               act: str | None = None) -> torch.Tensor:
         # float activations in every kernel (W8A16 / W4A16): ``act`` allows int8 but never requires it
         if x.device != w.device:
             raise ValueError(f"triton: x is on {x.device} but the packed weight is on {w.device}")
@@ -126,13 +127,8 @@ def _prepack(w: PackedWeight) -> dict:
 FORMATS = FormatTable()
 
 
-class TritonFormat:
-    def supports(self, w: PackedWeight) -> bool:
-        return True
-
-
 @FORMATS.register(Int8Weight)
-class _Int8(TritonFormat):
+class _Int8(FormatImpl):
     def prepack(self, w):
         return {"qweight": w.qweight, "scale_t": w.scale.T.contiguous()}
 
@@ -146,7 +142,7 @@ class _Int8(TritonFormat):
 
 
 @FORMATS.register(Int4Weight)
-class _Int4(TritonFormat):
+class _Int4(FormatImpl):
     def prepack(self, w):
         return {"qweight": w.qweight, "scale_t": w.scale.T.contiguous(),
                 "zero_t": None if w.zero is None else w.zero.T.contiguous()}
@@ -161,7 +157,7 @@ class _Int4(TritonFormat):
 
 
 @FORMATS.register(NMWeight)
-class _NM(TritonFormat):
+class _NM(FormatImpl):
     def supports(self, w):
         return w.m <= MAX_NM_GROUP
 
@@ -191,7 +187,7 @@ class _NM(TritonFormat):
 
 
 @FORMATS.register(CSRWeight)
-class _CSR(TritonFormat):
+class _CSR(FormatImpl):
     def prepack(self, w):
         from sparseinfer.kernels.csr_linear import CSRPlan
 
