@@ -278,3 +278,26 @@ def test_recover_under_ddp_matches_one_process(tmp_path):
     for name, w in _packed(single.model).items():
         assert not torch.equal(w.to_dense(), start[name].to_dense())  # it trained
         torch.testing.assert_close(ddp[name], w.to_dense(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt, params", [("int8", {}), ("int4", {"group_size": 16}), ("int4", {"group_size": None}),
+                                         ("int4", {"group_size": 16, "symmetric": False}),
+                                         ("2:4+int4", {"group_size": 16}), ("2:4+int8", {}),
+                                         ("1:3+int4", {"group_size": 8, "symmetric": False})])
+def test_recover_value_grid_is_pack_exactly(fmt, params):
+    """The fast projection recover trains through equals pack(w, fmt, scale=...).to_dense() of the
+    masked weight, on odd shapes (K not a multiple of the group or of M) and on moved weights."""
+    from sparseinfer.training.recover import FixedGrid, _fixed_tensors, _ValueGrid
+
+    g = torch.Generator().manual_seed(3)
+    for rows, k in [(1, 45), (3, 33), (17, 64)]:
+        packed = pack(torch.randn(rows, k, generator=g), fmt, **params)
+        dense = packed.to_dense()
+        keep = dense != 0 if packed.kind == "nm" else None
+        fixed = _fixed_tensors(packed)
+        fast = FixedGrid(fmt, packed.params(), fixed, keep, _ValueGrid(packed, dense != 0))
+        assert _ValueGrid.handles(packed)
+        for step in (0.0, 0.05, 0.3):
+            w = dense + step * torch.randn(dense.shape, generator=g)
+            want = pack(w * keep if keep is not None else w, fmt, **packed.params(), **fixed).to_dense()
+            assert torch.equal(fast.project(w), want), (fmt, rows, k, step)
