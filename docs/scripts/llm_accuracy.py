@@ -4,14 +4,18 @@
     python docs/scripts/llm_accuracy.py                          # every recipe, no recovery
     python docs/scripts/llm_accuracy.py --recipes sparsegpt-2:4 --recover-steps 100
     python docs/scripts/llm_accuracy.py --lock /work/bench.lock  # hold a lock while timing compress
+    python docs/scripts/llm_accuracy.py --recipes sparsegpt:2:4 --artifacts art/   # save (or reuse) the compressed model
 
 The model is the dense fp32 dequantization of the GGUF file (``--gguf``; transformers + gguf).
 Text: the standard library's ``pydoc_data.topics``, topics in sorted order. Calibration: the first
 topics, as strings, through ``si.compress(model, recipe, calib=texts, tokenizer=tok)`` (windows of
 512 tokens). Recovery data: the topics after those. Perplexity: the last topics (held out from
 both), ``--eval-windows`` windows of ``--eval-len`` tokens, next-token cross-entropy over every
-position but the first of each window. Compress time is wall-clock; peak memory is the growth of the
-process's peak RSS during compress (``/proc/self/clear_refs`` resets the peak first).
+position but the first of each window. Compress and recovery times are wall-clock and CPU time
+(``getrusage``: on a shared machine the CPU time is the better measure); peak memory is the growth of
+the process's peak RSS during compress (``/proc/self/clear_refs`` resets the peak first).
+On a shared CPU keep ``--threads 1`` (the default): OpenMP threads spin while a sibling is
+descheduled, and a recovery step took 3-6x the CPU time with 2 threads on a loaded 2-core machine.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import fcntl
 import json
 import math
 import os
+import resource
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -126,6 +131,17 @@ def locked(path: str | None):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def load_compressed(path: Path, dense):
+    """A compressed model saved by ``--artifacts`` (tensors only), on a skeleton of the dense model's class."""
+    skeleton = type(dense)(dense.config)  # on the CPU: a meta skeleton would leave the rotary buffers on meta
+    return si.load(path, model=skeleton).eval()
+
+
 def timed_compress(model, recipe, calib, tok, lock):
     try:
         Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (VmHWM) to the current RSS
@@ -133,10 +149,10 @@ def timed_compress(model, recipe, calib, tok, lock):
         pass
     base = _status("VmRSS")
     with locked(lock):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         packed = si.compress(model, recipe, calib=calib, tokenizer=tok, progress=False)
-        seconds = time.perf_counter() - t0
-    return packed, seconds, max(_status("VmHWM") - base, 0) / 2**20
+        seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    return packed, seconds, cpu, max(_status("VmHWM") - base, 0) / 2**20
 
 
 def table(path: Path) -> str:
@@ -150,9 +166,10 @@ def table(path: Path) -> str:
            "| --- | ---: | ---: | ---: | ---: | ---: |", f"| dense | {dense:.2f} | 1.00 | — | — | — |"]
     for name, r in rows.items():
         rec = f"{r['ppl_recovered']:.2f} ({r['x_dense_recovered']:.2f}×), {r['recover_steps']} steps, " \
-              f"{r['recover_s'] / 60:.0f} min" if "ppl_recovered" in r else "—"
-        out.append(f"| `{name}` | {r['ppl']:.2f} | {r['x_dense']:.3f} | {rec} | {r['compress_s']:.0f} s | "
-                   f"{r['peak_mb']:.0f} MB |")
+              f"{r['recover_cpu_s'] / 60:.0f} CPU-min" if "ppl_recovered" in r else "—"
+        made = f"{r['compress_s']:.0f} s ({r['compress_cpu_s']:.0f} CPU-s)" if r.get("compress_s") else "loaded"
+        peak = f"{r['peak_mb']:.0f} MB" if r.get("peak_mb") is not None else "—"
+        out.append(f"| `{name}` | {r['ppl']:.2f} | {r['x_dense']:.3f} | {rec} | {made} | {peak} |")
     return "\n".join(out)
 
 
@@ -168,11 +185,15 @@ def main() -> None:
     ap.add_argument("--recover-lr", type=float, default=1e-4)
     ap.add_argument("--recover-hidden", type=float, default=1.0)
     ap.add_argument("--recover-seq", type=int, default=256)
+    ap.add_argument("--recover-checkpoint", default=None, help="recover's checkpoint file (every 25 steps): a run "
+                    "stopped early continues from it; rerun with --recover-steps = its step to end there")
     ap.add_argument("--fp32-recipes", nargs="*", default=[], help="recipes also evaluated with act='fp32' (exact "
                     "activations; the default act='auto' runs int8 activations where that kernel is faster)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--lock", default=None, help="a lock file held (flock) while compress is timed")
     ap.add_argument("--json", type=Path, default=None, help="append one JSON line per result")
+    ap.add_argument("--artifacts", type=Path, default=None, help="save each compressed model in this folder, or "
+                    "load it from there when saved before (no compress time then)")
     ap.add_argument("--dense-ppl", type=float, default=None, help="skip the dense evaluation (a known value)")
     ap.add_argument("--table", type=Path, default=None, help="print the markdown table of a --json file and exit")
     args = ap.parse_args()
@@ -201,9 +222,17 @@ def main() -> None:
     else:
         dense = args.dense_ppl
     for name in args.recipes:
-        packed, seconds, peak_mb = timed_compress(model, RECIPES[name], calib, tok, args.lock)
+        saved = args.artifacts / name.replace(":", "_").replace("+", "_") if args.artifacts else None
+        if saved is not None and saved.is_dir():
+            packed, seconds, cpu, peak_mb = load_compressed(saved, model), None, None, None
+        else:
+            packed, seconds, cpu, peak_mb = timed_compress(model, RECIPES[name], calib, tok, args.lock)
+            if saved is not None:
+                si.save(packed, saved, export=False)
         ppl = perplexity(packed, held, args.eval_windows, args.eval_len)
-        row = {"recipe": name, "ppl": ppl, "x_dense": ppl / dense, "compress_s": seconds, "peak_mb": peak_mb}
+        row = {"recipe": name, "ppl": ppl, "x_dense": ppl / dense, "compress_s": seconds, "compress_cpu_s": cpu,
+               "peak_mb": peak_mb, "threads": args.threads, "calib_tokens": args.calib_tokens,
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         if name in args.fp32_recipes:
             si.set_act(packed, "fp32")
             row["ppl_fp32"] = perplexity(packed, held, args.eval_windows, args.eval_len)
@@ -211,10 +240,12 @@ def main() -> None:
             si.set_act(packed, None)
         emit(row)  # before recovery: a long recovery run that is cut short still leaves this row
         if args.recover_steps and (args.recover_recipes is None or name in args.recover_recipes):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), cpu_seconds()
             res = si.recover(packed, model, train, tokenizer=tok, seq_len=args.recover_seq, steps=args.recover_steps,
-                             lr=args.recover_lr, hidden_weight=args.recover_hidden, inplace=True, progress=False)
-            row["recover_s"] = time.perf_counter() - t0
+                             lr=args.recover_lr, hidden_weight=args.recover_hidden, inplace=True, progress=False,
+                             checkpoint=args.recover_checkpoint, checkpoint_every=25)
+            row["recover_s"], row["recover_cpu_s"] = time.perf_counter() - t0, cpu_seconds() - c0
+            row["recover_lr"], row["recover_seq"] = args.recover_lr, args.recover_seq
             row["recover_steps"] = args.recover_steps
             row["ppl_recovered"] = perplexity(res.model, held, args.eval_windows, args.eval_len)
             row["x_dense_recovered"] = row["ppl_recovered"] / dense
