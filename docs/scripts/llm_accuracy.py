@@ -68,7 +68,7 @@ def load(gguf: Path):
     return model.eval(), tok
 
 
-def split_text(tok, calib_tokens: int, eval_tokens: int, train_tokens: int):
+def split_text(tok, calib_tokens: int, eval_tokens: int, train_tokens: int | None = None):
     """(calibration strings, recovery strings, held-out token ids): disjoint runs of topics."""
     import pydoc_data.topics
 
@@ -87,7 +87,7 @@ def split_text(tok, calib_tokens: int, eval_tokens: int, train_tokens: int):
     held = take(range(len(topics) - 1, -1, -1, ), eval_tokens)
     calib = take(range(len(topics)), calib_tokens)
     rest = [i for i in range(len(topics)) if i not in set(calib) | set(held)]
-    train = take(rest, train_tokens)
+    train = rest if train_tokens is None else take(rest, train_tokens)
     ids = tok("\n\n".join(topics[i] for i in sorted(held)), return_tensors="pt")["input_ids"][0]
     return [topics[i] for i in calib], [topics[i] for i in train], ids
 
@@ -208,8 +208,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, tok = load(args.gguf)
-    calib, train, held = split_text(tok, args.calib_tokens, args.eval_windows * args.eval_len + 64,
-                                    max(args.recover_steps, 1) * args.recover_seq)
+    # recovery text: every topic outside calibration and held-out text, whatever the step count, so
+    # that a run resumed from its checkpoint with another --recover-steps sees the same batches
+    calib, train, held = split_text(tok, args.calib_tokens, args.eval_windows * args.eval_len + 64)
     print(f"held-out tokens {held.numel()}, calibration strings {len(calib)}, recovery strings {len(train)}")
 
     def emit(row):
