@@ -261,3 +261,43 @@ def test_compiled_model_calls_the_live_layers(monkeypatch):
     layers = [m.packed for m in c.modules() if isinstance(m, si.CompressedLinear)]
     assert len(calls) == 8 * len(layers) and {id(w) for w in calls} == {id(w) for w in layers}
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("recipe", ["int8", "int4-g32", "2:4+int4"])
+@pytest.mark.parametrize("act", ["auto", "fp32"])
+def test_shared_input_projections_give_the_same_numbers(recipe, act):
+    """q/k/v and gate/up joined into one packed call (runtime/fused.py): each member's output is its
+    own call's, bit for bit, at decode and prompt row counts, and greedy tokens are unchanged."""
+    import copy
+
+    from sparseinfer.runtime.fused import fuse_shared_inputs
+
+    alone = si.set_act(si.compress(_llama(), {"default": recipe, "layers": {"lm_head": "int8"}}, progress=False), act)
+    joint = copy.deepcopy(alone)
+    assert fuse_shared_inputs(joint) == 4 and fuse_shared_inputs(joint) == 0  # 2 layers x (q/k/v, gate/up)
+    torch.manual_seed(1)
+    with torch.inference_mode():
+        for rows in (1, 3, 17):
+            x = torch.randn(1, rows, 64)
+            for block in ("self_attn", "mlp"):
+                a, b = getattr(alone.model.layers[1], block), getattr(joint.model.layers[1], block)
+                for name in ("q_proj", "k_proj", "v_proj") if block == "self_attn" else ("gate_proj", "up_proj"):
+                    want = getattr(a, name)(x)
+                    got = getattr(b, name)(x)
+                    assert torch.equal(got, want), (recipe, act, rows, name, (got - want).abs().max())
+    q = joint.model.layers[0].self_attn.q_proj
+    storage = lambda w: {t.untyped_storage().data_ptr() for t in w.tensors().values()}
+    assert storage(q.packed) == storage(q._group.joint.packed)  # the members' rows are views: stored once
+    from sparseinfer.llm import greedy
+
+    assert greedy(joint, torch.tensor(PROMPT), 12).tokens == greedy(alone, torch.tensor(PROMPT), 12).tokens
+    joint.to(torch.float32)  # a move leaves the group: each member runs alone again
+    assert q._group is None
+
+
+def test_loaded_llm_joins_shared_inputs(saved):
+    model, path = saved
+    loaded = si.load(path, act="fp32")
+    attn = loaded.model.layers[0].self_attn
+    assert attn.q_proj._group is not None and attn.q_proj._group is attn.v_proj._group
+    assert _generate(loaded) == _generate(model)
