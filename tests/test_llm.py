@@ -242,25 +242,38 @@ def test_greedy_matches_generate_and_decode_threads_restore():
         greedy(c, torch.tensor(PROMPT * 2), 4)
 
 
-@pytest.mark.slow
-def test_compiled_model_calls_the_live_layers(monkeypatch):
-    """torch.compile (aot_eager: the graph capture, without inductor's C++ build) with every compressed
-    layer one sparseinfer::layer_linear call: same greedy tokens as eager."""
+def test_compiled_model_gives_eager_tokens(monkeypatch):
+    """torch.compile (compile_model) with every compressed layer, or group of q/k/v or gate/up layers,
+    one sparseinfer::layer_linear call on the live layer: under act="auto" (int8 activations) the
+    same greedy tokens as eager and the same numbers into every layer. The aot_eager backend runs the
+    graph on ATen's own kernels; inductor's generated fp32 code for the norms rounds differently in the
+    last bit, which int8 activation rounding can turn into other tokens (compile_model's docstring)."""
     from sparseinfer.llm import compile_model, greedy
+    from sparseinfer.runtime.fused import SharedInput
 
-    c = si.set_act(si.compress(_llama(), RECIPE, progress=False), "fp32")
+    c = si.set_act(si.compress(_llama(), RECIPE, progress=False), "auto")
+    seen = []
+    run, group_run = si.CompressedLinear.run, SharedInput.run
+    monkeypatch.setattr(si.CompressedLinear, "run", lambda self, x: seen.append((self, x.clone())) or run(self, x))
+    monkeypatch.setattr(SharedInput, "run", lambda self, x: seen.append((self, x.clone())) or group_run(self, x))
     ref = greedy(c, torch.tensor(PROMPT), 8).tokens
+    layers = [m for m in c.modules() if isinstance(m, si.CompressedLinear)]
+    eager = {id(m): [x for who, x in seen if who is m] for m in layers}
     torch._dynamo.reset()
-    compile_model(c, backend="aot_eager")
-    assert all(m._compile_handle for m in c.modules() if isinstance(m, si.CompressedLinear))
-    from sparseinfer.runtime import ops
-
-    calls = []
-    monkeypatch.setattr(ops, "linear", lambda x, w, *a: calls.append(w) or si.linear(x, w, *a))
-    assert greedy(c, torch.tensor(PROMPT), 8).tokens == ref
-    layers = [m.packed for m in c.modules() if isinstance(m, si.CompressedLinear)]
-    assert len(calls) == 8 * len(layers) and {id(w) for w in calls} == {id(w) for w in layers}
-    torch._dynamo.reset()
+    try:
+        compile_model(c, backend="aot_eager")  # joins q/k/v and gate/up first
+        seen.clear()
+        assert greedy(c, torch.tensor(PROMPT), 8).tokens == ref
+    finally:
+        torch._dynamo.reset()
+    groups = {id(m._group): m._group for m in layers if m._group is not None}
+    assert len(groups) == 4
+    ops = [(who.members[0] if isinstance(who, SharedInput) else who, x) for who, x in seen
+           if id(who) in groups or any(who is m for m in layers)]  # not a group's own joint layer
+    assert len(ops) == 8 * (len(layers) - 6)  # per token one op per layer or group (2 x 3 of 7 joined)
+    for m in {id(who): who for who, _ in ops}.values():
+        got = [x for who, x in ops if who is m]
+        assert len(got) == len(eager[id(m)]) and all(torch.equal(a, b) for a, b in zip(got, eager[id(m)]))
 
 
 @pytest.mark.parametrize("recipe", ["int8", "int4-g32", "2:4+int4"])
@@ -301,3 +314,24 @@ def test_loaded_llm_joins_shared_inputs(saved):
     attn = loaded.model.layers[0].self_attn
     assert attn.q_proj._group is not None and attn.q_proj._group is attn.v_proj._group
     assert _generate(loaded) == _generate(model)
+
+
+def test_cli_generate_compile(saved, capsys, monkeypatch):
+    """--compile compiles before decoding (aot_eager here: inductor's C++ build takes minutes) and gives
+    the eager tokens under exact activations."""
+    from sparseinfer.cli import main
+    from sparseinfer.commands import generate
+    from sparseinfer.llm import compile_model
+
+    _, path = saved
+    args = [str(path), "--prompt", "w17 w93 w40", "--max-new-tokens", "6", "--threads", "1", "--act", "fp32"]
+    assert main(["generate", *args]) == 0
+    eager = capsys.readouterr().out
+    monkeypatch.setattr(generate, "compile_model", lambda m: compile_model(m, backend="aot_eager"))
+    torch._dynamo.reset()
+    try:
+        assert main(["generate", *args, "--compile"]) == 0
+    finally:
+        torch._dynamo.reset()
+    captured = capsys.readouterr()
+    assert captured.out == eager and "compiled in" in captured.err

@@ -84,7 +84,7 @@ class Backend:
 
     def direct_call(self, w: PackedWeight, x: torch.Tensor, act: str | None = None) -> Callable | None:
         """Optional fast path: ``call(x, bias) -> y`` equal to ``linear(x, w, bias, act)`` for every call
-        like ``x`` (same rows, dtype, device, activation mode), skipping per-call lookups; None when
+        like ``x`` (same shape, dtype, device, activation mode), skipping per-call lookups; None when
         this backend has none (the default) or such calls take another path."""
         return None
 

@@ -63,29 +63,43 @@ class SharedInput:
         self.rows = {}
         start = 0
         for m in members:
-            self.rows[id(m)] = (start, start + m.out_features)
+            self.rows[id(m)] = (start, m.out_features)
             start += m.out_features
         self._plans: dict[tuple, bool] = {}
         self._x = self._out = None  # the last joint call's input and output
         self._left = 0  # members yet to take their rows of it
+        self._compile_handle = None  # set by prepare_compile (ops.layer_linear runs ``run``)
 
     def output(self, member: CompressedLinear, x: torch.Tensor) -> torch.Tensor:
         if x is not self._x:
-            if not self._runs_jointly(x):
+            if self._compile_handle is not None and torch.compiler.is_compiling():
+                # traced by torch.compile: one op for the group, its rows handed out as in eager; the op
+                # decides joint or apart at run time (run_all)
+                out = torch.ops.sparseinfer.layer_linear(x, self._compile_handle, self.joint.out_features)
+            elif not self._runs_jointly(x):
                 return member.run(x)
-            self._x, self._out, self._left = x, self.joint.run(x), len(self.members)
-        lo, hi = self.rows[id(member)]
-        out = self._out[..., lo:hi]
+            else:
+                out = self.joint.run(x)
+            self._x, self._out, self._left = x, out, len(self.members)
+        start, length = self.rows[id(member)]
+        out = self._out.narrow(-1, start, length)
         self._left -= 1
         if self._left <= 0:  # every member has its rows: keep nothing alive
             self._x = self._out = None
         return out
 
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        """Every member's output for ``x``, side by side (what ``sparseinfer::layer_linear`` runs for
+        the group under torch.compile)."""
+        if self._runs_jointly(x):
+            return self.joint.run(x)
+        return torch.cat([m.run(x) for m in self.members], dim=-1)
+
     def _runs_jointly(self, x: torch.Tensor) -> bool:
         """Whether calls like ``x`` take the same path jointly and apart (a direct packed-kernel call)."""
         acts = tuple(m.act for m in self.members)
-        key = (x.numel(), x.shape[-1] if x.dim() else -1, x.dtype, x.is_cpu, x.requires_grad and torch.is_grad_enabled(),
-               acts, default_act(), tuple(m.backend for m in self.members), threads(), generation())
+        key = (x.shape, x.dtype, x.is_cpu, x.requires_grad and torch.is_grad_enabled(), acts, default_act(),
+               tuple(m.backend for m in self.members), threads(), generation())
         found = self._plans.get(key)
         if found is None:
             same = len(set(acts)) == 1 and len({m.backend for m in self.members}) == 1

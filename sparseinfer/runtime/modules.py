@@ -78,6 +78,8 @@ class CompressedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling() or torch.compiler.is_exporting():
             if self._compile_handle is not None and not torch.compiler.is_exporting():
+                if self._group is not None and self._group._compile_handle is not None:
+                    return self._group.output(self, x)
                 return torch.ops.sparseinfer.layer_linear(x, self._compile_handle, self.out_features)
             if torch.compiler.is_exporting():
                 tensors = [getattr(self, _buffer_name(n)) for n in self._names]
@@ -99,8 +101,7 @@ class CompressedLinear(nn.Module):
     def plan(self, x: torch.Tensor):
         """The memoised direct call for calls like ``x`` (see ``Backend.direct_call``), or None."""
         act = self.act or default_act()
-        key = (x.numel(), x.shape[-1] if x.dim() else -1, x.dtype, x.is_cpu, x.requires_grad and torch.is_grad_enabled(),
-               act, threads(), generation())
+        key = (x.shape, x.dtype, x.is_cpu, x.requires_grad and torch.is_grad_enabled(), act, threads(), generation())
         try:
             return self._plans[key]
         except KeyError:
@@ -155,10 +156,13 @@ class CompressedConv2d(nn.Module):
 
 def prepare_compile(model: nn.Module) -> nn.Module:
     """Before ``torch.compile(model)``: give every compressed layer a handle, so that the compiled
-    graph calls each as one ``sparseinfer::layer_linear`` op on the live layer (see ops.py)."""
+    graph calls each as one ``sparseinfer::layer_linear`` op on the live layer (see ops.py); layers
+    joined by ``fuse_shared_inputs`` take one op per group."""
     for m in model.modules():
         if isinstance(m, CompressedLinear):
             m._compile_handle = ops.register_layer(m)
+            if m._group is not None and m._group._compile_handle is None:  # q/k/v, gate/up: one op (fused.py)
+                m._group._compile_handle = ops.register_layer(m._group)
     return model
 
 
