@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 import sparseinfer as si
-from sparseinfer.llm import compile_model, decode_threads, greedy, prompt_threads
+from sparseinfer.llm import compile_model, decode_threads, greedy
 from sparseinfer.runtime.embedding import CompressedEmbedding
 from sparseinfer.runtime.fused import fuse_shared_inputs
 from sparseinfer.runtime.modules import CompressedLinear
@@ -147,8 +147,7 @@ def build_variants(dense: nn.Module, recipes, head: str, act: str | None, compil
 @torch.inference_mode()
 def prefill_seconds(model, ids) -> float:
     t = time.perf_counter()
-    with prompt_threads():  # as greedy() runs a prompt
-        model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    model(input_ids=ids, use_cache=True, logits_to_keep=1)
     return time.perf_counter() - t
 
 

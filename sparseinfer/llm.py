@@ -63,8 +63,7 @@ def decode_threads(n: int | None = None):
     (norms, rotary, attention over one query: microseconds each); with several torch threads each of
     those is a fork / join, and on a busy machine a join waits for a descheduled thread (measured in
     bench/README.md: SmolLM2 int8 decode ~6x faster on a loaded 2-core Zen 4). Dense layers left in
-    the model run on torch's one thread too; ``greedy`` runs the prompt with torch on ``n`` threads
-    (``prompt_threads``)."""
+    the model run on torch's one thread too."""
     before_torch, before_si = torch.get_num_threads(), cpu_native.configured_threads()
     if n is not None and (not isinstance(n, int) or n < 1):
         raise ValueError(f"decode_threads: n must be a positive int or None, got {n!r}")
@@ -75,19 +74,6 @@ def decode_threads(n: int | None = None):
     finally:
         torch.set_num_threads(before_torch)
         cpu_native.set_threads(before_si)
-
-
-@contextlib.contextmanager
-def prompt_threads():
-    """Inside ``decode_threads``: torch's ops on as many threads as sparseinfer's kernels for a prompt's
-    forward, whose attention and norms over hundreds of rows are big enough to split (on one thread
-    they made a 256-token prefill ~1.4x slower, bench/README.md); a no-op outside it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(before, cpu_native.threads()))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def compile_model(model: nn.Module, **compile_kwargs) -> nn.Module:
@@ -153,8 +139,7 @@ def greedy(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, eos_t
     start = time.perf_counter()
     for _ in range(max_new_tokens):
         t = time.perf_counter()
-        with prompt_threads() if ids is input_ids else contextlib.nullcontext():
-            logits = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_arg: cache}).logits
+        logits = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_arg: cache}).logits
         token = int(logits[0, -1].argmax())
         steps.append(time.perf_counter() - t)
         tokens.append(token)
