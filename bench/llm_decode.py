@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import sys
 import time
@@ -153,7 +154,10 @@ def prefill_seconds(model, ids) -> float:
 
 def run(model_name: str, recipes=RECIPES, threads: int = 2, new_tokens: int = 64, prompt_tokens: int = 256,
         rounds: int = 3, head: str = "int8", act: str | None = None, modes=("torch", "decode"),
-        dense_modes=("torch", "decode"), compiled=(), lock: str | None = None, log=print) -> dict:
+        dense_modes=("torch", "decode"), compiled=(), lock: str | None = None, idle_build: bool = False,
+        log=print) -> dict:
+    if idle_build:
+        _all_threads_policy(os.SCHED_IDLE)
     torch.set_num_threads(threads)
     si.set_threads(None)
     t0 = time.perf_counter()
@@ -174,9 +178,19 @@ def run(model_name: str, recipes=RECIPES, threads: int = 2, new_tokens: int = 64
             prefill_seconds(model, prompt)
             prefill_seconds(model, prompt[:, :32])
     log(f"warmed up in {time.perf_counter() - t0:.0f} s")
+    if idle_build:
+        _all_threads_policy(os.SCHED_OTHER)  # measure at normal priority, every thread (OpenMP's too)
     with _locked(lock):
         return _measure(model_name, variants, modes_of, prompt, decode_prompt, threads, new_tokens, rounds, head,
                         act, log)
+
+
+def _all_threads_policy(policy) -> None:
+    """Every thread of this process (threads inherit the policy of the one that made them) to ``policy``:
+    building and compiling at idle priority on a shared machine, measuring at normal priority."""
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(int(tid), policy, os.sched_param(0))
 
 
 @contextlib.contextmanager
@@ -286,11 +300,13 @@ def main(argv=None) -> int:
     p.add_argument("--dense-modes", default="torch,decode", help="thread settings for dense fp32")
     p.add_argument("--compile", default="", help="recipes to measure also under torch.compile (decode threads)")
     p.add_argument("--lock", help="flock this file around the measured rounds only (e.g. /work/bench.lock)")
+    p.add_argument("--idle-build", action="store_true",
+                   help="load, compress, compile and warm up at idle priority (Linux SCHED_IDLE), measure at normal")
     p.add_argument("--json", help="write the report here")
     args = p.parse_args(argv)
     report = run(args.model, args.recipes.split(","), args.threads, args.new_tokens, args.prompt_tokens, args.rounds,
                  args.head, args.act, tuple(args.modes.split(",")), tuple(args.dense_modes.split(",")),
-                 tuple(r for r in args.compile.split(",") if r), args.lock, log=lambda s: print(s, file=sys.stderr, flush=True))
+                 tuple(r for r in args.compile.split(",") if r), args.lock, args.idle_build, log=lambda s: print(s, file=sys.stderr, flush=True))
     print(markdown(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))

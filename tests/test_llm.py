@@ -335,3 +335,17 @@ def test_cli_generate_compile(saved, capsys, monkeypatch):
         torch._dynamo.reset()
     captured = capsys.readouterr()
     assert captured.out == eager and "compiled in" in captured.err
+
+
+def test_copied_layer_runs_its_own_weights():
+    """A deep copy of a layer that has run (memoised direct calls over its _C handle) computes with the
+    copy's tensors, not the original's."""
+    import copy
+
+    layer = si.CompressedLinear(si.pack(torch.randn(24, 40), "int8"), act="fp32")
+    x = torch.randn(3, 40)
+    layer(x)
+    twin = copy.deepcopy(layer)
+    want = layer(x)
+    twin.packed_scale.zero_()  # written in place: the twin's weight is now 0
+    assert torch.count_nonzero(twin(x)) == 0 and torch.equal(layer(x), want)

@@ -70,6 +70,13 @@ class CompressedLinear(nn.Module):
         self._rebuild()
         self._forget_plans()
 
+    def __getstate__(self):  # copy.deepcopy, pickle
+        state = self.__dict__.copy()
+        # the plans call this layer's _C handles and the compile handle names this layer: a copy makes
+        # its own; a copy runs alone (its tensors are not a shared-input group's)
+        state.update(_plans={}, _group=None, _compile_handle=None)
+        return state
+
     def _forget_plans(self) -> None:
         # the tensors may no longer be what the plans or a shared-input group point into
         self._plans.clear()
