@@ -125,24 +125,25 @@ def read_bandwidth(threads: int, nbytes: int = 256 << 20, repeat: int = 5) -> fl
     return nbytes / min(times)
 
 
-def build_variants(dense: nn.Module, recipes, head: str, act: str | None, compiled=()) -> dict[str, nn.Module]:
+def build_variants(load, recipes, head: str, act: str | None, compiled=()) -> dict[str, nn.Module]:
+    """{variant: model}, each built from its own ``load()`` (the same weights every time), compressed
+    in place, and the dense model loaded last: a 1B model's fp32 copies do not fit next to each other
+    on a 23 GB machine with its neighbours (a deep copy per recipe was killed for memory)."""
     variants = {}
     recipes = list(recipes) + [f"{r}+compile" for r in compiled]
-    for r in recipes:
+    for r in sorted(recipes, key=lambda r: r in ("dense", "bf16")):  # compressed first (stable order)
         if r == "dense":
-            variants[r] = dense
+            variants[r] = load()
         elif r == "bf16":
-            import copy
-
-            variants[r] = copy.deepcopy(dense).to(torch.bfloat16)
+            variants[r] = load().to(torch.bfloat16)
         else:
             base = r.removesuffix("+compile")
             recipe = {"default": base, "layers": {"lm_head": head}} if head != "dense" else base
-            variants[r] = si.set_act(si.compress(dense, recipe, progress=False), act)
+            variants[r] = si.set_act(si.compress(load(), recipe, inplace=True, progress=False), act)
             fuse_shared_inputs(variants[r])  # q/k/v, gate/up: one call each, as si.load gives a causal LM
             if r.endswith("+compile"):
                 compile_model(variants[r])
-    return variants
+    return {r: variants[r] for r in recipes}  # the order asked for
 
 
 @torch.inference_mode()
@@ -161,11 +162,9 @@ def run(model_name: str, recipes=RECIPES, threads: int = 2, new_tokens: int = 64
     torch.set_num_threads(threads)
     si.set_threads(None)
     t0 = time.perf_counter()
-    dense = load_model(model_name)
-    log(f"loaded {model_name} in {time.perf_counter() - t0:.0f} s")
-    variants = build_variants(dense, recipes, head, act, compiled)
+    variants = build_variants(lambda: load_model(model_name), recipes, head, act, compiled)
     log(f"built {list(variants)} in {time.perf_counter() - t0:.0f} s")
-    vocab = dense.config.vocab_size
+    vocab = next(iter(variants.values())).config.vocab_size
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, vocab, (1, prompt_tokens), generator=g)
     decode_prompt = prompt[:, :16]
