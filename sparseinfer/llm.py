@@ -19,6 +19,7 @@ import torch._dynamo
 from torch import nn
 
 from .backends import cpu_native
+from .runtime.fused import fuse_shared_inputs
 from .runtime.modules import prepare_compile
 
 
@@ -76,11 +77,23 @@ def decode_threads(n: int | None = None):
 
 
 def compile_model(model: nn.Module, **compile_kwargs) -> nn.Module:
-    """``torch.compile`` the model's forward (dynamic shapes: prompt and KV lengths vary) with each
-    compressed layer called as one ``sparseinfer::layer_linear`` op on the live layer
-    (``prepare_compile``); the norms, rotary embeddings and attention around them are fused by
-    inductor. Compiling takes minutes on 2 cores (first prefill and first decode step); figures in
-    bench/README.md. Returns ``model`` (compiled in place)."""
+    """``torch.compile`` the model's forward (dynamic shapes: prompt and KV lengths vary; one graph,
+    no break, for transformers' Llama with a DynamicCache) with each compressed layer -- or each group
+    of q/k/v or gate/up projections (``fuse_shared_inputs``, applied here) -- called as one
+    ``sparseinfer::layer_linear`` op on the live layer (``prepare_compile``); the norms, rotary
+    embeddings and residual adds around them are fused by inductor. Compiling takes minutes on 2 cores
+    (first prefill and first decode step); figures in bench/README.md. Returns ``model`` (compiled in
+    place).
+
+    Tokens against eager: with exact activations (act="fp32") the same up to fp32 summation order.
+    With int8 activations (act "auto" / "int8") they may part after some tokens: inductor's generated
+    code for the RMSNorm (and silu, rotary) rounds some activations differently in the last bit from
+    ATen's kernels (2.4e-7 on the first layer's input of a random Llama), int8 activation quantization
+    is a step function that turns such a bit into a whole code where a value sits on a rounding
+    boundary, and greedy decoding turns a near-tie into another token. The graph capture itself
+    changes nothing: ``backend="aot_eager"`` (ATen's kernels, the graph run op by op) gives eager's
+    numbers bit for bit (tests/test_llm.py), but it is slower than eager."""
+    fuse_shared_inputs(model)
     prepare_compile(model)
     # every model of one class shares forward's code object, and dynamo's recompile limit (8) counts
     # per code object: prefill / decode / with and without a cache, per compiled model

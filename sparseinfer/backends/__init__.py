@@ -68,6 +68,12 @@ def resolve(w: PackedWeight, x: torch.Tensor, backend: str | None = None) -> Bac
     return found
 
 
+def generation() -> tuple[int, int]:
+    """Changes whenever a memoised choice may be stale: a backend registered or removed, the CPU
+    routes reset (calibration). Layers key their per-call plans on it (runtime/modules.py)."""
+    return _generation, _cpu.cpu_routes._generation
+
+
 def _search(w: PackedWeight, x: torch.Tensor, backend: str | None) -> Backend:
     if backend is not None:
         if backend not in BACKENDS:
@@ -89,5 +95,5 @@ def _search(w: PackedWeight, x: torch.Tensor, backend: str | None) -> Backend:
     return BACKENDS["reference"]
 
 
-__all__ = ["Backend", "BackendUnavailable", "BACKENDS", "backends", "register", "unregister", "resolve",
-           "reference_linear"]
+__all__ = ["Backend", "BackendUnavailable", "BACKENDS", "backends", "generation", "register", "unregister",
+           "resolve", "reference_linear"]

@@ -82,6 +82,12 @@ class Backend:
         see ``sparseinfer.linear``) allows int8 activations; backends without such kernels run exact."""
         raise NotImplementedError
 
+    def direct_call(self, w: PackedWeight, x: torch.Tensor, act: str | None = None) -> Callable | None:
+        """Optional fast path: ``call(x, bias) -> y`` equal to ``linear(x, w, bias, act)`` for every call
+        like ``x`` (same shape, dtype, device, activation mode), skipping per-call lookups; None when
+        this backend has none (the default) or such calls take another path."""
+        return None
+
     def prepack(self, w: PackedWeight, act: str | None = None) -> Any:
         """Repack ``w`` into this backend's preferred layout now (load time) instead of on the
         first call, including what calls in activation mode ``act`` (None: the process default)

@@ -93,6 +93,30 @@ class CpuBackend(Backend):
         """The path a call with ``rows`` rows takes (kernel or dense fallback), its kernel and why."""
         return cpu_routes.route(w, native_weight(w), rows, resolve_act(act), threads())
 
+    def direct_call(self, w: PackedWeight, x: torch.Tensor, act: str | None = None):
+        """``call(x, bias) -> y`` that runs ``_C.linear`` straight, for calls like ``x`` (same shape, dtype,
+        activation mode and thread count) whose route is the packed kernel; None when another path
+        takes them. A layer memoises it per kind of call (CompressedLinear), so a decode step's ~200
+        calls skip the route and prepack lookups; ``bias`` must be None or float, contiguous, with no
+        gradient (the caller checks)."""
+        act = resolve_act(act)
+        n_threads = threads()
+        handle = native_weight(w)
+        if cpu_routes.route(w, handle, x.numel() // w.shape[1], act, n_threads).path != "kernel":
+            return None
+        run = _native._C.linear
+        # the output's shape, dtype and device, made once: new_empty(x.shape[:-1] + (n,)) costs 2.5 us a call
+        shape, dtype, device = (*x.shape[:-1], w.shape[0]), x.dtype, x.device
+
+        def call(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+            if not x.is_contiguous():
+                x = x.contiguous()
+            out = torch.empty(shape, dtype=dtype, device=device)
+            run(x, handle, out, bias, n_threads, None, act)
+            return out
+
+        return call
+
     def linear(self, x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None,
                act: str | None = None) -> torch.Tensor:
         """y [..., N] = x [..., K] @ W.T + bias in x.dtype (x float32 / bfloat16 / float16, on the CPU)."""

@@ -163,8 +163,15 @@ def fill_embedding(model: nn.Module, name: str, head: str, layers: dict) -> None
 def prepack(model: nn.Module) -> None:
     """Each layer's weight in the layout of the backend a one-row call would take, with what its
     activation mode needs (``Backend.prepack``)."""
+    done = set()
     for m in model.modules():
         if isinstance(m, CompressedLinear):
+            act = m.act
+            if m._group is not None:  # its calls run on the group's joint weight (fused.py)
+                m = m._group.joint
+            if id(m) in done:
+                continue
+            done.add(id(m))
             w = m.packed
             row = torch.empty(1, w.shape[1], device=w.device)  # names the device and dtype for resolve
-            resolve(w, row, m.backend).prepack(w, resolve_act(m.act))
+            resolve(w, row, m.backend).prepack(w, resolve_act(act))

@@ -6,10 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..act import check_act
+from ..act import check_act, default_act
+from ..backends import generation, resolve
+from ..backends.cpu_native import threads
 from ..formats import PackedWeight, from_parts
+from ..formats.base import FLOAT_DTYPES
 from . import ops
-from .linear import linear
+from .linear import check_linear_args, linear
 
 
 def _buffer_name(tensor_name: str) -> str:
@@ -36,6 +39,8 @@ class CompressedLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.packed = packed
         self._compile_handle = None  # set by prepare_compile (ops.layer_linear)
+        self._plans: dict[tuple, object] = {}  # per kind of call: the backend's direct call, or None
+        self._group = None  # a SharedInput (fused.py) when this layer's input feeds siblings too
 
     def _rebuild(self) -> None:
         tensors = {n: getattr(self, _buffer_name(n)) for n in self._names}
@@ -57,19 +62,67 @@ class CompressedLinear(nn.Module):
         done = {id(packed[n]): new for n, new in applied.items()}
         out = super()._apply(lambda t: done[id(t)] if id(t) in done else fn(t), recurse)
         self._rebuild()  # the buffers were replaced (device or dtype): rebuild the packed view
+        self._forget_plans()
         return out
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self._rebuild()
+        self._forget_plans()
+
+    def __getstate__(self):  # copy.deepcopy, pickle
+        state = self.__dict__.copy()
+        # the plans call this layer's _C handles and the compile handle names this layer: a copy makes
+        # its own; a copy runs alone (its tensors are not a shared-input group's)
+        state.update(_plans={}, _group=None, _compile_handle=None)
+        return state
+
+    def _forget_plans(self) -> None:
+        # the tensors may no longer be what the plans or a shared-input group point into
+        self._plans.clear()
+        self._group = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._compile_handle is not None and torch.compiler.is_compiling() and not torch.compiler.is_exporting():
-            return torch.ops.sparseinfer.layer_linear(x, self._compile_handle, self.out_features)
-        if torch.compiler.is_exporting():
-            tensors = [getattr(self, _buffer_name(n)) for n in self._names]
-            return torch.ops.sparseinfer.packed_linear(x, tensors, self._spec, self.bias)
-        return linear(x, self.packed, self.bias, self.backend, self.act)
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            if self._compile_handle is not None and not torch.compiler.is_exporting():
+                if self._group is not None and self._group._compile_handle is not None:
+                    return self._group.output(self, x)
+                return torch.ops.sparseinfer.layer_linear(x, self._compile_handle, self.out_features)
+            if torch.compiler.is_exporting():
+                tensors = [getattr(self, _buffer_name(n)) for n in self._names]
+                return torch.ops.sparseinfer.packed_linear(x, tensors, self._spec, self.bias)
+            return linear(x, self.packed, self.bias, self.backend, self.act)
+        if self._group is not None:
+            return self._group.output(self, x)
+        return self.run(x)
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        """``linear(x, packed, bias, backend, act)``, through the backend's direct call when it has one
+        for this kind of call (memoised per layer: a decode step makes ~200 calls of a few microseconds
+        of kernel each, where the lookups in ``linear`` cost as much again)."""
+        call = self.plan(x)
+        if call is None:
+            return linear(x, self.packed, self.bias, self.backend, self.act)
+        return call(x, self.bias)
+
+    def plan(self, x: torch.Tensor):
+        """The memoised direct call for calls like ``x`` (see ``Backend.direct_call``), or None."""
+        act = self.act or default_act()
+        key = (x.shape, x.dtype, x.is_cpu, x.requires_grad and torch.is_grad_enabled(), act, threads(), generation())
+        try:
+            return self._plans[key]
+        except KeyError:
+            pass
+        check_linear_args(x, self.packed, self.bias)
+        check_act(self.act, "CompressedLinear")
+        bias = self.bias
+        call = None
+        if bias is None or (bias.dtype in FLOAT_DTYPES and bias.is_contiguous() and not bias.requires_grad):
+            call = resolve(self.packed, x, self.backend).direct_call(self.packed, x, act)
+        if len(self._plans) >= 64:  # many distinct row counts (prompt lengths): keep it bounded
+            self._plans.clear()
+        self._plans[key] = call
+        return call
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, fmt={self._fmt!r}, "
@@ -110,10 +163,13 @@ class CompressedConv2d(nn.Module):
 
 def prepare_compile(model: nn.Module) -> nn.Module:
     """Before ``torch.compile(model)``: give every compressed layer a handle, so that the compiled
-    graph calls each as one ``sparseinfer::layer_linear`` op on the live layer (see ops.py)."""
+    graph calls each as one ``sparseinfer::layer_linear`` op on the live layer (see ops.py); layers
+    joined by ``fuse_shared_inputs`` take one op per group."""
     for m in model.modules():
         if isinstance(m, CompressedLinear):
             m._compile_handle = ops.register_layer(m)
+            if m._group is not None and m._group._compile_handle is None:  # q/k/v, gate/up: one op (fused.py)
+                m._group._compile_handle = ops.register_layer(m._group)
     return model
 
 

@@ -56,12 +56,12 @@ def register_layer(layer) -> int:
 
 
 @torch.library.custom_op("sparseinfer::layer_linear", mutates_args=())
-def layer_linear(x: torch.Tensor, handle: int, n: int) -> torch.Tensor:
+def layer_linear(x: torch.Tensor, handle: int, n: int) -> torch.Tensor:  # a layer or a group: both have run(x)
     ref = _LAYERS.get(handle)
     layer = ref() if ref is not None else None
     if layer is None:
         raise RuntimeError(f"sparseinfer::layer_linear: compressed layer {handle} no longer exists")
-    return linear(x, layer.packed, layer.bias, layer.backend, layer.act)
+    return layer.run(x)  # linear() through the layer's memoised direct call
 
 
 @layer_linear.register_fake

@@ -63,6 +63,7 @@ from ..act import check_act
 from . import hf
 from .atomic import directory_lock, fsync_dir, remove_interrupted_saves, replace_directory, umask, write_bytes
 from .errors import ArtifactError, ExportError  # noqa: F401  (public: callers catch them from here)
+from .fused import fuse_shared_inputs
 from .layers import embedding_entries, fill_skeleton, layer_entries, packed_layers, prepack
 from .manifest import (
     CONSTANT_PREFIX,
@@ -331,6 +332,7 @@ def load(path, device="cpu", model: nn.Module | None = None, *, backend: str | N
         module = fill_skeleton(hf.build_skeleton(manifest, tensors, str(path)), manifest, tensors, layers, backend)
         hf.check_filled(module, str(path))
         module = module.to(device)
+        fuse_shared_inputs(module)  # q/k/v and gate/up: one call each per token
     elif not manifest.get("program"):
         raise ArtifactError(f"{str(path)!r} was saved with export=False and holds no architecture: build the model "
                             f"and pass it, load(path, model=skeleton)")

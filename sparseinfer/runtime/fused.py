@@ -1,0 +1,145 @@
+"""Sibling projections that read the same input (an attention's q / k / v, a gated MLP's gate / up)
+run as one packed call on their weights concatenated by rows.
+
+A decode step calls each of a Llama layer's seven projections on one row: a few microseconds of
+kernel each, as much again of call overhead. ``fuse_shared_inputs(model)`` concatenates each group's
+packed tensors once (the members' buffers become row views of the joint ones: no second copy) and
+hands the members a ``SharedInput``: the first member called with ``x`` runs the joint weight on
+it and keeps the result; a sibling called with the same tensor object takes its rows of it. The
+model's own code (transformers' forward) is unchanged.
+
+Same outputs as separate calls: each output row of a packed kernel depends only on x and that row's
+weights (int8 activations are quantized per row of x, whatever N is), so a member's rows of the
+joint call are the numbers its own call gives -- as long as the joint call and every member's own
+call take the same path. The CPU backend picks kernel or dense fallback per N x K and batch
+(cpu_routes.py), so a group runs jointly only at batches where the joint weight and every member
+take the packed kernel through a direct call (``Backend.direct_call``); elsewhere each member runs
+its own call. tests/test_llm.py checks equality bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..act import default_act
+from ..backends import generation
+from ..backends.cpu_native import threads
+from ..formats import PackedWeight
+from .embedding import gathers_rows
+from .modules import CompressedLinear, _buffer_name
+
+# Sibling names whose layers read one input, per parent module (Llama / Mistral / Qwen / Gemma / Phi-3
+# style attention and MLP, BERT-style self-attention). A wrong guess costs speed, never correctness:
+# a member called with another input than its siblings' runs on its own rows.
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"))
+
+
+def concat_rows(weights: list[PackedWeight]) -> PackedWeight | None:
+    """One packed weight holding ``weights``' rows in order (same format, parameters, K, dtype and
+    device), or None when they cannot be joined."""
+    first = weights[0]
+    if not all(gathers_rows(w) for w in weights):
+        return None
+    t0 = first.tensors()
+    for w in weights[1:]:
+        t = w.tensors()
+        if (type(w) is not type(first) or w.fmt != first.fmt or w.params() != first.params()
+                or w.shape[1] != first.shape[1] or t.keys() != t0.keys()
+                or any(t[k].dtype != t0[k].dtype or t[k].device != t0[k].device or t[k].shape[1:] != t0[k].shape[1:]
+                       for k in t0)):
+            return None
+    joint = {k: torch.cat([w.tensors()[k] for w in weights]) for k in t0}
+    return type(first).from_parts(joint, (sum(w.shape[0] for w in weights), first.shape[1]), first.params(),
+                                  first.fmt)
+
+
+class SharedInput:
+    """The joint call of sibling layers (see the module docstring). Held by each member as ``_group``."""
+
+    def __init__(self, members: list[CompressedLinear], joint: PackedWeight, bias: torch.Tensor | None):
+        self.members = members
+        self.joint = CompressedLinear(joint, bias, members[0].backend, members[0].act)
+        self.rows = {}
+        start = 0
+        for m in members:
+            self.rows[id(m)] = (start, m.out_features)
+            start += m.out_features
+        self._plans: dict[tuple, bool] = {}
+        self._x = self._out = None  # the last joint call's input and output
+        self._left = 0  # members yet to take their rows of it
+        self._compile_handle = None  # set by prepare_compile (ops.layer_linear runs ``run``)
+
+    def output(self, member: CompressedLinear, x: torch.Tensor) -> torch.Tensor:
+        if x is not self._x:
+            if self._compile_handle is not None and torch.compiler.is_compiling():
+                # traced by torch.compile: one op for the group, its rows handed out as in eager; the op
+                # decides joint or apart at run time (run_all)
+                out = torch.ops.sparseinfer.layer_linear(x, self._compile_handle, self.joint.out_features)
+            elif not self._runs_jointly(x):
+                return member.run(x)
+            else:
+                out = self.joint.run(x)
+            self._x, self._out, self._left = x, out, len(self.members)
+        start, length = self.rows[id(member)]
+        out = self._out.narrow(-1, start, length)
+        self._left -= 1
+        if self._left <= 0:  # every member has its rows: keep nothing alive
+            self._x = self._out = None
+        return out
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        """Every member's output for ``x``, side by side (what ``sparseinfer::layer_linear`` runs for
+        the group under torch.compile)."""
+        if self._runs_jointly(x):
+            return self.joint.run(x)
+        return torch.cat([m.run(x) for m in self.members], dim=-1)
+
+    def _runs_jointly(self, x: torch.Tensor) -> bool:
+        """Whether calls like ``x`` take the same path jointly and apart (a direct packed-kernel call)."""
+        acts = tuple(m.act for m in self.members)
+        key = (x.shape, x.dtype, x.is_cpu, x.requires_grad and torch.is_grad_enabled(), acts, default_act(),
+               tuple(m.backend for m in self.members), threads(), generation())
+        found = self._plans.get(key)
+        if found is None:
+            same = len(set(acts)) == 1 and len({m.backend for m in self.members}) == 1
+            if same:
+                self.joint.act, self.joint.backend = acts[0], self.members[0].backend
+            found = same and self.joint.plan(x) is not None and all(m.plan(x) is not None for m in self.members)
+            if len(self._plans) >= 64:
+                self._plans.clear()
+            self._plans[key] = found
+        return found
+
+
+def fuse_shared_inputs(model: nn.Module) -> int:
+    """Give each group of sibling compressed layers that read one input (``GROUPS``) a joint call;
+    returns how many groups were formed. Idempotent. A member moved or reloaded later (``.to``,
+    ``load_state_dict``) leaves its group and runs alone."""
+    formed = 0
+    for parent in model.modules():
+        children = dict(parent.named_children())
+        for names in GROUPS:
+            members = [children.get(n) for n in names]
+            if not all(isinstance(m, CompressedLinear) for m in members):
+                continue
+            if all(m._group is not None and m._group is members[0]._group for m in members):
+                continue  # already joined
+            if len({(m.backend, m.act) for m in members}) != 1 or len({m.bias is None for m in members}) != 1:
+                continue
+            joint = concat_rows([m.packed for m in members])
+            if joint is None:
+                continue
+            bias = None if members[0].bias is None else torch.cat([m.bias for m in members])
+            group = SharedInput(members, joint, bias)
+            start = 0
+            for m in members:  # the members' tensors become row views of the joint ones (stored once)
+                n = m.out_features
+                for name, t in joint.tensors().items():
+                    setattr(m, _buffer_name(name), t[start:start + n])
+                start += n
+                m._rebuild()
+                m._plans.clear()
+                m._group = group
+            formed += 1
+    return formed
