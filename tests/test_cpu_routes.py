@@ -139,7 +139,7 @@ def test_the_routes_choose_among_kernels_and_name_the_winner(fmt, rng, rel_err, 
     fake = FakeTimer(kernel=1.0, dense=2.0, **{f"kernel:{alt}": 0.5})
     monkeypatch.setattr(cpu_routes, "measure_point", fake)
     r = BACKENDS["cpu"].route(w, 40, "fp32")
-    assert fake.calls == [((70, 300), 64, "fp32", ("kernel", f"kernel:{alt}", "dense"))]
+    assert fake.calls == [((70, 300), 40, "fp32", ("kernel", f"kernel:{alt}", "dense"))]
     assert r.path == "kernel" and r.kernel == r.named == alt and f"{alt} 500 ms" in r.why and "dense 2e+03 ms" in r.why
     x = torch.randn(40, 300, generator=rng)
     b = torch.randn(70, generator=rng)
@@ -208,7 +208,7 @@ def test_first_use_measures_once_stores_and_runs_the_winner(winner, rng, rel_err
     x = torch.randn(33, 256, generator=rng)
     out = si.linear(x, w, backend="cpu", act="fp32")
     assert rel_err(out, reference_linear(x, w)) <= TOL_F32
-    assert fake.calls == [((48, 256), 64, "fp32", ("kernel", "dense"))]  # at the bucket's batch
+    assert fake.calls == [((48, 256), 33, "fp32", ("kernel", "dense"))]  # at the call's batch
     r = cpu.route(w, 40, "fp32")  # same bucket: no new measurement
     assert r.path == winner and r.why.startswith("measured") and len(fake.calls) == 1
     assert (r.kernel == cpu_routes.DENSE_KERNEL) == (winner == "dense")

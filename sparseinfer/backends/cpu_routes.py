@@ -21,9 +21,11 @@ the density to two decimals. First hit wins:
 1. measured times for the key in this machine's entry of the user cache (cpu_tuning.py):
    ``sparseinfer calibrate`` and earlier first uses put them there;
 2. on a machine the built-in tables were not measured on (and unless ``SPARSEINFER_MEASURE=0``),
-   the first call measures now: every candidate on this weight (at most MEASURE_MAX_M rows of x;
-   the weight's first rows only when one call would take more than CALL_CAP_S), interleaved
-   round by round, best of up to ROUNDS, at most MEASURE_BUDGET_S per process in all; stored in
+   the first call measures now: every candidate on this weight, at the call's own batch (a kernel
+   that pads rows to a multiple of 8, e.g. nm_gemm_avx2, is slower at 33 rows than at 64, the top
+   of the bucket), at most MEASURE_MAX_M rows of x, the weight's first rows only when one call
+   would take more than CALL_CAP_S, each call on weights that come from memory (ROTATE_BYTES),
+   interleaved round by round, best of up to ROUNDS, at most MEASURE_BUDGET_S per process; stored in
    the user cache. A stored record is settled once two measurements (in different processes,
    their times merged by taking each path's minimum) agree, or one shows a winner by more than
    CLEAR_MARGIN; until then it is used and measured once more by the next process that meets it
@@ -53,7 +55,7 @@ from pathlib import Path
 import torch
 
 from .. import _native
-from ..formats import CSRWeight, Int8Weight, PackedWeight, pack
+from ..formats import CSRWeight, Int8Weight, PackedWeight, from_parts, pack
 from . import cpu_tuning
 from .cpu_native import build_native_weight, native_weight
 
@@ -71,6 +73,13 @@ MEASURE_BUDGET_S = 2.0  # first-use measuring per process, all points together
 # MIN_SLICE_ROWS: MKL's GEMM on a 64-row slice was 3x less efficient than on the whole weight, which
 # made the dense fallback look slower than it is.
 MEASURE_MAX_M = 512
+# Each timed call reads its weight from beyond the caches, as a model's layers do (each call runs
+# after the other layers' weights went through): calls rotate through copies of the weight, together
+# at least ROTATE_BYTES (at most ROTATE_COPIES). Timed hot, on one L2-resident copy, nm_gemm_avx2
+# beat dense on MiniLM's 384x384 2:4 at 33 rows and lost 0.68x in the model, where the panel GEMM
+# (one pass over the weight per call) was 1.08x (bench/README.md).
+ROTATE_BYTES = 32 << 20
+ROTATE_COPIES = 32
 CALL_CAP_S = 0.05
 ASSUMED_FLOPS = 50e9
 MIN_SLICE_ROWS = 1024
@@ -281,37 +290,56 @@ def time_interleaved(runs: dict, rounds: int, budget: float) -> dict:
     return best
 
 
+def _copies(w: PackedWeight) -> list[PackedWeight]:
+    """``w`` and clones of it, ROTATE_BYTES in all (at most ROTATE_COPIES)."""
+    count = min(ROTATE_COPIES, max(1, -(-ROTATE_BYTES // max(1, w.nbytes))))
+    return [w] + [from_parts(w.fmt, {name: t.clone() for name, t in w.tensors().items()}, w.shape, w.params())
+                  for _ in range(count - 1)]
+
+
 def measure_point(w: PackedWeight, m: int, act: str, paths) -> dict:
     """Times each of ``paths`` for ``m`` rows (at most MEASURE_MAX_M) on ``w`` (its first rows, at
-    least MIN_SLICE_ROWS, if one call would exceed CALL_CAP_S). The dense path is timed as it would
-    run: from an fp32 copy when ``w`` would keep one (copy_eligible, budget left), else tile by tile.
-    Returns the record stored per route key."""
+    least MIN_SLICE_ROWS, if one call would exceed CALL_CAP_S), each call on the next of a rotation
+    of copies (ROTATE_BYTES: weights come from memory, as in a model). The dense path is timed as it
+    would run: from an fp32 copy when ``w`` would keep one (copy_eligible, budget left), else tile
+    by tile. Returns the record stored per route key."""
     C = _native.require_native()
     n, k = w.shape
     m = min(m, MEASURE_MAX_M)
     est = 2.0 * m * n * k / ASSUMED_FLOPS
     rows = n if est <= CALL_CAP_S else min(n, max(MIN_SLICE_ROWS, int(n * CALL_CAP_S / est) // 16 * 16))
-    part = w if rows == n else w.rows(0, rows)
+    parts = _copies(w if rows == n else w.rows(0, rows))
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m * 31 + k))
     out = torch.empty(m, rows)
     threads = cpu_tuning.cpu_threads()
-    handle = build_native_weight(part)
-    copy = copy_eligible(w, handle) and _copy_bytes + n * k * 4 <= copy_budget()
+    handles = [build_native_weight(part) for part in parts]
+    copy = copy_eligible(w, handles[0]) and _copy_bytes + n * k * 4 <= copy_budget()
+    turn = dict.fromkeys(paths, 0)
+
+    def rotating(path: str, calls: list):
+        def run():
+            turn[path] = (turn[path] + 1) % len(calls)
+            calls[turn[path]]()
+        return run
+
     runs = {}
     for p in paths:
-        if p == "kernel":
-            runs[p] = lambda: C.linear(x, handle, out, None, threads, None, act)
-        elif p.startswith("kernel:"):
-            runs[p] = functools.partial(C.linear, x, handle, out, None, threads, None, act, p.partition(":")[2])
+        if p == "kernel" or p.startswith("kernel:"):
+            name = p.partition(":")[2] or None
+            calls = [functools.partial(C.linear, x, h, out, None, threads, None, act, name) for h in handles]
         elif p == "dense_int8":
-            runs[p] = lambda h8=dense_int8_handle(part): C.linear(x, h8, out, None, threads, None, act)
+            calls = [functools.partial(C.linear, x, dense_int8_handle(part), out, None, threads, None, act)
+                     for part in parts]
         elif copy:
-            runs[p] = functools.partial(torch.nn.functional.linear, x, _dequantized(part))
+            calls = [functools.partial(torch.nn.functional.linear, x, _dequantized(part)) for part in parts]
         else:
-            runs[p] = lambda: dense_linear(x, part, None)
+            calls = [functools.partial(dense_linear, x, part, None) for part in parts]
+        for call in calls:
+            call()  # each copy's first call builds what it keeps (fp32 copy, row tiles): not timed
+        runs[p] = rotating(p, calls)
     times = time_interleaved(runs, ROUNDS, POINT_BUDGET_S)
     return {"times": times, "m": m, "rows": rows, "n": n, "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "kernel": C.kernel_name(handle, m, None, act), "dense_copy": copy}
+            "kernel": C.kernel_name(handles[0], m, None, act), "dense_copy": copy, "copies": len(parts)}
 
 
 def _rank(path: str) -> int:
@@ -453,7 +481,7 @@ def decide(w: PackedWeight, handle, m: int, act: str) -> Route:
     # own dense kernels), except for a scalar kernel, whose speed is the same on every x86 / ARM level
     family = handle.kernel_family
     isa = "scalar" if row.get("isa") == "scalar" else C.active_isa()
-    paths = candidates(w, handle, bucket(m), act)
+    paths = candidates(w, handle, m, act)
     key = route_key(w, m, act)
     with _lock:
         record = _entry().get("routes", {}).get(key)
@@ -469,7 +497,7 @@ def decide(w: PackedWeight, handle, m: int, act: str) -> Route:
             path, why = _by_times(record, "measured")
         elif may_measure:
             t0 = time.perf_counter()
-            fresh = measure_point(w, bucket(m), act, paths)
+            fresh = measure_point(w, m, act, paths)
             _spent += time.perf_counter() - t0
             _remeasured.add(key)
             again = complete  # an unsettled record: merge the two measurements
