@@ -266,7 +266,7 @@ def tiled_linear(x2: torch.Tensor, w: PackedWeight, b: torch.Tensor | None) -> t
     return out_t.T
 
 
-DENSE_KERNEL = "dense fallback (tile-dequantize + torch fp32 GEMM)"
+DENSE_KERNEL = "dense fallback (torch fp32 GEMM on the dequantized weight)"
 
 
 # -- measuring -------------------------------------------------------------------------------------
@@ -323,17 +323,19 @@ def measure_point(w: PackedWeight, m: int, act: str, paths) -> dict:
         return run
 
     runs = {}
-    for p in paths:
+    for i, p in enumerate(paths):
+        # each path its own copies: a copy another path just ran would be hot in this one's call
+        mine = list(range(len(parts)))[i::len(paths)] or [0]
         if p == "kernel" or p.startswith("kernel:"):
             name = p.partition(":")[2] or None
-            calls = [functools.partial(C.linear, x, h, out, None, threads, None, act, name) for h in handles]
+            calls = [functools.partial(C.linear, x, handles[j], out, None, threads, None, act, name) for j in mine]
         elif p == "dense_int8":
-            calls = [functools.partial(C.linear, x, dense_int8_handle(part), out, None, threads, None, act)
-                     for part in parts]
+            calls = [functools.partial(C.linear, x, dense_int8_handle(parts[j]), out, None, threads, None, act)
+                     for j in mine]
         elif copy:
-            calls = [functools.partial(torch.nn.functional.linear, x, _dequantized(part)) for part in parts]
+            calls = [functools.partial(torch.nn.functional.linear, x, _dequantized(parts[j])) for j in mine]
         else:
-            calls = [functools.partial(dense_linear, x, part, None) for part in parts]
+            calls = [functools.partial(dense_linear, x, parts[j], None) for j in mine]
         for call in calls:
             call()  # each copy's first call builds what it keeps (fp32 copy, row tiles): not timed
         runs[p] = rotating(p, calls)
