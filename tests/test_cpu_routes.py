@@ -377,3 +377,17 @@ def test_a_call_reads_no_file(fmt, rng, monkeypatch):
         state["on"] = False
     assert opened == []
     assert cpu_tuning.cpu_model.cache_info().misses <= 1  # /proc/cpuinfo read at most once per process
+
+
+def test_measure_point_times_every_candidate_on_rotating_copies(rng, monkeypatch):
+    """The real measurement (not injected): every candidate path gets a time, at the call's batch,
+    each call on weight copies of its own (ROTATE_BYTES of them, here forced to 6 copies)."""
+    monkeypatch.setattr(cpu_routes, "ROUNDS", 2)
+    for fmt in ("2:4", "csr+int8"):
+        w = _weight(fmt, {}, 40, 96, rng)
+        monkeypatch.setattr(cpu_routes, "ROTATE_BYTES", 6 * w.nbytes)
+        h = BACKENDS["cpu"].prepack(w)
+        paths = cpu_routes.candidates(w, h, 5, "fp32")
+        rec = cpu_routes.measure_point(w, 5, "fp32", paths)
+        assert set(rec["times"]) == set(paths) and rec["m"] == 5 and rec["copies"] == 6, rec
+        assert rec["kernel"] == C.kernel_name(h, 5, None, "fp32")
