@@ -255,10 +255,18 @@ const KernelImpl kAvx512Kernels[] = {
     {KernelId::int8, int8_panel_gemm_avx512, "int8_panel_gemm_avx512", kAnyM, 0},
     {KernelId::int4, int4_gemm_avx512, "int4_gemm_avx512", 3, 0},
     {KernelId::int4, int4_panel_gemm_avx512, "int4_panel_gemm_avx512", kAnyM, 0},
-    // Exact N:M and float CSR decoded into the same panels: ahead of the sparse-aware AVX2 kernels
-    // at 4096x4096 from 64 rows, behind them on some MiniLM shapes at the same batch sizes, so the
-    // routes measure them per layer shape (kMeasuredOnly; bench/README.md).
-    {KernelId::nm_float, nm_panel_gemm_avx512, "nm_panel_gemm_avx512", kAnyM, kMeasuredOnly},
+#ifdef SPARSEINFER_HAVE_AVX2
+    // Float N:M, exact: the AVX2 gemv for a few rows, then 2:4 decoded into the panels above (one
+    // pass over the weight per call). In MiniLM (weights from memory, 1 thread, Zen 4) the panel GEMM
+    // ran 1.03x dense at 33 rows where nm_gemm_avx2 (which re-reads the weight per 64-row block and
+    // pads rows to 8) ran 0.73x, and 1.04-1.4x at 4096x4096 where nm_gemm_avx2 ran 0.5x from 64
+    // rows; nm_gemm_avx2 won only hot, on one L2-resident layer, so it stays a measured candidate.
+    {KernelId::nm_float, nm_gemv_avx2, "nm_gemv_avx2", 10, 0},
+    {KernelId::nm_float, nm_panel_gemm_avx512, "nm_panel_gemm_avx512", kAnyM, 0},
+    {KernelId::nm_float, nm_gemm_avx2, "nm_gemm_avx2", kAnyM, kMeasuredOnly},
+#endif
+    // N:M with int8 / int4 values in exact mode, and float CSR, decoded into the same panels: the
+    // routes measure them per layer shape against the table's picks (kMeasuredOnly; bench/README.md).
     {KernelId::nm_int8, nm_panel_gemm_avx512, "nm_int8_panel_gemm_avx512", kAnyM, kMeasuredOnly},
     {KernelId::nm_int4, nm_panel_gemm_avx512, "nm_int4_panel_gemm_avx512", kAnyM, kMeasuredOnly},
     {KernelId::csr_float, csr_panel_gemm_avx512, "csr_panel_gemm_avx512", kAnyM, kMeasuredOnly},

@@ -117,7 +117,7 @@ def test_avx512_dequantize_is_to_dense_bit_for_bit(fmt, params, k, rng):
     assert torch.equal(out, w.to_dense(torch.float32)), fmt
 
 
-# -- N:M and float CSR on the panels (measured-only rows: the call names the kernel) -----------------
+# -- N:M and float CSR on the panels (named in the call: any batch, measured-only rows too) ----------
 
 SPARSE_CASES = [("2:4", {}), ("4:8", {}), ("1:4", {}), ("2:4+int8", {}), ("2:4+int4", {"group_size": 32}),
                 ("csr", {})]
@@ -145,8 +145,6 @@ def test_sparse_panel_gemm_matches_reference(fmt, params, k, n, rng, rel_err):
     h = build_native_weight(w)
     kernel = SPARSE_KERNELS[fmt]
     for i, m in enumerate(BATCHES):
-        assert kernel in C.kernel_candidates(h, m, isa="avx512", act="fp32")
-        assert C.kernel_name(h, m, isa="avx512", act="fp32") != kernel  # never the table's pick
         dtype = (torch.float32, torch.bfloat16, torch.float16)[i % 3] if m > 1 else torch.float32
         bias = torch.randn(n, generator=rng) if i % 2 == 0 else None
         x = torch.randn(m, k + 3 * (i % 2), generator=rng).to(dtype)[:, :k]
@@ -155,6 +153,19 @@ def test_sparse_panel_gemm_matches_reference(fmt, params, k, n, rng, rel_err):
         where = f"{fmt} M={m} N={n} K={k} {dtype} bias={bias is not None}"
         assert torch.isfinite(out).all(), f"{where}: unwritten (NaN) outputs"
         assert rel_err(out, reference_linear(x, w, bias)) <= TOL[dtype], where
+
+
+def test_sparse_panel_dispatch():
+    """Float N:M: the AVX2 gemv for a few rows, then the panel GEMM, with nm_gemm_avx2 a measured
+    candidate; N:M + int8 / int4 (exact) and float CSR: the panel GEMM a measured candidate."""
+    h = build_native_weight(si.pack(torch.randn(64, 128), "2:4"))
+    assert [C.kernel_name(h, m, isa="avx512", act="fp32") for m in (1, 10, 11, 64)] == \
+        ["nm_gemv_avx2"] * 2 + ["nm_panel_gemm_avx512"] * 2
+    assert C.kernel_candidates(h, 64, isa="avx512", act="fp32") == ["nm_panel_gemm_avx512", "nm_gemm_avx2"]
+    for fmt in ("2:4+int8", "csr"):
+        w = si.pack(torch.randn(64, 128) * (torch.rand(64, 128) < 0.5), fmt)
+        names = C.kernel_candidates(build_native_weight(w), 64, isa="avx512", act="fp32")
+        assert names[1:] == [SPARSE_KERNELS[fmt]] and names[0] != SPARSE_KERNELS[fmt], (fmt, names)
 
 
 def test_sparse_panel_out_of_order_2to4_indices(rng, rel_err):

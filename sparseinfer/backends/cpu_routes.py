@@ -322,6 +322,8 @@ def measure_point(w: PackedWeight, m: int, act: str, paths) -> dict:
             calls[turn[path]]()
         return run
 
+    x1, out1 = x[:1], out[:1]
+    small = n * k * 4 <= SMALL_BYTES
     runs = {}
     for i, p in enumerate(paths):
         # each path its own copies: a copy another path just ran would be hot in this one's call
@@ -329,15 +331,17 @@ def measure_point(w: PackedWeight, m: int, act: str, paths) -> dict:
         if p == "kernel" or p.startswith("kernel:"):
             name = p.partition(":")[2] or None
             calls = [functools.partial(C.linear, x, handles[j], out, None, threads, None, act, name) for j in mine]
+            for j in mine:  # a copy's first call builds what it keeps (int8 row tiles): on one row, untimed
+                C.linear(x1, handles[j], out1, None, threads, None, act, name or C.kernel_name(handles[j], m, None, act))
         elif p == "dense_int8":
-            calls = [functools.partial(C.linear, x, dense_int8_handle(parts[j]), out, None, threads, None, act)
-                     for j in mine]
-        elif copy:
+            h8 = [dense_int8_handle(parts[j]) for j in mine]
+            calls = [functools.partial(C.linear, x, h, out, None, threads, None, act) for h in h8]
+            for h in h8:
+                C.linear(x1, h, out1, None, threads, None, act, C.kernel_name(h, m, None, act))
+        elif copy or small:  # what dense_linear runs then: F.linear on the kept fp32 copy
             calls = [functools.partial(torch.nn.functional.linear, x, _dequantized(parts[j])) for j in mine]
         else:
-            calls = [functools.partial(dense_linear, x, parts[j], None) for j in mine]
-        for call in calls:
-            call()  # each copy's first call builds what it keeps (fp32 copy, row tiles): not timed
+            calls = [functools.partial(tiled_linear, x, parts[j], None) for j in mine]
         runs[p] = rotating(p, calls)
     times = time_interleaved(runs, ROUNDS, POINT_BUDGET_S)
     return {"times": times, "m": m, "rows": rows, "n": n, "when": time.strftime("%Y-%m-%d %H:%M:%S"),
