@@ -308,7 +308,8 @@ def measure_point(w: PackedWeight, m: int, act: str, paths) -> dict:
     m = min(m, MEASURE_MAX_M)
     est = 2.0 * m * n * k / ASSUMED_FLOPS
     rows = n if est <= CALL_CAP_S else min(n, max(MIN_SLICE_ROWS, int(n * CALL_CAP_S / est) // 16 * 16))
-    parts = _copies(w if rows == n else w.rows(0, rows))
+    # (a slice is of a weight too large to be cached anyway; a deepcopy of it would copy all rows)
+    parts = _copies(w) if rows == n else [w.rows(0, rows)]
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m * 31 + k))
     out = torch.empty(m, rows)
     threads = cpu_tuning.cpu_threads()
