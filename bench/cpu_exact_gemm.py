@@ -2,12 +2,15 @@
 
     flock /work/bench.lock python bench/cpu_exact_gemm.py                       # the issue-12 grid
     flock /work/bench.lock python bench/cpu_exact_gemm.py --threads 1 --formats int8 --shapes 384x384
+    flock /work/bench.lock python bench/cpu_exact_gemm.py --formats 2:4 --batches 16,64,256 --candidates --fallback
 
-Per point: ``_C.linear(x, W, act="fp32")`` on the kernel the table selects (named in the output)
-and ``F.linear(x, W_dense)`` on the same values in fp32, interleaved (``--rounds`` rounds, best
-of each), hot weights, the same thread count for both. Shapes are N x K. Prints a markdown table:
-speed = dense time / ours (> 1: ours faster). Kernel speed only: si.linear's routing (which takes
-the dense fallback where that is faster) is the dispatch sweep's business (test_bench_sweep.py).
+Per point: ``_C.linear(x, W, act="fp32")`` on the kernel the table selects (named in the output;
+with --candidates, every kernel of ``_C.kernel_candidates``, measured-only rows included, one line
+each; with --fallback also cpu_routes' dense fallback with tiles dequantized per call) and
+``F.linear(x, W_dense)`` on the same values in fp32, interleaved (``--rounds`` rounds, best of each),
+hot weights, the same thread count for both. Shapes are N x K. Prints a markdown table: speed =
+dense time / ours (> 1: ours faster). Kernel speed only: si.linear's routing (which takes the
+dense fallback where that is faster) is the dispatch sweep's business (test_bench_sweep.py).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 
 import sparseinfer as si
 from sparseinfer import _native
+from sparseinfer.backends import cpu_routes
 from sparseinfer.backends.cpu import build_native_weight
 
 PARAMS = {"int8": ("int8", {}), "int4-g64": ("int4", {"group_size": 64}), "int4-g128": ("int4", {"group_size": 128}),
@@ -45,6 +49,8 @@ def main() -> None:
     ap.add_argument("--isa", default=None, help="an ISA of _C.available_isas() (default: the active one)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--budget", type=float, default=0.1, help="seconds per provider and round")
+    ap.add_argument("--candidates", action="store_true", help="time every kernel of _C.kernel_candidates")
+    ap.add_argument("--fallback", action="store_true", help="also time the dense fallback (tiles dequantized per call)")
     args = ap.parse_args()
     C = _native.require_native()
     torch.set_num_threads(args.threads)
@@ -62,16 +68,20 @@ def main() -> None:
             for m in map(int, args.batches.split(",")):
                 x = torch.randn(m, k, generator=g)
                 out = torch.empty(m, n)
-                t_dense = t_ours = float("inf")
-                run_dense = lambda x=x, wf=wf: torch.nn.functional.linear(x, wf)
-                run_ours = lambda x=x, h=h, out=out: C.linear(x, h, out, None, args.threads, isa, "fp32")
+                kernels = C.kernel_candidates(h, m, isa, "fp32") if args.candidates else [C.kernel_name(h, m, isa, "fp32")]
+                runs = {"torch": lambda x=x, wf=wf: torch.nn.functional.linear(x, wf)}
+                for kname in kernels:
+                    runs[kname] = lambda x=x, h=h, out=out, kname=kname: C.linear(x, h, out, None, args.threads, isa,
+                                                                                  "fp32", kname)
+                if args.fallback:
+                    runs["dense fallback, tiles per call"] = lambda x=x, w=w: cpu_routes.tiled_linear(x, w, None)
+                best = dict.fromkeys(runs, float("inf"))
                 for _ in range(args.rounds):
-                    t_dense = min(t_dense, best_of(run_dense, args.budget))
-                    t_ours = min(t_ours, best_of(run_ours, args.budget))
-                kernel = C.kernel_name(h, m, isa=isa, act="fp32")
-                print(f"| {n}x{k} | {name} | {m} | {t_dense * 1e3:.3f} | {t_ours * 1e3:.3f} | "
-                      f"{t_dense / t_ours:.2f} | {kernel} |", flush=True)
-
+                    for rname, fn in runs.items():
+                        best[rname] = min(best[rname], best_of(fn, args.budget))
+                for rname in list(runs)[1:]:
+                    print(f"| {n}x{k} | {name} | {m} | {best['torch'] * 1e3:.3f} | {best[rname] * 1e3:.3f} | "
+                          f"{best['torch'] / best[rname]:.2f} | {rname} |", flush=True)
 
 if __name__ == "__main__":
     main()

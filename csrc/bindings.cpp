@@ -571,7 +571,7 @@ bool collapse_rows(const Tensor& t, int64_t* M, int64_t* stride_m) {
 }
 
 py::object linear(py::handle x_obj, Weight& w, py::handle out_obj, py::handle bias_obj, int64_t num_threads,
-                  const py::object& isa_obj, const py::object& act_obj) {
+                  const py::object& isa_obj, const py::object& act_obj, const py::object& kernel_obj) {
   const int64_t N = w.view.N, K = w.view.K;
   Tensor x = inspect(x_obj, "x");
   check_dtype(x, {DType::f32, DType::bf16, DType::f16});
@@ -612,9 +612,20 @@ py::object linear(py::handle x_obj, Weight& w, py::handle out_obj, py::handle bi
   if (num_threads < 1) value_error("num_threads must be >= 1, got " + std::to_string(num_threads));
   const Isa isa = resolve_isa(isa_obj);
   call.act = resolve_act(act_obj);
+  std::string named;
+  if (!kernel_obj.is_none()) {
+    if (!py::isinstance<py::str>(kernel_obj)) type_error("kernel must be a string or None");
+    named = kernel_obj.cast<std::string>();
+    const uint64_t bits = act_call_bits(call.act);
+    if (!find_kernel(named.c_str(), w.view.id, isa, bits ? bits | tile_bits(w) : 0))
+      value_error("kernel '" + named + "' cannot run " + w.desc() + " on isa " + isa_name(isa) + " with act='" +
+                  act_mode_name(call.act) + "' (kernel_candidates lists those that can)");
+    call.kernel = named.c_str();
+  }
   ensure_current(w);  // after every other Python call: nothing runs between this and the kernel
   if (const uint64_t bits = act_call_bits(call.act)) {  // build the int8-activation layout only if it runs
-    const KernelImpl* k = select_kernel(w.view.id, isa, M, bits | tile_bits(w));
+    const uint64_t sel = bits | tile_bits(w);
+    const KernelImpl* k = call.kernel ? find_kernel(call.kernel, w.view.id, isa, sel) : select_kernel(w.view.id, isa, M, sel);
     if (k && (k->requires & kCallInt8Act)) ensure_qtiles(w, *k);
   }
 
@@ -665,6 +676,15 @@ std::string kernel_name(const Weight& w, int64_t batch, const py::object& isa_ob
   return k ? k->name : "none";
 }
 
+py::list kernel_candidate_names(const Weight& w, int64_t batch, const py::object& isa_obj, const py::object& act_obj) {
+  if (batch < 0) value_error("batch must be >= 0, got " + std::to_string(batch));
+  const uint64_t bits = act_call_bits(resolve_act(act_obj));
+  py::list out;
+  for (const KernelImpl* k : kernel_candidates(w.view.id, resolve_isa(isa_obj), batch, bits ? bits | tile_bits(w) : 0))
+    out.append(py::str(k->name));
+  return out;
+}
+
 py::list names(const std::vector<Isa>& isas) {
   py::list out;
   for (Isa i : isas) out.append(py::str(isa_name(i)));
@@ -704,11 +724,13 @@ PYBIND11_MODULE(_C, m) {
         "or int8 [nnz] with scale float32 [N].");
   m.def("linear", &linear, py::arg("x"), py::arg("weight"), py::arg("out"), py::arg("bias") = py::none(),
         py::arg("num_threads") = 1, py::arg("isa") = py::none(), py::arg("act") = py::none(),
+        py::arg("kernel") = py::none(),
         "out[M, N] = x[M, K] @ W^T + bias. x float32 / bfloat16 / float16 with unit stride along K (any row "
         "stride); out preallocated, x's dtype, unit stride along N; bias [N] float or None. Runs on the active "
         "ISA unless isa names another available one. act: 'fp32' (exact), 'int8' (int8 / int4 weights: x may be "
         "quantized per call, integer dot products; see csrc/README.md) or 'auto' (= None: int8 activations where "
-        "the table's first matching row takes them). "
+        "the table's first matching row takes them). kernel: run the kernel of this name (one of "
+        "kernel_candidates, or any row of the weight's family this CPU and act allow) instead of the table's pick. "
         "Returns out.");
   m.def("dequantize", &dequantize, py::arg("weight"), py::arg("row_begin"), py::arg("row_end"), py::arg("out"),
         py::arg("num_threads") = 1,
@@ -723,18 +745,23 @@ PYBIND11_MODULE(_C, m) {
           d["name"] = r.impl->name, d["family"] = kernel_id_name(r.impl->id), d["isa"] = isa_name(r.isa);
           d["max_m"] = r.max_m, d["builtin_max_m"] = r.impl->max_m;
           d["int8_act"] = bool(r.impl->requires & kCallInt8Act);
+          d["measured_only"] = bool(r.impl->requires & kMeasuredOnly);
           rows.append(d);
         }
         return rows;
       }, py::arg("isa") = py::none(),
       "The kernel rows a call on `isa` tries, in order: name, family, isa, max_m (in force), builtin_max_m, "
-      "int8_act (needs act='auto' or 'int8').");
+      "int8_act (needs act='auto' or 'int8'), measured_only (never the table's pick: a call must name it).");
   m.def("set_batch_limit", [](const std::string& name, int64_t max_m) {
         if (!set_batch_limit(name, max_m)) value_error("set_batch_limit: no kernel named '" + name + "'");
       }, py::arg("name"), py::arg("max_m"),
       "Replace a kernel row's batch limit (calls with M <= max_m may run it); max_m < 0 restores the built-in one.");
   m.def("kernel_name", &kernel_name, py::arg("weight"), py::arg("batch"), py::arg("isa") = py::none(),
         py::arg("act") = py::none(), "The kernel a call with `batch` rows (and activation mode act) would run.");
+  m.def("kernel_candidates", &kernel_candidate_names, py::arg("weight"), py::arg("batch"), py::arg("isa") = py::none(),
+        py::arg("act") = py::none(),
+        "The kernels a call with `batch` rows may run by name: kernel_name's pick first, then the measured-only "
+        "rows that admit the batch (sparseinfer's measured routes time them against each other).");
   m.def("act_modes", [] {
         py::tuple t(act_mode_names().size());
         for (size_t i = 0; i < act_mode_names().size(); ++i) t[i] = act_mode_names()[i];

@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <cstring>
 #include <mutex>
 
 #include "sparseinfer/kernel_utils.h"
@@ -254,6 +255,21 @@ const KernelImpl kAvx512Kernels[] = {
     {KernelId::int8, int8_panel_gemm_avx512, "int8_panel_gemm_avx512", kAnyM, 0},
     {KernelId::int4, int4_gemm_avx512, "int4_gemm_avx512", 3, 0},
     {KernelId::int4, int4_panel_gemm_avx512, "int4_panel_gemm_avx512", kAnyM, 0},
+#ifdef SPARSEINFER_HAVE_AVX2
+    // Float N:M, exact: the AVX2 gemv for a few rows, then 2:4 decoded into the panels above (one
+    // pass over the weight per call). In MiniLM (weights from memory, 1 thread, Zen 4) the panel GEMM
+    // ran 1.03x dense at 33 rows where nm_gemm_avx2 (which re-reads the weight per 64-row block and
+    // pads rows to 8) ran 0.73x, and 1.04-1.4x at 4096x4096 where nm_gemm_avx2 ran 0.5x from 64
+    // rows; nm_gemm_avx2 won only hot, on one L2-resident layer, so it stays a measured candidate.
+    {KernelId::nm_float, nm_gemv_avx2, "nm_gemv_avx2", 10, 0},
+    {KernelId::nm_float, nm_panel_gemm_avx512, "nm_panel_gemm_avx512", kAnyM, 0},
+    {KernelId::nm_float, nm_gemm_avx2, "nm_gemm_avx2", kAnyM, kMeasuredOnly},
+#endif
+    // N:M with int8 / int4 values in exact mode, and float CSR, decoded into the same panels: the
+    // routes measure them per layer shape against the table's picks (kMeasuredOnly; bench/README.md).
+    {KernelId::nm_int8, nm_panel_gemm_avx512, "nm_int8_panel_gemm_avx512", kAnyM, kMeasuredOnly},
+    {KernelId::nm_int4, nm_panel_gemm_avx512, "nm_int4_panel_gemm_avx512", kAnyM, kMeasuredOnly},
+    {KernelId::csr_float, csr_panel_gemm_avx512, "csr_panel_gemm_avx512", kAnyM, kMeasuredOnly},
 };
 #endif
 
@@ -416,6 +432,7 @@ int64_t row_limit(Isa l, size_t i, const KernelImpl& k) {
 }
 }  // namespace
 
+// (a kMeasuredOnly row never matches here: `features` lacks that bit)
 const KernelImpl* select_kernel(KernelId id, Isa isa, int64_t M, uint64_t call) {
   const uint64_t features = cpu_features() | call;
   for (Isa l = isa;; l = level(l).fallback) {
@@ -428,13 +445,41 @@ const KernelImpl* select_kernel(KernelId id, Isa isa, int64_t M, uint64_t call) 
   }
 }
 
+const KernelImpl* find_kernel(const char* name, KernelId id, Isa isa, uint64_t call) {
+  const uint64_t features = cpu_features() | call | kMeasuredOnly;
+  for (Isa l = isa;; l = level(l).fallback) {
+    const IsaLevel& lv = level(l);
+    for (size_t i = 0; i < lv.count; ++i) {
+      const KernelImpl& k = lv.kernels[i];
+      if (k.id == id && (features & k.requires) == k.requires && std::strcmp(k.name, name) == 0) return &k;
+    }
+    if (l == Isa::scalar) return nullptr;
+  }
+}
+
+std::vector<const KernelImpl*> kernel_candidates(KernelId id, Isa isa, int64_t M, uint64_t call) {
+  std::vector<const KernelImpl*> out;
+  if (const KernelImpl* pick = select_kernel(id, isa, M, call)) out.push_back(pick);
+  const uint64_t features = cpu_features() | call | kMeasuredOnly;
+  for (Isa l = isa;; l = level(l).fallback) {
+    const IsaLevel& lv = level(l);
+    for (size_t i = 0; i < lv.count; ++i) {
+      const KernelImpl& k = lv.kernels[i];
+      if (k.id == id && (k.requires & kMeasuredOnly) && M <= row_limit(l, i, k) &&
+          (features & k.requires) == k.requires)
+        out.push_back(&k);
+    }
+    if (l == Isa::scalar) return out;
+  }
+}
+
 std::vector<KernelRow> kernel_rows(Isa isa) {
   std::vector<KernelRow> out;
   for (Isa l = isa;; l = level(l).fallback) {
     const IsaLevel& lv = level(l);
     for (size_t i = 0; i < lv.count; ++i) {
       const KernelImpl& k = lv.kernels[i];
-      const uint64_t cpu_bits = k.requires & ~(kCallInt8Act | kReadsQTiles);
+      const uint64_t cpu_bits = k.requires & ~(kCallInt8Act | kReadsQTiles | kMeasuredOnly);
       if ((cpu_features() & cpu_bits) != cpu_bits) continue;  // not on this CPU
       out.push_back({&k, l, row_limit(l, i, k)});
     }
@@ -543,7 +588,8 @@ int64_t work_per_column(const WeightView& w) {
 
 Status run_linear(const LinearCall& call, const WeightView& w, Isa isa, int threads, const KernelImpl** kernel) {
   const uint64_t tiles = w.qt.codes ? uint64_t(kReadsQTiles) : 0;
-  const KernelImpl* k = select_kernel(w.id, isa, call.M, act_call_bits(call.act) | tiles);
+  const uint64_t bits = act_call_bits(call.act) | tiles;
+  const KernelImpl* k = call.kernel ? find_kernel(call.kernel, w.id, isa, bits) : select_kernel(w.id, isa, call.M, bits);
   if (kernel) *kernel = k;
   if (!k) return Status::no_kernel;
   if (call.M <= 0) return Status::ok;

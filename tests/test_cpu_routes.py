@@ -42,15 +42,17 @@ def _weight(fmt, params, n, k, g, density=0.4):
 
 
 class FakeTimer:
-    """measure_point stand-in: fixed times per path (seconds), counting calls."""
+    """measure_point stand-in: fixed times per path (seconds), counting calls. A kernel the table
+    does not pick ("kernel:<name>") takes twice the pick's time unless given."""
 
     def __init__(self, **times):
         self.times, self.calls = times, []
 
     def __call__(self, w, m, act, paths):
         self.calls.append((w.shape, m, act, tuple(paths)))
-        return {"times": {p: self.times[p] for p in paths}, "m": m, "rows": w.shape[0], "n": w.shape[0],
-                "when": "test"}
+        times = {p: self.times.get(p, 2 * self.times["kernel"]) if p.startswith("kernel:") else self.times[p]
+                 for p in paths}
+        return {"times": times, "m": m, "rows": w.shape[0], "n": w.shape[0], "when": "test"}
 
 
 # -- the dense fallback ----------------------------------------------------------------------------
@@ -114,6 +116,87 @@ def test_choose_keeps_the_kernel_within_the_margin():
     assert cpu_routes.choose({"kernel": 1.0, "dense": 1.0 - 2 * m}) == "dense"
     assert cpu_routes.choose({"kernel": 1.0, "dense_int8": 0.5, "dense": 0.49}) == "dense_int8"
     assert cpu_routes.choose({"kernel": 1.0, "dense_int8": 0.5, "dense": 0.4}) == "dense"
+    # another kernel comes after the table's pick and before the dense paths, whatever the dict order
+    assert cpu_routes.choose({"dense": 0.5, "kernel:b": 0.5, "kernel": 1.0}) == "kernel:b"
+    assert cpu_routes.choose({"dense": 0.5, "kernel:b": 1.0 - m / 2, "kernel": 1.0}) == "dense"
+    assert cpu_routes.choose({"kernel:b": 1.0 - m / 2, "kernel": 1.0}) == "kernel"
+
+
+def _alt_kernel(w):
+    """A measured-only kernel that can run ``w`` at 64 rows (the AVX-512 panel GEMM), else skip."""
+    alts = C.kernel_candidates(BACKENDS["cpu"].prepack(w), 64, None, "fp32")[1:]
+    if not alts:
+        pytest.skip(f"no measured-only kernel for {w.fmt} on {C.active_isa()}")
+    return alts[0]
+
+
+@pytest.mark.parametrize("fmt", ["2:4", "csr"])
+def test_the_routes_choose_among_kernels_and_name_the_winner(fmt, rng, rel_err, monkeypatch):
+    """A measured-only kernel measured fastest runs (named in the call), is explained with the
+    times, and gives the reference's numbers; the table's pick and dense are measured beside it."""
+    w = _weight(fmt, {}, 70, 300, rng, density=0.5)
+    alt = _alt_kernel(w)
+    fake = FakeTimer(kernel=1.0, dense=2.0, **{f"kernel:{alt}": 0.5})
+    monkeypatch.setattr(cpu_routes, "measure_point", fake)
+    r = BACKENDS["cpu"].route(w, 40, "fp32")
+    assert fake.calls == [((70, 300), 40, "fp32", ("kernel", f"kernel:{alt}", "dense"))]
+    assert r.path == "kernel" and r.kernel == r.named == alt and f"{alt} 500 ms" in r.why and "dense 2e+03 ms" in r.why
+    x = torch.randn(40, 300, generator=rng)
+    b = torch.randn(70, generator=rng)
+    assert rel_err(si.linear(x, w, b, backend="cpu", act="fp32"), reference_linear(x, w, b)) <= TOL_F32
+    picked = C.kernel_name(BACKENDS["cpu"].prepack(w), 40, None, "fp32")
+    assert picked != alt
+    monkeypatch.setenv("SPARSEINFER_MEASURE", "0")  # the rules choose the table's pick or dense only
+    assert BACKENDS["cpu"].route(_weight(fmt, {}, 72, 300, rng, density=0.5), 40, "fp32").named is None  # unmeasured
+    with pytest.raises(ValueError, match="kernel 'int8_panel_gemm_avx512' cannot run"):
+        C.linear(x, BACKENDS["cpu"].prepack(w), torch.empty(40, 70), None, 1, None, "fp32", "int8_panel_gemm_avx512")
+
+
+def test_a_close_call_is_measured_again_by_the_next_process_then_settled(rng, monkeypatch):
+    """Within CLEAR_MARGIN, one measurement is used but not final: the next process measures once
+    more and merges (each path's best); after SETTLED_ROUNDS nobody measures it again."""
+    fake = FakeTimer(kernel=1.0, dense=0.9)  # dense wins by 11 %: past MARGIN, within CLEAR_MARGIN
+    monkeypatch.setattr(cpu_routes, "measure_point", fake)
+    w = _weight("int8", {}, 16, 64, rng)
+    r = BACKENDS["cpu"].route(w, 8, "fp32")
+    assert r.path == "dense" and "to be measured again" in r.why and len(fake.calls) == 1
+    assert BACKENDS["cpu"].route(_weight("int8", {}, 16, 64, rng), 8, "fp32").path == "dense"
+    assert len(fake.calls) == 1  # once per process and key
+    cpu_routes.reset()
+    fake.times = {"kernel": 0.95, "dense": 1.2}  # the second process sees it the other way round
+    r = BACKENDS["cpu"].route(_weight("int8", {}, 16, 64, rng), 8, "fp32")
+    assert len(fake.calls) == 2 and r.why.startswith("measured again") and "2 measurements" in r.why
+    assert r.path == "dense"  # merged: kernel 0.95 against dense 0.9
+    stored = json.loads(cpu_tuning.cache_path().read_text())[cpu_tuning.machine_key()]["routes"]
+    rec = stored[cpu_routes.route_key(w, 8, "fp32")]
+    assert rec["rounds"] == 2 and rec["times"] == {"kernel": 0.95, "dense": 0.9}
+    cpu_routes.reset()
+    BACKENDS["cpu"].route(_weight("int8", {}, 16, 64, rng), 8, "fp32")
+    assert len(fake.calls) == 2  # settled
+
+
+@pytest.mark.parametrize("budget_mb, kept", [(None, True), ("0", False)])
+def test_float_formats_keep_an_fp32_copy_when_dense_wins(budget_mb, kept, rng, rel_err, monkeypatch):
+    """A float weight routed to the dense fallback keeps one fp32 copy within SPARSEINFER_DENSE_COPY_MB
+    (explained), else runs tile by tile; either way exact. Quantized formats never keep one."""
+    if budget_mb is not None:
+        monkeypatch.setenv("SPARSEINFER_DENSE_COPY_MB", budget_mb)
+    monkeypatch.setattr(cpu_routes, "SMALL_BYTES", 0)
+    monkeypatch.setattr(cpu_routes, "measure_point", FakeTimer(kernel=1.0, dense=0.5, dense_int8=2.0))
+    for fmt, copies in (("2:4", kept), ("csr", kept), ("2:4+int8", False)):
+        w = _weight(fmt, {}, 48, 128, rng)
+        r = BACKENDS["cpu"].route(w, 16, "fp32")
+        assert r.path == "dense", (fmt, r)
+        assert ("kept within SPARSEINFER_DENSE_COPY_MB" in r.why) == copies, (fmt, r.why)
+        x = torch.randn(16, 128, generator=rng)
+        assert rel_err(si.linear(x, w, None, backend="cpu", act="fp32"), reference_linear(x, w)) <= TOL_F32
+        memo = w._prepacked.get("cpu:dense-copy")
+        assert memo is not None and (memo[1] is not None) == copies, fmt
+    held = cpu_routes._copy_bytes
+    del w, memo
+    import gc
+    gc.collect()
+    assert cpu_routes._copy_bytes <= held  # released with the weights
 
 
 @pytest.mark.parametrize("winner", ["kernel", "dense"])
@@ -125,7 +208,7 @@ def test_first_use_measures_once_stores_and_runs_the_winner(winner, rng, rel_err
     x = torch.randn(33, 256, generator=rng)
     out = si.linear(x, w, backend="cpu", act="fp32")
     assert rel_err(out, reference_linear(x, w)) <= TOL_F32
-    assert fake.calls == [((48, 256), 64, "fp32", ("kernel", "dense"))]  # at the bucket's batch
+    assert fake.calls == [((48, 256), 33, "fp32", ("kernel", "dense"))]  # at the call's batch
     r = cpu.route(w, 40, "fp32")  # same bucket: no new measurement
     assert r.path == winner and r.why.startswith("measured") and len(fake.calls) == 1
     assert (r.kernel == cpu_routes.DENSE_KERNEL) == (winner == "dense")
@@ -294,3 +377,17 @@ def test_a_call_reads_no_file(fmt, rng, monkeypatch):
         state["on"] = False
     assert opened == []
     assert cpu_tuning.cpu_model.cache_info().misses <= 1  # /proc/cpuinfo read at most once per process
+
+
+def test_measure_point_times_every_candidate_on_rotating_copies(rng, monkeypatch):
+    """The real measurement (not injected): every candidate path gets a time, at the call's batch,
+    each call on weight copies of its own (ROTATE_BYTES of them, here forced to 6 copies)."""
+    monkeypatch.setattr(cpu_routes, "ROUNDS", 2)
+    for fmt in ("2:4", "csr+int8"):
+        w = _weight(fmt, {}, 40, 96, rng)
+        monkeypatch.setattr(cpu_routes, "ROTATE_BYTES", 6 * w.nbytes)
+        h = BACKENDS["cpu"].prepack(w)
+        paths = cpu_routes.candidates(w, h, 5, "fp32")
+        rec = cpu_routes.measure_point(w, 5, "fp32", paths)
+        assert set(rec["times"]) == set(paths) and rec["m"] == 5 and rec["copies"] == 6, rec
+        assert rec["kernel"] == C.kernel_name(h, 5, None, "fp32")

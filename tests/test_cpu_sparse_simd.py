@@ -89,7 +89,9 @@ def sweep(w, rng, rel_err, what, isas=None, batches=None, act="fp32", expect=Non
 
 
 def gemv_or_gemm(limit, prefix):
-    return lambda m: f"{prefix}_gemv" if m <= limit else f"{prefix}_gemm"
+    """Kernel-name prefixes for m rows: the gemv below the limit, else a gemm (on AVX-512, float N:M
+    runs the panel GEMM there: nm_panel_gemm_avx512)."""
+    return lambda m: (f"{prefix}_gemv",) if m <= limit else (f"{prefix}_gemm", f"{prefix}_panel_gemm")
 
 
 def nm_limit(handle):
@@ -397,7 +399,8 @@ def test_kernel_names():
         w = build_native_weight(si.pack(torch.randn(16, 64), fmt, **params))
         for isa in SIMD:
             assert C.kernel_name(w, 1, isa=isa, act="fp32").startswith(f"{family}_gemv_"), (fmt, isa)
-            assert C.kernel_name(w, 64, isa=isa, act="fp32").startswith(f"{family}_gemm_"), (fmt, isa)
+            assert C.kernel_name(w, 64, isa=isa, act="fp32").startswith(
+                (f"{family}_gemm_", f"{family}_panel_gemm_")), (fmt, isa)
             if "+int" in fmt and fmt.startswith("2:4"):
                 if isa == "avx512" and C.cpu_features().get("avx512_vnni"):  # dense row tiles, every batch
                     for m in (1, 64):

@@ -115,3 +115,68 @@ def test_avx512_dequantize_is_to_dense_bit_for_bit(fmt, params, k, rng):
     out = torch.full((37, k), float("nan"))
     C.dequantize(h, 0, 37, out, 2)
     assert torch.equal(out, w.to_dense(torch.float32)), fmt
+
+
+# -- N:M and float CSR on the panels (named in the call: any batch, measured-only rows too) ----------
+
+SPARSE_CASES = [("2:4", {}), ("4:8", {}), ("1:4", {}), ("2:4+int8", {}), ("2:4+int4", {"group_size": 32}),
+                ("csr", {})]
+SPARSE_KERNELS = {"2:4": "nm_panel_gemm_avx512", "4:8": "nm_panel_gemm_avx512", "1:4": "nm_panel_gemm_avx512",
+                  "2:4+int8": "nm_int8_panel_gemm_avx512", "2:4+int4": "nm_int4_panel_gemm_avx512",
+                  "csr": "csr_panel_gemm_avx512"}
+
+
+def sparse_weight(fmt, params, n, k, g):
+    w = torch.randn(n, k, generator=g)
+    if fmt == "csr":
+        w = w * (torch.rand(n, k, generator=g) < 0.4)
+        w[n // 2] = 0.0  # an empty row
+    if "int4" in fmt and params.get("group_size", 0) > (k + 1) // 2:
+        params = {**params, "group_size": 8}
+    return si.pack(w, fmt, **params)
+
+
+@pytest.mark.parametrize("fmt, params", SPARSE_CASES, ids=[f for f, _ in SPARSE_CASES])
+@pytest.mark.parametrize("k,n", SHAPES[1:] + [(600, 70)], ids=[f"K{k}-N{n}" for k, n in SHAPES[1:] + [(600, 70)]])
+def test_sparse_panel_gemm_matches_reference(fmt, params, k, n, rng, rel_err):
+    """N:M (2:4 with vexpandps, other N:M and K tails generic) and CSR (nonzeros scattered into a
+    zeroed panel) through the panel tile; bf16 / fp16 x and out, bias, strided rows, 1-3 threads."""
+    w = sparse_weight(fmt, params, n, k, rng)
+    h = build_native_weight(w)
+    kernel = SPARSE_KERNELS[fmt]
+    for i, m in enumerate(BATCHES):
+        dtype = (torch.float32, torch.bfloat16, torch.float16)[i % 3] if m > 1 else torch.float32
+        bias = torch.randn(n, generator=rng) if i % 2 == 0 else None
+        x = torch.randn(m, k + 3 * (i % 2), generator=rng).to(dtype)[:, :k]
+        out = torch.full((m, n), float("nan"), dtype=dtype)
+        C.linear(x, h, out, bias, num_threads=1 + i % 3, isa="avx512", act="fp32", kernel=kernel)
+        where = f"{fmt} M={m} N={n} K={k} {dtype} bias={bias is not None}"
+        assert torch.isfinite(out).all(), f"{where}: unwritten (NaN) outputs"
+        assert rel_err(out, reference_linear(x, w, bias)) <= TOL[dtype], where
+
+
+def test_sparse_panel_dispatch():
+    """Float N:M: the AVX2 gemv for a few rows, then the panel GEMM, with nm_gemm_avx2 a measured
+    candidate; N:M + int8 / int4 (exact) and float CSR: the panel GEMM a measured candidate."""
+    h = build_native_weight(si.pack(torch.randn(64, 128), "2:4"))
+    assert [C.kernel_name(h, m, isa="avx512", act="fp32") for m in (1, 10, 11, 64)] == \
+        ["nm_gemv_avx2"] * 2 + ["nm_panel_gemm_avx512"] * 2
+    assert C.kernel_candidates(h, 64, isa="avx512", act="fp32") == ["nm_panel_gemm_avx512", "nm_gemm_avx2"]
+    for fmt in ("2:4+int8", "csr"):
+        w = si.pack(torch.randn(64, 128) * (torch.rand(64, 128) < 0.5), fmt)
+        names = C.kernel_candidates(build_native_weight(w), 64, isa="avx512", act="fp32")
+        assert names[1:] == [SPARSE_KERNELS[fmt]] and names[0] != SPARSE_KERNELS[fmt], (fmt, names)
+
+
+def test_sparse_panel_out_of_order_2to4_indices(rng, rel_err):
+    """2:4 groups whose two indices are stored descending (valid, summed like the scalar kernel)
+    take the generic decoder for their 16 columns."""
+    w = si.pack(torch.randn(40, 64, generator=rng), "2:4")
+    meta = w.meta.clone()
+    meta[::3, 0] = (meta[::3, 0] & 0xF0) | ((meta[::3, 0] & 0x3) << 2) | ((meta[::3, 0] >> 2) & 0x3)
+    w.meta.copy_(meta)
+    w.values[::3, :2] = w.values[::3, :2].flip(1).clone()
+    x = torch.randn(9, 64, generator=rng)
+    out = torch.full((9, 40), float("nan"))
+    C.linear(x, build_native_weight(w), out, None, 1, "avx512", "fp32", "nm_panel_gemm_avx512")
+    assert rel_err(out, reference_linear(x, w, None)) <= TOL[torch.float32]

@@ -13,8 +13,10 @@ weights and shapes the call:
   (``sparseinfer.act``: ``auto`` by default, ``fp32`` exact, ``int8``); csrc/README.md gives the
   int8 error bound. The layouts int8 activations need are built by the first call that runs such a
   kernel, or by ``prepack(w, act)`` (which ``sparseinfer.load`` calls).
-* Each call takes a route (cpu_routes.py): the packed kernel, or, where it was measured slower,
-  the dense fallback (tile-dequantize + torch's GEMM) or, for csr+int8, the dense int8 kernels.
+* Each call takes a route (cpu_routes.py): the packed kernel the table picks, another kernel
+  measured faster on this layer shape (named in the call), or, where those were measured slower,
+  the dense fallback (an fp32 copy or tile-dequantize + torch's GEMM) or, for csr+int8, the dense
+  int8 kernels.
 
 The kernels are inference-only: a call that needs gradients for ``x`` is left to the reference
 backend (``supports`` says no), and a bias that needs gradients is added outside the kernel.
@@ -123,7 +125,8 @@ class CpuBackend(Backend):
         handle = native_weight(w)
         act = resolve_act(act)
         n_threads = threads()
-        path = cpu_routes.route(w, handle, x.numel() // w.shape[1], act, n_threads).path
+        r = cpu_routes.route(w, handle, x.numel() // w.shape[1], act, n_threads)
+        path = r.path
         if not x.is_contiguous() and not (x.dim() == 2 and (x.shape[1] == 1 or x.stride(1) == 1)):
             x = x.contiguous()  # 2-D rows may be strided, elements within a row may not
         late_bias = None
@@ -140,7 +143,7 @@ class CpuBackend(Backend):
             if path == "dense_int8":
                 handle = cpu_routes.dense_int8_handle(w)
             out = x.new_empty(x.shape[:-1] + (w.shape[0],))
-            _native._C.linear(x, handle, out, bias, n_threads, None, act)
+            _native._C.linear(x, handle, out, bias, n_threads, None, act, r.named)
         if late_bias is not None:
             out = (out.float() + late_bias.float()).to(x.dtype)
         return out

@@ -2,12 +2,17 @@
 slower than dense:
 
     kernel      ``_C.linear`` on the packed weight: the kernel the table selects for (family, ISA,
-                batch, act) -- whatever kernels this build has
+                batch, act), or another of ``_C.kernel_candidates`` (a measured-only row, e.g. the
+                AVX-512 panel GEMM of N:M, which wins on some shapes and loses on others) named in
+                the call; measured as "kernel" (the table's pick) and "kernel:<name>" (the others)
     dense_int8  csr+int8 only: the ``_C`` int8 kernels on the CSR's codes as a dense int8 weight
                 (one scale per row: the same dequantized values), in the call's activation mode
-    dense       the dense fallback: the weight dequantized tile by tile (``_C.dequantize``, at most
-                TILE_BYTES of fp32 at a time; one fp32 copy only when the weight is SMALL_BYTES or
-                less) and torch's fp32 GEMM (MKL / oneDNN) on each tile: exact
+    dense       the dense fallback: torch's fp32 GEMM (MKL / oneDNN) on the weight dequantized by
+                ``_C.dequantize``: from one fp32 copy kept with the weight when it is SMALL_BYTES or
+                less, or (float formats: N:M and CSR with float values, whose copy holds the very
+                values dense has) when the route takes this path and the process-wide copy budget
+                (``SPARSEINFER_DENSE_COPY_MB``, default DENSE_COPY_MB) has room; else tile by tile
+                on every call (at most TILE_BYTES of fp32 at a time): exact either way
 
 A decision holds for a route key: format and parameters, activation class ("fp32", or "int8" for
 auto / int8, which select alike), N x K, the batch bucket (the power of two >= M), and for CSR
@@ -16,27 +21,35 @@ the density to two decimals. First hit wins:
 1. measured times for the key in this machine's entry of the user cache (cpu_tuning.py):
    ``sparseinfer calibrate`` and earlier first uses put them there;
 2. on a machine the built-in tables were not measured on (and unless ``SPARSEINFER_MEASURE=0``),
-   the first call measures now: every candidate on this weight (at most MEASURE_MAX_M rows of x;
-   the weight's first rows only when one call would take more than CALL_CAP_S), interleaved
-   round by round, best of up to ROUNDS, at most MEASURE_BUDGET_S per process in all; stored in
-   the user cache;
+   the first call measures now: every candidate on this weight, at the call's own batch (a kernel
+   that pads rows to a multiple of 8, e.g. nm_gemm_avx2, is slower at 33 rows than at 64, the top
+   of the bucket), at most MEASURE_MAX_M rows of x, the weight's first rows only when one call
+   would take more than CALL_CAP_S, each call on weights that come from memory (ROTATE_BYTES),
+   interleaved round by round, best of up to ROUNDS, at most MEASURE_BUDGET_S per process; stored in
+   the user cache. A stored record is settled once two measurements (in different processes,
+   their times merged by taking each path's minimum) agree, or one shows a winner by more than
+   CLEAR_MARGIN; until then it is used and measured once more by the next process that meets it
+   (within its budget), so one noisy run does not decide for good;
 3. rules: this machine's (``sparseinfer calibrate``), else the built-in table of the active ISA
    (``cpu_routes.json``; a scalar kernel takes the scalar table's): per (family, act class) the
    batch from which the dense fallback wins, and for CSR the density above which dense wins, per
-   batch (interpolated in log2 batch).
+   batch (interpolated in log2 batch). Rules choose between the table's pick and dense only.
 
-From measured times the packed kernel keeps the call unless another path is faster by MARGIN
+From measured times the table's pick keeps the call unless another path is faster by MARGIN
 (timing noise must not flip a decision). Decisions are memoised per weight and batch, so a call
 pays a dict lookup; nothing here reads files after the first decision of a process.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import math
 import os
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,8 +61,10 @@ from . import cpu_tuning
 from .cpu_native import build_native_weight, native_weight
 
 TABLE_PATH = Path(__file__).with_name("cpu_routes.json")
-PATH_ORDER = ("kernel", "dense_int8", "dense")  # preference on ties: packed first
+PATH_ORDER = ("kernel", "dense_int8", "dense")  # preference on ties: packed first ("kernel:<name>" after "kernel")
 MARGIN = 0.05  # another path must be this much faster to take the call from the packed kernel
+CLEAR_MARGIN = 0.25  # a winner by this much in one measurement is settled; closer calls are measured twice
+SETTLED_ROUNDS = 2  # measurements (processes) merged before a close record is settled
 ROUNDS = 7  # interleaved rounds per measured point (fewer when POINT_BUDGET_S runs out)
 POINT_BUDGET_S = 0.25
 MEASURE_BUDGET_S = 2.0  # first-use measuring per process, all points together
@@ -59,15 +74,28 @@ MEASURE_BUDGET_S = 2.0  # first-use measuring per process, all points together
 # MIN_SLICE_ROWS: MKL's GEMM on a 64-row slice was 3x less efficient than on the whole weight, which
 # made the dense fallback look slower than it is.
 MEASURE_MAX_M = 512
+# Each timed call reads its weight from beyond the caches, as a model's layers do (each call runs
+# after the other layers' weights went through): calls rotate through copies of the weight, together
+# at least ROTATE_BYTES (at most ROTATE_COPIES). Timed hot, on one L2-resident copy, nm_gemm_avx2
+# beat dense on MiniLM's 384x384 2:4 at 33 rows and lost 0.68x in the model, where the panel GEMM
+# (one pass over the weight per call) was 1.08x (bench/README.md).
+ROTATE_BYTES = 32 << 20
+ROTATE_COPIES = 32
 CALL_CAP_S = 0.05
 ASSUMED_FLOPS = 50e9
 MIN_SLICE_ROWS = 1024
 TILE_BYTES = 16 << 20  # fp32 rows the dense fallback dequantizes at a time (MKL wants wide tiles:
                        # 4096x4096 at M=256 took 16 x 16 ms in 256-row tiles, 4 x 24 ms in 1024-row ones)
 SMALL_BYTES = 1 << 20  # a weight whose fp32 copy is at most this keeps one (made once)
+# Float formats whose route is the dense fallback keep an fp32 copy, within this many MiB per process
+# (SPARSEINFER_DENSE_COPY_MB; 0: never): dequantizing 1536x384 2:4 per call cost as much as a 16-row
+# GEMM on it, so the tile path ran one-sentence MiniLM at ~0.9x dense (bench/README.md).
+DENSE_COPY_MB = 256
+COPY_FAMILIES = ("nm_float", "csr_float")  # their fp32 copy is exactly the dense weight's values
 CSR_DENSITIES = (0.05, 0.3)  # calibrate: CSR time is affine in density, two points give the line
 
 _DENSE_COPY_KEY = "cpu:dense-copy"
+_COPY_GRANT_KEY = "cpu:dense-copy-granted"
 _DENSE_INT8_KEY = "cpu:csr-dense-int8"
 _ROUTES_KEY = "cpu:routes"
 
@@ -78,11 +106,14 @@ class Route:
     kernel: str  # what runs: a _C kernel name, or the dense fallback
     act: str  # the activation precision it runs: "int8" or "fp32"
     why: str
+    named: str | None = None  # a kernel the call must name (_C.linear(kernel=...)): not the table's pick
 
 
 _lock = threading.RLock()
 _generation = 0  # bumped by reset(): memoised routes made before are stale
 _spent = 0.0  # seconds of first-use measuring in this process
+_remeasured: set[str] = set()  # unsettled route keys measured again by this process
+_copy_bytes = 0  # fp32 copies kept under the DENSE_COPY_MB budget, live
 _stored: dict[str, dict] = {}  # machine key -> stored entry (read once per process and key)
 _tables: dict[str, dict] = {}  # isa -> built-in table (cpu_routes.json, read once)
 
@@ -94,6 +125,7 @@ def reset() -> None:
         _generation += 1
         _spent = 0.0
         _stored.clear()
+        _remeasured.clear()
 
 
 # -- route keys ------------------------------------------------------------------------------------
@@ -114,8 +146,13 @@ def route_key(w: PackedWeight, m: int, act: str) -> str:
     return key + (f"|d{w.density:.2f}" if isinstance(w, CSRWeight) else "")
 
 
-def candidates(w: PackedWeight) -> tuple[str, ...]:
-    return ("kernel", "dense_int8", "dense") if isinstance(w, CSRWeight) and w.quantized else ("kernel", "dense")
+def candidates(w: PackedWeight, handle=None, m: int = 1, act: str = "fp32") -> tuple[str, ...]:
+    """The paths measured for a call: the table's pick ("kernel"), the other kernels the binding lists
+    for ``m`` rows ("kernel:<name>"), then the dense paths."""
+    alts = tuple(f"kernel:{k}" for k in _native.require_native().kernel_candidates(handle, m, None, act)[1:]) \
+        if handle is not None else ()
+    dense = ("dense_int8", "dense") if isinstance(w, CSRWeight) and w.quantized else ("dense",)
+    return ("kernel", *alts, *dense)
 
 
 # -- the paths -------------------------------------------------------------------------------------
@@ -134,14 +171,57 @@ def dense_int8_handle(w: CSRWeight):
     return w.prepacked(_DENSE_INT8_KEY, lambda w: build_native_weight(dense_int8(w)))
 
 
-def _dense_copy(w: PackedWeight) -> torch.Tensor | None:
-    """The whole weight in fp32 if it is SMALL_BYTES or less (made once, kept with ``w``), else None."""
+def _dequantized(w: PackedWeight) -> torch.Tensor:
     n, k = w.shape
-    if n * k * 4 > SMALL_BYTES:
-        return None
     dense = torch.empty(n, k)
     _native.require_native().dequantize(native_weight(w), 0, n, dense, cpu_tuning.cpu_threads())
     return dense
+
+
+def _dense_copy(w: PackedWeight) -> torch.Tensor | None:
+    """The whole weight in fp32 if it is SMALL_BYTES or less or was granted a budgeted copy (made
+    once, kept with ``w``), else None."""
+    n, k = w.shape
+    granted = w._prepacked.get(_COPY_GRANT_KEY, (None, False))[1]
+    return _dequantized(w) if n * k * 4 <= SMALL_BYTES or granted else None
+
+
+def copy_budget() -> int:
+    """Bytes of fp32 copies the dense fallback may keep per process (SPARSEINFER_DENSE_COPY_MB)."""
+    raw = os.environ.get("SPARSEINFER_DENSE_COPY_MB", str(DENSE_COPY_MB))
+    try:
+        mb = float(raw)
+    except ValueError:
+        raise ValueError(f"SPARSEINFER_DENSE_COPY_MB={raw!r} is not a number of MiB") from None
+    return max(0, int(mb * (1 << 20)))
+
+
+def copy_eligible(w: PackedWeight, handle) -> bool:
+    """Whether ``w`` may keep a budgeted fp32 copy: a float format, larger than SMALL_BYTES."""
+    n, k = w.shape
+    return handle.kernel_family in COPY_FAMILIES and n * k * 4 > SMALL_BYTES
+
+
+def _release(nbytes: int) -> None:
+    global _copy_bytes
+    with _lock:
+        _copy_bytes -= nbytes
+
+
+def keep_copy(w: PackedWeight) -> bool:
+    """Reserve ``w``'s fp32 copy in the process budget (once per weight; released when ``w`` is
+    collected); the dense fallback makes it at its next call. False when the budget is spent."""
+    def reserve(w: PackedWeight) -> bool:
+        global _copy_bytes
+        n, k = w.shape
+        with _lock:
+            if _copy_bytes + n * k * 4 > copy_budget():
+                return False
+            _copy_bytes += n * k * 4
+        weakref.finalize(w, _release, n * k * 4)
+        w._prepacked.pop(_DENSE_COPY_KEY, None)  # a tile-path memo made before the grant
+        return True
+    return w.prepacked(_COPY_GRANT_KEY, reserve)
 
 
 _tiles = threading.local()
@@ -165,26 +245,29 @@ def dense_linear(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None) ->
     x2 = x.reshape(-1, k).float()
     b = None if bias is None else bias.float()
     dense = w.prepacked(_DENSE_COPY_KEY, _dense_copy)
-    if dense is not None:
-        out = torch.nn.functional.linear(x2, dense, b)
-    else:
-        C, handle, threads = _native.require_native(), native_weight(w), cpu_tuning.cpu_threads()
-        step = min(n, max(16, TILE_BYTES // (4 * k) // 16 * 16))
-        tile = _tile_buffer(step * k).view(step, k)
-        out_t = torch.empty(n, x2.shape[0])  # y.T: a tile's rows of it are contiguous, written in place
-        for start in range(0, n, step):
-            stop = min(n, start + step)
-            rows = tile[:stop - start]
-            C.dequantize(handle, start, stop, rows, threads)
-            if b is None:
-                torch.mm(rows, x2.T, out=out_t[start:stop])
-            else:
-                torch.addmm(b[start:stop, None], rows, x2.T, out=out_t[start:stop])
-        out = out_t.T
+    out = torch.nn.functional.linear(x2, dense, b) if dense is not None else tiled_linear(x2, w, b)
     return out.reshape(*x.shape[:-1], n).to(x.dtype).contiguous()
 
 
-DENSE_KERNEL = "dense fallback (tile-dequantize + torch fp32 GEMM)"
+def tiled_linear(x2: torch.Tensor, w: PackedWeight, b: torch.Tensor | None) -> torch.Tensor:
+    """y [M, N] = x2 [M, K] (fp32) @ W.T + b, W dequantized tile by tile (no copy kept)."""
+    n, k = w.shape
+    C, handle, threads = _native.require_native(), native_weight(w), cpu_tuning.cpu_threads()
+    step = min(n, max(16, TILE_BYTES // (4 * k) // 16 * 16))
+    tile = _tile_buffer(step * k).view(step, k)
+    out_t = torch.empty(n, x2.shape[0])  # y.T: a tile's rows of it are contiguous, written in place
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        rows = tile[:stop - start]
+        C.dequantize(handle, start, stop, rows, threads)
+        if b is None:
+            torch.mm(rows, x2.T, out=out_t[start:stop])
+        else:
+            torch.addmm(b[start:stop, None], rows, x2.T, out=out_t[start:stop])
+    return out_t.T
+
+
+DENSE_KERNEL = "dense fallback (torch fp32 GEMM on the dequantized weight)"
 
 
 # -- measuring -------------------------------------------------------------------------------------
@@ -208,40 +291,93 @@ def time_interleaved(runs: dict, rounds: int, budget: float) -> dict:
     return best
 
 
+def _copies(w: PackedWeight) -> list[PackedWeight]:
+    """``w`` and clones of it, ROTATE_BYTES in all (at most ROTATE_COPIES)."""
+    count = min(ROTATE_COPIES, max(1, -(-ROTATE_BYTES // max(1, w.nbytes))))
+    return [w] + [copy.deepcopy(w) for _ in range(count - 1)]  # (from_parts would validate each again: 6x slower)
+
+
 def measure_point(w: PackedWeight, m: int, act: str, paths) -> dict:
     """Times each of ``paths`` for ``m`` rows (at most MEASURE_MAX_M) on ``w`` (its first rows, at
-    least MIN_SLICE_ROWS, if one call would exceed CALL_CAP_S). Returns the record stored per route key."""
+    least MIN_SLICE_ROWS, if one call would exceed CALL_CAP_S), each call on the next of a rotation
+    of copies (ROTATE_BYTES: weights come from memory, as in a model). The dense path is timed as it
+    would run: from an fp32 copy when ``w`` would keep one (copy_eligible, budget left), else tile
+    by tile. Returns the record stored per route key."""
     C = _native.require_native()
     n, k = w.shape
     m = min(m, MEASURE_MAX_M)
     est = 2.0 * m * n * k / ASSUMED_FLOPS
     rows = n if est <= CALL_CAP_S else min(n, max(MIN_SLICE_ROWS, int(n * CALL_CAP_S / est) // 16 * 16))
-    part = w if rows == n else w.rows(0, rows)
+    # (a slice is of a weight too large to be cached anyway; a deepcopy of it would copy all rows)
+    parts = _copies(w) if rows == n else [w.rows(0, rows)]
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m * 31 + k))
     out = torch.empty(m, rows)
     threads = cpu_tuning.cpu_threads()
-    handle = build_native_weight(part)
+    handles = [build_native_weight(part) for part in parts]
+    copy = copy_eligible(w, handles[0]) and _copy_bytes + n * k * 4 <= copy_budget()
+    turn = dict.fromkeys(paths, 0)
+
+    def rotating(path: str, calls: list):
+        def run():
+            turn[path] = (turn[path] + 1) % len(calls)
+            calls[turn[path]]()
+        return run
+
+    x1, out1 = x[:1], out[:1]
+    small = n * k * 4 <= SMALL_BYTES
     runs = {}
-    for p in paths:
-        if p == "kernel":
-            runs[p] = lambda: C.linear(x, handle, out, None, threads, None, act)
+    for i, p in enumerate(paths):
+        # each path its own copies: a copy another path just ran would be hot in this one's call
+        mine = list(range(len(parts)))[i::len(paths)] or [0]
+        if p == "kernel" or p.startswith("kernel:"):
+            name = p.partition(":")[2] or None
+            calls = [functools.partial(C.linear, x, handles[j], out, None, threads, None, act, name) for j in mine]
+            for j in mine:  # a copy's first call builds what it keeps (int8 row tiles): on one row, untimed
+                C.linear(x1, handles[j], out1, None, threads, None, act, name or C.kernel_name(handles[j], m, None, act))
         elif p == "dense_int8":
-            runs[p] = lambda h8=dense_int8_handle(part): C.linear(x, h8, out, None, threads, None, act)
+            h8 = [dense_int8_handle(parts[j]) for j in mine]
+            calls = [functools.partial(C.linear, x, h, out, None, threads, None, act) for h in h8]
+            for h in h8:
+                C.linear(x1, h, out1, None, threads, None, act, C.kernel_name(h, m, None, act))
+        elif copy or small:  # what dense_linear runs then: F.linear on the kept fp32 copy
+            calls = [functools.partial(torch.nn.functional.linear, x, _dequantized(parts[j])) for j in mine]
         else:
-            runs[p] = lambda: dense_linear(x, part, None)
+            calls = [functools.partial(tiled_linear, x, parts[j], None) for j in mine]
+        runs[p] = rotating(p, calls)
     times = time_interleaved(runs, ROUNDS, POINT_BUDGET_S)
     return {"times": times, "m": m, "rows": rows, "n": n, "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "kernel": C.kernel_name(handle, m, None, act)}
+            "kernel": C.kernel_name(handles[0], m, None, act), "dense_copy": copy, "copies": len(parts)}
+
+
+def _rank(path: str) -> int:
+    return 1 if path.startswith("kernel:") else 0 if path == "kernel" else 1 + PATH_ORDER.index(path)
 
 
 def choose(times: dict) -> str:
-    """The path to take from measured times: the first of PATH_ORDER unless a later one is faster
-    than the best so far by MARGIN."""
+    """The path to take from measured times: the table's pick ("kernel"), then the other kernels,
+    then PATH_ORDER's dense paths; a later one only if it is faster than the best so far by MARGIN."""
     best = None
-    for p in PATH_ORDER:
-        if p in times and (best is None or times[p] < times[best] * (1 - MARGIN)):
+    for p in sorted(times, key=_rank):
+        if best is None or times[p] < times[best] * (1 - MARGIN):
             best = p
     return best
+
+
+def margin(times: dict) -> float:
+    """How much slower the second-fastest path is than the fastest (inf with one path)."""
+    t = sorted(times.values())
+    return t[1] / t[0] - 1 if len(t) > 1 else math.inf
+
+
+def settled(record: dict) -> bool:
+    """Whether a stored record decides for good: SETTLED_ROUNDS measurements merged, or a clear winner."""
+    return record.get("rounds", 1) >= SETTLED_ROUNDS or margin(record["times"]) >= CLEAR_MARGIN
+
+
+def merge(old: dict, new: dict) -> dict:
+    """A second measurement of a point: each path's best time of both, one more round."""
+    times = {p: min(t, old["times"].get(p, math.inf)) for p, t in new["times"].items()}
+    return {**new, "times": times, "rounds": old.get("rounds", 1) + 1}
 
 
 # -- tables ----------------------------------------------------------------------------------------
@@ -323,12 +459,20 @@ def _by_rules(w: PackedWeight, family: str, isa: str, m: int, act: str, paths) -
     return "kernel", f"{source}: packed kernel"
 
 
+def _label(path: str, record: dict) -> str:
+    if path == "kernel":
+        return record.get("kernel") or "kernel"
+    return path.partition(":")[2] if path.startswith("kernel:") else path
+
+
 def _by_times(record: dict, source: str) -> tuple[str, str]:
     times = record["times"]
     path = choose(times)
-    shown = ", ".join(f"{p} {times[p] * 1e3:.3g} ms" for p in PATH_ORDER if p in times)
+    shown = ", ".join(f"{_label(p, record)} {times[p] * 1e3:.3g} ms" for p in sorted(times, key=_rank))
     rows = f" on rows 0:{record['rows']} of {record['n']}" if record.get("rows", 0) < record.get("n", 0) else ""
-    return path, f"{source} {record.get('when', '?')}: {shown} at M={record.get('m', '?')}{rows}"
+    rounds = record.get("rounds", 1)
+    state = f", {rounds} measurements" if rounds > 1 else "" if settled(record) else ", to be measured again"
+    return path, f"{source} {record.get('when', '?')}: {shown} at M={record.get('m', '?')}{rows}{state}"
 
 
 # -- the decision ----------------------------------------------------------------------------------
@@ -344,36 +488,55 @@ def decide(w: PackedWeight, handle, m: int, act: str) -> Route:
     # own dense kernels), except for a scalar kernel, whose speed is the same on every x86 / ARM level
     family = handle.kernel_family
     isa = "scalar" if row.get("isa") == "scalar" else C.active_isa()
-    paths = candidates(w)
+    paths = candidates(w, handle, m, act)
     key = route_key(w, m, act)
     with _lock:
         record = _entry().get("routes", {}).get(key)
-        # (a record without a "kernel" time is from elsewhere; one that timed another kernel than the
-        # table picks now, e.g. before an upgrade added a faster one, is measured again)
-        if record is not None and "kernel" in record["times"] and (
-                record.get("kernel") in (None, C.kernel_name(handle, record.get("m", m), None, act))):
+        # A record without a "kernel" time is from elsewhere, and one that timed another kernel than
+        # the table picks now (e.g. before an upgrade added a faster one) is not used. One that lacks
+        # a candidate (a kernel this build added), or is unsettled, is measured again when allowed.
+        usable = record is not None and "kernel" in record["times"] and (
+            record.get("kernel") in (None, C.kernel_name(handle, record.get("m", m), None, act)))
+        complete = usable and all(p in record["times"] for p in paths)
+        may_measure = (not known_machine() and _measuring_allowed() and _spent < MEASURE_BUDGET_S
+                       and key not in _remeasured)
+        if usable and (not may_measure or (complete and settled(record))):
             path, why = _by_times(record, "measured")
-        elif not known_machine() and _measuring_allowed() and _spent < MEASURE_BUDGET_S:
+        elif may_measure:
             t0 = time.perf_counter()
-            record = measure_point(w, bucket(m), act, paths)
+            fresh = measure_point(w, m, act, paths)
             _spent += time.perf_counter() - t0
+            _remeasured.add(key)
+            again = complete  # an unsettled record: merge the two measurements
+            record = merge(record, fresh) if again else fresh
             _entry().setdefault("routes", {})[key] = record
             try:
                 cpu_tuning.save(routes={key: record})
             except OSError:
                 pass  # a read-only cache: the decision holds for this process
-            path, why = _by_times(record, "measured on first use")
+            path, why = _by_times(record, "measured again" if again else "measured on first use")
         else:
             path, why = _by_rules(w, family, isa, m, act, paths)
             if not known_machine() and _measuring_allowed():
                 why += f" (first-use measuring budget of {MEASURE_BUDGET_S:g} s spent)"
-    if path == "kernel":
-        return Route(path, kernel, "int8" if row.get("int8_act") else "fp32", why)
+    if path.startswith("kernel"):
+        name = path.partition(":")[2] or kernel
+        act_run = "int8" if rows.get(name, {}).get("int8_act") else "fp32"
+        return Route("kernel", name, act_run, why, name if name != kernel else None)
     if path == "dense_int8":
         k8 = C.kernel_name(dense_int8_handle(w), m, None, act)
         return Route(path, k8, "int8" if rows.get(k8, {}).get("int8_act") else "fp32", why)
     n, k = w.shape
-    copy = "an fp32 copy of the weight, kept" if n * k * 4 <= SMALL_BYTES else "tiles dequantized per call"
+    mb = n * k * 4 / (1 << 20)
+    if n * k * 4 <= SMALL_BYTES:
+        copy = f"an fp32 copy of the weight ({mb:.2g} MiB), kept"
+    elif copy_eligible(w, handle) and keep_copy(w):
+        copy = f"an fp32 copy of the weight ({mb:.3g} MiB), kept within SPARSEINFER_DENSE_COPY_MB={copy_budget() >> 20}"
+    elif copy_eligible(w, handle):
+        copy = (f"tiles dequantized per call (the fp32 copy budget, SPARSEINFER_DENSE_COPY_MB={copy_budget() >> 20}, "
+                f"is spent)")
+    else:
+        copy = "tiles dequantized per call"
     return Route(path, DENSE_KERNEL, "fp32", f"{why}; dense from {copy}")
 
 
@@ -421,7 +584,7 @@ def calibrate_rules(n: int = 1024, k: int = 1024, batches=(1, 4, 16, 64, 256, 10
                 progress(f"{family} ({act} activations)")
             wins, points = [], {}
             for m in batches:
-                recs = {d: measure_point(w, m, act, candidates(w)) for d, w in ws.items()}
+                recs = {d: measure_point(w, m, act, candidates(w)) for d, w in ws.items()}  # table pick vs dense
                 for d, w in ws.items():
                     rules["routes"][route_key(w, m, act)] = recs[d]
                 if csr:

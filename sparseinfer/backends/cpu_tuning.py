@@ -95,9 +95,10 @@ def _weight(family: str, n: int, k: int, g: torch.Generator):
 def chains(isa: str | None = None) -> dict[tuple[str, str], list[dict]]:
     """{(family, act): the rows a call of that family and activation mode tries, in order} for
     the active ISA (its table, then its fallbacks'). Rows needing int8 activations appear only in
-    the "int8" chains; a chain ends at its first row without a batch limit."""
+    the "int8" chains; a chain ends at its first row without a batch limit. Measured-only rows are
+    not in any chain: the table never picks them (cpu_routes.py times them per layer shape)."""
     C = _native.require_native()
-    rows = C.kernel_table(isa)
+    rows = [r for r in C.kernel_table(isa) if not r.get("measured_only")]
     out = {}
     for family in {r["family"] for r in rows}:
         for act in ("fp32", "int8"):

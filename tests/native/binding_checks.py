@@ -60,9 +60,9 @@ def weight(fmt: str, params: dict, n: int = 33, k: int = 256, scale: float = 1.0
     return si.pack(w, fmt, **params)
 
 
-def run(h, x: torch.Tensor, act: str, isa: str | None = None, threads: int = 2) -> torch.Tensor:
+def run(h, x: torch.Tensor, act: str, isa: str | None = None, threads: int = 2, kernel: str | None = None) -> torch.Tensor:
     out = torch.full(x.shape[:-1] + (h.shape[0],), float("nan"), dtype=x.dtype)
-    return C.linear(x, h, out, None, threads, isa, act)
+    return C.linear(x, h, out, None, threads, isa, act, kernel)
 
 
 def close(y: torch.Tensor, w, x: torch.Tensor, act: str) -> bool:
@@ -81,6 +81,10 @@ def every_format_and_shape() -> None:
                     for dtype in (torch.float32, torch.bfloat16):
                         x = torch.randn(*shape, generator=G).to(dtype)
                         check(close(run(h, x, act, isa), w, x, act), f"{fmt} {isa} {act} {shape} {dtype}")
+                        rows = x.numel() // 256
+                        for name in C.kernel_candidates(h, rows, isa, act)[1:]:  # measured-only rows, named
+                            check(close(run(h, x, act, isa, kernel=name), w, x, act),
+                                  f"{fmt} {isa} {act} {shape} {dtype} {name}")
                 x = torch.randn(7, 512, generator=G)[:, :256]  # strided rows
                 check(close(run(h, x, act, isa), w, x, act), f"{fmt} {isa} {act} strided rows")
                 check(run(h, torch.ones(2, 0, 256), act, isa).shape == (2, 0, 33), f"{fmt} {isa} {act} no rows")

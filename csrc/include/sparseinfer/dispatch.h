@@ -42,6 +42,12 @@ struct KernelImpl {
 // The kernel a call runs: the first matching row of `isa`'s table, else of the levels below it.
 // `call` holds the call-level bits rows may require besides CPU features (kCallInt8Act).
 const KernelImpl* select_kernel(KernelId id, Isa isa, int64_t M, uint64_t call = 0);
+// The row named `name` that a call of family `id` on `isa` with `call` bits may run, measured-only
+// rows included and batch limits ignored (a call that names its kernel); nullptr if none.
+const KernelImpl* find_kernel(const char* name, KernelId id, Isa isa, uint64_t call = 0);
+// What a call with M rows may run: select_kernel's pick first, then the kMeasuredOnly rows that
+// admit M (what sparseinfer's measured routes time against each other).
+std::vector<const KernelImpl*> kernel_candidates(KernelId id, Isa isa, int64_t M, uint64_t call = 0);
 
 // The rows select_kernel tries for `isa` (its table, then its fallbacks'), those this CPU can run,
 // with the batch limit in force (built-in, or set by set_batch_limit).
@@ -81,9 +87,11 @@ struct LinearCall {
   int64_t stride_ym;
   int64_t M;
   ActMode act = ActMode::fp32;  // auto / int8: rows requiring kCallInt8Act may run (int8 / int4 weights)
+  const char* kernel = nullptr;  // run this row (find_kernel) instead of the table's pick
 };
 
-// Converts x and bias to fp32 when needed, then runs the kernel over up to `threads` threads,
+// Converts x and bias to fp32 when needed, then runs the kernel (the table's pick, or the one the
+// call names: no_kernel if that row does not apply) over up to `threads` threads,
 // splitting the N output columns. `kernel` (optional) receives the kernel that ran.
 Status run_linear(const LinearCall& call, const WeightView& w, Isa isa, int threads, const KernelImpl** kernel);
 

@@ -80,6 +80,10 @@ enum Feature : uint64_t {
   // may lack them (N:M: build_nm_qtiles). A row of such a family that requires it runs a row-tile
   // kernel, on the x the driver quantizes in the tiles' segments (as for int8 / int4).
   kReadsQTiles = 1ull << 33,
+  // Not a feature: select_kernel passes over a row with this bit; only a call that names the kernel
+  // (LinearCall::kernel: the measured routes of sparseinfer/backends/cpu_routes.py) runs it. For a
+  // kernel that wins on some shapes and loses on others at the same batch size.
+  kMeasuredOnly = 1ull << 34,
 };
 
 // Activation precision of a call to an int8 / int4 weight (per call; sparseinfer/act.py):
@@ -269,6 +273,10 @@ Status int4_gemm_avx512(const GemmArgs&, const WeightView&, int64_t, int64_t);
 // 8 x 32 FMA tiles (sparseinfer/panel_gemm.h).
 Status int8_panel_gemm_avx512(const GemmArgs&, const WeightView&, int64_t, int64_t);
 Status int4_panel_gemm_avx512(const GemmArgs&, const WeightView&, int64_t, int64_t);
+// N:M (float / int8 / int4 values) and float CSR on the same panels: the weight decoded dense, so
+// twice the FMAs of 2:4 but at the tile's rate (measured-only rows: kMeasuredOnly).
+Status nm_panel_gemm_avx512(const GemmArgs&, const WeightView&, int64_t, int64_t);
+Status csr_panel_gemm_avx512(const GemmArgs&, const WeightView&, int64_t, int64_t);
 // Row n of an int8 / int4 / N:M weight as fp32 (to_dense()'s values) into out[0, K); false: another
 // format, or a layout it does not take (the scalar dequantize_row then serves it).
 bool dequantize_row_avx512(const WeightView&, int64_t n, float* out);

@@ -6,10 +6,12 @@
 // codes of 16 rows x 64 columns are transposed as bytes, then widened per k line. Group lengths
 // that are not a multiple of 16 (int8) / 32 (int4) decode row by row and transpose as fp32.
 //
-// N:M rows decode here for the dense fallback only (dequantize_row_avx512; 2:4 with vexpandps: 2
-// meta bytes say where the 8 kept values of 16 columns go). N:M has no panel kernel: decompressing 2:4 into dense fp32 panels doubles the FMAs, and the
-// sparse-aware nm_gemm_avx2 (x transposed, kept values only) was faster on the MiniLM shapes at
-// M = 16..256 (bench/README.md, "Exact-mode GEMM").
+// N:M rows (2:4 with vexpandps: 2 meta bytes say where the 8 kept values of 16 columns go) serve
+// the dense fallback (dequantize_row_avx512) and nm_panel_gemm_avx512, which decodes them into the
+// same fp32 panels: twice the FMAs of the kept values, at the tile's rate. It beat the sparse-aware
+// nm_gemm_avx2 at 4096x4096 and lost on some MiniLM shapes (bench/README.md), so its row is
+// measured-only (kMeasuredOnly): the routes of cpu_routes.py time it per layer shape. Float CSR
+// likewise (csr_panel_gemm_avx512: a strip's nonzeros scattered into a zeroed panel).
 #include "avx512_common.h"
 #include "sparseinfer/panel_gemm.h"
 
@@ -352,6 +354,14 @@ void decode_nm_row(const WeightView& w, int64_t n, int64_t k0, int kb, float* ou
   if (kk < kb) decode_nm_row_generic(w, n, k0 + kk, kb - kk, out + kk);
 }
 
+// The N:M layout invariants the decoders rely on (values present for their kind).
+bool nm_view_ok(const WeightView& w) {
+  const NMView& nm = w.nm;
+  const bool quantized = nm.values == ValueKind::i8 || nm.values == ValueKind::i4;
+  return nm.n >= 1 && nm.m > nm.n && nm.bits >= 1 && nm.bits <= 32 && nm.kc >= 1 &&
+         (quantized ? w.q.group > 0 && w.q.kp >= nm.kc && w.q.codes && w.q.scale : nm.fvalues != nullptr);
+}
+
 Status check_quant(const QuantView& q, int64_t K, bool int4) {
   if (q.group <= 0 || q.kp < K || q.n_groups * q.group != q.kp || (int4 && (q.kp & 1))) return Status::invalid_argument;
   return Status::ok;
@@ -383,6 +393,50 @@ Status quant_panel_gemm(const GemmArgs& a, const WeightView& w, int64_t n_begin,
 
 }  // namespace
 
+// N:M strip: its rows decoded (decode_nm_row), then transposed into the panel.
+Status nm_panel_gemm_avx512(const GemmArgs& a, const WeightView& w, int64_t n_begin, int64_t n_end) {
+  if (!nm_view_ok(w)) return Status::invalid_argument;
+  float* rows = row_strip();
+  if (!rows) return Status::out_of_memory;
+  return panel::gemm<Avx512Panel>(a, n_begin, n_end, [&w, rows](int64_t n, int nr, int64_t k0, int kb, float* panel) {
+    for (int j = 0; j < nr; ++j) decode_nm_row(w, n + j, k0, kb, rows + j * Avx512Panel::kKC);
+    rows_to_panel(rows, Avx512Panel::kKC, nr, kb, panel);
+    return true;
+  });
+}
+
+// CSR strip: the panel zeroed, then each row's nonzeros in [k0, k0 + kb) stored at (col - k0, j);
+// a row's first such entry found by binary search (columns strictly increase: checked at prepack).
+// Values as csr_gemm_scalar takes them (float, or int8 code times the row's scale).
+Status csr_panel_gemm_avx512(const GemmArgs& a, const WeightView& w, int64_t n_begin, int64_t n_end) {
+  const CSRView& c = w.csr;
+  if (c.kind == ValueKind::i4 || (c.kind == ValueKind::i8 && !c.scale)) return Status::invalid_argument;
+  return panel::gemm<Avx512Panel>(a, n_begin, n_end, [&c](int64_t n, int nr, int64_t k0, int kb, float* panel) {
+    constexpr int NR = Avx512Panel::kNR;
+    for (int k = 0; k < kb; ++k) {
+      _mm512_store_ps(panel + k * NR, _mm512_setzero_ps());
+      _mm512_store_ps(panel + k * NR + 16, _mm512_setzero_ps());
+    }
+    for (int j = 0; j < nr; ++j) {
+      const int32_t* col = c.col;
+      int64_t lo = c.crow[n + j], hi = c.crow[n + j + 1];
+      while (lo < hi) {  // first entry with col >= k0
+        const int64_t mid = lo + (hi - lo) / 2;
+        if (col[mid] < k0) lo = mid + 1; else hi = mid;
+      }
+      const int64_t end = c.crow[n + j + 1], kend = k0 + kb;
+      if (c.kind == ValueKind::i8) {
+        const int8_t* codes = static_cast<const int8_t*>(c.values);
+        const float s = c.scale[n + j];
+        for (int64_t e = lo; e < end && col[e] < kend; ++e) panel[(col[e] - k0) * NR + j] = float(codes[e]) * s;
+      } else {
+        for (int64_t e = lo; e < end && col[e] < kend; ++e) panel[(col[e] - k0) * NR + j] = load_float_value(c.values, c.kind, e);
+      }
+    }
+    return true;
+  });
+}
+
 Status int8_panel_gemm_avx512(const GemmArgs& a, const WeightView& w, int64_t n_begin, int64_t n_end) {
   return quant_panel_gemm<false>(a, w, n_begin, n_end);
 }
@@ -403,15 +457,10 @@ bool dequantize_row_avx512(const WeightView& w, int64_t n, float* out) {
       if (check_quant(w.q, w.K, true) != Status::ok) return false;
       decode_int4_row(w.q, n, 0, int(w.K), out);
       return true;
-    case KernelId::nm_float: case KernelId::nm_int8: case KernelId::nm_int4: {
-      const NMView& nm = w.nm;
-      const bool quantized = nm.values == ValueKind::i8 || nm.values == ValueKind::i4;
-      if (nm.n < 1 || nm.m <= nm.n || nm.bits < 1 || nm.bits > 32 || nm.kc < 1 ||
-          (quantized ? w.q.group <= 0 || w.q.kp < nm.kc || !w.q.codes || !w.q.scale : !nm.fvalues))
-        return false;
+    case KernelId::nm_float: case KernelId::nm_int8: case KernelId::nm_int4:
+      if (!nm_view_ok(w)) return false;
       decode_nm_row(w, n, 0, int(w.K), out);
       return true;
-    }
     default: return false;
   }
 }
