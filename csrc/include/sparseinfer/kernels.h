@@ -241,6 +241,11 @@ Status int8_gemv_avx2(const GemmArgs&, const WeightView&, int64_t, int64_t);
 Status int4_gemv_avx2(const GemmArgs&, const WeightView&, int64_t, int64_t);
 Status int8_gemm_avx2(const GemmArgs&, const WeightView&, int64_t, int64_t);
 Status int4_gemm_avx2(const GemmArgs&, const WeightView&, int64_t, int64_t);
+// fp32 activations (exact), batches past the GEMV rows: panels decoded once per call into fp32 and
+// 6 x 16 FMA tiles (sparseinfer/panel_gemm.h); N:M panels hold the zeros (dense FMA count).
+Status int8_panel_gemm_avx2(const GemmArgs&, const WeightView&, int64_t, int64_t);
+Status int4_panel_gemm_avx2(const GemmArgs&, const WeightView&, int64_t, int64_t);
+Status nm_panel_gemm_avx2(const GemmArgs&, const WeightView&, int64_t, int64_t);
 // N:M (float / int8 / int4 values) and CSR (float / int8 values), fp32 activations (exact):
 // gemv = x gathered per batch row (few rows), gemm = x transposed, batch rows in vector lanes.
 Status nm_gemv_avx2(const GemmArgs&, const WeightView&, int64_t, int64_t);
