@@ -163,3 +163,19 @@ def test_avx512_dequantize_is_to_dense_bit_for_bit(fmt, params, k, rng):
     out = torch.full((37, k), float("nan"))
     C.dequantize(h, 0, 37, out, 2)
     assert torch.equal(out, w.to_dense(torch.float32)), fmt
+
+
+@pytest.mark.parametrize("isa", [p for p in ISAS if p.values[0] == "avx2"])
+def test_nm_panel_gemm_repeated_index_adds(isa, rng, rel_err, panel_only):
+    """A 2:4 group naming one column twice (not something pack writes) takes the bit-reader path
+    for its strip, which adds both values there, as the other N:M kernels do."""
+    w = si.pack(torch.randn(40, 300, generator=rng), "2:4")
+    w.meta[5::7, 3] = 0b0101_0000 | (w.meta[5::7, 3] & 0x0F)  # columns 28-31 of some rows: indices (1, 1)
+    dense = torch.zeros(40, w.kp).scatter_add_(1, w.indices(), w.kept_values(torch.float32))[:, :300]
+    h = build_native_weight(w)
+    x = torch.randn(20, 300, generator=rng)
+    out = torch.full((20, 40), float("nan"))
+    C.linear(x, h, out, None, num_threads=1, isa=isa, act="fp32")
+    assert C.kernel_name(h, 20, isa=isa, act="fp32") == "nm_panel_gemm_avx2"
+    assert not torch.equal(dense, w.to_dense(torch.float32)), "the weight has repeated indices"
+    assert rel_err(out, x @ dense.T) <= TOL[torch.float32]

@@ -6,12 +6,12 @@
 //   int8 / int4  16 rows x 16 bytes are loaded row-wise and transposed as bytes, so each k line is
 //                one register of 16 codes: widened, converted, times the rows' group scales (one
 //                fp32 multiply, as to_dense()). Any group length (a boundary is checked per k).
-//   N:M          the panel is zeroed and every kept value is added at (column, row): 2:4 columns 16
-//                at a time from a 32-bit meta word (sp::nm24_cols), other patterns and block tails
-//                through the bit reader (sp::nm_decode_generic). Added, not stored, like the scalar
-//                kernel sums duplicate columns; indices are not trusted (columns outside the block
-//                are skipped). The panel holds the zeros too: twice the FMAs of the sparse-aware
-//                nm_gemm_avx2 for 2:4, so it is listed only where it measured faster (dispatch.cpp).
+//   N:M (float)  2:4: per row and meta byte, one vpshufb puts 4 kept values at their 8 columns
+//                (zeros elsewhere), then 8 x 8 transposes make the [k][16] lines. Other patterns,
+//                the K tail and repeated indices: the lines are zeroed and every kept value added at
+//                its (column, row) through the bit reader (sp::nm_decode_generic); added, like the
+//                scalar kernel sums duplicate columns; indices are not trusted. The panel holds the
+//                zeros too: twice the FMAs of the sparse-aware nm_gemm_avx2 for 2:4 (dispatch.cpp).
 #include "sparse_avx2.h"
 #include "sparseinfer/panel_gemm.h"
 
@@ -206,7 +206,7 @@ Status quant_panel_gemm(const GemmArgs& a, const WeightView& w, int64_t n_begin,
   });
 }
 
-// -- N:M ----------------------------------------------------------------------------------------
+// -- N:M (float values) -------------------------------------------------------------------------
 
 // Scratch for one row's kept values of a block: fp32 values and their columns.
 struct NMRowScratch {
@@ -214,44 +214,130 @@ struct NMRowScratch {
   int32_t* cols;
 };
 
-// Row j of the strip (weight row n): add every kept value whose column falls in [k0, k0 + kb) at
-// panel[(column - k0) * NR + j]. Groups that can reach the block: an index is a `bits`-wide field,
-// so group g reaches g*m .. g*m + 2^bits - 1.
-void add_nm_row(const WeightView& w, int64_t n, int j, int64_t k0, int kb, float* wp, NMRowScratch s) {
+// Row j of the strip (weight row n): add every kept value whose column falls in [lo, hi) (inside the
+// block [k0, k0 + kb)) at panel[(column - k0) * NR + j], through the bit reader. Groups that can
+// reach [lo, hi): an index is a `bits`-wide field, so group g reaches g*m .. g*m + 2^bits - 1.
+void add_nm_columns(const WeightView& w, int64_t n, int j, int64_t k0, int64_t lo, int64_t hi, float* wp,
+                    NMRowScratch s) {
   const NMView& nm = w.nm;
-  const uint8_t* meta = nm.meta + n * nm.meta_stride;
-  const int64_t end = k0 + kb;
-  int64_t lo = k0, hi = end;  // 2:4 columns [lo, hi) on the fast path: whole 32-column steps below K
-  if (nm.n == 2 && nm.m == 4 && nm.bits == 2) {
-    hi = k0 + (end < w.K ? kb : w.K - k0) / 32 * 32;
-    const int64_t j0 = lo / 2, j1 = hi / 2;
-    if (j1 > j0) {
-      sp::nm_values(w, n, j0, j1, s.vals);
-      sp::nm24_cols(meta, j0, j1, NR, s.cols);  // column * NR
-      float* p = wp + j - k0 * NR;
-      for (int64_t i = 0; i < j1 - j0; ++i) p[s.cols[i]] += s.vals[i];
-    }
-    lo = hi, hi = end;
-  }
-  if (lo >= hi) return;
   const int64_t reach = (int64_t(1) << (nm.bits < 31 ? nm.bits : 31)) - 1;
   const int64_t g0 = lo > reach ? (lo - reach) / nm.m : 0;
-  int64_t j0 = g0 * nm.n, j1 = (hi + nm.m - 1) / nm.m * nm.n;
-  if (j1 > nm.kc) j1 = nm.kc;
+  const int64_t j0 = g0 * nm.n, j1 = (hi + nm.m - 1) / nm.m * nm.n < nm.kc ? (hi + nm.m - 1) / nm.m * nm.n : nm.kc;
   if (j0 >= j1) return;
   sp::nm_values(w, n, j0, j1, s.vals);
-  const int64_t cnt = sp::nm_decode_generic(nm, meta, w.K, j0, j1, s.cols, s.vals);
+  const int64_t cnt = sp::nm_decode_generic(nm, nm.meta + n * nm.meta_stride, w.K, j0, j1, s.cols, s.vals);
   for (int64_t i = 0; i < cnt; ++i)
     if (s.cols[i] >= lo && s.cols[i] < hi) wp[(s.cols[i] - k0) * NR + j] += s.vals[i];
 }
 
-Status check_nm(const WeightView& w) {
+// 2:4: a meta byte holds the indices of 2 groups (8 columns, 4 kept values). With the 4 values in
+// both 128-bit lanes of a register, ctrl[byte] is the vpshufb control that puts each value at its
+// column (lane 0: columns 0-3, lane 1: 4-7) and zeroes the rest (0x80). Any index order works;
+// `dup` marks bytes where a group names one column twice (the values would be summed: generic path).
+struct Shuffle24 {
+  alignas(32) uint8_t ctrl[256][32];
+  bool dup[256];
+  constexpr Shuffle24() : ctrl(), dup() {
+    for (int b = 0; b < 256; ++b) {
+      const int idx[4] = {b & 3, (b >> 2) & 3, (b >> 4) & 3, b >> 6};
+      dup[b] = idx[0] == idx[1] || idx[2] == idx[3];
+      for (int c = 0; c < 8; ++c) {
+        const int g = c / 4, p = c % 4;
+        const int l = idx[2 * g] == p ? 2 * g : idx[2 * g + 1] == p ? 2 * g + 1 : -1;
+        for (int e = 0; e < 4; ++e) ctrl[b][c * 4 + e] = uint8_t(l < 0 ? 0x80 : l * 4 + e);
+      }
+    }
+  }
+};
+constexpr Shuffle24 kShuffle24;
+
+// Kept values j .. j + 3 of a float value row as fp32 (exact widening).
+template <ValueKind V>
+inline __m128 load4(const void* row, int64_t j) {
+  if constexpr (V == ValueKind::f32) return _mm_loadu_ps(static_cast<const float*>(row) + j);
+  const __m128i h = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(row) + j));
+  if constexpr (V == ValueKind::bf16) return _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(h), 16));
+  return _mm_cvtph_ps(h);
+}
+
+// r[i] lane t -> r[t] lane i (8 x 8 floats).
+inline void transpose8x8(__m256* r) {
+  __m256 t[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  __m256 u[8];
+  for (int i = 0; i < 2; ++i) {
+    u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[4 + i], 0x20);
+    r[4 + i] = _mm256_permute2f128_ps(u[i], u[4 + i], 0x31);
+  }
+}
+
+// Panel lines [0, cols) of a 2:4 strip (cols % 8 == 0, columns k0 .. k0 + cols - 1 all < K), every
+// lane written: per 8 rows x 8 columns, one vpshufb per row and an 8 x 8 transpose. False when a
+// meta byte names a column twice (the caller takes the generic path for the strip).
+template <ValueKind V>
+bool decode_nm24_lines(const WeightView& w, int64_t n0, int nr, int64_t k0, int cols, float* wp) {
   const NMView& nm = w.nm;
-  if (nm.n < 1 || nm.m <= nm.n || nm.bits < 1 || nm.bits > 32 || nm.kc < 1 || !nm.meta) return Status::invalid_argument;
-  const bool quantized = nm.values == ValueKind::i8 || nm.values == ValueKind::i4;
-  if (quantized ? w.q.group <= 0 || w.q.kp < nm.kc || !w.q.codes || !w.q.scale : !nm.fvalues)
-    return Status::invalid_argument;
-  return Status::ok;
+  const size_t vsize = V == ValueKind::f32 ? 4 : 2;
+  for (int h = 0; h < 2; ++h) {
+    const int rh = nr - 8 * h < 8 ? nr - 8 * h : 8;
+    const uint8_t* meta[8];
+    const char* vals[8];
+    for (int i = 0; i < 8; ++i) {
+      const int64_t n = n0 + 8 * h + (i < rh ? i : 0);
+      meta[i] = nm.meta + n * nm.meta_stride + k0 / 8;
+      vals[i] = static_cast<const char*>(nm.fvalues) + size_t(n * nm.kc + k0 / 2) * vsize;
+    }
+    for (int c = 0; c < cols; c += 8) {
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) {
+        if (i >= rh) { r[i] = _mm256_setzero_ps(); continue; }
+        const uint8_t b = meta[i][c / 8];
+        if (kShuffle24.dup[b]) return false;
+        const __m128 v = load4<V>(vals[i], c / 2);
+        const __m256i ctrl = _mm256_load_si256(reinterpret_cast<const __m256i*>(kShuffle24.ctrl[b]));
+        r[i] = _mm256_castsi256_ps(_mm256_shuffle_epi8(_mm256_castps_si256(_mm256_set_m128(v, v)), ctrl));
+      }
+      transpose8x8(r);
+      for (int t = 0; t < 8; ++t) _mm256_store_ps(wp + (c + t) * NR + 8 * h, r[t]);
+    }
+  }
+  return true;
+}
+
+// One strip: 2:4 whole 8-column steps below K on the shuffle path, everything else (other N:M
+// patterns, the K tail, repeated indices) zeroed and added through the bit reader.
+template <ValueKind V>
+void decode_nm_panel(const WeightView& w, int64_t n0, int nr, int64_t k0, int kb, float* wp, NMRowScratch s) {
+  const NMView& nm = w.nm;
+  int fast = 0;
+  if (nm.n == 2 && nm.m == 4 && nm.bits == 2) {
+    fast = int((k0 + kb < w.K ? kb : w.K - k0) / 8 * 8);
+    if (!decode_nm24_lines<V>(w, n0, nr, k0, fast, wp)) fast = 0;
+  }
+  if (fast == kb) return;
+  const __m256 zero = _mm256_setzero_ps();
+  for (int kk = fast; kk < kb; ++kk) _mm256_store_ps(wp + kk * NR, zero), _mm256_store_ps(wp + kk * NR + 8, zero);
+  for (int j = 0; j < nr; ++j) add_nm_columns(w, n0 + j, j, k0, k0 + fast, k0 + kb, wp, s);
+}
+
+template <ValueKind V>
+Status nm_panel_gemm(const GemmArgs& a, const WeightView& w, int64_t n_begin, int64_t n_end) {
+  // a row's kept values of one block: at most the whole row (indices as wide as 32 bits reach anywhere)
+  const NMRowScratch s{scratch<float, 2>(size_t(w.nm.kc)), scratch<int32_t, 3>(size_t(w.nm.kc))};
+  if (!s.vals || !s.cols) return Status::out_of_memory;
+  return panel::gemm<Avx2Panel>(a, n_begin, n_end, [&w, s](int64_t n, int nr, int64_t k0, int kb, float* wp) {
+    decode_nm_panel<V>(w, n, nr, k0, kb, wp, s);
+    return true;
+  });
 }
 
 }  // namespace
@@ -264,17 +350,17 @@ Status int4_panel_gemm_avx2(const GemmArgs& a, const WeightView& w, int64_t n_be
   return quant_panel_gemm<true>(a, w, n_begin, n_end);
 }
 
+// Float N:M values only (nm_int8 / nm_int4 keep their sparse-aware rows).
 Status nm_panel_gemm_avx2(const GemmArgs& a, const WeightView& w, int64_t n_begin, int64_t n_end) {
-  if (check_nm(w) != Status::ok) return Status::invalid_argument;
-  // a row's kept values of one block: at most the whole row (indices as wide as 32 bits reach anywhere)
-  NMRowScratch s{scratch<float, 2>(size_t(w.nm.kc)), scratch<int32_t, 3>(size_t(w.nm.kc))};
-  if (!s.vals || !s.cols) return Status::out_of_memory;
-  return panel::gemm<Avx2Panel>(a, n_begin, n_end, [&w, s](int64_t n, int nr, int64_t k0, int kb, float* wp) {
-    const __m256 zero = _mm256_setzero_ps();
-    for (int kk = 0; kk < kb; ++kk) _mm256_store_ps(wp + kk * NR, zero), _mm256_store_ps(wp + kk * NR + 8, zero);
-    for (int j = 0; j < nr; ++j) add_nm_row(w, n + j, j, k0, kb, wp, s);
-    return true;
-  });
+  const NMView& nm = w.nm;
+  if (nm.n < 1 || nm.m <= nm.n || nm.bits < 1 || nm.bits > 32 || nm.kc < 1 || !nm.meta || !nm.fvalues)
+    return Status::invalid_argument;
+  switch (nm.values) {
+    case ValueKind::f32: return nm_panel_gemm<ValueKind::f32>(a, w, n_begin, n_end);
+    case ValueKind::bf16: return nm_panel_gemm<ValueKind::bf16>(a, w, n_begin, n_end);
+    case ValueKind::f16: return nm_panel_gemm<ValueKind::f16>(a, w, n_begin, n_end);
+    default: return Status::invalid_argument;
+  }
 }
 
 }  // namespace sparseinfer
