@@ -8,9 +8,10 @@ and ``F.linear(x, W_dense)`` on the same values in fp32, interleaved (``--rounds
 of each), hot weights, the same thread count for both. Shapes are N x K. Prints a markdown table:
 speed = dense time / ours (> 1: ours faster). ``--without ROW[,ROW]`` also times, in the same
 interleaved rounds, the call with those table rows disabled (``_C.set_batch_limit(row, 0)``, restored
-after each timing): the kernel the table would pick without them, e.g. the previous AVX2 kernels
-against the panel ones. Kernel speed only: si.linear's routing (which takes
-the dense fallback where that is faster) is the dispatch sweep's business (test_bench_sweep.py).
+after each timing): the kernel the table would pick without them, e.g. ``--isa avx2 --formats 2:4
+--without nm_gemv_avx2,nm_gemm_avx2`` times the N:M panel kernel next to the sparse-aware one.
+Kernel speed only: si.linear's routing (which takes the dense fallback where that is faster) is the
+dispatch sweep's business (test_bench_sweep.py).
 """
 
 from __future__ import annotations

@@ -236,11 +236,9 @@ QTileView build_nm_qtiles(const WeightView&, void* buf);
 // #ifdef SPARSEINFER_HAVE_<ISA> and list them in that ISA's table in dispatch.cpp.
 #ifdef SPARSEINFER_HAVE_AVX2
 // int8 / int4, fp32 activations (exact): gemv = rows of codes decoded in registers, a few batch
-// rows per decode (small batches); gemm = fp32 panels decoded once per batch chunk, 6 x 16 FMA tiles.
+// rows per decode (small batches); larger batches: the panel kernels below.
 Status int8_gemv_avx2(const GemmArgs&, const WeightView&, int64_t, int64_t);
 Status int4_gemv_avx2(const GemmArgs&, const WeightView&, int64_t, int64_t);
-Status int8_gemm_avx2(const GemmArgs&, const WeightView&, int64_t, int64_t);
-Status int4_gemm_avx2(const GemmArgs&, const WeightView&, int64_t, int64_t);
 // fp32 activations (exact), batches past the GEMV rows: panels decoded once per call into fp32 and
 // 6 x 16 FMA tiles (sparseinfer/panel_gemm.h); N:M panels hold the zeros (dense FMA count).
 Status int8_panel_gemm_avx2(const GemmArgs&, const WeightView&, int64_t, int64_t);
