@@ -269,8 +269,13 @@ const KernelImpl kNeonKernels[] = {
     // int8 activations with sdot; without dotprod, int8-activation calls run the fp32 rows below.
     {KernelId::int8, int8_q8_gemm_dot_neon, "int8_q8_gemm_dot_neon", kAnyM, kCallInt8Act | kFeatNeonDot},
     {KernelId::int4, int4_q8_gemm_dot_neon, "int4_q8_gemm_dot_neon", kAnyM, kCallInt8Act | kFeatNeonDot},
-    {KernelId::int8, int8_gemm_neon, "int8_gemm_neon", kAnyM, 0},
-    {KernelId::int4, int4_gemm_neon, "int4_gemm_neon", kAnyM, 0},
+    // Exact mode: the GEMV loops (a weight row decoded per 4 batch rows) up to 3 rows, then fp32 panels
+    // decoded once per call + 5 x 16 FMA tiles (panel_gemm_neon.cpp). The limit is AVX-512's (panels ahead
+    // from 4 rows there), not measured on an ARM core: `sparseinfer calibrate` re-measures it.
+    {KernelId::int8, int8_gemm_neon, "int8_gemm_neon", 3, 0},
+    {KernelId::int8, int8_panel_gemm_neon, "int8_panel_gemm_neon", kAnyM, 0},
+    {KernelId::int4, int4_gemm_neon, "int4_gemm_neon", 3, 0},
+    {KernelId::int4, int4_panel_gemm_neon, "int4_panel_gemm_neon", kAnyM, 0},
     {KernelId::nm_float, nm_gemm_neon, "nm_gemm_neon", kAnyM, 0},
     {KernelId::nm_int8, nm_gemm_neon, "nm_int8_gemm_neon", kAnyM, 0},
     {KernelId::nm_int4, nm_gemm_neon, "nm_int4_gemm_neon", kAnyM, 0},

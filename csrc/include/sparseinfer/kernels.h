@@ -281,6 +281,10 @@ bool dequantize_row_avx512(const WeightView&, int64_t n, float* out);
 // arm/neon/: aarch64 baseline ASIMD, fp32 activations, every batch size.
 Status int8_gemm_neon(const GemmArgs&, const WeightView&, int64_t, int64_t);
 Status int4_gemm_neon(const GemmArgs&, const WeightView&, int64_t, int64_t);
+// fp32 activations (exact), batches past the GEMV rows: fp32 panels decoded once per call, 5 x 16 FMA
+// tiles (sparseinfer/panel_gemm.h).
+Status int8_panel_gemm_neon(const GemmArgs&, const WeightView&, int64_t, int64_t);
+Status int4_panel_gemm_neon(const GemmArgs&, const WeightView&, int64_t, int64_t);
 Status nm_gemm_neon(const GemmArgs&, const WeightView&, int64_t, int64_t);    // float, int8, int4 values
 Status csr_gemm_neon(const GemmArgs&, const WeightView&, int64_t, int64_t);   // float, int8 values
 void convert_to_f32_neon(const void*, DType, int64_t, int64_t, int64_t, float*);
