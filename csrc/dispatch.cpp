@@ -201,19 +201,25 @@ const KernelImpl kScalarKernels[] = {
 const KernelImpl kAvx2Kernels[] = {
     // int8 weights, int8 x: pmaddubsw needs a psignb per multiply on AVX2, and from ~32 rows the exact
     // fp32 gemm (which the mode permits, not requires) is faster: q8 / exact time at 4096x4096 was
-    // 0.64 (2 rows), 0.97 (16), 1.10 (32), 1.17 (64); 0.99 / 1.33 at 16 / 32 rows on 1536x384.
+    // 0.64 (2 rows), 0.97 (16), 1.10 (32), 1.17 (64); 0.99 / 1.33 at 16 / 32 rows on 1536x384 (exact:
+    // int8_gemm_avx2, the panel kernel's predecessor).
     {KernelId::int8, int8_q8_gemm_avx2, "int8_q8_gemm_avx2", 16, kCallInt8Act},
     {KernelId::int4, int4_q8_gemm_avx2, "int4_q8_gemm_avx2", kAnyM, kCallInt8Act},
     // fp32 activations (exact): registers-only gemv while re-decoding the codes per 3 batch rows
-    // beats decoding them once into fp32 panels (4096x4096, this Zen 1 VM: int8 up to 8, int4 up to 3).
+    // beats decoding them once into fp32 panels (4096x4096, this Zen 1 VM: int8 up to 8, int4 up to 3),
+    // then fp32 panels decoded once per call + 6 x 16 FMA tiles (panel_gemm_avx2.cpp).
     {KernelId::int8, int8_gemv_avx2, "int8_gemv_avx2", 8, 0},
     {KernelId::int4, int4_gemv_avx2, "int4_gemv_avx2", 3, 0},
-    {KernelId::int8, int8_gemm_avx2, "int8_gemm_avx2", kAnyM, 0},
-    {KernelId::int4, int4_gemm_avx2, "int4_gemm_avx2", kAnyM, 0},
+    {KernelId::int8, int8_panel_gemm_avx2, "int8_panel_gemm_avx2", kAnyM, 0},
+    {KernelId::int4, int4_panel_gemm_avx2, "int4_panel_gemm_avx2", kAnyM, 0},
     // N:M and CSR (x86/avx2/nm_*, csr_*): gemv while x gathered per batch row beats xT, then gemm;
     // batch limits measured on 4096x4096 here (docs/sparse_cpu.md); `sparseinfer calibrate` re-measures them.
     {KernelId::nm_float, nm_gemv_avx2, "nm_gemv_avx2", 10, 0},
     {KernelId::nm_float, nm_gemm_avx2, "nm_gemm_avx2", kAnyM, 0},
+    // float N:M on dense fp32 panels (panel_gemm_avx2.cpp): twice the FMAs, no transposed x; ahead of
+    // nm_gemm_avx2 at K = 4096 (1.8-2.2x at M = 64-256) and behind it at K <= 1536 (0.79-1.02x; Zen 4
+    // running AVX2, 1 thread, bench/README.md). After it: only a per-shape route or set_batch_limit picks it.
+    {KernelId::nm_float, nm_panel_gemm_avx2, "nm_panel_gemm_avx2", kAnyM, 0},
     {KernelId::nm_int8, nm_q8_gemv_avx2, "nm_int8_q8_gemv_avx2", 2, kCallInt8Act},
     {KernelId::nm_int8, nm_q8_gemm_avx2, "nm_int8_q8_gemm_avx2", kAnyM, kCallInt8Act},
     {KernelId::nm_int8, nm_gemv_avx2, "nm_int8_gemv_avx2", 10, 0},
@@ -279,8 +285,13 @@ const KernelImpl kNeonKernels[] = {
     // int8 activations with sdot; without dotprod, int8-activation calls run the fp32 rows below.
     {KernelId::int8, int8_q8_gemm_dot_neon, "int8_q8_gemm_dot_neon", kAnyM, kCallInt8Act | kFeatNeonDot},
     {KernelId::int4, int4_q8_gemm_dot_neon, "int4_q8_gemm_dot_neon", kAnyM, kCallInt8Act | kFeatNeonDot},
-    {KernelId::int8, int8_gemm_neon, "int8_gemm_neon", kAnyM, 0},
-    {KernelId::int4, int4_gemm_neon, "int4_gemm_neon", kAnyM, 0},
+    // Exact mode: the GEMV loops (a weight row decoded per 4 batch rows) up to 3 rows, then fp32 panels
+    // decoded once per call + 5 x 16 FMA tiles (panel_gemm_neon.cpp). The limit is AVX-512's (panels ahead
+    // from 4 rows there), not measured on an ARM core: `sparseinfer calibrate` re-measures it.
+    {KernelId::int8, int8_gemm_neon, "int8_gemm_neon", 3, 0},
+    {KernelId::int8, int8_panel_gemm_neon, "int8_panel_gemm_neon", kAnyM, 0},
+    {KernelId::int4, int4_gemm_neon, "int4_gemm_neon", 3, 0},
+    {KernelId::int4, int4_panel_gemm_neon, "int4_panel_gemm_neon", kAnyM, 0},
     {KernelId::nm_float, nm_gemm_neon, "nm_gemm_neon", kAnyM, 0},
     {KernelId::nm_int8, nm_gemm_neon, "nm_int8_gemm_neon", kAnyM, 0},
     {KernelId::nm_int4, nm_gemm_neon, "nm_int4_gemm_neon", kAnyM, 0},

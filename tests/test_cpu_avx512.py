@@ -182,7 +182,7 @@ def test_kernel_selection_by_mode_and_isa():
             for batch in (1, 16, 17, 256):
                 q8 = fmt == "int4" or batch <= 16
                 assert C.kernel_name(h, batch, isa="avx2", act="int8") == (f"{fmt}_q8_gemm_avx2" if q8 else
-                                                                           f"{fmt}_gemm_avx2")
+                                                                           f"{fmt}_panel_gemm_avx2")
         if "avx512" in ISAS:
             vnni = C.cpu_features()["avx512_vnni"]
             want = f"{fmt}_q8_gemm_vnni_avx512" if vnni else f"{fmt}_q8_gemm_avx2"

@@ -459,7 +459,7 @@ def test_introspection():
     assert C.kernel_name(w8, 17, isa="scalar", act="fp32") == "int8_gemm_scalar"
     if "avx2" in ISAS:
         assert C.kernel_name(w8, 1, isa="avx2", act="fp32") == "int8_gemv_avx2"
-        assert C.kernel_name(w8, 17, isa="avx2", act="fp32") == "int8_gemm_avx2"
+        assert C.kernel_name(w8, 17, isa="avx2", act="fp32") == "int8_panel_gemm_avx2"
 
 
 # -- SPARSEINFER_ISA ----------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The AVX2 exact-mode (fp32 activations) int8 / int4 kernels: int{8,4}_gemv_avx2 (small batches,
-codes decoded in registers) and int{8,4}_gemm_avx2 (larger batches, fp32 panels + FMA tiles).
+codes decoded in registers) and int{8,4}_panel_gemm_avx2 (larger batches, fp32 panels decoded once
+per call + 6 x 16 FMA tiles, x86/avx2/panel_gemm_avx2.cpp).
 
 Each call goes through ``_C.linear(..., isa="avx2", act="fp32")`` with the output poisoned with NaN;
 the batches are chosen so that both kernels of each format run (checked by name). Besides the
@@ -98,7 +99,7 @@ def test_exact_avx2_matches_reference(case, k, n, rng, rel_err):
             assert not unwritten, f"{where}: unwritten (NaN) outputs at {unwritten}"
             err = rel_err(out, ref)
             assert err <= TOL[dtype], f"{where}: rel err {err:.2e} > {TOL[dtype]:.1e}"
-    assert kernels == {f"{fmt}_gemv_avx2", f"{fmt}_gemm_avx2"}, kernels
+    assert kernels == {f"{fmt}_gemv_avx2", f"{fmt}_panel_gemm_avx2"}, kernels
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
@@ -107,7 +108,7 @@ def test_exact_avx2_kernel_selection(fmt):
     h = build_native_weight(si.pack(torch.randn(8, 64), fmt, group_size=32))
     names = [C.kernel_name(h, m, isa="avx2", act="fp32") for m in (1, 2, 3, 9, 16, 17, 64, 1000)]
     assert names[0] == names[1] == f"{fmt}_gemv_avx2"
-    assert names[-4:] == [f"{fmt}_gemm_avx2"] * 4
+    assert names[-4:] == [f"{fmt}_panel_gemm_avx2"] * 4
     q8 = [C.kernel_name(h, m, isa="avx2", act="int8") == f"{fmt}_q8_gemm_avx2" for m in (1, 16, 17, 1000)]
     assert q8 == ([True] * 4 if fmt == "int4" else [True, True, False, False])  # int8: exact gemm wins past 16
 
@@ -115,8 +116,9 @@ def test_exact_avx2_kernel_selection(fmt):
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 @pytest.mark.parametrize("m", [1, 3, 17, 130])
 def test_exact_avx2_thread_splits_and_chunks(fmt, m, rng, rel_err):
-    """N not a multiple of the 16-row panels, split over 1-3 threads; 130 batch rows span two
-    120-row chunks; K = 600 crosses two 256-wide panels, with a group (100) straddling each edge."""
+    """N not a multiple of the 16-row strips, split over 1-3 threads; 130 batch rows are 21 whole
+    6-row tiles and a partial one; K = 600 crosses two 256-wide K blocks, with a group (100) straddling
+    each edge."""
     w = odd_group_weight(fmt, 203, 600, 100, False, rng)
     handle = build_native_weight(w)
     x = make_x(m, 600, torch.float32, True, rng)

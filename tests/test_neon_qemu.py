@@ -42,8 +42,9 @@ refvectors = _load("refvectors")
 
 APT_HINT = "Debian/Ubuntu: apt-get install g++-aarch64-linux-gnu qemu-user"
 # Every NEON kernel the dispatcher can pick; the qemu run must exercise each of them.
-NEON_KERNELS = {"int8_gemm_neon", "int4_gemm_neon", "nm_gemm_neon", "nm_int8_gemm_neon", "nm_int4_gemm_neon",
-                "csr_gemm_neon", "csr_int8_gemm_neon", "int8_q8_gemm_dot_neon", "int4_q8_gemm_dot_neon"}
+NEON_KERNELS = {"int8_gemm_neon", "int4_gemm_neon", "int8_panel_gemm_neon", "int4_panel_gemm_neon", "nm_gemm_neon",
+                "nm_int8_gemm_neon", "nm_int4_gemm_neon", "csr_gemm_neon", "csr_int8_gemm_neon", "int8_q8_gemm_dot_neon",
+                "int4_q8_gemm_dot_neon"}
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +128,7 @@ def test_neon_without_dotprod(aarch64_driver, vectors):
     # int8 / int4 weights only (the records named int8-* / int4-*): the other kernels are the same
     # code as on `max`.
     lines = _run(aarch64_driver, [vectors, "--isa", "neon", "--only", "int", "--verbose"], cpu="cortex-a53")
-    assert _kernels(lines, "neon") == {"int8_gemm_neon", "int4_gemm_neon"}
+    assert _kernels(lines, "neon") == {"int8_gemm_neon", "int4_gemm_neon", "int8_panel_gemm_neon", "int4_panel_gemm_neon"}
 
 
 def test_scalar_kernels_on_aarch64(aarch64_driver, vectors):

@@ -1,13 +1,15 @@
-"""The exact-mode panel GEMM (csrc/x86/avx512/panel_gemm_avx512.cpp over sparseinfer/panel_gemm.h)
-and the AVX-512 row dequantizer of the dense fallback.
+"""The exact-mode panel GEMM (sparseinfer/panel_gemm.h) on AVX-512 (panel_gemm_avx512.cpp: 8 x 32
+tiles, 32-row strips) and AVX2 (panel_gemm_avx2.cpp: 6 x 16 tiles, 16-row strips), and the AVX-512
+row dequantizer of the dense fallback.
 
-The panel kernel decodes 32-row strips x 256 columns of an int8 / int4 weight into fp32 (16 rows x
-64 codes transposed as bytes, or row by row for group lengths that are not a multiple of 16 / 32)
-and runs 8 x 32 FMA tiles over every batch row. Each call goes through ``_C.linear(..., isa="avx512",
-act="fp32")`` with the GEMV rows disabled (so M = 1 and 3 reach the panel kernel too), outputs
-poisoned with NaN, fresh random inputs. Shapes cross every block edge: N not a multiple of the 32-
-and 16-row strips nor of the 256-column N block, K not a multiple of 16 / 64 / 256, M not a
-multiple of the 8-row tile.
+The panel kernels decode strips x 256 columns of an int8 / int4 weight into fp32 (rows of codes
+transposed as bytes, or row by row for group lengths the AVX-512 whole-strip decoder does not take)
+and run register tiles over every batch row; the AVX2 N:M kernel scatters the kept values of each
+strip into a zeroed panel (2:4 from meta words, other patterns and tails through the bit reader).
+Each call goes through ``_C.linear(..., isa=ISA, act="fp32")`` with the GEMV rows disabled (so M = 1
+and 3 reach the panel kernel too), outputs poisoned with NaN, fresh random inputs. Shapes cross
+every block edge: N not a multiple of the 32- and 16-row strips nor of the 256-column N block, K not
+a multiple of 16 / 64 / 256 nor of the N:M group, M not a multiple of the 8- / 6-row tile.
 
 Tolerance (derived): the kernel multiplies the same fp32 values to_dense() gives, so it differs
 from the fp32 reference only in summation order: normwise <= 1e-5 for K <= 1000 (~sqrt(K) * 2^-24
@@ -26,9 +28,7 @@ from sparseinfer.backends import reference_linear
 from sparseinfer.backends.cpu import build_native_weight
 
 C = _native._C
-pytestmark = pytest.mark.skipif(
-    C is None or "avx512" not in C.available_isas(), reason="requires sparseinfer._C with AVX-512 on this CPU"
-)
+pytestmark = pytest.mark.skipif(C is None, reason="requires sparseinfer._C")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-10}
 BATCHES = [1, 3, 17, 65]
 SHAPES = [(1, 1), (33, 7), (45, 64), (300, 17), (1000, 61), (513, 290)]  # (K, N)
@@ -36,16 +36,22 @@ SHAPES = [(1, 1), (33, 7), (45, 64), (300, 17), (1000, 61), (513, 290)]  # (K, N
 # takes the row-by-row decoder (and, for int4, groups starting mid-byte).
 CASES = [("int8", None), ("int8", 16), ("int8", 64), ("int8", ("odd", 17)), ("int8", ("odd", 100)),
          ("int4", 32), ("int4", 64), ("int4", 128), ("int4", None), ("int4", ("odd", 5)), ("int4", ("odd", 48))]
+# The table rows served before the panel kernels (the GEMV range; float N:M: both sparse-aware rows), per ISA.
+GEMV_ROWS = {"avx512": ("int8_gemm_avx512", "int4_gemm_avx512"),
+             "avx2": ("int8_gemv_avx2", "int4_gemv_avx2", "nm_gemv_avx2", "nm_gemm_avx2")}
+ISAS = [pytest.param(isa, marks=pytest.mark.skipif(C is None or isa not in C.available_isas(),
+                                                   reason=f"requires {isa} on this CPU")) for isa in GEMV_ROWS]
 
 
 @pytest.fixture
-def panel_only():
-    """Disable the GEMV rows of the AVX-512 table (restored afterwards) so every batch runs the panel kernel."""
-    limits = {r["name"]: r["max_m"] for r in C.kernel_table("avx512")}
-    for name in ("int8_gemm_avx512", "int4_gemm_avx512"):
+def panel_only(request):
+    """Disable the GEMV rows of the ISA's table (restored afterwards) so every batch runs the panel kernel."""
+    isa = request.node.callspec.params["isa"]
+    limits = {r["name"]: r["max_m"] for r in C.kernel_table(isa)}
+    for name in GEMV_ROWS[isa]:
         C.set_batch_limit(name, 0)
-    yield
-    for name in ("int8_gemm_avx512", "int4_gemm_avx512"):
+    yield isa
+    for name in GEMV_ROWS[isa]:
         C.set_batch_limit(name, limits[name])
 
 
@@ -58,40 +64,82 @@ def make_weight(fmt, group, n, k, g):
     return si.pack(torch.randn(n, k, generator=g), fmt, **params)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[f"{f}-g{g[1] if isinstance(g, tuple) else g}" for f, g in CASES])
-@pytest.mark.parametrize("k,n", SHAPES, ids=[f"K{k}-N{n}" for k, n in SHAPES])
-def test_panel_gemm_matches_reference(case, k, n, rng, rel_err, panel_only):
-    fmt, group = case
-    w = make_weight(fmt, group, n, k, rng)
+def check_batches(w, kernel, isa, rng, rel_err):
+    """Every batch of BATCHES on `kernel`: fp32 / bf16 / fp16 out, bias or not, thread splits, a row stride."""
+    n, k = w.shape
     h = build_native_weight(w)
     for i, m in enumerate(BATCHES):
-        assert C.kernel_name(h, m, isa="avx512", act="fp32") == f"{fmt}_panel_gemm_avx512"
+        assert C.kernel_name(h, m, isa=isa, act="fp32") == kernel
         dtype = (torch.float32, torch.bfloat16, torch.float16)[i % 3] if m > 1 else torch.float32
         bias = torch.randn(n, generator=rng) if i % 2 == 0 else None
         x = torch.randn(m, k + 3 * (i % 2), generator=rng).to(dtype)[:, :k]  # odd rows: row stride k + 3
         out = torch.full((m, n), float("nan"), dtype=dtype)
-        C.linear(x, h, out, bias, num_threads=1 + i % 3, isa="avx512", act="fp32")
-        where = f"{fmt} group={group} M={m} N={n} K={k} {dtype} bias={bias is not None}"
+        C.linear(x, h, out, bias, num_threads=1 + i % 3, isa=isa, act="fp32")
+        where = f"{kernel} M={m} N={n} K={k} {dtype} bias={bias is not None}"
         assert torch.isfinite(out).all(), f"{where}: unwritten (NaN) outputs"
         assert rel_err(out, reference_linear(x, w, bias)) <= TOL[dtype], where
 
 
-def test_panel_gemm_large_blocks(rng, rel_err, panel_only):
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("case", CASES, ids=[f"{f}-g{g[1] if isinstance(g, tuple) else g}" for f, g in CASES])
+@pytest.mark.parametrize("k,n", SHAPES, ids=[f"K{k}-N{n}" for k, n in SHAPES])
+def test_panel_gemm_matches_reference(case, k, n, isa, rng, rel_err, panel_only):
+    fmt, group = case
+    check_batches(make_weight(fmt, group, n, k, rng), f"{fmt}_panel_gemm_{isa}", isa, rng, rel_err)
+
+
+def nm_weight(case, n, k, g):
+    """A float N:M weight: values of kind f32 / bf16 / f16; "2:4-swapped": some groups' two indices
+    in descending order (the kernel adds each value at its column whatever the order)."""
+    pattern, dtype = case
+    w = si.pack(torch.randn(n, k, generator=g).to(dtype), pattern.split("-")[0])
+    if pattern.endswith("swapped"):  # swap the two indices (and values) of group 0 in every third row
+        meta = w.meta.clone()
+        meta[::3, 0] = (meta[::3, 0] & 0xF0) | ((meta[::3, 0] & 0x3) << 2) | ((meta[::3, 0] >> 2) & 0x3)
+        w.meta.copy_(meta)
+        w.values[::3, :2] = w.values[::3, :2].flip(1).clone()
+    return w
+
+
+NM_CASES = [("2:4", torch.float32), ("2:4", torch.bfloat16), ("2:4", torch.float16), ("2:4-swapped", torch.float32),
+            ("4:8", torch.float32), ("1:4", torch.float16), ("3:5", torch.float32)]
+NM_SHAPES = [(1, 1), (31, 17), (64, 16), (300, 33), (513, 290)]  # (K, N): K past the 32-column 2:4 steps and 256
+
+
+@pytest.mark.parametrize("isa", [p for p in ISAS if p.values[0] == "avx2"])
+@pytest.mark.parametrize("case", NM_CASES, ids=[f"{p}-{str(d)[6:]}" for p, d in NM_CASES])
+@pytest.mark.parametrize("k,n", NM_SHAPES, ids=[f"K{k}-N{n}" for k, n in NM_SHAPES])
+def test_nm_panel_gemm_matches_reference(case, k, n, isa, rng, rel_err, panel_only):
+    w = nm_weight(case, n, k, rng)
+    assert w.values.dtype == case[1], "pack kept the value dtype"
+    check_batches(w, "nm_panel_gemm_avx2", isa, rng, rel_err)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_panel_gemm_large_blocks(isa, rng, rel_err, panel_only):
     """Several 256-column N blocks per thread and K blocks, fp32 output written in place across K blocks."""
-    for fmt, params in (("int8", {}), ("int4", {"group_size": 64})):
+    cases = [("int8", {}), ("int4", {"group_size": 64})] + [("2:4", {}), ("4:8", {})] * (isa == "avx2")
+    for fmt, params in cases:
         w = si.pack(torch.randn(600, 700, generator=rng), fmt, **params)
         h = build_native_weight(w)
         x = torch.randn(20, 700, generator=rng)
         out = torch.full((20, 600), float("nan"))
-        C.linear(x, h, out, None, num_threads=1, isa="avx512", act="fp32")
+        C.linear(x, h, out, None, num_threads=1, isa=isa, act="fp32")
+        assert "panel_gemm" in C.kernel_name(h, 20, isa=isa, act="fp32")
         assert rel_err(out, reference_linear(x, w, None)) <= TOL[torch.float32], fmt
 
 
-def test_dispatch_uses_gemv_then_panel():
+@pytest.mark.parametrize("isa", ISAS)
+def test_dispatch_uses_gemv_then_panel(isa):
+    gemv = {"avx512": {"int8": 3, "int4": 3}, "avx2": {"int8": 8, "int4": 3}}[isa]
     for fmt in ("int8", "int4"):
         h = build_native_weight(si.pack(torch.randn(64, 128), fmt, group_size=64))
-        names = [C.kernel_name(h, m, isa="avx512", act="fp32") for m in (1, 3, 4, 16, 2048)]
-        assert names == [f"{fmt}_gemm_avx512"] * 2 + [f"{fmt}_panel_gemm_avx512"] * 3
+        names = [C.kernel_name(h, m, isa=isa, act="fp32") for m in (1, gemv[fmt], gemv[fmt] + 1, 16, 2048)]
+        first = f"{fmt}_gemm_avx512" if isa == "avx512" else f"{fmt}_gemv_avx2"
+        assert names == [first] * 2 + [f"{fmt}_panel_gemm_{isa}"] * 3
+    if isa == "avx2":  # float N:M: the sparse-aware rows first, the panel row after them (per-shape routes)
+        names = [r["name"] for r in C.kernel_table("avx2") if r["family"] == "nm_float" and r["isa"] == "avx2"]
+        assert names == ["nm_gemv_avx2", "nm_gemm_avx2", "nm_panel_gemm_avx2"]
 
 
 @pytest.mark.parametrize("fmt, params", [("int8", {}), ("int8", {"group_size": 16}), ("int4", {"group_size": 32}),
@@ -180,3 +228,19 @@ def test_sparse_panel_out_of_order_2to4_indices(rng, rel_err):
     out = torch.full((9, 40), float("nan"))
     C.linear(x, build_native_weight(w), out, None, 1, "avx512", "fp32", "nm_panel_gemm_avx512")
     assert rel_err(out, reference_linear(x, w, None)) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("isa", [p for p in ISAS if p.values[0] == "avx2"])
+def test_nm_panel_gemm_repeated_index_adds(isa, rng, rel_err, panel_only):
+    """A 2:4 group naming one column twice (not something pack writes) takes the bit-reader path
+    for its strip, which adds both values there, as the other N:M kernels do."""
+    w = si.pack(torch.randn(40, 300, generator=rng), "2:4")
+    w.meta[5::7, 3] = 0b0101_0000 | (w.meta[5::7, 3] & 0x0F)  # columns 28-31 of some rows: indices (1, 1)
+    dense = torch.zeros(40, w.kp).scatter_add_(1, w.indices(), w.kept_values(torch.float32))[:, :300]
+    h = build_native_weight(w)
+    x = torch.randn(20, 300, generator=rng)
+    out = torch.full((20, 40), float("nan"))
+    C.linear(x, h, out, None, num_threads=1, isa=isa, act="fp32")
+    assert C.kernel_name(h, 20, isa=isa, act="fp32") == "nm_panel_gemm_avx2"
+    assert not torch.equal(dense, w.to_dense(torch.float32)), "the weight has repeated indices"
+    assert rel_err(out, x @ dense.T) <= TOL[torch.float32]

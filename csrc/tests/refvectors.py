@@ -45,6 +45,8 @@ CASES = [
     ("int4", {"group_size": 32}, torch.float32),
     ("int4", {"group_size": 16, "symmetric": False}, torch.float32),
     ("int4", {"group_size": None, "symmetric": False}, torch.float32),  # odd K: padded to a whole byte
+    ("int8", {"group_len": 17}, torch.float32),  # group lengths pack does not make (built directly)
+    ("int4", {"group_len": 5}, torch.float32),   # odd: groups start mid-byte; random zero points
     ("2:4", {}, torch.float32),
     ("2:4", {}, torch.bfloat16),
     ("1:4", {}, torch.float16),
@@ -61,14 +63,16 @@ CASES = [
 KS = (1, 3, 17, 100, 129)
 NS = (1, 7, 33)
 BATCHES = (1, 2, 3, 17)
-# One shape large enough that the driver splits the columns over several threads.
-BIG = ((1000, 100, (5,)),)
+# Shapes large enough that the driver splits the columns over several threads; the second crosses
+# the panel kernels' 256-column N and K blocks with a partial 16-column strip.
+BIG = ((1000, 100, (5,)), (300, 270, (7,)))
 
 
 def case_name(fmt: str, params: dict, wdtype: torch.dtype) -> str:
     parts = [fmt.replace(":", "of")]
     for key, value in params.items():
-        parts.append({"group_size": f"g{value or 'row'}", "symmetric": "sym" if value else "asym"}[key])
+        parts.append({"group_size": f"g{value or 'row'}", "symmetric": "sym" if value else "asym",
+                      "group_len": f"g{value}"}[key])
     parts.append("w" + str(wdtype).removeprefix("torch."))
     return "-".join(parts)
 
@@ -78,6 +82,8 @@ def make_weight(fmt: str, params: dict, wdtype: torch.dtype, n: int, k: int, g: 
     back to per-channel; CSR weights are ~70% zeros, with one empty row when there are several."""
     import sparseinfer as si
 
+    if "group_len" in params:
+        return odd_group_weight(fmt, n, k, params["group_len"], g)
     w = torch.randn(n, k, generator=g)
     if fmt.startswith("csr"):
         w = w * (torch.rand(n, k, generator=g) < 0.3)
@@ -93,6 +99,23 @@ def make_weight(fmt: str, params: dict, wdtype: torch.dtype, n: int, k: int, g: 
     if (params.get("group_size") or 0) > limit:
         params["group_size"] = None
     return si.pack(w.to(wdtype), fmt, **params)
+
+
+def odd_group_weight(fmt: str, n: int, k: int, group: int, g: torch.Generator):
+    """Random codes, scales (and int4 zero points) with group length `group` (clamped to K); the
+    padding past K holds random codes too."""
+    from sparseinfer.formats import Int4Weight, Int8Weight
+
+    group = min(group, k)
+    n_groups = -(-k // group)
+    if fmt == "int4" and n_groups * group % 2:  # whole bytes per row
+        n_groups += 1
+    kp = n_groups * group
+    scale = torch.rand(n, n_groups, generator=g) + 0.25
+    if fmt == "int8":
+        return Int8Weight(torch.randint(-128, 128, (n, kp), generator=g, dtype=torch.int8), scale, k, group)
+    codes = torch.randint(0, 256, (n, kp // 2), generator=g, dtype=torch.uint8)
+    return Int4Weight(codes, scale, torch.randint(0, 16, (n, n_groups), generator=g, dtype=torch.uint8), k, group)
 
 
 def kernel_id(w) -> int:

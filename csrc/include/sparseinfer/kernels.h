@@ -240,11 +240,14 @@ QTileView build_nm_qtiles(const WeightView&, void* buf);
 // #ifdef SPARSEINFER_HAVE_<ISA> and list them in that ISA's table in dispatch.cpp.
 #ifdef SPARSEINFER_HAVE_AVX2
 // int8 / int4, fp32 activations (exact): gemv = rows of codes decoded in registers, a few batch
-// rows per decode (small batches); gemm = fp32 panels decoded once per batch chunk, 6 x 16 FMA tiles.
+// rows per decode (small batches); larger batches: the panel kernels below.
 Status int8_gemv_avx2(const GemmArgs&, const WeightView&, int64_t, int64_t);
 Status int4_gemv_avx2(const GemmArgs&, const WeightView&, int64_t, int64_t);
-Status int8_gemm_avx2(const GemmArgs&, const WeightView&, int64_t, int64_t);
-Status int4_gemm_avx2(const GemmArgs&, const WeightView&, int64_t, int64_t);
+// fp32 activations (exact), batches past the GEMV rows: panels decoded once per call into fp32 and
+// 6 x 16 FMA tiles (sparseinfer/panel_gemm.h); N:M panels hold the zeros (dense FMA count).
+Status int8_panel_gemm_avx2(const GemmArgs&, const WeightView&, int64_t, int64_t);
+Status int4_panel_gemm_avx2(const GemmArgs&, const WeightView&, int64_t, int64_t);
+Status nm_panel_gemm_avx2(const GemmArgs&, const WeightView&, int64_t, int64_t);
 // N:M (float / int8 / int4 values) and CSR (float / int8 values), fp32 activations (exact):
 // gemv = x gathered per batch row (few rows), gemm = x transposed, batch rows in vector lanes.
 Status nm_gemv_avx2(const GemmArgs&, const WeightView&, int64_t, int64_t);
@@ -286,6 +289,10 @@ bool dequantize_row_avx512(const WeightView&, int64_t n, float* out);
 // arm/neon/: aarch64 baseline ASIMD, fp32 activations, every batch size.
 Status int8_gemm_neon(const GemmArgs&, const WeightView&, int64_t, int64_t);
 Status int4_gemm_neon(const GemmArgs&, const WeightView&, int64_t, int64_t);
+// fp32 activations (exact), batches past the GEMV rows: fp32 panels decoded once per call, 5 x 16 FMA
+// tiles (sparseinfer/panel_gemm.h).
+Status int8_panel_gemm_neon(const GemmArgs&, const WeightView&, int64_t, int64_t);
+Status int4_panel_gemm_neon(const GemmArgs&, const WeightView&, int64_t, int64_t);
 Status nm_gemm_neon(const GemmArgs&, const WeightView&, int64_t, int64_t);    // float, int8, int4 values
 Status csr_gemm_neon(const GemmArgs&, const WeightView&, int64_t, int64_t);   // float, int8 values
 void convert_to_f32_neon(const void*, DType, int64_t, int64_t, int64_t, float*);

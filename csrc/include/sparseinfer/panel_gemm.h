@@ -1,6 +1,7 @@
 // Exact-mode (fp32 x) GEMM on decoded weight panels: the loop nest shared by the SIMD groups
-// (x86/avx512/panel_gemm_avx512.cpp, x86/avx2/panel_gemm_avx2.cpp). ISA-free; each group includes
-// it with its own flags and supplies a traits class P (internal linkage: see kernel_utils.h).
+// (x86/avx512/panel_gemm_avx512.cpp, x86/avx2/panel_gemm_avx2.cpp, arm/neon/panel_gemm_neon.cpp).
+// ISA-free; each group includes it with its own flags and supplies a traits class P (internal
+// linkage: see kernel_utils.h).
 //
 //   y[M, N] = x[M, K] . W^T (+ bias)     W: any packed format, decoded by `decode` below
 //
