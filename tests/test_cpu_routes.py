@@ -391,3 +391,30 @@ def test_measure_point_times_every_candidate_on_rotating_copies(rng, monkeypatch
         rec = cpu_routes.measure_point(w, 5, "fp32", paths)
         assert set(rec["times"]) == set(paths) and rec["m"] == 5 and rec["copies"] == 6, rec
         assert rec["kernel"] == C.kernel_name(h, 5, None, "fp32")
+
+
+def test_direct_call_runs_the_kernel_the_route_names(monkeypatch):
+    """The decode fast path (CpuBackend.direct_call) must run the kernel a measured route chose by
+    name, not the table's pick."""
+    C = _native.require_native()
+    cpu = BACKENDS["cpu"]
+    g = torch.Generator().manual_seed(7)
+    w = si.pack(torch.randn(48, 96, generator=g), "2:4")
+    x = torch.randn(33, 96, generator=g)
+    name = C.kernel_candidates(cpu_routes.native_weight(w), 33, None, "fp32")[-1]
+    monkeypatch.setattr(cpu_routes, "route", lambda *a: cpu_routes.Route("kernel", name, "fp32", "test", named=name))
+    seen = []
+
+    class Spy:
+        def __getattr__(self, attr):
+            return getattr(C, attr)
+
+        def linear(self, *args):
+            seen.append(args[-1])
+            return C.linear(*args)
+
+    monkeypatch.setattr(_native, "_C", Spy())
+    call = cpu.direct_call(w, x, "fp32")
+    y = call(x, None)
+    assert seen == [name]
+    assert torch.allclose(y, reference_linear(x, w, None), rtol=1e-5, atol=1e-5)

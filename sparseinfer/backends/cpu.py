@@ -104,9 +104,10 @@ class CpuBackend(Backend):
         act = resolve_act(act)
         n_threads = threads()
         handle = native_weight(w)
-        if cpu_routes.route(w, handle, x.numel() // w.shape[1], act, n_threads).path != "kernel":
+        r = cpu_routes.route(w, handle, x.numel() // w.shape[1], act, n_threads)
+        if r.path != "kernel":
             return None
-        run = _native._C.linear
+        run, named = _native._C.linear, r.named
         # the output's shape, dtype and device, made once: new_empty(x.shape[:-1] + (n,)) costs 2.5 us a call
         shape, dtype, device = (*x.shape[:-1], w.shape[0]), x.dtype, x.device
 
@@ -114,7 +115,7 @@ class CpuBackend(Backend):
             if not x.is_contiguous():
                 x = x.contiguous()
             out = torch.empty(shape, dtype=dtype, device=device)
-            run(x, handle, out, bias, n_threads, None, act)
+            run(x, handle, out, bias, n_threads, None, act, named)
             return out
 
         return call
