@@ -218,8 +218,8 @@ const KernelImpl kAvx2Kernels[] = {
     {KernelId::nm_float, nm_gemm_avx2, "nm_gemm_avx2", kAnyM, 0},
     // float N:M on dense fp32 panels (panel_gemm_avx2.cpp): twice the FMAs, no transposed x; ahead of
     // nm_gemm_avx2 at K = 4096 (1.8-2.2x at M = 64-256) and behind it at K <= 1536 (0.79-1.02x; Zen 4
-    // running AVX2, 1 thread, bench/README.md). After it: only a per-shape route or set_batch_limit picks it.
-    {KernelId::nm_float, nm_panel_gemm_avx2, "nm_panel_gemm_avx2", kAnyM, 0},
+    // running AVX2, 1 thread, bench/README.md): a measured candidate, chosen per layer shape by the routes.
+    {KernelId::nm_float, nm_panel_gemm_avx2, "nm_panel_gemm_avx2", kAnyM, kMeasuredOnly},
     {KernelId::nm_int8, nm_q8_gemv_avx2, "nm_int8_q8_gemv_avx2", 2, kCallInt8Act},
     {KernelId::nm_int8, nm_q8_gemm_avx2, "nm_int8_q8_gemm_avx2", kAnyM, kCallInt8Act},
     {KernelId::nm_int8, nm_gemv_avx2, "nm_int8_gemv_avx2", 10, 0},
@@ -471,16 +471,19 @@ const KernelImpl* find_kernel(const char* name, KernelId id, Isa isa, uint64_t c
 std::vector<const KernelImpl*> kernel_candidates(KernelId id, Isa isa, int64_t M, uint64_t call) {
   std::vector<const KernelImpl*> out;
   if (const KernelImpl* pick = select_kernel(id, isa, M, call)) out.push_back(pick);
+  // measured-only rows down to the first level that lists the family: a level that has its own
+  // rows for it supersedes the alternatives of the levels below (AVX-512's N:M panel over AVX2's)
   const uint64_t features = cpu_features() | call | kMeasuredOnly;
   for (Isa l = isa;; l = level(l).fallback) {
     const IsaLevel& lv = level(l);
+    bool listed = false;
     for (size_t i = 0; i < lv.count; ++i) {
       const KernelImpl& k = lv.kernels[i];
-      if (k.id == id && (k.requires & kMeasuredOnly) && M <= row_limit(l, i, k) &&
-          (features & k.requires) == k.requires)
-        out.push_back(&k);
+      if (k.id != id || (features & k.requires) != k.requires) continue;
+      listed = true;
+      if ((k.requires & kMeasuredOnly) && M <= row_limit(l, i, k)) out.push_back(&k);
     }
-    if (l == Isa::scalar) return out;
+    if (listed || l == Isa::scalar) return out;
   }
 }
 

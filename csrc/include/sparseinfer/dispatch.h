@@ -46,7 +46,8 @@ const KernelImpl* select_kernel(KernelId id, Isa isa, int64_t M, uint64_t call =
 // rows included and batch limits ignored (a call that names its kernel); nullptr if none.
 const KernelImpl* find_kernel(const char* name, KernelId id, Isa isa, uint64_t call = 0);
 // What a call with M rows may run: select_kernel's pick first, then the kMeasuredOnly rows that
-// admit M (what sparseinfer's measured routes time against each other).
+// admit M, from `isa` down to the first level that lists the family (what sparseinfer's measured
+// routes time against each other).
 std::vector<const KernelImpl*> kernel_candidates(KernelId id, Isa isa, int64_t M, uint64_t call = 0);
 
 // The rows select_kernel tries for `isa` (its table, then its fallbacks'), those this CPU can run,
