@@ -18,23 +18,10 @@ struct NeonPanel {
   static constexpr int kKC = 256;  // a [256][16] panel is 16 KB: streamed from L2 past an L1-resident 5 x 256 x tile
   static constexpr int kNC = 256;  // a block's panels: 256 KB, in L2
 
-  // A partial strip (nr < 16, the last one of a column range) goes through a full-width copy, so
-  // the accumulators see one plain load / store path.
   template <int MR>
   static void tile(const float* x, int64_t sx, const float* wp, int kb, float* c, int64_t ldc, int nr, bool first,
                    const float* bias) {
-    if (nr < kNR) {
-      alignas(16) float ct[MR * kNR], bt[kNR] = {};
-      for (int i = 0; i < MR; ++i)
-        for (int j = 0; j < kNR; ++j) ct[i * kNR + j] = !first && j < nr ? c[i * ldc + j] : 0.f;
-      if (bias)
-        for (int j = 0; j < nr; ++j) bt[j] = bias[j];
-      full_tile<MR>(x, sx, wp, kb, ct, kNR, first, bias ? bt : nullptr);
-      for (int i = 0; i < MR; ++i)
-        for (int j = 0; j < nr; ++j) c[i * ldc + j] = ct[i * kNR + j];
-      return;
-    }
-    full_tile<MR>(x, sx, wp, kb, c, ldc, first, bias);
+    panel::tile_through_copy<NeonPanel, MR>(x, sx, wp, kb, c, ldc, nr, first, bias);
   }
 
   // The unroll pragmas keep the accumulators in registers (see panel_gemm_avx2.cpp).
@@ -80,18 +67,12 @@ constexpr int NR = NeonPanel::kNR, KC = NeonPanel::kKC;
 
 // -- row decoders: out[kk] = W[n, k0 + kk], kk < kb ------------------------------------------------
 
-// The end of the scale group of column k, capped at `end`.
-inline int64_t group_end(const QuantView& q, int64_t k, int64_t end) {
-  const int64_t e = (k / q.group + 1) * q.group;
-  return e < end ? e : end;
-}
-
 void decode_int8_row(const QuantView& q, int64_t n, int64_t k0, int kb, float* out) {
   const int8_t* codes = static_cast<const int8_t*>(q.codes) + n * q.kp;
   const float* scale = q.scale + n * q.n_groups;
   const int64_t end = k0 + kb;
   for (int64_t k = k0; k < end;) {
-    const int64_t ge = group_end(q, k, end);
+    const int64_t ge = panel::group_end(q, k, end);
     const float s = scale[k / q.group];
     for (; k + 8 <= ge; k += 8) {
       float32x4_t lo, hi;
@@ -110,7 +91,7 @@ void decode_int4_row(const QuantView& q, int64_t n, int64_t k0, int kb, float* o
   const uint8_t* zero = q.zero ? q.zero + n * q.n_groups : nullptr;
   const int64_t end = k0 + kb;
   for (int64_t k = k0; k < end;) {
-    const int64_t ge = group_end(q, k, end), g = k / q.group;
+    const int64_t ge = panel::group_end(q, k, end), g = k / q.group;
     const float s = scale[g];
     const int z = zero ? zero[g] : 8;
     if (k & 1) out[k - k0] = float(((bytes[k >> 1] >> 4) & 0xF) - z) * s, ++k;  // a group starting mid-byte
@@ -146,8 +127,7 @@ void rows_to_panel(const float* rows, int kb, float* panel) {
 template <bool Int4>
 Status quant_panel_gemm(const GemmArgs& a, const WeightView& w, int64_t n_begin, int64_t n_end) {
   const QuantView& q = w.q;
-  if (q.group <= 0 || q.kp < a.K || q.n_groups * q.group != q.kp || (Int4 && (q.kp & 1)))
-    return Status::invalid_argument;
+  if (panel::check_quant(q, a.K, Int4) != Status::ok) return Status::invalid_argument;
   float* rows = scratch<float, 2>(size_t(NR) * KC);
   if (!rows) return Status::out_of_memory;
   return panel::gemm<NeonPanel>(a, n_begin, n_end, [&q, rows](int64_t n, int nr, int64_t k0, int kb, float* panel) {

@@ -27,6 +27,37 @@ namespace sparseinfer {
 namespace {
 namespace panel {
 
+// P::tile for traits without masked loads / stores (AVX2, NEON): a partial strip (nr < kNR, the last
+// one of a column range) goes through a full-width copy, so P::full_tile<MR> (same arguments, no nr)
+// sees one plain load / store path.
+template <class P, int MR>
+inline void tile_through_copy(const float* x, int64_t sx, const float* wp, int kb, float* c, int64_t ldc, int nr,
+                              bool first, const float* bias) {
+  constexpr int NR = P::kNR;
+  if (nr == NR) return P::template full_tile<MR>(x, sx, wp, kb, c, ldc, first, bias);
+  alignas(64) float ct[MR * NR], bt[NR] = {};
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) ct[i * NR + j] = !first && j < nr ? c[i * ldc + j] : 0.f;
+  if (bias)
+    for (int j = 0; j < nr; ++j) bt[j] = bias[j];
+  P::template full_tile<MR>(x, sx, wp, kb, ct, NR, first, bias ? bt : nullptr);
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < nr; ++j) c[i * ldc + j] = ct[i * NR + j];
+}
+
+// The int8 / int4 layout invariants the quantized decoders rely on (K columns, whole groups, int4
+// codes in whole bytes).
+inline Status check_quant(const QuantView& q, int64_t K, bool int4) {
+  if (q.group <= 0 || q.kp < K || q.n_groups * q.group != q.kp || (int4 && (q.kp & 1))) return Status::invalid_argument;
+  return Status::ok;
+}
+
+// The end of the scale group of column k, capped at `end`.
+inline int64_t group_end(const QuantView& q, int64_t k, int64_t end) {
+  const int64_t e = (k / q.group + 1) * q.group;
+  return e < end ? e : end;
+}
+
 // tile<MR> for the runtime row count mr (1 <= mr <= MR): one instantiation per count.
 template <class P, int MR>
 inline void run_tile(int mr, const float* x, int64_t sx, const float* wp, int kb, float* c, int64_t ldc, int nr,

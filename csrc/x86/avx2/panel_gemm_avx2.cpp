@@ -25,24 +25,12 @@ struct Avx2Panel {
   static constexpr int kKC = 256;  // a [256][16] panel is 16 KB: streamed from L2 past an L1-resident 6 x 256 x tile
   static constexpr int kNC = 256;  // a block's panels: 256 KB, half of a Zen 1 / Zen 2 L2 (512 KB)
 
-  // A partial strip (nr < 16, the last one of a column range) goes through a full-width copy, so
-  // the accumulators see one plain load / store path. The unroll pragmas are load-bearing: without
-  // them GCC 12 -O3 (loop peeling) left the 12 accumulators in memory, a store per FMA, half speed.
+  // The unroll pragmas in full_tile are load-bearing: without them GCC 12 -O3 (loop peeling) left the
+  // 12 accumulators in memory, a store per FMA, half speed.
   template <int MR>
   static void tile(const float* x, int64_t sx, const float* wp, int kb, float* c, int64_t ldc, int nr, bool first,
                    const float* bias) {
-    if (nr < kNR) {
-      alignas(32) float ct[MR * kNR], bt[kNR] = {};
-      for (int i = 0; i < MR; ++i)
-        for (int j = 0; j < kNR; ++j) ct[i * kNR + j] = !first && j < nr ? c[i * ldc + j] : 0.f;
-      if (bias)
-        for (int j = 0; j < nr; ++j) bt[j] = bias[j];
-      full_tile<MR>(x, sx, wp, kb, ct, kNR, first, bias ? bt : nullptr);
-      for (int i = 0; i < MR; ++i)
-        for (int j = 0; j < nr; ++j) c[i * ldc + j] = ct[i * kNR + j];
-      return;
-    }
-    full_tile<MR>(x, sx, wp, kb, c, ldc, first, bias);
+    panel::tile_through_copy<Avx2Panel, MR>(x, sx, wp, kb, c, ldc, nr, first, bias);
   }
 
   template <int MR>
@@ -190,14 +178,9 @@ void decode_int4_panel(const QuantView& q, int64_t n0, int nr, int64_t k0, int k
   }
 }
 
-Status check_quant(const QuantView& q, int64_t K, bool int4) {
-  if (q.group <= 0 || q.kp < K || q.n_groups * q.group != q.kp || (int4 && (q.kp & 1))) return Status::invalid_argument;
-  return Status::ok;
-}
-
 template <bool Int4>
 Status quant_panel_gemm(const GemmArgs& a, const WeightView& w, int64_t n_begin, int64_t n_end) {
-  if (check_quant(w.q, a.K, Int4) != Status::ok) return Status::invalid_argument;
+  if (panel::check_quant(w.q, a.K, Int4) != Status::ok) return Status::invalid_argument;
   const QuantView& q = w.q;
   return panel::gemm<Avx2Panel>(a, n_begin, n_end, [&q](int64_t n, int nr, int64_t k0, int kb, float* wp) {
     if constexpr (Int4) decode_int4_panel(q, n, nr, k0, kb, wp);

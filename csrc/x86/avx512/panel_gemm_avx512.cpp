@@ -210,18 +210,12 @@ void decode_int4_panel(const QuantView& q, int64_t n, int nr, int64_t k0, int kb
 
 // -- row decoders: out[kk] = W[n, k0 + kk], kk < kb ------------------------------------------------
 
-// The scale group of k and where it ends (capped at `end`).
-inline int64_t group_end(const QuantView& q, int64_t k, int64_t end) {
-  const int64_t e = (k / q.group + 1) * q.group;
-  return e < end ? e : end;
-}
-
 void decode_int8_row(const QuantView& q, int64_t n, int64_t k0, int kb, float* out) {
   const int8_t* codes = static_cast<const int8_t*>(q.codes) + n * q.kp;
   const float* scale = q.scale + n * q.n_groups;
   const int64_t end = k0 + kb;
   for (int64_t k = k0; k < end;) {  // one scale group at a time (any group length)
-    const int64_t ge = group_end(q, k, end);
+    const int64_t ge = panel::group_end(q, k, end);
     const __m512 s = _mm512_set1_ps(scale[k / q.group]);
     for (; k < ge; k += 16) {
       const __mmask16 m = first_lanes(int(ge - k));
@@ -362,16 +356,11 @@ bool nm_view_ok(const WeightView& w) {
          (quantized ? w.q.group > 0 && w.q.kp >= nm.kc && w.q.codes && w.q.scale : nm.fvalues != nullptr);
 }
 
-Status check_quant(const QuantView& q, int64_t K, bool int4) {
-  if (q.group <= 0 || q.kp < K || q.n_groups * q.group != q.kp || (int4 && (q.kp & 1))) return Status::invalid_argument;
-  return Status::ok;
-}
-
 // int8 / int4 differ only in their decoders and in the group length the whole-panel decoder needs
 // (16 int8 / 32 int4 codes per 16-byte load); other groups decode row by row, then transpose.
 template <bool Int4>
 Status quant_panel_gemm(const GemmArgs& a, const WeightView& w, int64_t n_begin, int64_t n_end) {
-  if (check_quant(w.q, a.K, Int4) != Status::ok) return Status::invalid_argument;
+  if (panel::check_quant(w.q, a.K, Int4) != Status::ok) return Status::invalid_argument;
   const QuantView& q = w.q;
   if (q.group % (Int4 ? 32 : 16) == 0)
     return panel::gemm<Avx512Panel>(a, n_begin, n_end, [&q](int64_t n, int nr, int64_t k0, int kb, float* panel) {
@@ -450,11 +439,11 @@ Status int4_panel_gemm_avx512(const GemmArgs& a, const WeightView& w, int64_t n_
 bool dequantize_row_avx512(const WeightView& w, int64_t n, float* out) {
   switch (w.id) {
     case KernelId::int8:
-      if (check_quant(w.q, w.K, false) != Status::ok) return false;
+      if (panel::check_quant(w.q, w.K, false) != Status::ok) return false;
       decode_int8_row(w.q, n, 0, int(w.K), out);
       return true;
     case KernelId::int4:
-      if (check_quant(w.q, w.K, true) != Status::ok) return false;
+      if (panel::check_quant(w.q, w.K, true) != Status::ok) return false;
       decode_int4_row(w.q, n, 0, int(w.K), out);
       return true;
     case KernelId::nm_float: case KernelId::nm_int8: case KernelId::nm_int4:
