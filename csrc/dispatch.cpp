@@ -20,6 +20,10 @@
 #if defined(__GNUC__) || defined(__clang__)
 #include <cpuid.h>
 #endif
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #elif defined(__aarch64__)
 #define SPARSEINFER_ARM64 1
 #if defined(__linux__)
@@ -85,6 +89,17 @@ uint64_t xgetbv0() {
   return (uint64_t(edx) << 32) | eax;
 }
 
+// AMX tile data is a dynamically enabled state on Linux (5.16+): a process must ask for it once
+// (arch_prctl ARCH_REQ_XCOMP_PERM) before any thread executes a tile instruction, or it gets SIGILL.
+bool amx_granted() {
+#if defined(__linux__) && defined(SYS_arch_prctl)
+  constexpr int kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+
 uint64_t detect_features() {
   unsigned a, b, c, d;
   if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
@@ -98,6 +113,7 @@ uint64_t detect_features() {
   const bool avx2 = b & (1u << 5), avx512f = b & (1u << 16), avx512dq = b & (1u << 17),
              avx512cd = b & (1u << 28), avx512bw = b & (1u << 30), avx512vl = b & (1u << 31),
              avx512vnni = c & (1u << 11);
+  const bool amx_tile = d & (1u << 24), amx_int8 = d & (1u << 25);
   const unsigned max_sub = a;
   bool avxvnni = false, avx512bf16 = false;
   if (max_sub >= 1) {
@@ -111,6 +127,8 @@ uint64_t detect_features() {
     f |= kFeatAvx512;
     if (avx512vnni) f |= kFeatAvx512Vnni;
     if (avx512bf16) f |= kFeatAvx512Bf16;
+    // XCR0 bits 17-18: the OS manages the tile configuration and data
+    if (amx_tile && amx_int8 && (xcr0 & 0x60000) == 0x60000 && amx_granted()) f |= kFeatAmxInt8;
   }
   return f;
 }
@@ -163,7 +181,8 @@ std::vector<std::pair<std::string, bool>> cpu_feature_list() {
           {"avx512", bool(f & kFeatAvx512)},
           {"avx_vnni", bool(f & kFeatAvxVnni)},
           {"avx512_vnni", bool(f & kFeatAvx512Vnni)},
-          {"avx512_bf16", bool(f & kFeatAvx512Bf16)}};
+          {"avx512_bf16", bool(f & kFeatAvx512Bf16)},
+          {"amx_int8", bool(f & kFeatAmxInt8)}};
 #elif SPARSEINFER_ARM64
   return {{"neon", bool(f & kFeatNeon)},
           {"dotprod", bool(f & kFeatNeonDot)},
@@ -239,6 +258,24 @@ const KernelImpl kAvx2Kernels[] = {
 // x86/avx512/: vpdpbusd for int8 activations (without VNNI they fall back to the AVX2 rows), and
 // fp32 activations on the same row tiles' canonical source for the exact mode.
 const KernelImpl kAvx512Kernels[] = {
+#ifdef SPARSEINFER_HAVE_AMX
+    // AMX (x86/amx/): one 16 x 16 x 64 tile product per instruction where vpdpbusd does 16 x 4, but
+    // a batch is padded to 16 rows (and int4 codes are unpacked per call), so the VNNI kernel stays
+    // ahead for a few rows. AMX / VNNI time, 1 thread, Xeon with AMX (bench/README.md): int8 0.8-0.9
+    // at 1-2 rows, 1.1-1.8 at 8, 1.3-2.3 at 16, 1.6-2.7 at 64-256; int4 0.4-0.7 at 1, 0.7-1.3 at 8,
+    // 1.1-1.8 at 16, 1.6-2.2 at 64-256 (4096x4096 and the MiniLM shapes). The small-batch rows
+    // run the VNNI kernel under their own name so that `sparseinfer calibrate` can move the crossover.
+    {KernelId::int8, int8_q8_gemm_vnni_avx512, "int8_q8_gemv_vnni_avx512", 6, kCallInt8Act | kFeatAmxInt8},
+    {KernelId::int8, int8_q8_gemm_amx, "int8_q8_gemm_amx", kAnyM, kCallInt8Act | kFeatAmxInt8},
+    {KernelId::int4, int4_q8_gemm_vnni_avx512, "int4_q8_gemv_vnni_avx512", 12, kCallInt8Act | kFeatAmxInt8},
+    {KernelId::int4, int4_q8_gemm_amx, "int4_q8_gemm_amx", kAnyM, kCallInt8Act | kFeatAmxInt8},
+    {KernelId::nm_int8, int8_q8_gemm_vnni_avx512, "nm_int8_q8_tiles_gemv_vnni_avx512", 6,
+     kCallInt8Act | kFeatAmxInt8 | kReadsQTiles},
+    {KernelId::nm_int8, int8_q8_gemm_amx, "nm_int8_q8_tiles_amx", kAnyM, kCallInt8Act | kFeatAmxInt8 | kReadsQTiles},
+    {KernelId::nm_int4, int4_q8_gemm_vnni_avx512, "nm_int4_q8_tiles_gemv_vnni_avx512", 12,
+     kCallInt8Act | kFeatAmxInt8 | kReadsQTiles},
+    {KernelId::nm_int4, int4_q8_gemm_amx, "nm_int4_q8_tiles_amx", kAnyM, kCallInt8Act | kFeatAmxInt8 | kReadsQTiles},
+#endif
     {KernelId::int8, int8_q8_gemm_vnni_avx512, "int8_q8_gemm_vnni_avx512", kAnyM, kCallInt8Act | kFeatAvx512Vnni},
     {KernelId::int4, int4_q8_gemm_vnni_avx512, "int4_q8_gemm_vnni_avx512", kAnyM, kCallInt8Act | kFeatAvx512Vnni},
 #ifdef SPARSEINFER_HAVE_AVX2

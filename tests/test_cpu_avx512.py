@@ -184,14 +184,44 @@ def test_kernel_selection_by_mode_and_isa():
                 assert C.kernel_name(h, batch, isa="avx2", act="int8") == (f"{fmt}_q8_gemm_avx2" if q8 else
                                                                            f"{fmt}_panel_gemm_avx2")
         if "avx512" in ISAS:
-            vnni = C.cpu_features()["avx512_vnni"]
-            want = f"{fmt}_q8_gemm_vnni_avx512" if vnni else f"{fmt}_q8_gemm_avx2"
+            vnni, amx = C.cpu_features()["avx512_vnni"], C.cpu_features()["amx_int8"]
+            want = f"{fmt}_q8_gemm_amx" if amx else f"{fmt}_q8_gemm_vnni_avx512" if vnni else f"{fmt}_q8_gemm_avx2"
             assert C.kernel_name(h, 64, isa="avx512", act="int8") == want
+            if amx:  # a few rows: the VNNI kernel, under its small-batch row's name
+                assert C.kernel_name(h, 1, isa="avx512", act="int8") == f"{fmt}_q8_gemv_vnni_avx512"
             assert C.kernel_name(h, 3, isa="avx512", act="fp32") == f"{fmt}_gemm_avx512"  # GEMV rows
             assert C.kernel_name(h, 64, isa="avx512", act="fp32") == f"{fmt}_panel_gemm_avx512"
     # CSR ignores the mode; 2:4 + int8 / int4 has its own int8 gemv (tests/test_cpu_sparse_simd.py)
     csr = build_native_weight(si.pack(torch.randn(8, 32), "csr+int8"))
     assert C.kernel_name(csr, 1, act="int8") == C.kernel_name(csr, 1, act="fp32")
+
+
+AMX = C is not None and C.cpu_features().get("amx_int8", False)
+
+
+@pytest.mark.skipif(not AMX, reason="this CPU has no AMX-INT8 (or Linux did not grant the tile state): "
+                    "the AMX kernels cannot run here; the table never selects them on such a CPU")
+@pytest.mark.parametrize("case", FORMATS, ids=FORMAT_IDS)
+def test_amx_kernels_give_the_scalar_bits_at_every_batch(case, rng):
+    """The AMX kernels named directly (the table runs them from 7 / 13 rows), at every batch
+    (partial 16-row tiles, one and two A tiles), segments that are not whole 64-element tile steps,
+    odd N (one and two B tiles, chunks split over threads) and every output dtype."""
+    fmt, params = case
+    kernel = f"{fmt}_q8_gemm_amx"
+    for k, n in ((1, 7), (17, 33), (100, 50), (129, 1), (300, 70), (1024, 33)):
+        w = make_weight(fmt, params, n, k, rng)
+        handle = build_native_weight(w)
+        for i, m in enumerate((1, 3, 15, 16, 17, 33, 64)):
+            dtype = DTYPES[(i + k) % 3]
+            x = make_x(m, k, dtype, (i + n) % 2 == 1, rng)
+            bias = torch.randn(n, generator=rng) if i % 2 else None
+            ref = run(x, handle, n, bias, isa="scalar")
+            for threads in (1, 3):
+                out = torch.full((m, n), float("nan"), dtype=dtype)
+                C.linear(x, handle, out, bias, num_threads=threads, act="int8", kernel=kernel)
+                bits = torch.int16 if dtype != torch.float32 else torch.int32
+                assert torch.equal(out.view(bits), ref.view(bits)), \
+                    f"{kernel} {params} M={m} N={n} K={k} x:{dtype} threads={threads}"
 
 
 def test_tiles_are_built_once_on_first_int8_call(rng):

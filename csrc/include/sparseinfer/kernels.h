@@ -69,6 +69,7 @@ enum Feature : uint64_t {
   kFeatAvxVnni = 1ull << 2,     // VEX-encoded vpdpbusd (Alder Lake, Zen 5)
   kFeatAvx512Vnni = 1ull << 3,  // Cascade Lake, Ice Lake, Zen 4
   kFeatAvx512Bf16 = 1ull << 4,  // Cooper Lake, Sapphire Rapids, Zen 4
+  kFeatAmxInt8 = 1ull << 5,    // AMX-TILE + AMX-INT8 with the tile state granted by the OS (Sapphire Rapids)
   kFeatNeon = 1ull << 8,        // aarch64 ASIMD (always present on aarch64)
   kFeatNeonDot = 1ull << 9,     // sdot / udot
   kFeatNeonI8mm = 1ull << 10,   // smmla
@@ -284,6 +285,12 @@ Status csr_panel_gemm_avx512(const GemmArgs&, const WeightView&, int64_t, int64_
 // format, or a layout it does not take (the scalar dequantize_row then serves it).
 bool dequantize_row_avx512(const WeightView&, int64_t n, float* out);
 // (activations are quantized by quantize_act_avx2 at this level too: the step is not the bottleneck)
+#endif
+#ifdef SPARSEINFER_HAVE_AMX
+// int8 activations on the same row tiles, AMX tdpbssd / tdpbsud on 32 x 32 blocks (x86/amx/;
+// rows require kFeatAmxInt8). The same bits as the scalar and VNNI kernels.
+Status int8_q8_gemm_amx(const GemmArgs&, const WeightView&, int64_t, int64_t);
+Status int4_q8_gemm_amx(const GemmArgs&, const WeightView&, int64_t, int64_t);
 #endif
 #ifdef SPARSEINFER_HAVE_NEON
 // arm/neon/: aarch64 baseline ASIMD, fp32 activations, every batch size.
