@@ -97,7 +97,8 @@ class CpuBackend(Backend):
 
     def direct_call(self, w: PackedWeight, x: torch.Tensor, act: str | None = None):
         """``call(x, bias) -> y`` that runs ``_C.linear`` straight, for calls like ``x`` (same shape, dtype,
-        activation mode and thread count) whose route is the packed kernel; None when another path
+        activation mode and thread count) whose route is the packed kernel, or torch's GEMM on the
+        kept fp32 copy where the route is dense (cpu_routes.dense_call); None when another path
         takes them. A layer memoises it per kind of call (CompressedLinear), so a decode step's ~200
         calls skip the route and prepack lookups; ``bias`` must be None or float, contiguous, with no
         gradient (the caller checks)."""
@@ -105,6 +106,8 @@ class CpuBackend(Backend):
         n_threads = threads()
         handle = native_weight(w)
         r = cpu_routes.route(w, handle, x.numel() // w.shape[1], act, n_threads)
+        if r.path == "dense":
+            return cpu_routes.dense_call(w, x)
         if r.path != "kernel":
             return None
         run, named = _native._C.linear, r.named

@@ -249,6 +249,17 @@ def dense_linear(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None) ->
     return out.reshape(*x.shape[:-1], n).to(x.dtype).contiguous()
 
 
+def dense_call(w: PackedWeight, x: torch.Tensor):
+    """``call(x, bias) -> y`` for fp32 calls like ``x`` on the dense route when ``w`` keeps its fp32
+    copy: one ``F.linear`` (a dense-routed layer's per-call lookups cost ~20 us, a quarter of a small
+    layer's GEMM); None otherwise (``dense_linear`` then serves each call)."""
+    dense = w.prepacked(_DENSE_COPY_KEY, _dense_copy)
+    if dense is None or x.dtype != torch.float32:
+        return None
+    linear = torch.nn.functional.linear
+    return lambda x, bias: linear(x, dense, bias)
+
+
 def tiled_linear(x2: torch.Tensor, w: PackedWeight, b: torch.Tensor | None) -> torch.Tensor:
     """y [M, N] = x2 [M, K] (fp32) @ W.T + b, W dequantized tile by tile (no copy kept)."""
     n, k = w.shape
