@@ -218,7 +218,7 @@ def _measure(model_name, variants, modes_of, prompt, decode_prompt, threads, new
                 ctx = decode_threads(threads) if mode == "decode" else _nothing()
                 with ctx:
                     gen = greedy(model, decode_prompt, new_tokens)
-                    pre = prefill_seconds(model, prompt)
+                pre = prefill_seconds(model, prompt)  # all threads for torch too, as greedy's prompt step
                 r = results[name][mode]
                 r["decode"].append(gen.decode_tokens_per_s)
                 r["prefill"].append(prompt_tokens / pre)

@@ -19,6 +19,7 @@ import torch._dynamo
 from torch import nn
 
 from .backends import cpu_native
+from .backends.cpu_routes import torch_threads
 from .runtime.fused import fuse_shared_inputs
 from .runtime.modules import prepare_compile
 
@@ -63,17 +64,27 @@ def decode_threads(n: int | None = None):
     (norms, rotary, attention over one query: microseconds each); with several torch threads each of
     those is a fork / join, and on a busy machine a join waits for a descheduled thread (measured in
     bench/README.md: SmolLM2 int8 decode ~6x faster on a loaded 2-core Zen 4). Dense layers left in
-    the model run on torch's one thread too."""
+    the model run on torch's one thread too; compressed layers whose route is the dense fallback run
+    it on sparseinfer's ``n`` (cpu_routes.torch_threads), and ``greedy`` runs the prompt's forward
+    with torch's count on entry."""
     before_torch, before_si = torch.get_num_threads(), cpu_native.configured_threads()
     if n is not None and (not isinstance(n, int) or n < 1):
         raise ValueError(f"decode_threads: n must be a positive int or None, got {n!r}")
+    global _prefill_torch_threads
     cpu_native.set_threads(n or before_si or before_torch)
     torch.set_num_threads(1)
+    outer, _prefill_torch_threads = _prefill_torch_threads, before_torch
     try:
         yield
     finally:
+        _prefill_torch_threads = outer
         torch.set_num_threads(before_torch)
         cpu_native.set_threads(before_si)
+
+
+# torch's thread count outside decode_threads: greedy runs the prompt's forward (hundreds of rows:
+# attention and norms that pay for threads) with it, and only the one-token steps on one thread.
+_prefill_torch_threads = 1
 
 
 def compile_model(model: nn.Module, **compile_kwargs) -> nn.Module:
@@ -139,7 +150,8 @@ def greedy(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, eos_t
     start = time.perf_counter()
     for _ in range(max_new_tokens):
         t = time.perf_counter()
-        logits = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_arg: cache}).logits
+        with torch_threads(_prefill_torch_threads if ids is input_ids else 1):
+            logits = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_arg: cache}).logits
         token = int(logits[0, -1].argmax())
         steps.append(time.perf_counter() - t)
         tokens.append(token)

@@ -107,7 +107,7 @@ class CpuBackend(Backend):
         handle = native_weight(w)
         r = cpu_routes.route(w, handle, x.numel() // w.shape[1], act, n_threads)
         if r.path == "dense":
-            return cpu_routes.dense_call(w, x)
+            return cpu_routes.dense_call(w, x, n_threads)
         if r.path != "kernel":
             return None
         run, named = _native._C.linear, r.named
