@@ -25,6 +25,7 @@ namespace sparseinfer {
 namespace {
 
 constexpr int kTileK = 64;  // int8 elements per A tile row / per 16 B tile rows
+constexpr int64_t kChunkK = 512;  // K elements per chunk (see gemm)
 
 // ldtilecfg's 64-byte operand, palette 1: every tile 16 rows x 64 bytes.
 struct alignas(64) TileConfig {
@@ -41,7 +42,7 @@ struct alignas(64) TileConfig {
 // zero-point term in int32, then one fp32 FMA with scale_w * scale_x per output.
 template <int kBits, int MA, int NB>
 inline void epilogue(const GemmArgs& a, const QTileView& t, const int32_t (*c)[16][16], int64_t s, int64_t tile0,
-                     int64_t m0, float (*facc)[NB * 16]) {
+                     int64_t m0, float (*facc)[32]) {
   const int64_t g = s / t.segs_per_group;
   for (int j = 0; j < NB; ++j) {
     const int64_t tg = (tile0 + j) * t.n_groups + g;
@@ -56,23 +57,21 @@ inline void epilogue(const GemmArgs& a, const QTileView& t, const int32_t (*c)[1
           acc = t.zero ? avx512q::OpsBase::sub_rows(acc, t.zero + tg * kQTileRows, a.qx.sum[cell])
                        : avx512q::OpsBase::sub_uniform(acc, 8 * a.qx.sum[cell]);
         }
-        float* f = facc[i * 16 + r] + j * 16;
+        float* f = facc[m - m0] + j * 16;
         _mm512_store_ps(f, avx512q::OpsBase::fma_seg(acc, sw, a.qx.scale[cell], _mm512_load_ps(f)));
       }
   }
 }
 
-// y[m0 .. m0 + 16 MA, tiles tile0 .. tile0 + NB] restricted to [n_lo, n_hi). Tile registers:
-// C(i, j) = tmm(2i + j), A(i) = tmm(4 + i), B(j) = tmm(6 + j). The epilogue of segment s - 1 is
-// issued after the tile products of segment s, which do not depend on it, so that the vector units
-// work on it while the tile unit multiplies.
+// Segments [s0, s1) of y[m0 .. m0 + 16 MA, tiles tile0 .. tile0 + NB], added into facc (rows of 32
+// floats). Tile registers: C(i, j) = tmm(2i + j), A(i) = tmm(4 + i), B(j) = tmm(6 + j). The epilogue of
+// segment s - 1 is issued after the tile products of segment s, which do not depend on it, so that the
+// vector units work on it while the tile unit multiplies.
 template <int kBits, int MA, int NB>
 void block(const GemmArgs& a, const QTileView& t, const int8_t* A, int64_t a_tile, const uint8_t* const* B,
-           int64_t b_seg, int64_t ksteps, int64_t tile0, int64_t m0, int64_t n_lo, int64_t n_hi) {
-  alignas(64) float facc[MA * 16][NB * 16];
+           int64_t b_seg, int64_t ksteps, int64_t tile0, int64_t m0, int64_t s0, int64_t s1, float (*facc)[32]) {
   alignas(64) int32_t c[2][MA * NB][16][16];
-  std::memset(facc, 0, sizeof facc);
-  for (int64_t s = 0; s < t.nseg; ++s) {
+  for (int64_t s = s0; s < s1; ++s) {
     _tile_zero(0);
     if constexpr (NB > 1) _tile_zero(1);
     if constexpr (MA > 1) _tile_zero(2);
@@ -95,30 +94,22 @@ void block(const GemmArgs& a, const QTileView& t, const int8_t* A, int64_t a_til
         if constexpr (MA > 1 && NB > 1) _tile_dpbsud(3, 5, 7);
       }
     }
-    if (s > 0) epilogue<kBits, MA, NB>(a, t, c[(s - 1) & 1], s - 1, tile0, m0, facc);
+    if (s > s0) epilogue<kBits, MA, NB>(a, t, c[(s - 1) & 1], s - 1, tile0, m0, facc);
     auto& cs = c[s & 1];
     _tile_stored(0, cs[0], 64);
     if constexpr (NB > 1) _tile_stored(1, cs[1], 64);
     if constexpr (MA > 1) _tile_stored(2, cs[NB], 64);
     if constexpr (MA > 1 && NB > 1) _tile_stored(3, cs[NB + 1], 64);
   }
-  epilogue<kBits, MA, NB>(a, t, c[(t.nseg - 1) & 1], t.nseg - 1, tile0, m0, facc);
-  for (int i = 0; i < MA; ++i)
-    for (int r = 0; r < 16 && m0 + i * 16 + r < a.M; ++r)
-      for (int j = 0; j < NB; ++j) {
-        const int64_t n = (tile0 + j) * kQTileRows;
-        const int64_t lo = n_lo > n ? n_lo : n, hi = n_hi < n + 16 ? n_hi : n + 16;
-        if (hi > lo)
-          avx512::store_lanes(a, m0 + i * 16 + r, n, int(lo - n), int(hi - n), _mm512_load_ps(facc[i * 16 + r] + j * 16));
-      }
+  epilogue<kBits, MA, NB>(a, t, c[(s1 - 1) & 1], s1 - 1, tile0, m0, facc);
 }
 
 template <int kBits, int MA>
 void block_nb(int nb, const GemmArgs& a, const QTileView& t, const int8_t* A, int64_t a_tile,
-              const uint8_t* const* B, int64_t b_seg, int64_t ksteps, int64_t tile0, int64_t m0, int64_t n_lo,
-              int64_t n_hi) {
-  if (nb > 1) return block<kBits, MA, 2>(a, t, A, a_tile, B, b_seg, ksteps, tile0, m0, n_lo, n_hi);
-  block<kBits, MA, 1>(a, t, A, a_tile, B, b_seg, ksteps, tile0, m0, n_lo, n_hi);
+              const uint8_t* const* B, int64_t b_seg, int64_t ksteps, int64_t tile0, int64_t m0, int64_t s0,
+              int64_t s1, float (*facc)[32]) {
+  if (nb > 1) return block<kBits, MA, 2>(a, t, A, a_tile, B, b_seg, ksteps, tile0, m0, s0, s1, facc);
+  block<kBits, MA, 1>(a, t, A, a_tile, B, b_seg, ksteps, tile0, m0, s0, s1, facc);
 }
 
 // The codes of row tile `tile` as whole B tiles: [nseg][segp / 4 quads][64 bytes], zero-padded.
@@ -172,7 +163,14 @@ Status gemm(const GemmArgs& a, const WeightView& w, int64_t n_begin, int64_t n_e
   uint8_t* bbuf = nullptr;
   if (!in_place && !(bbuf = scratch<uint8_t, 0>(size_t(2 * tile_bytes)))) return Status::out_of_memory;
 
-  static thread_local const TileConfig config;
+  // fp32 sums of all M rows x one tile pair, kept across the K chunks
+  float(*facc)[32] = reinterpret_cast<float(*)[32]>(scratch<float, 0>(size_t(mtiles * 16 * 32)));
+  if (!facc) return Status::out_of_memory;
+  // K chunks of about kChunkK elements: one tile pair's codes of a chunk (32 KB at most) stay in L1 while
+  // every 32-row block of the batch passes over them (whole K at once, they came from L2 per block).
+  const int64_t chunk = kChunkK / segp > 1 ? kChunkK / segp : 1;
+
+  static const TileConfig config;
   _tile_loadconfig(&config);
   const int64_t t_end = (n_end + kQTileRows - 1) / kQTileRows;
   for (int64_t tile = n_begin / kQTileRows; tile < t_end; tile += 2) {
@@ -186,12 +184,24 @@ Status gemm(const GemmArgs& a, const WeightView& w, int64_t n_begin, int64_t n_e
         B[j] = bbuf + j * tile_bytes;
       }
     }
-    for (int64_t mt = 0; mt < mtiles; mt += 2) {
-      if (mtiles - mt > 1)
-        block_nb<kBits, 2>(nb, a, t, A + mt * a_tile, a_tile, B, segp / 4 * 64, ksteps, tile, mt * 16, n_begin, n_end);
-      else
-        block_nb<kBits, 1>(nb, a, t, A + mt * a_tile, a_tile, B, segp / 4 * 64, ksteps, tile, mt * 16, n_begin, n_end);
+    std::memset(facc, 0, size_t(mtiles * 16 * 32) * sizeof(float));
+    for (int64_t s0 = 0; s0 < t.nseg; s0 += chunk) {
+      const int64_t s1 = s0 + chunk < t.nseg ? s0 + chunk : t.nseg;
+      for (int64_t mt = 0; mt < mtiles; mt += 2) {
+        if (mtiles - mt > 1)
+          block_nb<kBits, 2>(nb, a, t, A + mt * a_tile, a_tile, B, segp / 4 * 64, ksteps, tile, mt * 16, s0, s1,
+                             facc + mt * 16);
+        else
+          block_nb<kBits, 1>(nb, a, t, A + mt * a_tile, a_tile, B, segp / 4 * 64, ksteps, tile, mt * 16, s0, s1,
+                             facc + mt * 16);
+      }
     }
+    for (int64_t m = 0; m < a.M; ++m)
+      for (int j = 0; j < nb; ++j) {
+        const int64_t n = (tile + j) * kQTileRows;
+        const int64_t lo = n_begin > n ? n_begin : n, hi = n_end < n + 16 ? n_end : n + 16;
+        if (hi > lo) avx512::store_lanes(a, m, n, int(lo - n), int(hi - n), _mm512_load_ps(facc[m] + j * 16));
+      }
   }
   _tile_release();
   return Status::ok;
