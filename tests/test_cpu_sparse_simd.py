@@ -402,6 +402,10 @@ def test_kernel_names():
             assert C.kernel_name(w, 64, isa=isa, act="fp32").startswith(
                 (f"{family}_gemm_", f"{family}_panel_gemm_")), (fmt, isa)
             if "+int" in fmt and fmt.startswith("2:4"):
+                if isa == "avx512" and C.cpu_features().get("amx_int8"):  # dense row tiles: VNNI, then AMX
+                    assert C.kernel_name(w, 1, isa=isa, act="int8") == f"{family}_q8_tiles_gemv_vnni_avx512", fmt
+                    assert C.kernel_name(w, 64, isa=isa, act="int8") == f"{family}_q8_tiles_amx", fmt
+                    continue
                 if isa == "avx512" and C.cpu_features().get("avx512_vnni"):  # dense row tiles, every batch
                     for m in (1, 64):
                         assert C.kernel_name(w, m, isa=isa, act="int8") == f"{family}_q8_tiles_vnni_avx512", (fmt, m)
