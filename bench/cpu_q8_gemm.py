@@ -6,8 +6,9 @@
 Standalone script (not collected by pytest). 2 threads; every point times its providers in interleaved
 rounds (torch fp32 ``F.linear``, FBGEMM dynamic int8 (``sparseinfer.apps.benchmarking.fbgemm_int8``), and
 ``sparseinfer._C.linear(act="int8")`` on int8 (per channel), int4-g128, 2:4+int8 and 2:4+int4-g64
-weights), hot weights, best of the rounds. Where the CPU has AVX-512 VNNI, 2:4+int8 / 2:4+int4 also run
-on the AVX2 level (the register-gather N:M kernels), which is what they ran before the dense row tiles.
+weights), hot weights, best of the rounds. Where the CPU has AMX, every format also runs its AVX-512
+VNNI kernel (named), for the "x VNNI" ratio; else, where it has AVX-512 VNNI, 2:4+int8 / 2:4+int4 also
+run on the AVX2 level (the register-gather N:M kernels), which is what they ran before the dense row tiles.
 Prints one markdown table: time per call and speed vs torch fp32 (and vs FBGEMM for int8)."""
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from sparseinfer.backends.cpu import build_native_weight
 
 THREADS = 2
 FORMATS = {"int8": {}, "int4-g128": {"group_size": 128}, "2:4+int8": {}, "2:4+int4-g64": {"group_size": 64}}
+VNNI_KERNELS = {"int8": "int8_q8_gemm_vnni_avx512", "int4-g128": "int4_q8_gemm_vnni_avx512",
+                "2:4+int8": "nm_int8_q8_tiles_vnni_avx512", "2:4+int4-g64": "nm_int4_q8_tiles_vnni_avx512"}
 
 
 def best_of(fns: dict, rounds: int) -> dict:
@@ -49,6 +52,7 @@ def main():
     torch.set_num_threads(THREADS)
     C = _native.require_native()
     vnni = "avx512" in C.available_isas() and C.cpu_features().get("avx512_vnni")
+    amx = vnni and C.cpu_features().get("amx_int8")
     print(f"ISA {C.active_isa()} (available {C.available_isas()}), features {C.cpu_features()}, {THREADS} threads, "
           f"best of {args.rounds} interleaved rounds")
     print("\n| N×K | M | torch fp32 | FBGEMM int8 | " + " | ".join(f"{f} act=int8" for f in FORMATS) + " |")
@@ -68,7 +72,10 @@ def main():
             fns = {"fp32": lambda x=x, w=w: F.linear(x, w), "fbgemm": lambda x=x, fb=fb, f=call_fbgemm: f(x, fb)}
             for f, h in handles.items():
                 fns[f] = lambda h=h, x=x, out=out: C.linear(x, h, out, None, num_threads=THREADS, act="int8")
-                if vnni and f.startswith("2:4"):
+                if amx:
+                    fns[f + "@vnni"] = lambda h=h, x=x, out=out, k=VNNI_KERNELS[f]: C.linear(
+                        x, h, out, None, num_threads=THREADS, act="int8", kernel=k)
+                elif vnni and f.startswith("2:4"):
                     fns[f + "@avx2"] = lambda h=h, x=x, out=out: C.linear(x, h, out, None, num_threads=THREADS,
                                                                           isa="avx2", act="int8")
             t = best_of(fns, args.rounds)
@@ -77,6 +84,8 @@ def main():
                 cell = f"{t[f] * 1e6:,.0f} µs = {t['fp32'] / t[f]:.2f}×"
                 if f == "int8":
                     cell += f" ({t['fbgemm'] / t[f]:.2f}× FBGEMM)"
+                if f + "@vnni" in t:
+                    cell += f" ({t[f + '@vnni'] / t[f]:.2f}× VNNI)"
                 if f + "@avx2" in t:
                     cell += f" ({t[f + '@avx2'] / t[f]:.1f}× the AVX2 N:M kernel)"
                 cell += f" `{C.kernel_name(h, m, act='int8')}`" if m == 64 else ""
