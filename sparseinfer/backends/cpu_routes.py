@@ -11,7 +11,7 @@ slower than dense:
                 ``_C.dequantize``: from one fp32 copy kept with the weight when it is SMALL_BYTES or
                 less, or (float formats: N:M and CSR with float values, whose copy holds the very
                 values dense has) when the route takes this path and the process-wide copy budget
-                (``SPARSEINFER_DENSE_COPY_MB``, default DENSE_COPY_MB) has room; else tile by tile
+                (``SPARSEINFER_DENSE_COPY_MB``, default a quarter of the RAM) has room; else tile by tile
                 on every call (at most TILE_BYTES of fp32 at a time): exact either way
 
 A decision holds for a route key: format and parameters, activation class ("fp32", or "int8" for
@@ -88,10 +88,14 @@ MIN_SLICE_ROWS = 1024
 TILE_BYTES = 16 << 20  # fp32 rows the dense fallback dequantizes at a time (MKL wants wide tiles:
                        # 4096x4096 at M=256 took 16 x 16 ms in 256-row tiles, 4 x 24 ms in 1024-row ones)
 SMALL_BYTES = 1 << 20  # a weight whose fp32 copy is at most this keeps one (made once)
-# Float formats whose route is the dense fallback keep an fp32 copy, within this many MiB per process
+# Float formats whose route is the dense fallback keep an fp32 copy, within a budget per process
 # (SPARSEINFER_DENSE_COPY_MB; 0: never): dequantizing 1536x384 2:4 per call cost as much as a 16-row
-# GEMM on it, so the tile path ran one-sentence MiniLM at ~0.9x dense (bench/README.md).
+# GEMM on it, so the tile path ran one-sentence MiniLM at ~0.9x dense (bench/README.md), and with a
+# fixed 256 MiB a 2:4 / 50 %-sparse SmolLM2 (425 MB of fp32 layers) prefilled at 0.86x / 0.75x dense and
+# decoded 50 %-sparse at 0.46x. Never slower than dense comes first: by default a quarter of the RAM
+# (DENSE_COPY_MB where the RAM size is unknown); a memory-first deployment sets the variable lower.
 DENSE_COPY_MB = 256
+DENSE_COPY_RAM_FRACTION = 0.25
 COPY_FAMILIES = ("nm_float", "csr_float")  # their fp32 copy is exactly the dense weight's values
 CSR_DENSITIES = (0.05, 0.3)  # calibrate: CSR time is affine in density, two points give the line
 
@@ -187,9 +191,20 @@ def _dense_copy(w: PackedWeight) -> torch.Tensor | None:
     return _dequantized(w) if n * k * 4 <= SMALL_BYTES or granted else None
 
 
+@functools.lru_cache(maxsize=1)
+def default_copy_mb() -> float:
+    """DENSE_COPY_RAM_FRACTION of the physical RAM in MiB, else DENSE_COPY_MB."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return DENSE_COPY_MB
+    return max(DENSE_COPY_MB, ram * DENSE_COPY_RAM_FRACTION / (1 << 20))
+
+
 def copy_budget() -> int:
-    """Bytes of fp32 copies the dense fallback may keep per process (SPARSEINFER_DENSE_COPY_MB)."""
-    raw = os.environ.get("SPARSEINFER_DENSE_COPY_MB", str(DENSE_COPY_MB))
+    """Bytes of fp32 copies the dense fallback may keep per process (SPARSEINFER_DENSE_COPY_MB, else
+    default_copy_mb())."""
+    raw = os.environ.get("SPARSEINFER_DENSE_COPY_MB") or str(default_copy_mb())
     try:
         mb = float(raw)
     except ValueError:
