@@ -44,22 +44,22 @@ template <int kBits, int MA, int NB>
 inline void epilogue(const GemmArgs& a, const QTileView& t, const int32_t (*c)[16][16], int64_t s, int64_t tile0,
                      int64_t m0, float (*facc)[32]) {
   const int64_t g = s / t.segs_per_group;
-  for (int j = 0; j < NB; ++j) {
-    const int64_t tg = (tile0 + j) * t.n_groups + g;
-    const __m512 sw = _mm512_loadu_ps(t.scale + tg * kQTileRows);
-    for (int i = 0; i < MA; ++i)
-      for (int r = 0; r < 16; ++r) {
-        const int64_t m = m0 + i * 16 + r;
-        if (m >= a.M) break;
-        const int64_t cell = m * t.nseg + s;
-        __m512i acc = _mm512_load_si512(c[i * NB + j][r]);
-        if constexpr (kBits == 4) {
-          acc = t.zero ? avx512q::OpsBase::sub_rows(acc, t.zero + tg * kQTileRows, a.qx.sum[cell])
-                       : avx512q::OpsBase::sub_uniform(acc, 8 * a.qx.sum[cell]);
-        }
-        float* f = facc[m - m0] + j * 16;
-        _mm512_store_ps(f, avx512q::OpsBase::fma_seg(acc, sw, a.qx.scale[cell], _mm512_load_ps(f)));
+  __m512 sw[NB];
+  for (int j = 0; j < NB; ++j) sw[j] = _mm512_loadu_ps(t.scale + ((tile0 + j) * t.n_groups + g) * kQTileRows);
+  const int rows = a.M - m0 < MA * 16 ? int(a.M - m0) : MA * 16;
+  for (int row = 0; row < rows; ++row) {
+    const int64_t cell = (m0 + row) * t.nseg + s;
+    const float sx = a.qx.scale[cell];
+    const int32_t sum = a.qx.sum[cell];
+    for (int j = 0; j < NB; ++j) {
+      __m512i acc = _mm512_load_si512(c[(row >> 4) * NB + j][row & 15]);
+      if constexpr (kBits == 4) {
+        acc = t.zero ? avx512q::OpsBase::sub_rows(acc, t.zero + ((tile0 + j) * t.n_groups + g) * kQTileRows, sum)
+                     : avx512q::OpsBase::sub_uniform(acc, 8 * sum);
       }
+      float* f = facc[row] + j * 16;
+      _mm512_store_ps(f, avx512q::OpsBase::fma_seg(acc, sw[j], sx, _mm512_load_ps(f)));
+    }
   }
 }
 
