@@ -1,0 +1,197 @@
+"""A lean batch-1 forward for Llama-family causal LMs, on the model's own modules.
+
+transformers' forward spends more on each decode step than the compressed layers do: on SmolLM2-135M
+(30 layers) ~7 ms of Python and small ATen ops per token (cache objects, mask construction, rotary
+per step, output dataclasses, kwargs plumbing) beside the kernels. ``LeanLlama`` runs the same
+computation with only the math left:
+
+- RMSNorm as transformers writes it (the same ops, so the same numbers);
+- rotary cos / sin computed once for every position of the generation by the model's own rotary
+  module (so every rope type it implements without per-call state -- default, linear, llama3 --
+  gives transformers' values), and ``rotate_half(x) * sin`` as ``swap_halves(x) * sin_signed``
+  (the sign moved into the table: the same products);
+- a static KV cache [layers, kv_heads, prompt + max_new_tokens, head_dim] written in place;
+- attention through ``scaled_dot_product_attention``: the prompt causal with ``enable_gqa``, a decode
+  step with the query heads of each KV head as rows of one query block (transformers' ``pack_gqa``),
+  no mask, no repeat of K / V;
+- the q / k / v and gate / up projections as one call where runtime/fused.py joined them, every
+  compressed layer through its memoised direct kernel call (``CompressedLinear.run``), dense layers
+  through ``F.linear``;
+- the LM head on the last position only.
+
+It reads the weights in place (nothing copied), so a compressed model decodes through the same
+kernels as under transformers' forward. ``unsupported(model)`` says why a model cannot run here
+(``sparseinfer.llm.greedy`` then uses transformers' forward). tests/test_llm.py checks the greedy
+tokens and logits against transformers' forward (default and llama3 rope, GQA, tied and untied heads,
+dense and compressed layers).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .runtime.modules import CompressedLinear
+
+# rope types whose inv_freq the rotary module fixes at construction (no per-sequence-length update)
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def unsupported(model: nn.Module) -> str | None:
+    """Why ``LeanLlama`` cannot run ``model``, or None when it can."""
+    try:
+        from transformers import LlamaForCausalLM
+    except ImportError:
+        return "transformers is not installed"
+    if type(model) is not LlamaForCausalLM:
+        return f"{type(model).__name__} is not transformers' LlamaForCausalLM"
+    if "forward" in vars(model):
+        return "the model's forward was replaced on the instance (e.g. torch.compile)"
+    cfg, base = model.config, model.model
+    if getattr(cfg, "hidden_act", None) != "silu":
+        return f"hidden_act {getattr(cfg, 'hidden_act', None)!r} is not 'silu'"
+    rope = getattr(base.rotary_emb, "rope_type", None)
+    if rope not in ROPE_TYPES:
+        return f"rope type {rope!r} is not one of {ROPE_TYPES}"
+    if len(base.layers) < cfg.num_hidden_layers:
+        return "fewer layers than config.num_hidden_layers"
+    for name, m in model.named_modules():
+        if m._forward_hooks or m._forward_pre_hooks:
+            return f"module {name or 'model'} has forward hooks (e.g. accelerate's device map)"
+    for layer in base.layers[:cfg.num_hidden_layers]:
+        for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+                  layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+            if not isinstance(m, (nn.Linear, CompressedLinear)):
+                return f"a projection is a {type(m).__name__}, not nn.Linear / CompressedLinear"
+    if not isinstance(model.lm_head, (nn.Linear, CompressedLinear)):
+        return f"the LM head is a {type(model.lm_head).__name__}"
+    return None
+
+
+def _linear(m: nn.Module):
+    """The call that computes ``m(x)`` with the least on the way: a compressed layer's memoised
+    direct kernel call (``run``, which skips a shared-input group's bookkeeping), ``F.linear`` on a
+    dense one."""
+    if isinstance(m, CompressedLinear):
+        return m.run
+    weight, bias = m.weight, m.bias
+    return lambda x: F.linear(x, weight, bias)
+
+
+def _joint(members: list[nn.Module]):
+    """One call giving the outputs of ``members`` (layers reading one input) side by side: their
+    shared-input group's (runtime/fused.py: one packed call where it runs jointly) when they form
+    one in this order, else each layer's call and a concatenation."""
+    group = getattr(members[0], "_group", None)
+    if group is not None and len(group.members) == len(members) and all(a is b for a, b in zip(group.members, members)):
+        return group.run
+    calls = [_linear(m) for m in members]
+    return lambda x: torch.cat([c(x) for c in calls], dim=-1)
+
+
+class _Layer:
+    """One decoder layer's weights and calls, looked up once."""
+
+    def __init__(self, layer: nn.Module):
+        attn, mlp = layer.self_attn, layer.mlp
+        self.norm1, self.eps1 = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
+        self.norm2, self.eps2 = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
+        self.qkv = _joint([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.o = _linear(attn.o_proj)
+        self.gate_up = _joint([mlp.gate_proj, mlp.up_proj])
+        self.down = _linear(mlp.down_proj)
+        self.intermediate = mlp.gate_proj.out_features
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm, op for op (the same numbers)."""
+    h = x.to(torch.float32)
+    var = h.pow(2).mean(-1, keepdim=True).add_(eps)
+    return weight * (h * var.rsqrt_()).to(x.dtype)
+
+
+class LeanLlama:
+    """Batch-1 greedy forward of a transformers ``LlamaForCausalLM`` over a static KV cache of
+    ``max_len`` positions: ``prefill(ids)`` once with the prompt [1, S], then ``step(token)`` per new
+    token; each returns the last position's logits [vocab]. Runs the model's own modules (see the
+    module docstring); call under ``torch.inference_mode()``."""
+
+    def __init__(self, model: nn.Module, max_len: int):
+        why = unsupported(model)
+        if why is not None:
+            raise ValueError(f"LeanLlama: {why}")
+        cfg, base = model.config, model.model
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.scale = base.layers[0].self_attn.scaling
+        self.embed = base.embed_tokens
+        self.layers = [_Layer(layer) for layer in base.layers[:cfg.num_hidden_layers]]
+        self.norm, self.eps = base.norm.weight, base.norm.variance_epsilon
+        self.head = _linear(model.lm_head)
+        self.max_len, self.pos = max_len, 0
+        ref = self.norm
+        dtype, device = self.embed(torch.zeros(1, 1, dtype=torch.long, device=ref.device)).dtype, ref.device
+        self.dtype = dtype
+        # the rotary module's own cos / sin (attention scaling included) for positions 0 .. max_len-1
+        positions = torch.arange(max_len, device=device)[None]
+        cos, sin = base.rotary_emb(torch.empty(0, dtype=dtype, device=device), position_ids=positions)
+        half = self.head_dim // 2
+        self.cos = cos[0].contiguous()
+        self.sin = sin[0].clone()
+        self.sin[:, :half].neg_()  # rotate_half(x) * sin == swap_halves(x) * [-sin1, sin2]
+        shape = (len(self.layers), self.kv_heads, max_len, self.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.ids = torch.zeros(1, 1, dtype=torch.long, device=device)  # a decode step's input, reused
+
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Run the prompt ``input_ids`` [1, S] from position 0 (the cache is reset)."""
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise ValueError(f"LeanLlama.prefill: input_ids of shape [1, S], got {tuple(input_ids.shape)}")
+        if input_ids.shape[1] > self.max_len:
+            raise ValueError(f"LeanLlama.prefill: {input_ids.shape[1]} tokens exceed max_len {self.max_len}")
+        self.pos = 0
+        return self._forward(self.embed(input_ids)[0])
+
+    def step(self, token: int) -> torch.Tensor:
+        """One new token at the next position."""
+        if self.pos >= self.max_len:
+            raise ValueError(f"LeanLlama.step: the cache holds {self.max_len} positions, all used")
+        self.ids[0, 0] = token
+        return self._forward(self.embed(self.ids)[0])
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` [S, hidden] at positions pos .. pos+S-1 -> the last position's logits."""
+        s, pos = x.shape[0], self.pos
+        end = pos + s
+        heads, kv, d = self.heads, self.kv_heads, self.head_dim
+        half, nq, nqk = d // 2, heads * d, (heads + kv) * d
+        cos, sin = self.cos[pos:end, None], self.sin[pos:end, None]  # [S, 1, D]
+        for i, layer in enumerate(self.layers):
+            h = rms_norm(x, layer.norm1, layer.eps1)
+            qkv = layer.qkv(h)  # [S, (H + 2 KV) D]
+            qk = qkv[:, :nqk].view(s, heads + kv, d)
+            swapped = torch.cat((qk[..., half:], qk[..., :half]), dim=-1)
+            qk = qk * cos
+            qk += swapped.mul_(sin)  # transformers: q * cos + rotate_half(q) * sin
+            k_cache, v_cache = self.k[i], self.v[i]  # [KV, max_len, D]
+            k_cache[:, pos:end].copy_(qk[:, heads:].transpose(0, 1))
+            v_cache[:, pos:end].copy_(qkv[:, nqk:].view(s, kv, d).transpose(0, 1))
+            if s == 1:  # the query heads of each KV head as the rows of one query block
+                q = qk[0, :heads].view(1, kv, heads // kv, d)
+                att = F.scaled_dot_product_attention(q, k_cache[None, :, :end], v_cache[None, :, :end],
+                                                     scale=self.scale)
+                att = att.view(1, nq)
+            else:  # the prompt from position 0: causal over itself
+                q = qk[:, :heads].transpose(0, 1)[None]
+                att = F.scaled_dot_product_attention(q, k_cache[None, :, :end], v_cache[None, :, :end],
+                                                     is_causal=True, scale=self.scale, enable_gqa=kv != heads)
+                att = att[0].transpose(0, 1).reshape(s, nq)
+            x = x + layer.o(att)
+            h = rms_norm(x, layer.norm2, layer.eps2)
+            gu = layer.gate_up(h)
+            n = layer.intermediate
+            x = x + layer.down(F.silu(gu[:, :n]) * gu[:, n:])
+        self.pos = end
+        return self.head(rms_norm(x[-1:], self.norm, self.eps))[0]
