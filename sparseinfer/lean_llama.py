@@ -105,10 +105,16 @@ class _Layer:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' LlamaRMSNorm, op for op (the same numbers)."""
-    h = x.to(torch.float32)
-    var = h.pow(2).mean(-1, keepdim=True).add_(eps)
-    return weight * (h * var.rsqrt_()).to(x.dtype)
+    """transformers' LlamaRMSNorm with the same numbers: ``pow(2)`` is ``x * x`` in ATen and ``mean``
+    is ``sum`` then a division, written out here because ``mean``'s wrapper costs more than the
+    math on a row of a few hundred values (and ``F.rms_norm``, one op, is slower still on CPU in
+    torch 2.13 and rounds differently)."""
+    if x.dtype != torch.float32:
+        h = x.to(torch.float32)
+        var = (h * h).sum(-1, keepdim=True).div_(h.shape[-1]).add_(eps).rsqrt_()
+        return weight * (h * var).to(x.dtype)
+    var = (x * x).sum(-1, keepdim=True).div_(x.shape[-1]).add_(eps).rsqrt_()
+    return weight * (x * var)
 
 
 class LeanLlama:
@@ -143,6 +149,7 @@ class LeanLlama:
         shape = (len(self.layers), self.kv_heads, max_len, self.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)
         self.ids = torch.zeros(1, 1, dtype=torch.long, device=device)  # a decode step's input, reused
 
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -168,30 +175,24 @@ class LeanLlama:
         heads, kv, d = self.heads, self.kv_heads, self.head_dim
         half, nq, nqk = d // 2, heads * d, (heads + kv) * d
         cos, sin = self.cos[pos:end, None], self.sin[pos:end, None]  # [S, 1, D]
-        for i, layer in enumerate(self.layers):
-            h = rms_norm(x, layer.norm1, layer.eps1)
-            qkv = layer.qkv(h)  # [S, (H + 2 KV) D]
+        for layer, k_cache, v_cache in zip(self.layers, self.k_layers, self.v_layers):  # caches: [KV, max_len, D]
+            qkv = layer.qkv(rms_norm(x, layer.norm1, layer.eps1))  # [S, (H + 2 KV) D]
             qk = qkv[:, :nqk].view(s, heads + kv, d)
-            swapped = torch.cat((qk[..., half:], qk[..., :half]), dim=-1)
-            qk = qk * cos
-            qk += swapped.mul_(sin)  # transformers: q * cos + rotate_half(q) * sin
-            k_cache, v_cache = self.k[i], self.v[i]  # [KV, max_len, D]
-            k_cache[:, pos:end].copy_(qk[:, heads:].transpose(0, 1))
-            v_cache[:, pos:end].copy_(qkv[:, nqk:].view(s, kv, d).transpose(0, 1))
+            rotated = qk * cos  # transformers: q * cos + rotate_half(q) * sin
+            rotated += torch.cat((qk[..., half:], qk[..., :half]), dim=-1).mul_(sin)
+            k_cache[:, pos:end] = rotated[:, heads:].transpose(0, 1)
+            v_cache[:, pos:end] = qkv[:, nqk:].view(s, kv, d).transpose(0, 1)
+            keys, values = k_cache[None, :, :end], v_cache[None, :, :end]
             if s == 1:  # the query heads of each KV head as the rows of one query block
-                q = qk[0, :heads].view(1, kv, heads // kv, d)
-                att = F.scaled_dot_product_attention(q, k_cache[None, :, :end], v_cache[None, :, :end],
-                                                     scale=self.scale)
-                att = att.view(1, nq)
+                att = F.scaled_dot_product_attention(rotated[0, :heads].view(1, kv, heads // kv, d), keys, values,
+                                                     scale=self.scale).view(1, nq)
             else:  # the prompt from position 0: causal over itself
-                q = qk[:, :heads].transpose(0, 1)[None]
-                att = F.scaled_dot_product_attention(q, k_cache[None, :, :end], v_cache[None, :, :end],
+                att = F.scaled_dot_product_attention(rotated[:, :heads].transpose(0, 1)[None], keys, values,
                                                      is_causal=True, scale=self.scale, enable_gqa=kv != heads)
                 att = att[0].transpose(0, 1).reshape(s, nq)
             x = x + layer.o(att)
-            h = rms_norm(x, layer.norm2, layer.eps2)
-            gu = layer.gate_up(h)
+            gate_up = layer.gate_up(rms_norm(x, layer.norm2, layer.eps2))  # [S, 2 I], ours to overwrite
             n = layer.intermediate
-            x = x + layer.down(F.silu(gu[:, :n]) * gu[:, n:])
+            x = x + layer.down(F.silu(gate_up[:, :n], inplace=True).mul_(gate_up[:, n:]))
         self.pos = end
         return self.head(rms_norm(x[-1:], self.norm, self.eps))[0]
