@@ -97,7 +97,8 @@ def compile_model(model: nn.Module, **compile_kwargs) -> nn.Module:
     ``sparseinfer::layer_linear`` op on the live layer (``prepare_compile``); the norms, rotary
     embeddings and residual adds around them are fused by inductor. Compiling takes minutes on 2 cores
     (first prefill and first decode step); figures in bench/README.md. Returns ``model`` (compiled in
-    place).
+    place). ``greedy`` then runs the compiled forward, not ``LeanLlama`` (the forward is replaced on the
+    instance, which ``lean_llama.unsupported`` reports).
 
     Tokens against eager: with exact activations (act="fp32") the same up to fp32 summation order.
     With int8 activations (act "auto" / "int8") they may part after some tokens: inductor's generated
