@@ -1,4 +1,5 @@
-"""A lean batch-1 forward for Llama-family causal LMs, on the model's own modules.
+"""A lean batch-1 forward for Llama-family causal LMs (transformers' Llama and Mistral), on the model's
+own modules.
 
 transformers' forward spends more on each decode step than the compressed layers do: on SmolLM2-135M
 (30 layers) ~7 ms of Python and small ATen ops per token (cache objects, mask construction, rotary
@@ -25,7 +26,9 @@ bit can become another token a few steps later). ``unsupported(model)`` says why
 here (``sparseinfer.llm.greedy`` then uses transformers' forward). tests/test_llm.py checks the
 logits of every step and the greedy tokens against transformers' forward (default and llama3 rope,
 GQA and MHA, tied and untied heads, attention bias, dense and compressed layers, exact and int8
-activations). Per-token time saved on SmolLM2: bench/README.md, "Causal LMs".
+activations; Mistral inside and past its sliding window). Qwen2 and other relatives are not run here
+(not tested: Qwen2's per-layer sliding-window types, Gemma's norms and scaled embeddings differ).
+Per-token time saved on SmolLM2: bench/README.md, "Causal LMs".
 """
 
 from __future__ import annotations
@@ -40,17 +43,29 @@ from .runtime.modules import CompressedLinear
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
-def unsupported(model: nn.Module) -> str | None:
-    """Why ``LeanLlama`` cannot run ``model``, or None when it can."""
+def _classes() -> tuple:
+    """transformers' causal LM classes whose forward is the one LeanLlama computes: Llama, and Mistral
+    (Llama's layers plus a sliding window, which changes nothing while the sequence fits in it)."""
+    from transformers import LlamaForCausalLM, MistralForCausalLM
+
+    return LlamaForCausalLM, MistralForCausalLM
+
+
+def unsupported(model: nn.Module, max_len: int | None = None) -> str | None:
+    """Why ``LeanLlama`` cannot run ``model`` for sequences of up to ``max_len`` positions (None:
+    unknown, any length), or None when it can."""
     try:
-        from transformers import LlamaForCausalLM
+        classes = _classes()
     except ImportError:
         return "transformers is not installed"
-    if type(model) is not LlamaForCausalLM:
-        return f"{type(model).__name__} is not transformers' LlamaForCausalLM"
+    if type(model) not in classes:
+        return f"{type(model).__name__} is not one of transformers' {', '.join(c.__name__ for c in classes)}"
     if "forward" in vars(model):
         return "the model's forward was replaced on the instance (e.g. torch.compile)"
     cfg, base = model.config, model.model
+    window = getattr(cfg, "sliding_window", None)
+    if window is not None and (max_len is None or max_len > window):
+        return f"sliding window {window} is shorter than the sequence ({max_len or 'any length'})"
     if getattr(cfg, "hidden_act", None) != "silu":
         return f"hidden_act {getattr(cfg, 'hidden_act', None)!r} is not 'silu'"
     rope = getattr(base.rotary_emb, "rope_type", None)
@@ -120,13 +135,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class LeanLlama:
-    """Batch-1 greedy forward of a transformers ``LlamaForCausalLM`` over a static KV cache of
+    """Batch-1 greedy forward of a transformers ``LlamaForCausalLM`` (or ``MistralForCausalLM`` whose
+    sliding window, if any, holds ``max_len``) over a static KV cache of
     ``max_len`` positions: ``prefill(ids)`` once with the prompt [1, S], then ``step(token)`` per new
     token; each returns the last position's logits [vocab]. Runs the model's own modules (see the
     module docstring); call under ``torch.inference_mode()``."""
 
     def __init__(self, model: nn.Module, max_len: int):
-        why = unsupported(model)
+        why = unsupported(model, max_len)
         if why is not None:
             raise ValueError(f"LeanLlama: {why}")
         cfg, base = model.config, model.model

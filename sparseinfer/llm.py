@@ -5,7 +5,8 @@ The loop takes the argmax of each step's logits: the same tokens as ``model.gene
 without generate's per-token Python (logits processors, stopping criteria), under
 ``torch.inference_mode``. Each step runs either ``LeanLlama`` (sparseinfer/lean_llama.py: a small
 Llama forward on the model's own modules over a static KV cache, for transformers' LlamaForCausalLM)
-or the model's own ``forward`` with a ``DynamicCache`` (every other model, or when asked).
+or the model's own ``forward`` with a ``DynamicCache`` (every other model, or when asked). Mistral
+(without a sliding window shorter than the sequence) runs ``LeanLlama`` too.
 """
 
 from __future__ import annotations
@@ -138,15 +139,15 @@ class Generation:
 DECODERS = ("auto", "lean", "transformers")
 
 
-def pick_decoder(model: nn.Module, decoder: str = "auto") -> str:
-    """``"lean"`` or ``"transformers"``: which forward ``greedy`` runs for ``model``. ``"auto"`` takes
-    the lean one where the model supports it (``lean_llama.unsupported``); ``"lean"`` raises
-    ValueError with the reason where it does not."""
+def pick_decoder(model: nn.Module, decoder: str = "auto", max_len: int | None = None) -> str:
+    """``"lean"`` or ``"transformers"``: which forward ``greedy`` runs for ``model`` on sequences of up
+    to ``max_len`` positions. ``"auto"`` takes the lean one where the model supports it
+    (``lean_llama.unsupported``); ``"lean"`` raises ValueError with the reason where it does not."""
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
     if decoder == "transformers":
         return decoder
-    why = unsupported(model)
+    why = unsupported(model, max_len)
     if why is None:
         return "lean"
     if decoder == "lean":
@@ -160,12 +161,12 @@ def greedy(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, eos_t
     """Greedy decoding of one prompt (``input_ids`` [1, S]) with a KV cache; ``on_token(id)`` is
     called as each token is chosen (streaming). Stops at ``max_new_tokens`` or an EOS token.
     ``decoder`` (``pick_decoder``): "auto" (default) runs ``LeanLlama`` where the model is a supported
-    Llama and transformers' forward otherwise; "lean" or "transformers" forces one."""
+    Llama / Mistral and transformers' forward otherwise; "lean" or "transformers" forces one."""
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"greedy: one prompt at a time, input_ids of shape [1, S]; got {tuple(input_ids.shape)}")
     if max_new_tokens < 1:
         raise ValueError(f"greedy: max_new_tokens must be >= 1, got {max_new_tokens}")
-    decoder = pick_decoder(model, decoder)
+    decoder = pick_decoder(model, decoder, input_ids.shape[1] + max_new_tokens)
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
     start = time.perf_counter()
     if decoder == "lean":

@@ -434,7 +434,7 @@ def test_lean_decoder_is_the_default_and_falls_back():
 
     sub = MyLlama(model.config).eval()
     sub.load_state_dict(model.state_dict())
-    assert "MyLlama is not transformers' LlamaForCausalLM" in unsupported(sub)
+    assert "MyLlama is not one of transformers' LlamaForCausalLM" in unsupported(sub)
     g = greedy(sub, torch.tensor(PROMPT), 8)
     assert g.decoder == "transformers" and g.tokens == greedy(model, torch.tensor(PROMPT), 8).tokens
     with pytest.raises(ValueError, match="lean decoder cannot run this model: MyLlama"):
@@ -452,6 +452,39 @@ def test_lean_decoder_is_the_default_and_falls_back():
     handle.remove()
     model.forward = model.forward  # e.g. compile_model's compiled forward: run that
     assert "replaced on the instance" in unsupported(model)
+
+
+def _mistral(sliding_window):
+    cfg = transformers.MistralConfig(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                     initializer_range=0.3, bos_token_id=1, eos_token_id=2,
+                                     sliding_window=sliding_window)
+    torch.manual_seed(0)
+    return transformers.MistralForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("window", [None, 64, 8])
+@pytest.mark.parametrize("recipe", [None, "int4-g32"])
+def test_lean_decoder_runs_mistral_inside_its_window(window, recipe):
+    """Mistral is Llama plus a sliding window: the lean decoder runs it while prompt + new tokens fit
+    in the window (the same logits bit for bit, as for Llama) and leaves it to transformers past it."""
+    from sparseinfer.lean_llama import unsupported
+    from sparseinfer.llm import greedy
+
+    model = _mistral(window)
+    if recipe is not None:
+        model = si.set_act(si.compress(model, {"default": recipe, "layers": {"lm_head": "int8"}}, progress=False),
+                           "auto")
+    length = len(PROMPT[0]) + LEAN_TOKENS
+    hf = greedy(model, torch.tensor(PROMPT), LEAN_TOKENS, decoder="transformers")
+    auto = greedy(model, torch.tensor(PROMPT), LEAN_TOKENS)
+    assert auto.tokens == hf.tokens and len(set(hf.tokens)) > 3
+    if window == 8:
+        assert auto.decoder == "transformers" and "sliding window 8 is shorter" in unsupported(model, length)
+        return
+    assert auto.decoder == "lean"
+    tokens = PROMPT[0] + hf.tokens[:-1]
+    assert torch.equal(_step_logits(model, tokens, "lean"), _step_logits(model, tokens, "transformers"))
 
 
 def test_lean_decoder_cache_bounds():
