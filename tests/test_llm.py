@@ -454,6 +454,18 @@ def test_lean_decoder_is_the_default_and_falls_back():
     assert "replaced on the instance" in unsupported(model)
 
 
+def test_lean_decoder_matches_transformers_in_bf16():
+    """A bf16 model: RMSNorm's float32 round trip and bf16 rotary tables as transformers makes them."""
+    from sparseinfer.llm import greedy
+
+    model = _llama_cfg().to(torch.bfloat16)
+    hf = greedy(model, torch.tensor(PROMPT), LEAN_TOKENS, decoder="transformers")
+    lean = greedy(model, torch.tensor(PROMPT), LEAN_TOKENS)
+    assert lean.decoder == "lean" and lean.tokens == hf.tokens and len(set(hf.tokens)) > 3
+    tokens = PROMPT[0] + hf.tokens[:-1]
+    assert torch.equal(_step_logits(model, tokens, "lean"), _step_logits(model, tokens, "transformers"))
+
+
 def _mistral(sliding_window):
     cfg = transformers.MistralConfig(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
