@@ -13,7 +13,12 @@ Per variant and round: prefill (one forward of ``--prompt-tokens`` random token 
 greedy decode of ``--new-tokens`` tokens (``sparseinfer.llm.greedy``: a forward per token with a KV
 cache; tokens/s). Each variant runs under two thread settings: ``torch`` (torch's threads = T, the
 default a user gets) and ``decode`` (``decode_threads(T)``: sparseinfer's kernels on T threads, torch's
-small ops on one); ratios are against the best dense fp32 setting of the same round. Bytes per token
+small ops on one), and under each forward of ``--decoders``: ``lean`` (``sparseinfer.lean_llama.LeanLlama``,
+the default of ``greedy`` for a transformers Llama) and ``transformers`` (the model's own forward with a
+DynamicCache); ratios are against the best dense fp32 setting of the same decoder. Prefill is one
+forward of the prompt through the model's own forward (both decoders' prompt steps appear in decode's
+``greedy`` only through the first token). Where both decoders ran, "same tokens" counts the leading
+greedy tokens the lean decoder shares with transformers' forward. Bytes per token
 = every weight byte a decode step reads (packed or dense layers, one embedding row) plus the KV cache
 at the mean decode position; roofline fraction = bytes per token / read bandwidth (a 256 MiB
 ``sum`` on T threads, measured in each round) / the measured time per token.
@@ -156,7 +161,7 @@ def prefill_seconds(model, ids) -> float:
 def run(model_name: str, recipes=RECIPES, threads: int = 2, new_tokens: int = 64, prompt_tokens: int = 256,
         rounds: int = 3, head: str = "int8", act: str | None = None, modes=("torch", "decode"),
         dense_modes=("torch", "decode"), compiled=(), lock: str | None = None, idle_build: bool = False,
-        log=print) -> dict:
+        decoders=("lean", "transformers"), log=print) -> dict:
     if idle_build:
         _all_threads_policy(os.SCHED_IDLE)
     torch.set_num_threads(threads)
@@ -173,7 +178,8 @@ def run(model_name: str, recipes=RECIPES, threads: int = 2, new_tokens: int = 64
     t0 = time.perf_counter()
     for name, model in variants.items():  # warm-up: routes, first-use measurements, allocator, compiling
         with decode_threads(threads):
-            greedy(model, decode_prompt, 3)
+            for decoder in decoders:
+                greedy(model, decode_prompt, 3, decoder=decoder)
             prefill_seconds(model, prompt)
             prefill_seconds(model, prompt[:, :32])
     log(f"warmed up in {time.perf_counter() - t0:.0f} s")
@@ -181,7 +187,7 @@ def run(model_name: str, recipes=RECIPES, threads: int = 2, new_tokens: int = 64
         _all_threads_policy(os.SCHED_OTHER)  # measure at normal priority, every thread (OpenMP's too)
     with _locked(lock):
         return _measure(model_name, variants, modes_of, prompt, decode_prompt, threads, new_tokens, rounds, head,
-                        act, log)
+                        act, decoders, log)
 
 
 def _all_threads_policy(policy) -> None:
@@ -205,51 +211,60 @@ def _locked(path):
         yield
 
 
-def _measure(model_name, variants, modes_of, prompt, decode_prompt, threads, new_tokens, rounds, head, act, log):
+def _measure(model_name, variants, modes_of, prompt, decode_prompt, threads, new_tokens, rounds, head, act,
+             decoders, log):
     prompt_tokens = prompt.shape[1]
-    results: dict = {name: {m: {"decode": [], "prefill": [], "tokens": None} for m in modes_of[name]}
-                     for name in variants}
+    # compiled variants replace forward: only transformers' forward runs them
+    decoders_of = {name: ("transformers",) if name.endswith("+compile") else decoders for name in variants}
+    results: dict = {name: {(m, d): {"decode": [], "prefill": [], "tokens": None} for m in modes_of[name]
+                            for d in decoders_of[name]} for name in variants}
     bandwidths = []
     t0 = time.perf_counter()
     for rnd in range(rounds):
         bandwidths.append(read_bandwidth(threads))
         for name, model in variants.items():
-            for mode in modes_of[name]:
+            for mode, decoder in results[name]:
                 ctx = decode_threads(threads) if mode == "decode" else _nothing()
                 with ctx:
-                    gen = greedy(model, decode_prompt, new_tokens)
+                    gen = greedy(model, decode_prompt, new_tokens, decoder=decoder)
                 pre = prefill_seconds(model, prompt)  # all threads for torch too, as greedy's prompt step
-                r = results[name][mode]
+                r = results[name][mode, decoder]
                 r["decode"].append(gen.decode_tokens_per_s)
                 r["prefill"].append(prompt_tokens / pre)
                 r["tokens"] = gen.tokens
-                log(f"round {rnd} {name:10s} {mode:6s} decode {gen.decode_tokens_per_s:7.2f} tok/s  "
+                log(f"round {rnd} {name:10s} {mode:6s} {decoder:12s} decode {gen.decode_tokens_per_s:7.2f} tok/s  "
                     f"prefill {prompt_tokens / pre:8.1f} tok/s")
     log(f"measured in {time.perf_counter() - t0:.0f} s")
     bw = statistics.median(bandwidths)
     context = decode_prompt.shape[1] + new_tokens // 2
     table = []
-    best_dense = {k: max(statistics.median(r[k]) for r in results["dense"].values()) for k in ("decode", "prefill")} \
-        if "dense" in results else None
+    best_dense = {d: {k: max(statistics.median(r[k]) for (_, dd), r in results["dense"].items() if dd == d)
+                      for k in ("decode", "prefill")} for d in decoders} if "dense" in results else None
     for name, model in variants.items():
         nbytes = bytes_per_token(model, context)
-        for mode in modes_of[name]:
-            r = results[name][mode]
+        for mode, decoder in results[name]:
+            r = results[name][mode, decoder]
             dec, pre = statistics.median(r["decode"]), statistics.median(r["prefill"])
-            row = {"model": model_name, "variant": name, "threads": mode, "decode_tok_s": dec, "prefill_tok_s": pre,
-                   "bytes_per_token": nbytes, "roofline_fraction": nbytes / bw * dec}
+            row = {"model": model_name, "variant": name, "threads": mode, "decoder": decoder, "decode_tok_s": dec,
+                   "prefill_tok_s": pre, "bytes_per_token": nbytes, "roofline_fraction": nbytes / bw * dec}
+            other = results[name].get((mode, "transformers"))
+            if decoder == "lean" and other is not None:  # leading tokens equal to transformers' forward's
+                row["same_tokens_as_transformers"] = _same_prefix(r["tokens"], other["tokens"])
             base = results.get(name.removesuffix("+compile"), {})
             if name.endswith("+compile") and base:  # leading tokens equal to the eager model's
-                eager = next(iter(base.values()))["tokens"]
-                row["same_tokens_as_eager"] = next((i for i, (a, b) in enumerate(zip(eager, r["tokens"])) if a != b),
-                                                   min(len(eager), len(r["tokens"])))
-            if best_dense:
-                row["decode_x_dense"] = dec / best_dense["decode"]
-                row["prefill_x_dense"] = pre / best_dense["prefill"]
+                eager = base.get((mode, "transformers"), next(iter(base.values())))["tokens"]
+                row["same_tokens_as_eager"] = _same_prefix(eager, r["tokens"])
+            if best_dense and decoder in best_dense:
+                row["decode_x_dense"] = dec / best_dense[decoder]["decode"]
+                row["prefill_x_dense"] = pre / best_dense[decoder]["prefill"]
             table.append(row)
     return {"model": model_name, "threads": threads, "new_tokens": new_tokens, "prompt_tokens": prompt_tokens,
             "rounds": rounds, "head": head, "act": act or "default", "read_bandwidth": bw, "rows": table,
             "isa": _isa(), "torch": torch.__version__}
+
+
+def _same_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 class _nothing:
@@ -274,12 +289,16 @@ def markdown(report: dict) -> str:
             f"{report['prompt_tokens']} tokens, {report['new_tokens']} new tokens, median of {report['rounds']} "
             f"interleaved rounds, LM head {report['head']}, act {report['act']}, read bandwidth "
             f"{report['read_bandwidth'] / 1e9:.1f} GB/s")
-    lines = [head, "", "| variant | threads | decode tok/s | x dense | prefill tok/s | x dense | MB/token | "
-             "roofline |", "|---|---|---|---|---|---|---|---|"]
+    columns = "| variant | threads | decoder | decode tok/s | x dense | prefill tok/s | x dense | MB/token | roofline |"
+    lines = [head, "", columns, "|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         same = r.get("same_tokens_as_eager")
         variant = r["variant"] + (f" ({same}/{report['new_tokens']} tokens as eager)" if same is not None else "")
-        lines.append(f"| {variant} | {r['threads']} | {r['decode_tok_s']:.1f} | {r.get('decode_x_dense', 0):.2f} | "
+        same = r.get("same_tokens_as_transformers")
+        decoder = r.get("decoder", "transformers") + (f" ({same}/{report['new_tokens']} tokens as transformers)"
+                                                      if same is not None else "")
+        lines.append(f"| {variant} | {r['threads']} | {decoder} | {r['decode_tok_s']:.1f} | "
+                     f"{r.get('decode_x_dense', 0):.2f} | "
                      f"{r['prefill_tok_s']:.0f} | {r.get('prefill_x_dense', 0):.2f} | {r['bytes_per_token'] / 1e6:.1f} | "
                      f"{r['roofline_fraction']:.2f} |")
     return "\n".join(lines)
@@ -297,6 +316,8 @@ def main(argv=None) -> int:
     p.add_argument("--act", default=None, choices=("auto", "fp32", "int8"))
     p.add_argument("--modes", default="torch,decode", help="thread settings to measure: torch, decode")
     p.add_argument("--dense-modes", default="torch,decode", help="thread settings for dense fp32")
+    p.add_argument("--decoders", default="lean,transformers",
+                   help="forwards to measure greedy decode with: lean (LeanLlama), transformers")
     p.add_argument("--compile", default="", help="recipes to measure also under torch.compile (decode threads)")
     p.add_argument("--lock", help="flock this file around the measured rounds only (e.g. /work/bench.lock)")
     p.add_argument("--idle-build", action="store_true",
@@ -305,7 +326,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     report = run(args.model, args.recipes.split(","), args.threads, args.new_tokens, args.prompt_tokens, args.rounds,
                  args.head, args.act, tuple(args.modes.split(",")), tuple(args.dense_modes.split(",")),
-                 tuple(r for r in args.compile.split(",") if r), args.lock, args.idle_build, log=lambda s: print(s, file=sys.stderr, flush=True))
+                 tuple(r for r in args.compile.split(",") if r), args.lock, args.idle_build,
+                 tuple(args.decoders.split(",")), log=lambda s: print(s, file=sys.stderr, flush=True))
     print(markdown(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))

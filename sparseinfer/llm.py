@@ -1,9 +1,12 @@
 """Causal LMs: load a local Hugging Face folder or a GGUF file, and a lean greedy decode loop that
 reports prefill and decode speed (used by ``sparseinfer compress`` / ``generate`` and bench/llm_decode.py).
 
-The loop calls the model's ``forward`` with a KV cache and takes the argmax: the same tokens as
-``model.generate(do_sample=False)``, without generate's per-token Python (logits processors,
-stopping criteria, cache bookkeeping), and under ``torch.inference_mode``.
+The loop takes the argmax of each step's logits: the same tokens as ``model.generate(do_sample=False)``,
+without generate's per-token Python (logits processors, stopping criteria), under
+``torch.inference_mode``. Each step runs either ``LeanLlama`` (sparseinfer/lean_llama.py: a small
+Llama forward on the model's own modules over a static KV cache, for transformers' LlamaForCausalLM)
+or the model's own ``forward`` with a ``DynamicCache`` (every other model, or when asked). Mistral
+(without a sliding window shorter than the sequence) runs ``LeanLlama`` too.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from torch import nn
 
 from .backends import cpu_native
 from .backends.cpu_routes import torch_threads
+from .lean_llama import LeanLlama, unsupported
 from .runtime.fused import fuse_shared_inputs
 from .runtime.modules import prepare_compile
 
@@ -94,7 +98,8 @@ def compile_model(model: nn.Module, **compile_kwargs) -> nn.Module:
     ``sparseinfer::layer_linear`` op on the live layer (``prepare_compile``); the norms, rotary
     embeddings and residual adds around them are fused by inductor. Compiling takes minutes on 2 cores
     (first prefill and first decode step); figures in bench/README.md. Returns ``model`` (compiled in
-    place).
+    place). ``greedy`` then runs the compiled forward, not ``LeanLlama`` (the forward is replaced on the
+    instance, which ``lean_llama.unsupported`` reports).
 
     Tokens against eager: with exact activations (act="fp32") the same up to fp32 summation order.
     With int8 activations (act "auto" / "int8") they may part after some tokens: inductor's generated
@@ -120,6 +125,7 @@ class Generation:
     prefill_s: float  # the prompt's forward, up to the first new token
     decode_s: float  # the other new tokens
     step_s: list[float] = field(default_factory=list)
+    decoder: str = "transformers"  # which forward ran: "lean" (LeanLlama) or "transformers"
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -130,35 +136,69 @@ class Generation:
         return (len(self.tokens) - 1) / self.decode_s if self.decode_s and len(self.tokens) > 1 else float("nan")
 
 
+DECODERS = ("auto", "lean", "transformers")
+
+
+def pick_decoder(model: nn.Module, decoder: str = "auto", max_len: int | None = None) -> str:
+    """``"lean"`` or ``"transformers"``: which forward ``greedy`` runs for ``model`` on sequences of up
+    to ``max_len`` positions. ``"auto"`` takes the lean one where the model supports it
+    (``lean_llama.unsupported``); ``"lean"`` raises ValueError with the reason where it does not."""
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+    if decoder == "transformers":
+        return decoder
+    why = unsupported(model, max_len)
+    if why is None:
+        return "lean"
+    if decoder == "lean":
+        raise ValueError(f"the lean decoder cannot run this model: {why}")
+    return "transformers"
+
+
 @torch.inference_mode()
 def greedy(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id=None,
-           on_token=None) -> Generation:
+           on_token=None, decoder: str = "auto") -> Generation:
     """Greedy decoding of one prompt (``input_ids`` [1, S]) with a KV cache; ``on_token(id)`` is
-    called as each token is chosen (streaming). Stops at ``max_new_tokens`` or an EOS token."""
-    from transformers import DynamicCache
-
+    called as each token is chosen (streaming). Stops at ``max_new_tokens`` or an EOS token.
+    ``decoder`` (``pick_decoder``): "auto" (default) runs ``LeanLlama`` where the model is a supported
+    Llama / Mistral and transformers' forward otherwise; "lean" or "transformers" forces one."""
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"greedy: one prompt at a time, input_ids of shape [1, S]; got {tuple(input_ids.shape)}")
     if max_new_tokens < 1:
         raise ValueError(f"greedy: max_new_tokens must be >= 1, got {max_new_tokens}")
+    decoder = pick_decoder(model, decoder, input_ids.shape[1] + max_new_tokens)
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
-    cache = DynamicCache(config=model.config)
-    # transformers renamed the KV cache argument (past_key_values -> cache, 5.x)
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    start = time.perf_counter()
+    if decoder == "lean":
+        lean = LeanLlama(model, input_ids.shape[1] + max_new_tokens)
+
+        def forward(ids):
+            return lean.prefill(ids) if ids is input_ids else lean.step(ids)
+    else:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+        # transformers renamed the KV cache argument (past_key_values -> cache, 5.x)
+        cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+        def forward(ids):
+            if ids is not input_ids:
+                ids = torch.tensor([[ids]], device=input_ids.device)
+            return model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_arg: cache}).logits[0, -1]
     tokens, steps = [], []
     ids = input_ids
-    start = time.perf_counter()
+    setup = time.perf_counter() - start  # building the cache: counted with the prefill
     for _ in range(max_new_tokens):
         t = time.perf_counter()
         with torch_threads(_prefill_torch_threads if ids is input_ids else 1):
-            logits = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_arg: cache}).logits
-        token = int(logits[0, -1].argmax())
-        steps.append(time.perf_counter() - t)
+            logits = forward(ids)
+        token = int(logits.argmax())
+        steps.append(time.perf_counter() - t + (setup if not steps else 0.0))
         tokens.append(token)
         if on_token is not None:
             on_token(token)
         if token in eos:
             break
-        ids = torch.tensor([[token]], device=input_ids.device)
+        ids = token
     total = time.perf_counter() - start
-    return Generation(tokens, input_ids.shape[1], steps[0], total - steps[0], steps)
+    return Generation(tokens, input_ids.shape[1], steps[0], total - steps[0], steps, decoder)

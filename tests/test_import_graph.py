@@ -28,7 +28,7 @@ LAYERS = (
     ("sparseinfer.passes.pipeline",),  # apply a recipe: passes, pack, swap modules
     ("sparseinfer.eval",),  # quality, latency, sweeps, recipe search
     ("sparseinfer.api",),  # compress (recipe or target), explain
-    ("sparseinfer.training", "sparseinfer.llm"),  # distill, staged, recover, movement, structured
+    ("sparseinfer.training", "sparseinfer.llm", "sparseinfer.lean_llama"),  # distill, ..., causal LM decoding
     ("sparseinfer",),  # the public API (__init__)
     ("sparseinfer.apps", "sparseinfer.commands", "sparseinfer.cli"),  # apps: demo, models, benchmarking
 )

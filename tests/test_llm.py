@@ -209,6 +209,11 @@ def test_cli_compress_folder_with_calib_file_and_generate(tmp_path, capsys):
                  "--act", "fp32"]) == 0
     captured = capsys.readouterr()
     assert captured.out.startswith("w17 w93 w40") and "decode 5 tokens at" in captured.err
+    assert "(lean decoder)" in captured.err  # a transformers Llama: the lean forward by default
+    assert main(["generate", str(out), "--prompt", "w17 w93 w40", "--max-new-tokens", "6", "--threads", "1",
+                 "--act", "fp32", "--decoder", "transformers"]) == 0
+    forced = capsys.readouterr()
+    assert forced.out == captured.out and "(transformers decoder)" in forced.err
     assert main(["run", str(out)]) == 2 and "sparseinfer generate" in capsys.readouterr().err
     assert main(["inspect", str(out), "--verify"]) == 0
     assert "architecture transformers LlamaForCausalLM" in capsys.readouterr().out
@@ -256,7 +261,7 @@ def test_compiled_model_gives_eager_tokens(monkeypatch):
     run, group_run = si.CompressedLinear.run, SharedInput.run
     monkeypatch.setattr(si.CompressedLinear, "run", lambda self, x: seen.append((self, x.clone())) or run(self, x))
     monkeypatch.setattr(SharedInput, "run", lambda self, x: seen.append((self, x.clone())) or group_run(self, x))
-    ref = greedy(c, torch.tensor(PROMPT), 8).tokens
+    ref = greedy(c, torch.tensor(PROMPT), 8, decoder="transformers").tokens  # the compiled model runs that forward
     layers = [m for m in c.modules() if isinstance(m, si.CompressedLinear)]
     eager = {id(m): [x for who, x in seen if who is m] for m in layers}
     torch._dynamo.reset()
@@ -349,3 +354,159 @@ def test_copied_layer_runs_its_own_weights():
     want = layer(x)
     twin.packed_scale.zero_()  # written in place: the twin's weight is now 0
     assert torch.count_nonzero(twin(x)) == 0 and torch.equal(layer(x), want)
+
+
+# --- the lean decoder (sparseinfer/lean_llama.py) against transformers' forward ---------------------
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+LEAN_TOKENS = 20  # > 16 new tokens, past the llama3 rope's original 16 positions (prompt 5 + 20)
+
+
+def _llama_cfg(tied=True, kv_heads=2, rope=None, attention_bias=False, seed=0):
+    kw = {"rope_parameters": rope} if rope else {}
+    cfg = transformers.LlamaConfig(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=128,
+                                   tie_word_embeddings=tied, initializer_range=0.3, bos_token_id=1, eos_token_id=2,
+                                   attention_bias=attention_bias, **kw)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _step_logits(model, tokens, decoder):
+    """Each step's logits [len(tokens), vocab] feeding ``tokens`` (prompt then one token a step) through
+    ``decoder``: "lean" (LeanLlama) or "transformers" (the model's forward with a DynamicCache)."""
+    from sparseinfer.lean_llama import LeanLlama
+
+    prompt, rest = torch.tensor([tokens[:len(PROMPT[0])]]), tokens[len(PROMPT[0]):]
+    with torch.inference_mode():
+        if decoder == "lean":
+            lean = LeanLlama(model, len(tokens))
+            out = [lean.prefill(prompt)] + [lean.step(t) for t in rest]
+        else:
+            cache = transformers.DynamicCache(config=model.config)
+            run = lambda ids: model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+            out = [run(prompt)] + [run(torch.tensor([[t]])) for t in rest]
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("case", ["tied-gqa", "untied-mha", "llama3-rope", "untied-gqa-bias"])
+@pytest.mark.parametrize("recipe, act", [(None, None), ("int4-g32", "fp32"), ("int4-g32", "auto"),
+                                         ("2:4+int8", "fp32"), ("2:4+int8", "auto")])
+def test_lean_decoder_matches_transformers(case, recipe, act):
+    """LeanLlama runs the ops transformers runs, on the same values (lean_llama's docstring): every
+    step's logits equal, bit for bit -- also with int8 activations (act auto), where a differing last
+    bit would become another greedy token within a few steps -- and the same greedy tokens."""
+    from sparseinfer.llm import greedy
+    from sparseinfer.runtime.fused import fuse_shared_inputs
+
+    kw = {"tied-gqa": {}, "untied-mha": {"tied": False, "kv_heads": 4}, "llama3-rope": {"rope": LLAMA3_ROPE},
+          "untied-gqa-bias": {"tied": False, "attention_bias": True}}[case]
+    model = _llama_cfg(**kw)
+    if recipe is not None:
+        model = si.set_act(si.compress(model, {"default": recipe, "layers": {"lm_head": "int8"}}, progress=False),
+                           act)
+        assert fuse_shared_inputs(model) == 4  # q/k/v and gate/up joined: the lean path runs the joint call
+    if case == "llama3-rope":
+        assert model.model.rotary_emb.rope_type == "llama3"
+    hf = greedy(model, torch.tensor(PROMPT), LEAN_TOKENS, decoder="transformers")
+    lean = greedy(model, torch.tensor(PROMPT), LEAN_TOKENS, decoder="lean")
+    assert (hf.decoder, lean.decoder) == ("transformers", "lean")
+    assert len(set(hf.tokens)) > 3, "the tiny model should not repeat one token (a weak test)"
+    assert lean.tokens == hf.tokens
+    tokens = PROMPT[0] + hf.tokens[:-1]
+    want, got = _step_logits(model, tokens, "transformers"), _step_logits(model, tokens, "lean")
+    differ = (got != want).any(1)
+    assert not differ.any(), (case, recipe, act, "first differing step", int(differ.int().argmax()),
+                              (got - want).abs().max().item())
+
+
+def test_lean_decoder_is_the_default_and_falls_back():
+    from sparseinfer.lean_llama import unsupported
+    from sparseinfer.llm import greedy, pick_decoder
+
+    model = _llama_cfg()
+    assert unsupported(model) is None and pick_decoder(model) == "lean"
+    assert greedy(model, torch.tensor(PROMPT), 4).decoder == "lean"
+
+    class MyLlama(transformers.LlamaForCausalLM):  # a subclass may change forward: not run lean
+        pass
+
+    sub = MyLlama(model.config).eval()
+    sub.load_state_dict(model.state_dict())
+    assert "MyLlama is not one of transformers' LlamaForCausalLM" in unsupported(sub)
+    g = greedy(sub, torch.tensor(PROMPT), 8)
+    assert g.decoder == "transformers" and g.tokens == greedy(model, torch.tensor(PROMPT), 8).tokens
+    with pytest.raises(ValueError, match="lean decoder cannot run this model: MyLlama"):
+        greedy(sub, torch.tensor(PROMPT), 4, decoder="lean")
+    with pytest.raises(ValueError, match="decoder must be one of"):
+        greedy(model, torch.tensor(PROMPT), 4, decoder="fast")
+
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=160, n_embd=32, n_layer=1, n_head=2)).eval()
+    assert pick_decoder(gpt2) == "transformers"
+    assert greedy(gpt2, torch.tensor(PROMPT), 3).decoder == "transformers"
+    dynamic = _llama_cfg(rope={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
+    assert "rope type 'dynamic'" in unsupported(dynamic)
+    handle = model.model.layers[0].mlp.register_forward_hook(lambda *a: None)
+    assert "forward hooks" in unsupported(model)
+    handle.remove()
+    model.forward = model.forward  # e.g. compile_model's compiled forward: run that
+    assert "replaced on the instance" in unsupported(model)
+
+
+def test_lean_decoder_matches_transformers_in_bf16():
+    """A bf16 model: RMSNorm's float32 round trip and bf16 rotary tables as transformers makes them."""
+    from sparseinfer.llm import greedy
+
+    model = _llama_cfg().to(torch.bfloat16)
+    hf = greedy(model, torch.tensor(PROMPT), LEAN_TOKENS, decoder="transformers")
+    lean = greedy(model, torch.tensor(PROMPT), LEAN_TOKENS)
+    assert lean.decoder == "lean" and lean.tokens == hf.tokens and len(set(hf.tokens)) > 3
+    tokens = PROMPT[0] + hf.tokens[:-1]
+    assert torch.equal(_step_logits(model, tokens, "lean"), _step_logits(model, tokens, "transformers"))
+
+
+def _mistral(sliding_window):
+    cfg = transformers.MistralConfig(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                     initializer_range=0.3, bos_token_id=1, eos_token_id=2,
+                                     sliding_window=sliding_window)
+    torch.manual_seed(0)
+    return transformers.MistralForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("window", [None, 64, 8])
+@pytest.mark.parametrize("recipe", [None, "int4-g32"])
+def test_lean_decoder_runs_mistral_inside_its_window(window, recipe):
+    """Mistral is Llama plus a sliding window: the lean decoder runs it while prompt + new tokens fit
+    in the window (the same logits bit for bit, as for Llama) and leaves it to transformers past it."""
+    from sparseinfer.lean_llama import unsupported
+    from sparseinfer.llm import greedy
+
+    model = _mistral(window)
+    if recipe is not None:
+        model = si.set_act(si.compress(model, {"default": recipe, "layers": {"lm_head": "int8"}}, progress=False),
+                           "auto")
+    length = len(PROMPT[0]) + LEAN_TOKENS
+    hf = greedy(model, torch.tensor(PROMPT), LEAN_TOKENS, decoder="transformers")
+    auto = greedy(model, torch.tensor(PROMPT), LEAN_TOKENS)
+    assert auto.tokens == hf.tokens and len(set(hf.tokens)) > 3
+    if window == 8:
+        assert auto.decoder == "transformers" and "sliding window 8 is shorter" in unsupported(model, length)
+        return
+    assert auto.decoder == "lean"
+    tokens = PROMPT[0] + hf.tokens[:-1]
+    assert torch.equal(_step_logits(model, tokens, "lean"), _step_logits(model, tokens, "transformers"))
+
+
+def test_lean_decoder_cache_bounds():
+    from sparseinfer.lean_llama import LeanLlama
+
+    lean = LeanLlama(_llama_cfg(), 6)
+    with torch.inference_mode():
+        with pytest.raises(ValueError, match="exceed max_len 6"):
+            lean.prefill(torch.tensor([[1] * 7]))
+        lean.prefill(torch.tensor(PROMPT))
+        lean.step(3)
+        with pytest.raises(ValueError, match="all used"):
+            lean.step(3)

@@ -8,7 +8,7 @@ import time
 
 import sparseinfer as si
 from sparseinfer.act import ACT_MODES
-from sparseinfer.llm import compile_model, decode_threads, greedy
+from sparseinfer.llm import DECODERS, compile_model, decode_threads, greedy
 
 
 def register(sub):
@@ -25,10 +25,14 @@ def register(sub):
                         "batch-1 step runs on one thread (see sparseinfer.llm.decode_threads)")
     p.add_argument("--act", choices=ACT_MODES, default=None,
                    help="activation precision the CPU kernels may use (default: SPARSEINFER_ACT, else auto)")
+    p.add_argument("--decoder", choices=DECODERS, default="auto",
+                   help="the forward each step runs: lean (sparseinfer.lean_llama, transformers' Llama only), "
+                        "transformers (the model's own), auto (default: lean where supported)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the model first (sparseinfer.llm.compile_model): faster decode, but "
-                        "compiling takes minutes on a few cores (the first prefill and decode step), and with "
-                        "int8 activations the tokens may differ from eager's after a while")
+                   help="torch.compile the model first (sparseinfer.llm.compile_model; it runs transformers' "
+                        "forward, not the lean decoder): compiling takes minutes on a few cores (the first "
+                        "prefill and decode step), and with int8 activations the tokens may differ from eager's "
+                        "after a while")
     p.set_defaults(func=_run)
 
 
@@ -59,13 +63,14 @@ def _run(args) -> int:
         compile_model(model)
         with decode_threads(args.threads):  # compile prefill and decode now, so that the speeds below are the model's
             t1 = time.perf_counter()
-            greedy(model, ids, 2)
+            greedy(model, ids, 2, decoder=args.decoder)
         print(f"compiled in {time.perf_counter() - t1:.0f} s", file=sys.stderr)
     sys.stdout.write(args.prompt if not args.chat else "")
     with decode_threads(args.threads):
-        g = greedy(model, ids, args.max_new_tokens, eos_token_id=model.generation_config.eos_token_id, on_token=stream)
+        g = greedy(model, ids, args.max_new_tokens, eos_token_id=model.generation_config.eos_token_id, on_token=stream,
+                   decoder=args.decoder)
     print()
     print(f"loaded in {loaded:.1f} s; prefill {g.prompt_tokens} tokens in {g.prefill_s * 1e3:.0f} ms "
           f"({g.prefill_tokens_per_s:.1f} tokens/s); decode {len(g.tokens) - 1} tokens at "
-          f"{g.decode_tokens_per_s:.1f} tokens/s", file=sys.stderr)
+          f"{g.decode_tokens_per_s:.1f} tokens/s ({g.decoder} decoder)", file=sys.stderr)
     return 0

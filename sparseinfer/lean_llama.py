@@ -1,0 +1,216 @@
+"""A lean batch-1 forward for Llama-family causal LMs (transformers' Llama and Mistral), on the model's
+own modules.
+
+transformers' forward spends more on each decode step than the compressed layers do: on SmolLM2-135M
+(30 layers) ~7 ms of Python and small ATen ops per token (cache objects, mask construction, rotary
+per step, output dataclasses, kwargs plumbing) beside the kernels. ``LeanLlama`` runs the same
+computation with only the math left:
+
+- RMSNorm as transformers writes it (the same ops, so the same numbers);
+- rotary cos / sin computed once for every position of the generation by the model's own rotary
+  module (so every rope type it implements without per-call state -- default, linear, llama3 --
+  gives transformers' values), and ``rotate_half(x) * sin`` as ``swap_halves(x) * sin_signed``
+  (the sign moved into the table: the same products);
+- a static KV cache [layers, kv_heads, prompt + max_new_tokens, head_dim] written in place;
+- attention through ``scaled_dot_product_attention`` called as transformers' SDPA attention calls it
+  (``enable_gqa``, causal for the prompt, no mask), over views of the cache: no repeat of K / V;
+- the q / k / v and gate / up projections as one call where runtime/fused.py joined them, every
+  compressed layer through its memoised direct kernel call (``CompressedLinear.run``), dense layers
+  through ``F.linear``;
+- the LM head on the last position only.
+
+It reads the weights in place (nothing copied), so a compressed model decodes through the same
+kernels as under transformers' forward, and every op it runs is an op transformers runs on the same
+values: the logits are transformers' bit for bit (also with int8 activations, where one differing
+bit can become another token a few steps later). ``unsupported(model)`` says why a model cannot run
+here (``sparseinfer.llm.greedy`` then uses transformers' forward). tests/test_llm.py checks the
+logits of every step and the greedy tokens against transformers' forward (default and llama3 rope,
+GQA and MHA, tied and untied heads, attention bias, dense and compressed layers, exact and int8
+activations; Mistral inside and past its sliding window). Qwen2 and other relatives are not run here
+(not tested: Qwen2's per-layer sliding-window types, Gemma's norms and scaled embeddings differ).
+Per-token time saved on SmolLM2: bench/README.md, "Causal LMs".
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .runtime.modules import CompressedLinear
+
+# rope types whose inv_freq the rotary module fixes at construction (no per-sequence-length update)
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def _classes() -> tuple:
+    """transformers' causal LM classes whose forward is the one LeanLlama computes: Llama, and Mistral
+    (Llama's layers plus a sliding window, which changes nothing while the sequence fits in it)."""
+    from transformers import LlamaForCausalLM, MistralForCausalLM
+
+    return LlamaForCausalLM, MistralForCausalLM
+
+
+def unsupported(model: nn.Module, max_len: int | None = None) -> str | None:
+    """Why ``LeanLlama`` cannot run ``model`` for sequences of up to ``max_len`` positions (None:
+    unknown, any length), or None when it can."""
+    try:
+        classes = _classes()
+    except ImportError:
+        return "transformers is not installed"
+    if type(model) not in classes:
+        return f"{type(model).__name__} is not one of transformers' {', '.join(c.__name__ for c in classes)}"
+    if "forward" in vars(model):
+        return "the model's forward was replaced on the instance (e.g. torch.compile)"
+    cfg, base = model.config, model.model
+    window = getattr(cfg, "sliding_window", None)
+    if window is not None and (max_len is None or max_len > window):
+        return f"sliding window {window} is shorter than the sequence ({max_len or 'any length'})"
+    if getattr(cfg, "hidden_act", None) != "silu":
+        return f"hidden_act {getattr(cfg, 'hidden_act', None)!r} is not 'silu'"
+    rope = getattr(base.rotary_emb, "rope_type", None)
+    if rope not in ROPE_TYPES:
+        return f"rope type {rope!r} is not one of {ROPE_TYPES}"
+    if len(base.layers) < cfg.num_hidden_layers:
+        return "fewer layers than config.num_hidden_layers"
+    for name, m in model.named_modules():
+        if m._forward_hooks or m._forward_pre_hooks:
+            return f"module {name or 'model'} has forward hooks (e.g. accelerate's device map)"
+    for layer in base.layers[:cfg.num_hidden_layers]:
+        for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+                  layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+            if not isinstance(m, (nn.Linear, CompressedLinear)):
+                return f"a projection is a {type(m).__name__}, not nn.Linear / CompressedLinear"
+    if not isinstance(model.lm_head, (nn.Linear, CompressedLinear)):
+        return f"the LM head is a {type(model.lm_head).__name__}"
+    return None
+
+
+def _linear(m: nn.Module):
+    """The call that computes ``m(x)`` with the least on the way: a compressed layer's memoised
+    direct kernel call (``run``, which skips a shared-input group's bookkeeping), ``F.linear`` on a
+    dense one."""
+    if isinstance(m, CompressedLinear):
+        return m.run
+    weight, bias = m.weight, m.bias
+    return lambda x: F.linear(x, weight, bias)
+
+
+def _joint(members: list[nn.Module]):
+    """One call giving the outputs of ``members`` (layers reading one input) side by side: their
+    shared-input group's (runtime/fused.py: one packed call where it runs jointly) when they form
+    one in this order, else each layer's call and a concatenation."""
+    group = getattr(members[0], "_group", None)
+    if group is not None and len(group.members) == len(members) and all(a is b for a, b in zip(group.members, members)):
+        return group.run
+    calls = [_linear(m) for m in members]
+    return lambda x: torch.cat([c(x) for c in calls], dim=-1)
+
+
+class _Layer:
+    """One decoder layer's weights and calls, looked up once."""
+
+    def __init__(self, layer: nn.Module):
+        attn, mlp = layer.self_attn, layer.mlp
+        self.norm1, self.eps1 = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
+        self.norm2, self.eps2 = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
+        self.qkv = _joint([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.o = _linear(attn.o_proj)
+        self.gate_up = _joint([mlp.gate_proj, mlp.up_proj])
+        self.down = _linear(mlp.down_proj)
+        self.intermediate = mlp.gate_proj.out_features
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm with the same numbers: ``pow(2)`` is ``x * x`` in ATen and ``mean``
+    is ``sum`` then a division, written out here because ``mean``'s wrapper costs more than the
+    math on a row of a few hundred values (and ``F.rms_norm``, one op, is slower still on CPU in
+    torch 2.13 and rounds differently)."""
+    if x.dtype != torch.float32:
+        h = x.to(torch.float32)
+        var = (h * h).sum(-1, keepdim=True).div_(h.shape[-1]).add_(eps).rsqrt_()
+        return weight * (h * var).to(x.dtype)
+    var = (x * x).sum(-1, keepdim=True).div_(x.shape[-1]).add_(eps).rsqrt_()
+    return weight * (x * var)
+
+
+class LeanLlama:
+    """Batch-1 greedy forward of a transformers ``LlamaForCausalLM`` (or ``MistralForCausalLM`` whose
+    sliding window, if any, holds ``max_len``) over a static KV cache of
+    ``max_len`` positions: ``prefill(ids)`` once with the prompt [1, S], then ``step(token)`` per new
+    token; each returns the last position's logits [vocab]. Runs the model's own modules (see the
+    module docstring); call under ``torch.inference_mode()``."""
+
+    def __init__(self, model: nn.Module, max_len: int):
+        why = unsupported(model, max_len)
+        if why is not None:
+            raise ValueError(f"LeanLlama: {why}")
+        cfg, base = model.config, model.model
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.scale = base.layers[0].self_attn.scaling
+        self.embed = base.embed_tokens
+        self.layers = [_Layer(layer) for layer in base.layers[:cfg.num_hidden_layers]]
+        self.norm, self.eps = base.norm.weight, base.norm.variance_epsilon
+        self.head = _linear(model.lm_head)
+        self.max_len, self.pos = max_len, 0
+        ref = self.norm
+        dtype, device = self.embed(torch.zeros(1, 1, dtype=torch.long, device=ref.device)).dtype, ref.device
+        self.dtype = dtype
+        # the rotary module's own cos / sin (attention scaling included) for positions 0 .. max_len-1
+        positions = torch.arange(max_len, device=device)[None]
+        cos, sin = base.rotary_emb(torch.empty(0, dtype=dtype, device=device), position_ids=positions)
+        half = self.head_dim // 2
+        self.cos = cos[0].contiguous()
+        self.sin = sin[0].clone()
+        self.sin[:, :half].neg_()  # rotate_half(x) * sin == swap_halves(x) * [-sin1, sin2]
+        shape = (len(self.layers), self.kv_heads, max_len, self.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)
+        self.ids = torch.zeros(1, 1, dtype=torch.long, device=device)  # a decode step's input, reused
+
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Run the prompt ``input_ids`` [1, S] from position 0 (the cache is reset)."""
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise ValueError(f"LeanLlama.prefill: input_ids of shape [1, S], got {tuple(input_ids.shape)}")
+        if input_ids.shape[1] > self.max_len:
+            raise ValueError(f"LeanLlama.prefill: {input_ids.shape[1]} tokens exceed max_len {self.max_len}")
+        self.pos = 0
+        return self._forward(self.embed(input_ids)[0])
+
+    def step(self, token: int) -> torch.Tensor:
+        """One new token at the next position."""
+        if self.pos >= self.max_len:
+            raise ValueError(f"LeanLlama.step: the cache holds {self.max_len} positions, all used")
+        self.ids[0, 0] = token
+        return self._forward(self.embed(self.ids)[0])
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` [S, hidden] at positions pos .. pos+S-1 -> the last position's logits."""
+        s, pos = x.shape[0], self.pos
+        end = pos + s
+        heads, kv, d = self.heads, self.kv_heads, self.head_dim
+        half, nq, nqk = d // 2, heads * d, (heads + kv) * d
+        cos, sin = self.cos[pos:end, None], self.sin[pos:end, None]  # [S, 1, D]
+        for layer, k_cache, v_cache in zip(self.layers, self.k_layers, self.v_layers):  # caches: [KV, max_len, D]
+            qkv = layer.qkv(rms_norm(x, layer.norm1, layer.eps1))  # [S, (H + 2 KV) D]
+            qk = qkv[:, :nqk].view(s, heads + kv, d)
+            rotated = qk * cos  # transformers: q * cos + rotate_half(q) * sin
+            rotated += torch.cat((qk[..., half:], qk[..., :half]), dim=-1).mul_(sin)
+            k_cache[:, pos:end] = rotated[:, heads:].transpose(0, 1)
+            v_cache[:, pos:end] = qkv[:, nqk:].view(s, kv, d).transpose(0, 1)
+            keys, values = k_cache[None, :, :end], v_cache[None, :, :end]
+            # as transformers' SDPA attention calls it (GQA in the kernel, causal for the prompt from
+            # position 0, no mask): the same numbers. Packing each KV head's query heads into one
+            # query block would halve this call's time but rounds differently, and int8 activations
+            # turn such last bits into other tokens after a few steps.
+            att = F.scaled_dot_product_attention(rotated[:, :heads].transpose(0, 1)[None], keys, values, is_causal=s > 1,
+                                                 scale=self.scale, enable_gqa=kv != heads)
+            att = att[0].transpose(0, 1).reshape(s, nq)
+            x = x + layer.o(att)
+            gate_up = layer.gate_up(rms_norm(x, layer.norm2, layer.eps2))  # [S, 2 I], ours to overwrite
+            n = layer.intermediate
+            x = x + layer.down(F.silu(gate_up[:, :n], inplace=True).mul_(gate_up[:, n:]))
+        self.pos = end
+        return self.head(rms_norm(x[-1:], self.norm, self.eps))[0]
