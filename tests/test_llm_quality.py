@@ -166,6 +166,21 @@ def test_joint_nm_int4_sweep_is_nm_packs_exactly_and_matches_two_passes():
         gptq_quantize(w[:, :94], h[:94, :94], bits=4, prune_nm=(2, 4), act_order=True)
 
 
+def test_inverse_hessian_diag_only_is_the_factors_diagonal():
+    # the joint act-order sweep scores the original weights with diag(U) only: it must be the
+    # diagonal of the full factor, with the same dead columns, also for an ill-conditioned H
+    from sparseinfer.passes.obs import inverse_hessian_cholesky
+
+    torch.manual_seed(0)
+    x = torch.randn(40, 48) @ (torch.randn(48, 48) / 7 + torch.eye(48))
+    x[:, 5] = 0  # a dead column
+    for h, damp in ((x.T @ x).double(), 0.01), ((x[:8].T @ x[:8]).double(), 1e-9):  # the second of rank 8
+        upper, dead = inverse_hessian_cholesky(h, damp)
+        d, dead_d = inverse_hessian_cholesky(h, damp, diag_only=True)
+        assert d.shape == (48,) and torch.equal(dead, dead_d) and bool(dead[5])
+        assert torch.allclose(d, torch.diagonal(upper), rtol=1e-6, atol=0), (d - torch.diagonal(upper)).abs().max()
+
+
 @pytest.mark.parametrize("method", ["gptq", "gptq-act"])
 def test_joint_recipe_runs_one_sweep(monkeypatch, method):
     import sparseinfer.passes.gptq as gptq_mod

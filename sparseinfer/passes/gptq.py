@@ -127,10 +127,11 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, gro
     zero = None if symmetric else torch.zeros(n_out, ngroups, dtype=torch.int32, device=w.device)
     if act_order:  # static groups from the original (masked) weights, then visit by decreasing H diagonal
         if prune_nm is not None:  # the survivors SparseGPT's score predicts on the original weights
-            d0 = torch.diag(inverse_hessian_cholesky(h, percdamp)[0])
+            d0 = inverse_hessian_cholesky(h, percdamp, diag_only=True)[0]
             keep = nm_keep_mask(w ** 2 / d0.unsqueeze(0) ** 2, pn, pm)
+        kept_w = torch.where(keep, w, zero_f)
         for g in range(ngroups):
-            s, z = _group_params(torch.where(keep, w, zero_f)[:, g * span:(g + 1) * span], bits, symmetric, clip)
+            s, z = _group_params(kept_w[:, g * span:(g + 1) * span], bits, symmetric, clip)
             scale[:, g] = s
             if zero is not None:
                 zero[:, g] = z
