@@ -185,7 +185,7 @@ def test_gptq_scale_search_weighs_columns_by_their_input_energy(monkeypatch, act
     w[:, 7] *= 4
     w[::3, 40] = 0.15
     h = 2 / x.shape[0] * (x.T @ x).double()
-    err = lambda q: ((held @ (w - q).T) ** 2).sum().item()  # noqa: E731
+    err = lambda q: ((held @ (w - q).T) ** 2).sum().item()
     q, scale, _ = gptq_quantize(w, h, bits=4, group_size=64, act_order=act_order)
     assert torch.equal(pack(q, "int4", group_size=64, scale=scale).to_dense(), q)
     unclipped, _, _ = gptq_quantize(w, h, bits=4, group_size=64, act_order=act_order, clip=False)
