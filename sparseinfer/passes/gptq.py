@@ -44,11 +44,15 @@ CLIP_GRID = torch.linspace(1.0, 0.8, 21).tolist()  # range shrink factors tried 
 CLIP_NORM = 2.4  # the error norm of the reference implementation's MSE scale search
 
 
-def _group_params(values: torch.Tensor, bits: int, symmetric: bool, clip: bool = True):
+def _group_params(values: torch.Tensor, bits: int, symmetric: bool, clip: bool = True,
+                  col_weight: torch.Tensor | None = None):
     """Scale (and zero) per row [N] of one group's values [N, g], by the format's own quantizer.
     clip: try the group's range shrunk by each factor of CLIP_GRID and keep, per row, the one with
     the lowest sum |w - q|^2.4 (the reference GPTQ's ``mse`` option): a few outliers then no longer
-    stretch the grid of the whole group."""
+    stretch the grid of the whole group. col_weight [g]: weigh each column's error by it (GPTQ passes
+    diag(H), the column's input energy): unweighted, the search clips the large weights of an outlier
+    input channel, cheap in |w - q| and costly in the layer output (SmolLM2 layer 2 down_proj: 3.7x
+    the layer output error of the weighted search on held-out text, more than no search at all)."""
     if symmetric:
         _, base = symmetric_quantize(values.unsqueeze(1), bits)
         base = base[:, 0]
@@ -60,7 +64,8 @@ def _group_params(values: torch.Tensor, bits: int, symmetric: bool, clip: bool =
             _, scale, zero = asymmetric_quantize((values * factor).unsqueeze(1), bits)
             scale, zero = scale[:, 0], zero[:, 0]
         err = (_quantize(values, scale.unsqueeze(1), None if zero is None else zero.unsqueeze(1).float(), bits)
-               - values).abs_().pow_(CLIP_NORM).sum(1)
+               - values).abs_().pow_(CLIP_NORM)
+        err = err.sum(1) if col_weight is None else err @ col_weight
         if best is None:
             best, best_err = (scale, zero), err
             continue
@@ -116,6 +121,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, gro
     w = weight.float().clone()
     keep = torch.ones_like(w, dtype=torch.bool) if keep is None else keep.to(w.device)
     h = hessian.to(w.device).double()
+    hdiag0 = torch.diag(h).float()  # the input energy of each column, in the original order
     perm = None
     if act_order and prune_nm is None:
         perm = torch.argsort(torch.diag(h), descending=True, stable=True)
@@ -127,10 +133,12 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, gro
     zero = None if symmetric else torch.zeros(n_out, ngroups, dtype=torch.int32, device=w.device)
     if act_order:  # static groups from the original (masked) weights, then visit by decreasing H diagonal
         if prune_nm is not None:  # the survivors SparseGPT's score predicts on the original weights
-            d0 = torch.diag(inverse_hessian_cholesky(h, percdamp)[0])
+            d0 = inverse_hessian_cholesky(h, percdamp, diag_only=True)[0]
             keep = nm_keep_mask(w ** 2 / d0.unsqueeze(0) ** 2, pn, pm)
+        kept_w = torch.where(keep, w, zero_f)
         for g in range(ngroups):
-            s, z = _group_params(torch.where(keep, w, zero_f)[:, g * span:(g + 1) * span], bits, symmetric, clip)
+            s, z = _group_params(kept_w[:, g * span:(g + 1) * span], bits, symmetric, clip,
+                                 hdiag0[g * span:(g + 1) * span])
             scale[:, g] = s
             if zero is not None:
                 zero[:, g] = z
@@ -162,7 +170,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, gro
                     kept = keep[:, col_idx:col_idx + span]
                 else:  # the survivors the score predicts (the masks of later groups of m are not chosen yet)
                     kept = nm_keep_mask(cur ** 2 / hdiag[col_idx:col_idx + cur.shape[1]].unsqueeze(0) ** 2, pn, pm)
-                s, z = _group_params(torch.where(kept, cur, zero_f), bits, symmetric, clip)
+                s, z = _group_params(torch.where(kept, cur, zero_f), bits, symmetric, clip,
+                                     hdiag0[col_idx:col_idx + cur.shape[1]])
                 scale[:, g] = s
                 if zero is not None:
                     zero[:, g] = z
