@@ -28,7 +28,8 @@ type (``-v``, not timed) records which buffers llama.cpp put the weights in: an 
 means its AMX int8 matmul path (Q4_0, Q4_1, Q8_0 and some K-quants; not F32) is in use, ``CPU_REPACK`` its
 AVX repacked layouts. Those need ``--repack 1``; the default is 0 (plain ``CPU_Mapped`` weights, ggml's
 AVX-512 dot products) because at 0c1e57098 the AMX path, which ``-march=native`` compiles in on an AMX
-CPU, dies with SIGSEGV on the first SmolLM2 forward (Q8_0 and Q4_0, 2 threads). Not collected by pytest (no ``test_`` prefix); CI never runs it.
+CPU, crashes on SmolLM2's prompt batches (SIGILL at a tileloadd in ggml_backend_amx_mul_mat, or SIGSEGV;
+Q8_0 and Q4_0, 1 and 2 threads). Not collected by pytest (no ``test_`` prefix); CI never runs it.
 """
 
 from __future__ import annotations
@@ -188,7 +189,7 @@ def weight_buffers(bin_dir: Path, model: Path, threads: int, repack: int, cache:
     out = subprocess.run(cmd, check=False, capture_output=True, text=True)
     (cache / "models" / (model.stem + ".probe.log")).write_text(out.stderr)
     lines = [ln.split(":", 1)[-1].strip() for ln in out.stderr.splitlines() if "model buffer size" in ln]
-    if out.returncode != 0:  # e.g. the AMX path (--repack 1) dies with SIGSEGV at 0c1e57098 on SmolLM2
+    if out.returncode != 0:  # e.g. the AMX path (--repack 1) crashes at 0c1e57098 on SmolLM2
         lines.append(f"probe exit {out.returncode}")
     return [" ".join(ln.split()) for ln in lines]
 
@@ -286,7 +287,7 @@ def main(argv=None) -> int:
                    help="tokens already in the KV cache before each test (-d); llm_decode.py decodes after 16")
     p.add_argument("--repack", type=int, choices=(0, 1), default=0,
                    help="llama-bench --repack: 1 = extra weight layouts (AMX, CPU_REPACK); 0 (default) = plain "
-                        "CPU buffers, because the AMX path segfaults at llama.cpp 0c1e57098 on this model")
+                        "CPU buffers, because the AMX path crashes at llama.cpp 0c1e57098 on this model")
     p.add_argument("--pure", action="store_true", help="every tensor of the requested type (llama-quantize --pure)")
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE))
     p.add_argument("--llama-cpp-python", default=LLAMA_CPP_PYTHON, help="sdist version that vendors llama.cpp")
