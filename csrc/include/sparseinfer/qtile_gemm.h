@@ -39,6 +39,10 @@ inline void block(const GemmArgs& a, const QTileView& t, int64_t tile0, int64_t 
   constexpr int PARTS = EPL / 4;            // 4-byte activation groups per step
   const int64_t steps = t.seg_pad / EPL;
   const int64_t tile_stride = t.nseg * steps * 64;
+  // Batches of 1-2 stream their codes from memory once: prefetch each stream 2 KB ahead (cold
+  // 576x1536 int4 at batch 1: 9.7 -> 10.7 GB/s on one Xeon core; nearer or NTA prefetches were slower).
+  constexpr bool kStream = MR <= 2;
+  constexpr int kPrefetchBytes = 2048;
 
   const uint8_t* wp[R];
   for (int r = 0; r < R; ++r) wp[r] = t.codes + (tile0 + r) * tile_stride;
@@ -57,6 +61,7 @@ inline void block(const GemmArgs& a, const QTileView& t, int64_t tile0, int64_t 
     for (int64_t j = 0; j < steps; ++j) {
       typename Ops::Dec d[NV];
       for (int r = 0; r < R; ++r) {
+        if constexpr (kStream) __builtin_prefetch(wp[r] + kPrefetchBytes, 0, 3);
         for (int v = 0; v < VPT; ++v) Ops::decode(wp[r] + v * L * 4, d[r * VPT + v]);
         wp[r] += 64;
       }
