@@ -6,6 +6,7 @@ fast this machine is."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 import pytest
@@ -418,3 +419,16 @@ def test_direct_call_runs_the_kernel_the_route_names(monkeypatch):
     y = call(x, None)
     assert seen == [name]
     assert torch.allclose(y, reference_linear(x, w, None), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("raw, expected", [("2", 2.0), ("0", 0.0), ("30.5", 30.5), ("inf", math.inf)])
+def test_measuring_budget_comes_from_the_environment(monkeypatch, raw, expected):
+    monkeypatch.setenv("SPARSEINFER_MEASURE_BUDGET_S", raw)
+    assert cpu_routes._budget_from_env() == expected
+
+
+@pytest.mark.parametrize("raw", ["abc", "-1", "nan", ""])
+def test_a_bad_measuring_budget_is_named(monkeypatch, raw):
+    monkeypatch.setenv("SPARSEINFER_MEASURE_BUDGET_S", raw)
+    with pytest.raises(ValueError, match="SPARSEINFER_MEASURE_BUDGET_S"):
+        cpu_routes._budget_from_env()

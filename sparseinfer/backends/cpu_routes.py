@@ -25,7 +25,8 @@ the density to two decimals. First hit wins:
    that pads rows to a multiple of 8, e.g. nm_gemm_avx2, is slower at 33 rows than at 64, the top
    of the bucket), at most MEASURE_MAX_M rows of x, the weight's first rows only when one call
    would take more than CALL_CAP_S, each call on weights that come from memory (ROTATE_BYTES),
-   interleaved round by round, best of up to ROUNDS, at most MEASURE_BUDGET_S per process; stored in
+   interleaved round by round, best of up to ROUNDS, at most MEASURE_BUDGET_S per process
+   (``SPARSEINFER_MEASURE_BUDGET_S``, default 2); stored in
    the user cache. A stored record is settled once two measurements (in different processes,
    their times merged by taking each path's minimum) agree, or one shows a winner by more than
    CLEAR_MARGIN; until then it is used and measured once more by the next process that meets it
@@ -68,7 +69,21 @@ CLEAR_MARGIN = 0.25  # a winner by this much in one measurement is settled; clos
 SETTLED_ROUNDS = 2  # measurements (processes) merged before a close record is settled
 ROUNDS = 7  # interleaved rounds per measured point (fewer when POINT_BUDGET_S runs out)
 POINT_BUDGET_S = 0.25
-MEASURE_BUDGET_S = 2.0  # first-use measuring per process, all points together
+# First-use measuring per process, all points together (SPARSEINFER_MEASURE_BUDGET_S: a server that
+# would rather measure every layer at start-up sets it higher; one process of a benchmark that builds
+# many variants needs it, or the later variants get the rules).
+def _budget_from_env() -> float:
+    raw = os.environ.get("SPARSEINFER_MEASURE_BUDGET_S", "2")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise ValueError(f"SPARSEINFER_MEASURE_BUDGET_S={raw!r}: expected a number of seconds >= 0 (inf for no limit)")
+    return value
+
+
+MEASURE_BUDGET_S = _budget_from_env()
 # Sizing a measured call: past MEASURE_MAX_M rows both paths are compute-bound and their ratio
 # holds, so a bucket above it is measured at MEASURE_MAX_M; a call still estimated above CALL_CAP_S
 # (at ASSUMED_FLOPS, dense-equivalent 2*M*N*K) runs on the weight's first rows, never fewer than
