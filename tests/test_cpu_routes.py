@@ -293,7 +293,7 @@ def test_scalar_kernels_give_large_batches_to_the_dense_fallback(rng, monkeypatc
     monkeypatch.setenv("SPARSEINFER_MEASURE", "0")
     cpu_routes.reset()
     monkeypatch.setattr(cpu_routes, "_tables", {})  # the shipped file
-    w = _weight("csr", {}, 8, 64, rng)
+    w = _weight("int8", {}, 8, 64, rng)
     scalar = {r["name"] for r in C.kernel_table("scalar")}
     r64, r1 = cpu_routes.decide(w, BACKENDS["cpu"].prepack(w), 64, "fp32"), BACKENDS["cpu"].route(w, 1, "fp32")
     assert r1.path == "kernel"
