@@ -16,7 +16,9 @@ computation with only the math left:
   (``enable_gqa``, causal for the prompt, no mask), over views of the cache: no repeat of K / V;
 - the q / k / v and gate / up projections as one call where runtime/fused.py joined them, every
   compressed layer through its memoised direct kernel call (``CompressedLinear.run``), dense layers
-  through ``F.linear``;
+  through ``F.linear``; for decode steps those calls are bound once (``_bind``: the memo lookups cost
+  ~3-8 us a call, ~0.8 ms of a SmolLM2 step) and bound again when the thread count, the activation
+  mode or the routes change;
 - the LM head on the last position only.
 
 It reads the weights in place (nothing copied), so a compressed model decodes through the same
@@ -33,10 +35,15 @@ Per-token time saved on SmolLM2: bench/README.md, "Causal LMs".
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .act import default_act
+from .backends import generation
+from .backends.cpu_native import threads
 from .runtime.modules import CompressedLinear
 
 # rope types whose inv_freq the rotary module fixes at construction (no per-sequence-length update)
@@ -107,6 +114,28 @@ def _joint(members: list[nn.Module]):
     return lambda x: torch.cat([c(x) for c in calls], dim=-1)
 
 
+def _bind(m: nn.Module, x: torch.Tensor):
+    """``m``'s call for inputs like ``x`` with the lookups done now: a compressed layer's direct
+    kernel call (its ``plan``), else ``_linear(m)``."""
+    if isinstance(m, CompressedLinear):
+        call = m.plan(x)
+        if call is not None:
+            bias = m.bias
+            return lambda x: call(x, bias)
+    return _linear(m)
+
+
+def _bind_joint(members: list[nn.Module], x: torch.Tensor):
+    """``_joint(members)`` for inputs like ``x`` with the lookups done now."""
+    group = getattr(members[0], "_group", None)
+    ours = group is not None and len(group.members) == len(members) and all(
+        a is b for a, b in zip(group.members, members))
+    if ours and group.runs_jointly(x):
+        return _bind(group.joint, x)
+    calls = [_bind(m, x) for m in members]
+    return lambda x: torch.cat([c(x) for c in calls], dim=-1)
+
+
 class _Layer:
     """One decoder layer's weights and calls, looked up once."""
 
@@ -114,11 +143,19 @@ class _Layer:
         attn, mlp = layer.self_attn, layer.mlp
         self.norm1, self.eps1 = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
         self.norm2, self.eps2 = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
-        self.qkv = _joint([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.modules = ([attn.q_proj, attn.k_proj, attn.v_proj], attn.o_proj, [mlp.gate_proj, mlp.up_proj], mlp.down_proj)
+        self.qkv = _joint(self.modules[0])
         self.o = _linear(attn.o_proj)
-        self.gate_up = _joint([mlp.gate_proj, mlp.up_proj])
+        self.gate_up = _joint(self.modules[2])
         self.down = _linear(mlp.down_proj)
         self.intermediate = mlp.gate_proj.out_features
+
+    def bound(self, x: torch.Tensor, attn_out: torch.Tensor, act: torch.Tensor) -> _Layer:
+        """A copy whose calls are bound for inputs like ``x`` (qkv, gate_up), ``attn_out`` (o), ``act`` (down)."""
+        b = copy.copy(self)
+        qkv, o, gate_up, down = self.modules
+        b.qkv, b.o, b.gate_up, b.down = _bind_joint(qkv, x), _bind(o, attn_out), _bind_joint(gate_up, x), _bind(down, act)
+        return b
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -169,6 +206,7 @@ class LeanLlama:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)
         self.ids = torch.zeros(1, 1, dtype=torch.long, device=device)  # a decode step's input, reused
+        self._step_layers, self._step_key = None, None  # self.layers with calls bound for decode steps
 
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Run the prompt ``input_ids`` [1, S] from position 0 (the cache is reset)."""
@@ -184,16 +222,23 @@ class LeanLlama:
         if self.pos >= self.max_len:
             raise ValueError(f"LeanLlama.step: the cache holds {self.max_len} positions, all used")
         self.ids[0, 0] = token
-        return self._forward(self.embed(self.ids)[0])
+        x = self.embed(self.ids)[0]
+        key = (x.dtype, x.requires_grad and torch.is_grad_enabled(), threads(), generation(), default_act())
+        if key != self._step_key:
+            like = x.new_empty
+            self._step_layers = [layer.bound(like(1, x.shape[1]), like(1, self.heads * self.head_dim),
+                                             like(1, layer.intermediate)) for layer in self.layers]
+            self._step_key = key
+        return self._forward(x, self._step_layers)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, layers: list[_Layer] | None = None) -> torch.Tensor:
         """``x`` [S, hidden] at positions pos .. pos+S-1 -> the last position's logits."""
         s, pos = x.shape[0], self.pos
         end = pos + s
         heads, kv, d = self.heads, self.kv_heads, self.head_dim
         half, nq, nqk = d // 2, heads * d, (heads + kv) * d
         cos, sin = self.cos[pos:end, None], self.sin[pos:end, None]  # [S, 1, D]
-        for layer, k_cache, v_cache in zip(self.layers, self.k_layers, self.v_layers):  # caches: [KV, max_len, D]
+        for layer, k_cache, v_cache in zip(layers or self.layers, self.k_layers, self.v_layers):  # caches: [KV, max_len, D]
             qkv = layer.qkv(rms_norm(x, layer.norm1, layer.eps1))  # [S, (H + 2 KV) D]
             qk = qkv[:, :nqk].view(s, heads + kv, d)
             rotated = qk * cos  # transformers: q * cos + rotate_half(q) * sin

@@ -421,6 +421,33 @@ def test_lean_decoder_matches_transformers(case, recipe, act):
                               (got - want).abs().max().item())
 
 
+def test_lean_decode_steps_bind_their_calls_once_and_again_when_the_threads_change():
+    """Decode steps run each layer's direct call bound at the first step; a new thread count (or
+    activation mode, or route reset) binds them again, and the logits stay transformers'."""
+    from sparseinfer.backends.cpu_native import threads
+    from sparseinfer.lean_llama import LeanLlama
+
+    model = si.compress(_llama_cfg(), {"default": "int4-g32", "layers": {"lm_head": "int8"}}, progress=False)
+    tokens = PROMPT[0] + [7, 11, 13, 17, 19, 23]
+    want = _step_logits(model, tokens, "transformers")
+    prompt, rest = torch.tensor([tokens[:len(PROMPT[0])]]), tokens[len(PROMPT[0]):]
+    before = threads()
+    try:
+        with torch.inference_mode():
+            lean = LeanLlama(model, len(tokens))
+            got = [lean.prefill(prompt), lean.step(rest[0])]
+            first = lean._step_layers
+            got.append(lean.step(rest[1]))
+            assert lean._step_layers is first  # bound once
+            si.set_threads(1 if before != 1 else 2)
+            got.append(lean.step(rest[2]))
+            assert lean._step_layers is not first  # bound again for the new thread count
+            got += [lean.step(t) for t in rest[3:]]
+    finally:
+        si.set_threads(None)
+    assert torch.equal(torch.stack(got), want)
+
+
 def test_lean_decoder_is_the_default_and_falls_back():
     from sparseinfer.lean_llama import unsupported
     from sparseinfer.llm import greedy, pick_decoder

@@ -76,7 +76,7 @@ class SharedInput:
                 # traced by torch.compile: one op for the group, its rows handed out as in eager; the op
                 # decides joint or apart at run time (run_all)
                 out = torch.ops.sparseinfer.layer_linear(x, self._compile_handle, self.joint.out_features)
-            elif not self._runs_jointly(x):
+            elif not self.runs_jointly(x):
                 return member.run(x)
             else:
                 out = self.joint.run(x)
@@ -91,11 +91,11 @@ class SharedInput:
     def run(self, x: torch.Tensor) -> torch.Tensor:
         """Every member's output for ``x``, side by side (what ``sparseinfer::layer_linear`` runs for
         the group under torch.compile)."""
-        if self._runs_jointly(x):
+        if self.runs_jointly(x):
             return self.joint.run(x)
         return torch.cat([m.run(x) for m in self.members], dim=-1)
 
-    def _runs_jointly(self, x: torch.Tensor) -> bool:
+    def runs_jointly(self, x: torch.Tensor) -> bool:
         """Whether calls like ``x`` take the same path jointly and apart (a direct packed-kernel call)."""
         acts = tuple(m.act for m in self.members)
         key = (x.shape, x.dtype, x.is_cpu, x.requires_grad and torch.is_grad_enabled(), acts, default_act(),
