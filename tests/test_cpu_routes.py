@@ -53,7 +53,7 @@ class FakeTimer:
         self.calls.append((w.shape, m, act, tuple(paths)))
         times = {p: self.times.get(p, 2 * self.times["kernel"]) if p.startswith("kernel:") else self.times[p]
                  for p in paths}
-        return {"times": times, "m": m, "rows": w.shape[0], "n": w.shape[0], "when": "test"}
+        return {"times": times, "m": m, "rows": w.shape[0], "n": w.shape[0], "when": "test", "dense_threads": 2}
 
 
 # -- the dense fallback ----------------------------------------------------------------------------
@@ -432,3 +432,34 @@ def test_a_bad_measuring_budget_is_named(monkeypatch, raw):
     monkeypatch.setenv("SPARSEINFER_MEASURE_BUDGET_S", raw)
     with pytest.raises(ValueError, match="SPARSEINFER_MEASURE_BUDGET_S"):
         cpu_routes._budget_from_env()
+
+
+def test_the_dense_path_is_timed_on_the_threads_it_runs_on(rng, monkeypatch):
+    """Under llm.decode_threads torch has one thread while dense-routed calls run torch's GEMM on
+    sparseinfer's count (torch_threads): first-use measuring times the dense path on that count too."""
+    seen = []
+
+    def fake_timing(runs, rounds, budget):
+        seen.append(torch.get_num_threads())
+        return {p: 1.0 for p in runs}
+
+    monkeypatch.setattr(cpu_routes, "time_interleaved", fake_timing)
+    torch_before = torch.get_num_threads()
+    si.set_threads(2)
+    torch.set_num_threads(1)
+    try:
+        cpu_routes.measure_point(_weight("2:4", {}, 32, 64, rng), 4, "fp32", ["kernel", "dense"])
+    finally:
+        torch.set_num_threads(torch_before)
+        si.set_threads(None)
+    assert seen == [2]
+    assert torch.get_num_threads() == torch_before
+
+
+def test_a_record_that_may_have_timed_dense_on_one_thread_is_measured_again(rng, monkeypatch):
+    """Records stored before the dense path was timed on sparseinfer's threads (no "dense_threads")
+    are not settled, however clear their winner: the next process measures again and merges."""
+    clear = {"times": {"kernel": 1.0, "dense": 3.0}, "m": 8, "rounds": 1}
+    assert not cpu_routes.settled(clear)
+    assert cpu_routes.settled({**clear, "dense_threads": 2})
+    assert cpu_routes.settled({"times": {"kernel": 1.0, "dense_int8": 3.0}, "m": 8})  # no dense time in it
