@@ -3,11 +3,12 @@ timed round by round in one process (dense, then every recipe, per round), so th
 processes on a shared machine hits all of them alike. The demo itself times dense once first and
 each recipe after it, which on a busy machine moves its ratios by tens of percent.
 
-    flock /work/bench.lock python bench/demo_interleaved.py --recipes 2:4 sparse50 int8
+    python bench/demo_interleaved.py                      # the demo's recipe list
+    python bench/demo_interleaved.py --recipes 2:4 sparse50 int8
 
 The inputs are the demo's: its latency batch (the first 16 sentences, natural order, padded to the
 longest) and one sentence; default act (SPARSEINFER_ACT, else auto). Each model runs once untimed
-first (so first-use route measurements, if this machine's cache lacks them, happen there), then
+first, with no first-use measuring budget (so route measurements, if this machine's cache lacks them, happen there), then
 --rounds rounds; speed = dense time / recipe time of the median round (and of the best one).
 
 --force pick,last,dense adds rows for each recipe with every layer's route replaced (a what-if, by
@@ -18,6 +19,7 @@ replacing cpu_routes.decide): "pick" the table's kernel, "last" the last of _C.k
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 
@@ -47,7 +49,7 @@ def forced(kind: str):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--recipes", nargs="+", default=["2:4", "sparse50", "int8"])
+    ap.add_argument("--recipes", nargs="+", default=list(demo.DEFAULT_RECIPES), help="default: the demo's list")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--batch", type=int, default=16, help="sentences in the batched input (the demo's 16)")
     ap.add_argument("--act", default=None)
@@ -65,6 +67,7 @@ def main() -> None:
     variants.update({f"{r} [{f}]": (nets[r], f) for r in args.recipes for f in forces})
     times = {(name, size): [] for name in variants for size in inputs}
     measured = cpu_routes.decide
+    cpu_routes.MEASURE_BUDGET_S = math.inf  # every recipe's routes measured, as in a process of its own
     with torch.inference_mode():
         for net in nets.values():
             for batch in inputs.values():
