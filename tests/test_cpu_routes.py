@@ -463,3 +463,22 @@ def test_a_record_that_may_have_timed_dense_on_one_thread_is_measured_again(rng,
     assert not cpu_routes.settled(clear)
     assert cpu_routes.settled({**clear, "dense_threads": 2})
     assert cpu_routes.settled({"times": {"kernel": 1.0, "dense_int8": 3.0}, "m": 8})  # no dense time in it
+
+
+def test_a_tie_goes_to_the_packed_kernel_except_for_float_formats():
+    """Within MARGIN the table's kernel keeps a quantized call (it reads fewer bytes; noise must not
+    flip it), while float N:M / CSR, whose dense path runs the same values, keep dense: a kernel must
+    beat it by MARGIN."""
+    tie = {"kernel": 1.00, "kernel:other": 1.01, "dense": 0.98}
+    assert cpu_routes.choose(tie) == "kernel"
+    assert cpu_routes.choose(tie, dense_first=True) == "dense"
+    assert cpu_routes.choose({"kernel": 1.0, "dense": 1.03}, dense_first=True) == "dense"
+    assert cpu_routes.choose({"kernel": 0.9, "dense": 1.0}, dense_first=True) == "kernel"
+    assert cpu_routes.choose({"kernel": 1.0, "kernel:other": 0.9, "dense": 1.0}, dense_first=True) == "kernel:other"
+
+
+def test_float_formats_route_ties_to_dense(rng, monkeypatch):
+    monkeypatch.setattr(cpu_routes, "measure_point", FakeTimer(kernel=1.0, dense=1.02))
+    for fmt, want in [("2:4", "dense"), ("csr", "dense"), ("int8", "kernel")]:
+        w = _weight(fmt, {}, 48, 256, rng)
+        assert BACKENDS["cpu"].route(w, 33, "fp32").path == want, fmt

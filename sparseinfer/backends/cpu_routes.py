@@ -37,7 +37,9 @@ the density to two decimals. First hit wins:
    batch (interpolated in log2 batch). Rules choose between the table's pick and dense only.
 
 From measured times the table's pick keeps the call unless another path is faster by MARGIN
-(timing noise must not flip a decision). Decisions are memoised per weight and batch, so a call
+(timing noise must not flip a decision); for float N:M and CSR (COPY_FAMILIES: their dense path
+runs the very values, from a kept copy) dense keeps it unless a kernel is faster by MARGIN, so a
+tie never costs speed. Decisions are memoised per weight and batch, so a call
 pays a dict lookup; nothing here reads files after the first decision of a process.
 """
 
@@ -63,7 +65,8 @@ from . import cpu_tuning
 from .cpu_native import build_native_weight, native_weight
 
 TABLE_PATH = Path(__file__).with_name("cpu_routes.json")
-PATH_ORDER = ("kernel", "dense_int8", "dense")  # preference on ties: packed first ("kernel:<name>" after "kernel")
+PATH_ORDER = ("kernel", "dense_int8", "dense")  # preference on ties: packed first ("kernel:<name>" after
+                                                # "kernel"), except dense first for COPY_FAMILIES
 MARGIN = 0.05  # another path must be this much faster to take the call from the packed kernel
 CLEAR_MARGIN = 0.25  # a winner by this much in one measurement is settled; closer calls are measured twice
 SETTLED_ROUNDS = 2  # measurements (processes) merged before a close record is settled
@@ -422,11 +425,14 @@ def _rank(path: str) -> int:
     return 1 if path.startswith("kernel:") else 0 if path == "kernel" else 1 + PATH_ORDER.index(path)
 
 
-def choose(times: dict) -> str:
+def choose(times: dict, dense_first: bool = False) -> str:
     """The path to take from measured times: the table's pick ("kernel"), then the other kernels,
-    then PATH_ORDER's dense paths; a later one only if it is faster than the best so far by MARGIN."""
+    then PATH_ORDER's dense paths; a later one only if it is faster than the best so far by MARGIN.
+    ``dense_first`` (float N:M and CSR, whose packed kernels save memory only where they run and whose
+    dense copy is the same values) puts "dense" first: a tie goes to dense (50 %-sparse SmolLM2's
+    CSR kernels within 5 % of dense at 256 rows prefilled at 0.93x dense)."""
     best = None
-    for p in sorted(times, key=_rank):
+    for p in sorted(times, key=lambda p: -1 if dense_first and p == "dense" else _rank(p)):
         if best is None or times[p] < times[best] * (1 - MARGIN):
             best = p
     return best
@@ -539,9 +545,9 @@ def _label(path: str, record: dict) -> str:
     return path.partition(":")[2] if path.startswith("kernel:") else path
 
 
-def _by_times(record: dict, source: str) -> tuple[str, str]:
+def _by_times(record: dict, source: str, dense_first: bool = False) -> tuple[str, str]:
     times = record["times"]
-    path = choose(times)
+    path = choose(times, dense_first)
     shown = ", ".join(f"{_label(p, record)} {times[p] * 1e3:.3g} ms" for p in sorted(times, key=_rank))
     rows = f" on rows 0:{record['rows']} of {record['n']}" if record.get("rows", 0) < record.get("n", 0) else ""
     rounds = record.get("rounds", 1)
@@ -575,7 +581,7 @@ def decide(w: PackedWeight, handle, m: int, act: str) -> Route:
         may_measure = (not known_machine() and _measuring_allowed() and _spent < MEASURE_BUDGET_S
                        and key not in _remeasured)
         if usable and (not may_measure or (complete and settled(record))):
-            path, why = _by_times(record, "measured")
+            path, why = _by_times(record, "measured", family in COPY_FAMILIES)
         elif may_measure:
             t0 = time.perf_counter()
             fresh = measure_point(w, m, act, paths)
@@ -588,7 +594,8 @@ def decide(w: PackedWeight, handle, m: int, act: str) -> Route:
                 cpu_tuning.save(routes={key: record})
             except OSError:
                 pass  # a read-only cache: the decision holds for this process
-            path, why = _by_times(record, "measured again" if again else "measured on first use")
+            path, why = _by_times(record, "measured again" if again else "measured on first use",
+                                  family in COPY_FAMILIES)
         else:
             path, why = _by_rules(w, family, isa, m, act, paths)
             if not known_machine() and _measuring_allowed():

@@ -46,6 +46,9 @@ inline __m512i _mm512_srli_epi16(__m512i a, unsigned n) {
   }
   return a;
 }
+inline __m512i _mm512_srli_epi32(__m512i a, unsigned n) {
+  return emu::map32(a, a, [n](int32_t x, int32_t) { return n > 31 ? 0 : int32_t(uint32_t(x) >> n); });
+}
 inline __m512i _mm512_srlv_epi32(__m512i a, __m512i c) {
   return emu::map32(a, c, [](int32_t x, int32_t n) { return uint32_t(n) > 31 ? 0 : int32_t(uint32_t(x) >> n); });
 }
