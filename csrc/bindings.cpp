@@ -657,9 +657,11 @@ py::object dequantize(Weight& w, int64_t row_begin, int64_t row_end, py::handle 
   check_shape(out, {row_end - row_begin, w.view.K}, "the rows asked for and K of " + w.desc());
   check_contiguous(out);
   if (num_threads < 1) value_error("num_threads must be >= 1, got " + std::to_string(num_threads));
+  ensure_current(w);  // sources written in place since: validated again (an index out of range would write out of bounds)
   Status s;
   {
     const WeightView view = w.view;
+    const std::shared_ptr<Derived> derived = w.derived;  // keep the buffers the view points into
     py::gil_scoped_release release;
     s = dequantize_rows(view, row_begin, row_end, reinterpret_cast<float*>(out.ptr), w.view.K,
                         int(num_threads < 4096 ? num_threads : 4096));

@@ -177,3 +177,19 @@ def test_half_and_bfloat16_on_a_compressed_model(cast, dtype):
             h = reference_linear(h, model[i].packed, model[i].bias)
             h = torch.relu(h) if i < 4 else h
         torch.testing.assert_close(model(x), h, rtol=1e-5, atol=1e-5)
+
+
+def test_dequantize_validates_a_weight_written_in_place():
+    """The dense fallback's dequantize checks its sources as linear does: a column index written out
+    of range is refused (it would otherwise be a write past the output row)."""
+    from sparseinfer.backends.cpu_native import native_weight
+
+    C = _native.require_native()
+    w = si.pack(torch.randn(16, 64) * (torch.rand(16, 64) < 0.5), "csr")
+    handle = native_weight(w)
+    out = torch.full((16, 64), float("nan"))
+    C.dequantize(handle, 0, 16, out, 1)
+    assert torch.equal(out, w.to_dense())
+    w.col[-1] = 1000
+    with pytest.raises(ValueError, match="column index 1000 .* outside 0..63"):
+        C.dequantize(handle, 0, 16, torch.empty(16, 64), 1)
