@@ -116,6 +116,24 @@ def test_nm_panel_gemm_matches_reference(case, k, n, isa, rng, rel_err, panel_on
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("k, n", SHAPES)
+@pytest.mark.parametrize("case", CASES, ids=[f"{f}-{g}" for f, g in CASES])
+def test_gemv_rows_match_reference(case, k, n, isa, rng, rel_err):
+    """The batch-1-to-3 exact kernels (the table rows before the panel GEMM), natively: odd groups and
+    groups starting mid-byte, K off every block size, zero points or not, outputs poisoned first."""
+    fmt, group = case
+    w = make_weight(fmt, group, n, k, rng)
+    h = build_native_weight(w)
+    kernel = {"avx512": f"{fmt}_gemm_avx512", "avx2": f"{fmt}_gemv_avx2"}[isa]
+    for m in (1, 2, 3):
+        assert kernel in C.kernel_candidates(h, m, isa=isa, act="fp32")
+        x = torch.randn(m, k, generator=rng)
+        out = torch.full((m, n), float("nan"))
+        C.linear(x, h, out, None, num_threads=1 + m % 2, isa=isa, act="fp32", kernel=kernel)
+        assert rel_err(out, reference_linear(x, w, None)) <= TOL[torch.float32], f"{kernel} M={m} N={n} K={k}"
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_panel_gemm_large_blocks(isa, rng, rel_err, panel_only):
     """Several 256-column N blocks per thread and K blocks, fp32 output written in place across K blocks."""
     cases = [("int8", {}), ("int4", {"group_size": 64})] + [("2:4", {}), ("4:8", {})] * (isa == "avx2")
