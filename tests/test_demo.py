@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
+import torch
 
 from sparseinfer.cli import main
 
@@ -38,3 +41,25 @@ def test_demo_table_format():
     dense = Row("dense fp32", 100, 100, 1.0, 1.0, 10.0, 10.0, "torch")
     table = format_table([Row("int8", 50, 100, 0.99, 0.98, 5.0, 10.0, "reference", 4.0)], dense)
     assert "2.00x" in table and "4.00x" in table and "0.9900" in table and table.count("\n") == 3
+
+
+def test_each_recipe_is_timed_call_by_call_against_dense():
+    """paired_latency_ms alternates the two models (after one warm-up each) and returns each one's median."""
+    from sparseinfer.apps.demo import paired_latency_ms
+
+    order = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self, name, seconds):
+            super().__init__()
+            self.name, self.seconds = name, seconds
+
+        def forward(self, **batch):
+            order.append(self.name)
+            time.sleep(self.seconds)
+
+    fast, slow = Recorder("packed", 0.001), Recorder("dense", 0.004)
+    steps = []
+    ms, dense_ms = paired_latency_ms(fast, slow, {"input_ids": None}, 3, step=lambda: steps.append(1))
+    assert order == ["packed", "dense"] * 4 and len(steps) == 3
+    assert 1.0 <= ms < dense_ms and dense_ms >= 4.0

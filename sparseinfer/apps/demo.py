@@ -77,6 +77,24 @@ def fp32_bytes(model: torch.nn.Module) -> int:
 
 
 @torch.no_grad()
+def paired_latency_ms(model, dense, batch: dict, repeats: int, step=None) -> tuple[float, float]:
+    """Median wall times of ``model(**batch)`` and ``dense(**batch)`` over ``repeats`` calls each,
+    alternated call by call after one warm-up each: drift in the machine's speed (other processes,
+    clocks) hits both alike, so their ratio is steadier than from two separate runs."""
+    model(**batch)
+    dense(**batch)
+    times = {id(model): [], id(dense): []}
+    for _ in range(repeats):
+        for m in (model, dense):
+            t0 = time.perf_counter()
+            m(**batch)
+            times[id(m)].append((time.perf_counter() - t0) * 1e3)
+        if step:
+            step()
+    return statistics.median(times[id(model)]), statistics.median(times[id(dense)])
+
+
+@torch.no_grad()
 def latency_ms(model, batch: dict, repeats: int, step=None) -> float:
     """Median wall time of ``model(**batch)`` over ``repeats`` calls after one warm-up."""
     model(**batch)
@@ -131,20 +149,19 @@ def run(n_sentences: int = 256, recipes=DEFAULT_RECIPES, batch_size: int = 64, r
     avail = ", ".join(f"{n}: {'yes' if v['available'] else 'no'} ({v['detail']})" for n, v in si.backends().items())
     out(f"all-MiniLM-L6-v2 on {len(texts)} sentences from pydoc_data.topics; latency = median of {repeats} "
         f"forward passes over a batch of {timed['input_ids'].shape[0]} (and of {5 * repeats} over one sentence, "
-        f"{single['input_ids'].shape[1]} tokens); compressed layers' activations: "
+        f"{single['input_ids'].shape[1]} tokens), each recipe alternated call by call with dense (speed = that "
+        f"dense time / the recipe's); compressed layers' activations: "
         f"{act or 'the default (SPARSEINFER_ACT, else auto)'}\nbackends: {avail}")
 
     # one progress step per forward pass (and per compression), so a slow backend still shows motion
     steps = (1 + len(recipes)) * (len(batches) + repeats) + len(recipes)
     bar = tqdm(total=steps, desc="demo", unit="step", disable=None if progress is None else not progress)
 
-    def measure(m, label: str) -> tuple[torch.Tensor, float, float]:
-        bar.set_postfix_str(label)
-        emb = models.embed(m, batches, step=lambda: bar.update(1))
-        # one sentence: the small-batch case where packed weights pay most on a CPU (fewer bytes to stream)
-        return emb, latency_ms(m, timed, repeats, step=lambda: bar.update(1)), latency_ms(m, single, 5 * repeats)
-
-    dense_emb, dense_ms, dense1_ms = measure(model, "dense")
+    bar.set_postfix_str("dense")
+    dense_emb = models.embed(model, batches, step=lambda: bar.update(1))
+    # one sentence: the small-batch case where packed weights pay most on a CPU (fewer bytes to stream)
+    dense_ms = latency_ms(model, timed, repeats, step=lambda: bar.update(1))
+    dense1_ms = latency_ms(model, single, 5 * repeats)
     size = model_bytes(model)
     dense = Row("dense fp32", size, size, 1.0, 1.0, dense_ms, dense_ms, "torch", 1.0, dense1_ms, dense1_ms)
     rows: list[Row] = []
@@ -156,13 +173,17 @@ def run(n_sentences: int = 256, recipes=DEFAULT_RECIPES, batch_size: int = 64, r
         bar.set_postfix_str(f"compress {recipe}")
         compressed = si.set_act(si.compress(model, recipe, calib=calib, progress=False), act)
         bar.update(1)
-        emb, ms, ms1 = measure(compressed, recipe)
+        bar.set_postfix_str(recipe)
+        emb = models.embed(compressed, batches, step=lambda: bar.update(1))
+        # each recipe timed against dense call by call (the row's own dense time)
+        ms, pair_ms = paired_latency_ms(compressed, model, timed, repeats, step=lambda: bar.update(1))
+        ms1, pair1_ms = paired_latency_ms(compressed, model, single, 5 * repeats)
         cos = cosine(emb, dense_emb)
         layers = si.explain(compressed, batch=timed["input_ids"].numel())
         backends = "+".join(sorted({r["backend"] for r in layers}))
         layer_ratio = sum(r["dense_bytes"] for r in layers) / max(1, sum(r["packed_bytes"] for r in layers))
         rows.append(Row(recipe, model_bytes(compressed), fp32_bytes(compressed), cos.mean().item(), cos.min().item(),
-                        ms, dense_ms, backends, layer_ratio, ms1, dense1_ms))
+                        ms, pair_ms, backends, layer_ratio, ms1, pair1_ms))
         if recipe == keep:
             kept_model = compressed
     bar.close()
