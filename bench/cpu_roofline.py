@@ -270,7 +270,8 @@ def per_call_768(quick: bool):
         ("  torch.empty(1, 768)", lambda: torch.empty(1, 768)),
     ]
     print(f"\n## 768 x 768 int4-g128 batch 1 HOT, per call (kernels {C.kernel_name(h, 1, None, 'int8')} / "
-          f"{C.kernel_name(h, 1, None, 'fp32')}; 1 thread is used below {1 << 16} multiply-adds per thread)")
+          f"{C.kernel_name(h, 1, None, 'fp32')}; batch 1-2 calls split over threads from 128K multiply-adds "
+          f"per thread, csrc/README.md)")
     results = {}
     for name, fn in rows:
         if fn is None:

@@ -8,7 +8,6 @@
 #include "sparseinfer/dispatch.h"
 
 #include <atomic>
-#include <cstdlib>
 #include <cstring>
 #include <mutex>
 
@@ -582,6 +581,10 @@ QuantizeActFn select_quantize(Isa isa) {
 // 64K, calls of ~10 us went to two threads and ran slower than on one, and waited on a busy
 // machine: bench/README.md, "Shared cores").
 constexpr int64_t kMinWorkPerThread = int64_t(1) << 20;
+// Batches of 1-2 stream each weight byte once, from memory in a model: there a second thread pays
+// from far fewer multiply-adds (SmolLM2 decode, 2 threads, every layer under 1M: int4-g128 steps
+// 8.9-9.2 -> 6.8-7.1 ms, int8 13.0-13.2 -> 9.4-10.6 ms at 128K, interleaved x2).
+constexpr int64_t kMinStreamWorkPerThread = int64_t(1) << 17;
 // Column chunks are multiples of this, so SIMD kernels see whole register tiles except at the end.
 constexpr int64_t kColumnAlign = 16;
 
@@ -697,7 +700,7 @@ Status run_linear(const LinearCall& call, const WeightView& w, Isa isa, int thre
 
   // Split the N output columns into one chunk per thread.
   const int64_t work = a.M * work_per_column(w) * a.N;
-  int64_t nt = work / kMinWorkPerThread;
+  int64_t nt = work / (a.M <= 2 ? kMinStreamWorkPerThread : kMinWorkPerThread);
   if (nt > threads) nt = threads;
   if (nt > (a.N + kColumnAlign - 1) / kColumnAlign) nt = (a.N + kColumnAlign - 1) / kColumnAlign;
   if (nt < 1) nt = 1;
