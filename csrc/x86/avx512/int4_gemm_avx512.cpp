@@ -5,10 +5,8 @@
 // are widened once and split into their even / odd codes, which meet the activations split the same
 // way (once per call), the zero point subtracted in integers (exact); four accumulators per batch
 // row; a group's sums are scaled once. Group and K tails take 16 codes in element order with masked
-// loads, so nothing past K (in x) or past the group's bytes (in the codes) is read. The exact mode, not the fast one: see
-// int4_q8_gemm_vnni_avx512 for the roofline path.
-#include <vector>
-
+// loads, so nothing past K (in x) or past the group's bytes (in the codes) is read. The exact mode,
+// not the fast one: see int4_q8_gemm_vnni_avx512 for the roofline path.
 #include "avx512_common.h"
 
 // GCC 12 warns that _mm512_reduce_add_ps, inlined into row_pass, reads an uninitialized __m256d
@@ -44,20 +42,20 @@ inline void load_u4x32(const uint8_t* bytes, __m512i vz, __m512& even, __m512& o
 }
 
 // Batch rows m0 .. m0 + MR of x split by parity, once per call: row i's even elements x[0], x[2], ...
-// at even(i), its odd ones at odd(i) (a thread's own buffer).
+// at even(i), its odd ones at odd(i), in the calling thread's scratch (kernel_utils.h; no std::
+// containers in ISA-flagged files). `base` is null when that memory is not there.
 template <int MR>
 struct ParityX {
-  const float* base;
+  float* base;
   int64_t half;
   ParityX(const GemmArgs& a, int64_t m0) : half((a.K + 1) / 2) {
-    thread_local std::vector<float> buf;
-    buf.resize(size_t(MR * 2 * half));
+    base = scratch<float, 0>(size_t(MR * 2 * half));
+    if (!base) return;
     for (int i = 0; i < MR; ++i) {
       const float* x = a.x + (m0 + i) * a.stride_xm;
-      float* e = buf.data() + i * 2 * half;
+      float* e = base + i * 2 * half;
       for (int64_t k = 0; k < a.K; ++k) e[(k & 1) * half + (k >> 1)] = x[k];
     }
-    base = buf.data();
   }
   const float* even(int i) const { return base + i * 2 * half; }
   const float* odd(int i) const { return base + i * 2 * half + half; }
@@ -130,9 +128,11 @@ void row_pass(const GemmArgs& a, const QuantView& q, const ParityX<MR>& px, int6
 
 // Weight rows [n_begin, n_end) for batch rows m0 .. m0 + MR (the kernel serves batches of 1-3: one pass).
 template <int MR>
-void rows_pass(const GemmArgs& a, const QuantView& q, int64_t n_begin, int64_t n_end, int64_t m0) {
+Status rows_pass(const GemmArgs& a, const QuantView& q, int64_t n_begin, int64_t n_end, int64_t m0) {
   const ParityX<MR> px(a, m0);
+  if (!px.base) return Status::out_of_memory;
   for (int64_t n = n_begin; n < n_end; ++n) row_pass<MR>(a, q, px, n, m0);
+  return Status::ok;
 }
 
 }  // namespace
@@ -141,14 +141,16 @@ Status int4_gemm_avx512(const GemmArgs& a, const WeightView& w, int64_t n_begin,
   const QuantView& q = w.q;
   if (q.group <= 0 || q.kp < a.K || (q.kp & 1) || q.n_groups * q.group != q.kp) return Status::invalid_argument;
   int64_t m0 = 0;
-  for (; m0 + kRows <= a.M; m0 += kRows) rows_pass<kRows>(a, q, n_begin, n_end, m0);
-  switch (a.M - m0) {
-    case 3: rows_pass<3>(a, q, n_begin, n_end, m0); break;
-    case 2: rows_pass<2>(a, q, n_begin, n_end, m0); break;
-    case 1: rows_pass<1>(a, q, n_begin, n_end, m0); break;
-    default: break;
+  for (; m0 + kRows <= a.M; m0 += kRows) {
+    const Status s = rows_pass<kRows>(a, q, n_begin, n_end, m0);
+    if (s != Status::ok) return s;
   }
-  return Status::ok;
+  switch (a.M - m0) {
+    case 3: return rows_pass<3>(a, q, n_begin, n_end, m0);
+    case 2: return rows_pass<2>(a, q, n_begin, n_end, m0);
+    case 1: return rows_pass<1>(a, q, n_begin, n_end, m0);
+    default: return Status::ok;
+  }
 }
 
 }  // namespace sparseinfer
