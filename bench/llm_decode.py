@@ -13,12 +13,15 @@ Per variant and round: prefill (one forward of ``--prompt-tokens`` random token 
 greedy decode of ``--new-tokens`` tokens (``sparseinfer.llm.greedy``: a forward per token with a KV
 cache; tokens/s). Each variant runs under two thread settings: ``torch`` (torch's threads = T, the
 default a user gets) and ``decode`` (``decode_threads(T)``: sparseinfer's kernels on T threads, torch's
-small ops on one), and under each forward of ``--decoders``: ``lean`` (``sparseinfer.lean_llama.LeanLlama``,
-the default of ``greedy`` for a transformers Llama) and ``transformers`` (the model's own forward with a
-DynamicCache); ratios are against the best dense fp32 setting of the same decoder. Prefill is one
-forward of the prompt through the model's own forward (both decoders' prompt steps appear in decode's
-``greedy`` only through the first token). Where both decoders ran, "same tokens" counts the leading
-greedy tokens the lean decoder shares with transformers' forward. Bytes per token
+small ops on one), and under each forward of ``--decoders`` (``sparseinfer.llm.DECODERS``): ``native``
+(``LeanLlama`` with one C++ call per decode step, where every projection is a packed kernel: the
+default of ``greedy`` there; skipped for a variant it cannot run, e.g. dense), ``lean``
+(``sparseinfer.lean_llama.LeanLlama``'s Python steps, the default for a dense Llama) and
+``transformers`` (the model's own forward with a DynamicCache); ratios are against the best dense fp32
+row of the run (any decoder and thread setting). Prefill is one
+forward of the prompt through the model's own forward (the decoders' prompt steps appear in decode's
+``greedy`` only through the first token). Where transformers' forward ran too, "same tokens" counts the
+leading greedy tokens the lean / native decoder shares with it. Bytes per token
 = every weight byte a decode step reads (packed or dense layers, one embedding row) plus the KV cache
 at the mean decode position; roofline fraction = bytes per token / read bandwidth (a 256 MiB
 ``sum`` on T threads, measured in each round) / the measured time per token.
@@ -164,7 +167,7 @@ def prefill_seconds(model, ids) -> float:
 def run(model_name: str, recipes=RECIPES, threads: int = 2, new_tokens: int = 64, prompt_tokens: int = 256,
         rounds: int = 3, head: str = "int8", act: str | None = None, modes=("torch", "decode"),
         dense_modes=("torch", "decode"), compiled=(), lock: str | None = None, idle_build: bool = False,
-        decoders=("lean", "transformers"), log=print) -> dict:
+        decoders=("native", "lean", "transformers"), log=print) -> dict:
     if idle_build:
         _all_threads_policy(os.SCHED_IDLE)
     torch.set_num_threads(threads)
@@ -183,10 +186,18 @@ def run(model_name: str, recipes=RECIPES, threads: int = 2, new_tokens: int = 64
     # 3x slower than dense here, at 0.37x dense decode).
     cpu_routes.MEASURE_BUDGET_S = math.inf
     t0 = time.perf_counter()
+    decoders_of = {}  # the decoders that run each variant (compiled ones replace forward: transformers' only)
     for name, model in variants.items():  # warm-up: routes, first-use measurements, allocator, compiling
+        decoders_of[name] = ("transformers",) if name.endswith("+compile") else []
         with decode_threads(threads):
             for decoder in decoders:
-                greedy(model, decode_prompt, 3, decoder=decoder)
+                try:
+                    greedy(model, decode_prompt, 3, decoder=decoder)
+                except ValueError as err:  # e.g. native on a dense model
+                    log(f"{name}: no {decoder} decoder ({err})")
+                    continue
+                if not name.endswith("+compile"):
+                    decoders_of[name].append(decoder)
             prefill_seconds(model, prompt)
             prefill_seconds(model, prompt[:, :32])
     log(f"warmed up in {time.perf_counter() - t0:.0f} s")
@@ -194,7 +205,7 @@ def run(model_name: str, recipes=RECIPES, threads: int = 2, new_tokens: int = 64
         _all_threads_policy(os.SCHED_OTHER)  # measure at normal priority, every thread (OpenMP's too)
     with locked(lock):
         return _measure(model_name, variants, modes_of, prompt, decode_prompt, threads, new_tokens, rounds, head,
-                        act, decoders, log)
+                        act, decoders_of, log)
 
 
 def _all_threads_policy(policy) -> None:
@@ -206,10 +217,8 @@ def _all_threads_policy(policy) -> None:
 
 
 def _measure(model_name, variants, modes_of, prompt, decode_prompt, threads, new_tokens, rounds, head, act,
-             decoders, log):
+             decoders_of, log):
     prompt_tokens = prompt.shape[1]
-    # compiled variants replace forward: only transformers' forward runs them
-    decoders_of = {name: ("transformers",) if name.endswith("+compile") else decoders for name in variants}
     results: dict = {name: {(m, d): {"decode": [], "prefill": [], "tokens": None} for m in modes_of[name]
                             for d in decoders_of[name]} for name in variants}
     bandwidths = []
@@ -232,8 +241,8 @@ def _measure(model_name, variants, modes_of, prompt, decode_prompt, threads, new
     bw = statistics.median(bandwidths)
     context = decode_prompt.shape[1] + new_tokens // 2
     table = []
-    best_dense = {d: {k: max(statistics.median(r[k]) for (_, dd), r in results["dense"].items() if dd == d)
-                      for k in ("decode", "prefill")} for d in decoders} if "dense" in results else None
+    best_dense = {k: max(statistics.median(r[k]) for r in results["dense"].values())
+                  for k in ("decode", "prefill")} if "dense" in results else None
     for name, model in variants.items():
         nbytes = bytes_per_token(model, context)
         for mode, decoder in results[name]:
@@ -242,15 +251,15 @@ def _measure(model_name, variants, modes_of, prompt, decode_prompt, threads, new
             row = {"model": model_name, "variant": name, "threads": mode, "decoder": decoder, "decode_tok_s": dec,
                    "prefill_tok_s": pre, "bytes_per_token": nbytes, "roofline_fraction": nbytes / bw * dec}
             other = results[name].get((mode, "transformers"))
-            if decoder == "lean" and other is not None:  # leading tokens equal to transformers' forward's
+            if decoder in ("native", "lean") and other is not None:  # leading tokens equal to transformers' forward's
                 row["same_tokens_as_transformers"] = _same_prefix(r["tokens"], other["tokens"])
             base = results.get(name.removesuffix("+compile"), {})
             if name.endswith("+compile") and base:  # leading tokens equal to the eager model's
                 eager = base.get((mode, "transformers"), next(iter(base.values())))["tokens"]
                 row["same_tokens_as_eager"] = _same_prefix(eager, r["tokens"])
-            if best_dense and decoder in best_dense:
-                row["decode_x_dense"] = dec / best_dense[decoder]["decode"]
-                row["prefill_x_dense"] = pre / best_dense[decoder]["prefill"]
+            if best_dense:
+                row["decode_x_dense"] = dec / best_dense["decode"]
+                row["prefill_x_dense"] = pre / best_dense["prefill"]
             table.append(row)
     return {"model": model_name, "threads": threads, "new_tokens": new_tokens, "prompt_tokens": prompt_tokens,
             "rounds": rounds, "head": head, "act": act or "default", "read_bandwidth": bw, "rows": table,
@@ -310,8 +319,8 @@ def main(argv=None) -> int:
     p.add_argument("--act", default=None, choices=("auto", "fp32", "int8"))
     p.add_argument("--modes", default="torch,decode", help="thread settings to measure: torch, decode")
     p.add_argument("--dense-modes", default="torch,decode", help="thread settings for dense fp32")
-    p.add_argument("--decoders", default="lean,transformers",
-                   help="forwards to measure greedy decode with: lean (LeanLlama), transformers")
+    p.add_argument("--decoders", default="native,lean,transformers",
+                   help="forwards to measure greedy decode with: native, lean (LeanLlama), transformers")
     p.add_argument("--compile", default="", help="recipes to measure also under torch.compile (decode threads)")
     p.add_argument("--lock", help="flock this file around the measured rounds only (e.g. /work/bench.lock)")
     p.add_argument("--idle-build", action="store_true",

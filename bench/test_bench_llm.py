@@ -1,6 +1,6 @@
 """Causal LM decode / prefill (bench/llm_decode.py): the smoke scope runs a tiny random Llama through
-every path (dense, recipes with an int8 LM head, both thread settings, the lean and transformers
-decoders); wider scopes run SmolLM2
+every path (dense, recipes with an int8 LM head, both thread settings, the native, lean and
+transformers decoders); wider scopes run SmolLM2
 (skipped with the reason when its GGUF is not installed). Figures: bench/README.md."""
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ def test_llm_decode(smoke):
     print(llm_decode.markdown(report))
     rows = {(r["variant"], r["threads"], r["decoder"]): r for r in report["rows"]}
     assert len(rows) == len(report["rows"]) and {t for _, t, _ in rows} == {"torch", "decode"}
-    assert {d for _, _, d in rows} == {"lean", "transformers"}
+    assert {d for _, _, d in rows} == {"native", "lean", "transformers"}
+    assert all(d != "native" for v, _, d in rows if v == "dense")  # native steps run packed kernels only
     for (v, t, d), r in rows.items():
         if d == "lean":  # the tiny model in fp32: the same greedy tokens through either forward
             assert v != "dense" or r["same_tokens_as_transformers"] == report["new_tokens"], r

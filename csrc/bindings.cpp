@@ -13,12 +13,14 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <memory>
 #include <sstream>
 #include <string>
 #include <vector>
 
+#include "sparseinfer/decode.h"
 #include "sparseinfer/dispatch.h"
 #include "sparseinfer/kernels.h"
 #include "sparseinfer/threadpool.h"
@@ -687,6 +689,263 @@ py::list kernel_candidate_names(const Weight& w, int64_t batch, const py::object
   return out;
 }
 
+// -- the native decode step ----------------------------------------------------------------------------
+
+// One linear call of a decode step: a packed weight run by the kernel and activation mode its layer's
+// route picked at M = 1 (sparseinfer/backends/cpu.py, direct_call), writing at `offset` of the output.
+struct Projection {
+  py::object owner;  // keeps the Weight alive
+  Weight* w = nullptr;
+  std::vector<float> bias;  // empty: none
+  ActMode act = ActMode::fp32;
+  std::string kernel;  // empty: the table's pick
+  int64_t offset = 0;
+};
+
+struct DecoderLayer {
+  std::vector<float> norm1, norm2;
+  float eps1 = 0, eps2 = 0;
+  std::vector<Projection> qkv, gate_up;  // side by side into one buffer
+  Projection o, down;
+};
+
+// A causal LM's batch-1 decode step with every projection a packed kernel (sparseinfer/lean_llama.py):
+// per layer RMSNorm, q/k/v, rotary, the KV cache write, attention, o, residual, RMSNorm, gate / up,
+// SiLU gate, down, residual; then the final RMSNorm and, when given, the LM head. One Python call per
+// token: the math between the kernels is decode.h's, the kernels are run_linear's. The norm weights,
+// biases and rotary tables are copied at construction; the KV caches are the caller's tensors (its
+// prefill writes them), checked on every step; the packed weights are revalidated on every step
+// (ensure_current), as _C.linear does on every call.
+class Decoder {
+ public:
+  Decoder(py::tuple dims, py::handle cos_obj, py::handle sin_obj, py::handle k_obj, py::handle v_obj, py::list layers,
+          py::handle norm_obj, double eps, py::object head, int64_t num_threads, const py::object& isa_obj) {
+    if (dims.size() != 6) value_error("Decoder: dims must be (hidden, heads, kv_heads, head_dim, intermediate, scale)");
+    hidden_ = dims[0].cast<int64_t>(), heads_ = dims[1].cast<int64_t>(), kv_heads_ = dims[2].cast<int64_t>();
+    head_dim_ = dims[3].cast<int64_t>(), intermediate_ = dims[4].cast<int64_t>(), scale_ = dims[5].cast<float>();
+    if (hidden_ < 1 || heads_ < 1 || kv_heads_ < 1 || heads_ % kv_heads_ || head_dim_ < 2 || head_dim_ % 2 ||
+        intermediate_ < 1)
+      value_error("Decoder: dims (hidden, heads, kv_heads, head_dim, intermediate) = (" + std::to_string(hidden_) +
+                  ", " + std::to_string(heads_) + ", " + std::to_string(kv_heads_) + ", " + std::to_string(head_dim_) +
+                  ", " + std::to_string(intermediate_) + ") must be positive, heads a multiple of kv_heads and "
+                  "head_dim even");
+    if (num_threads < 1) value_error("Decoder: num_threads must be >= 1, got " + std::to_string(num_threads));
+    threads_ = int(num_threads < 4096 ? num_threads : 4096);
+    isa_ = resolve_isa(isa_obj);
+    ops_ = decode_ops(isa_);
+    const int64_t n_layers = int64_t(layers.size());
+    if (n_layers < 1) value_error("Decoder: no layers");
+
+    Tensor k = inspect(k_obj, "k_cache"), v = inspect(v_obj, "v_cache");
+    check_dtype(k, {DType::f32}), check_dtype(v, {DType::f32});
+    check_dim(k, 4);
+    max_len_ = k.shape[2];
+    if (max_len_ < 1) value_error("Decoder: k_cache holds no positions");
+    const std::vector<int64_t> cache_shape{n_layers, kv_heads_, max_len_, head_dim_};
+    check_shape(k, cache_shape, "layers, kv_heads, max_len, head_dim");
+    check_shape(v, cache_shape, "layers, kv_heads, max_len, head_dim");
+    check_contiguous(k), check_contiguous(v);
+    if (overlaps(k, v)) value_error("Decoder: k_cache and v_cache overlap");
+    k_ = k, v_ = v;
+    cos_ = copy_floats(cos_obj, "cos", {max_len_, head_dim_});
+    sin_ = copy_floats(sin_obj, "sin", {max_len_, head_dim_});
+    norm_ = copy_floats(norm_obj, "norm", {hidden_});
+    eps_ = float(eps);
+
+    const int64_t q_width = heads_ * head_dim_, qkv_width = (heads_ + 2 * kv_heads_) * head_dim_;
+    for (int64_t i = 0; i < n_layers; ++i) {
+      py::tuple t = layers[size_t(i)].cast<py::tuple>();
+      if (t.size() != 8) value_error("Decoder: a layer is (norm1, eps1, qkv, o, norm2, eps2, gate_up, down)");
+      const std::string at = "layer " + std::to_string(i) + " ";
+      DecoderLayer L;
+      L.norm1 = copy_floats(t[0], (at + "norm1").c_str(), {hidden_}), L.eps1 = t[1].cast<float>();
+      L.qkv = projections(t[2], hidden_, qkv_width, at + "q/k/v");
+      L.o = projections(py::make_tuple(t[3]), q_width, hidden_, at + "o")[0];
+      L.norm2 = copy_floats(t[4], (at + "norm2").c_str(), {hidden_}), L.eps2 = t[5].cast<float>();
+      L.gate_up = projections(t[6], hidden_, 2 * intermediate_, at + "gate/up");
+      L.down = projections(py::make_tuple(t[7]), intermediate_, hidden_, at + "down")[0];
+      layers_.push_back(std::move(L));
+    }
+    if (!head.is_none()) {
+      head_ = projections(py::make_tuple(head), hidden_, -1, "head");
+      vocab_ = head_[0].w->view.N;
+    }
+    x_.resize(size_t(hidden_)), h_.resize(size_t(hidden_)), tmp_.resize(size_t(hidden_));
+    qkv_.resize(size_t(qkv_width)), att_.resize(size_t(q_width));
+    gate_up_.resize(size_t(2 * intermediate_)), act_.resize(size_t(intermediate_)), scores_.resize(size_t(max_len_));
+    for (DecoderLayer& L : layers_) {
+      for (Projection& p : L.qkv) all_.push_back(&p);
+      all_.push_back(&L.o);
+      for (Projection& p : L.gate_up) all_.push_back(&p);
+      all_.push_back(&L.down);
+    }
+    for (Projection& p : head_) all_.push_back(&p);
+    views_.resize(all_.size()), holds_.resize(all_.size());
+  }
+
+  // x [hidden] (the token's embedding) at position pos -> out: the logits [vocab] with a head, else the
+  // final norm's output [hidden].
+  py::object step(py::handle x_obj, int64_t pos, py::handle out_obj) {
+    Tensor x = inspect(x_obj, "x"), out = inspect(out_obj, "out");
+    check_dtype(x, {DType::f32}), check_dtype(out, {DType::f32});
+    if (x.extent_bytes() != hidden_ * 4 || int64_t(x.shape.empty() ? 1 : x.shape.back()) != hidden_)
+      value_error("Decoder.step: x must hold one row of " + std::to_string(hidden_) + " values, got shape " + x.shape_str());
+    check_contiguous(x), check_contiguous(out);
+    const int64_t out_n = head_.empty() ? hidden_ : vocab_;
+    if (out.extent_bytes() != out_n * 4)
+      value_error("Decoder.step: out must hold " + std::to_string(out_n) + " values, got shape " + out.shape_str());
+    if (pos < 0 || pos >= max_len_)
+      value_error("Decoder.step: position " + std::to_string(pos) + " is outside the cache's 0.." +
+                  std::to_string(max_len_ - 1));
+    for (const Tensor* c : {&k_, &v_}) {  // the caches must still be where and what they were
+      Tensor now = inspect(c->obj, c->name.c_str());
+      if (now.ptr != c->ptr || now.shape != c->shape || now.strides != c->strides || now.dtype != c->dtype)
+        value_error("Decoder.step: " + c->name + " was moved or reshaped since the decoder was built");
+    }
+    for (size_t i = 0; i < all_.size(); ++i) {
+      Projection& p = *all_[i];
+      ensure_current(*p.w);
+      if (const uint64_t bits = act_call_bits(p.act)) {
+        const uint64_t sel = bits | tile_bits(*p.w);
+        const KernelImpl* k = p.kernel.empty() ? select_kernel(p.w->view.id, isa_, 1, sel)
+                                               : find_kernel(p.kernel.c_str(), p.w->view.id, isa_, sel);
+        if (k && (k->requires & kCallInt8Act)) ensure_qtiles(*p.w, *k);
+      }
+      views_[i] = p.w->view, holds_[i] = p.w->derived;
+    }
+    Status s = Status::ok;
+    const KernelImpl* kernel = nullptr;
+    size_t failed = 0;
+    {
+      py::gil_scoped_release release;
+      s = run(reinterpret_cast<const float*>(x.ptr), pos, reinterpret_cast<float*>(out.ptr), &kernel, &failed);
+    }
+    if (s != Status::ok) {
+      if (s == Status::out_of_memory) throw std::bad_alloc();
+      const Weight& w = *all_[failed]->w;
+      throw std::runtime_error(std::string("sparseinfer._C.Decoder.step: ") + status_message(s) + " in kernel " +
+                               (kernel ? kernel->name : "<none>") + " (isa " + isa_name(isa_) + ") for " + w.desc() +
+                               " [" + w.detail + "]");
+    }
+    return py::reinterpret_borrow<py::object>(out_obj);
+  }
+
+  int64_t max_len() const { return max_len_; }
+
+ private:
+  static std::vector<float> copy_floats(py::handle obj, const char* name, const std::vector<int64_t>& shape) {
+    Tensor t = inspect(obj, name);
+    check_dtype(t, {DType::f32});
+    check_shape(t, shape, "the model's size");
+    check_contiguous(t);
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    const float* p = data<float>(t);
+    return std::vector<float>(p, p + n);
+  }
+
+  // Projections side by side: (weight, bias, act, kernel) tuples whose rows add up to `width` (-1: any)
+  // and that each take `k` inputs.
+  std::vector<Projection> projections(py::handle list, int64_t k, int64_t width, const std::string& what) {
+    std::vector<Projection> out;
+    int64_t offset = 0;
+    for (py::handle item : list) {
+      py::tuple t = py::reinterpret_borrow<py::object>(item).cast<py::tuple>();
+      if (t.size() != 4) value_error("Decoder: " + what + ": a projection is (weight, bias, act, kernel)");
+      Projection p;
+      p.owner = py::reinterpret_borrow<py::object>(t[0]);
+      p.w = &p.owner.cast<Weight&>();
+      const int64_t n = p.w->view.N;
+      if (p.w->view.K != k)
+        value_error("Decoder: " + what + ": " + p.w->desc() + " does not take " + std::to_string(k) + " inputs");
+      if (!t[1].is_none()) p.bias = copy_floats(t[1], (what + " bias").c_str(), {n});
+      p.act = resolve_act(t[2]);
+      if (!t[3].is_none()) {
+        p.kernel = t[3].cast<std::string>();
+        const uint64_t bits = act_call_bits(p.act);
+        if (!find_kernel(p.kernel.c_str(), p.w->view.id, isa_, bits ? bits | tile_bits(*p.w) : 0))
+          value_error("Decoder: " + what + ": kernel '" + p.kernel + "' cannot run " + p.w->desc() + " on isa " +
+                      isa_name(isa_) + " with act='" + act_mode_name(p.act) + "'");
+      }
+      p.offset = offset;
+      offset += n;
+      out.push_back(std::move(p));
+    }
+    if (out.empty() || (width >= 0 && offset != width))
+      value_error("Decoder: " + what + ": the projections give " + std::to_string(offset) + " outputs, expected " +
+                  std::to_string(width));
+    return out;
+  }
+
+  Status linear(size_t index, const float* in, float* out, const KernelImpl** kernel) {
+    const Projection& p = *all_[index];
+    LinearCall call{};
+    call.x = in, call.x_dtype = DType::f32, call.stride_xm = views_[index].K;
+    call.y = out + p.offset, call.stride_ym = views_[index].N, call.M = 1;
+    call.bias = p.bias.empty() ? nullptr : p.bias.data(), call.bias_dtype = DType::f32;
+    call.act = p.act;
+    call.kernel = p.kernel.empty() ? nullptr : p.kernel.c_str();
+    return run_linear(call, views_[index], isa_, threads_, kernel);
+  }
+
+  Status run(const float* x_in, int64_t pos, float* out, const KernelImpl** kernel, size_t* failed) {
+    const int64_t d = head_dim_, kv_width = kv_heads_ * d, q_width = heads_ * d;
+    const float* cos = cos_.data() + pos * d;
+    const float* sin = sin_.data() + pos * d;
+    float* x = x_.data();
+    std::memcpy(x, x_in, size_t(hidden_) * sizeof(float));
+    size_t i = 0;  // index into all_ (the order the projections run in)
+    const auto call = [&](const float* in, float* y) {
+      *failed = i;
+      return linear(i++, in, y, kernel);
+    };
+    for (size_t l = 0; l < layers_.size(); ++l) {
+      const DecoderLayer& L = layers_[l];
+      float* k_cache = reinterpret_cast<float*>(k_.ptr) + int64_t(l) * kv_heads_ * max_len_ * d;
+      float* v_cache = reinterpret_cast<float*>(v_.ptr) + int64_t(l) * kv_heads_ * max_len_ * d;
+      ops_.rms_norm(x, L.norm1.data(), L.eps1, hidden_, h_.data());
+      for (size_t j = 0; j < L.qkv.size(); ++j)
+        if (Status s = call(h_.data(), qkv_.data()); s != Status::ok) return s;
+      ops_.rope(qkv_.data(), heads_ + kv_heads_, d, cos, sin);
+      for (int64_t g = 0; g < kv_heads_; ++g) {
+        std::memcpy(k_cache + (g * max_len_ + pos) * d, qkv_.data() + q_width + g * d, size_t(d) * sizeof(float));
+        std::memcpy(v_cache + (g * max_len_ + pos) * d, qkv_.data() + q_width + kv_width + g * d,
+                    size_t(d) * sizeof(float));
+      }
+      ops_.attend(qkv_.data(), k_cache, v_cache, heads_, kv_heads_, d, pos + 1, max_len_, scale_, scores_.data(),
+                  att_.data());
+      if (Status s = call(att_.data(), tmp_.data()); s != Status::ok) return s;
+      ops_.add(x, tmp_.data(), hidden_);
+      ops_.rms_norm(x, L.norm2.data(), L.eps2, hidden_, h_.data());
+      for (size_t j = 0; j < L.gate_up.size(); ++j)
+        if (Status s = call(h_.data(), gate_up_.data()); s != Status::ok) return s;
+      ops_.silu_mul(gate_up_.data(), gate_up_.data() + intermediate_, intermediate_, act_.data());
+      if (Status s = call(act_.data(), tmp_.data()); s != Status::ok) return s;
+      ops_.add(x, tmp_.data(), hidden_);
+    }
+    if (head_.empty()) {
+      ops_.rms_norm(x, norm_.data(), eps_, hidden_, out);
+      return Status::ok;
+    }
+    ops_.rms_norm(x, norm_.data(), eps_, hidden_, h_.data());
+    return call(h_.data(), out);
+  }
+
+  int64_t hidden_ = 0, heads_ = 0, kv_heads_ = 0, head_dim_ = 0, intermediate_ = 0, max_len_ = 0, vocab_ = 0;
+  float scale_ = 1, eps_ = 0;
+  int threads_ = 1;
+  Isa isa_ = Isa::scalar;
+  DecodeOps ops_{};
+  Tensor k_, v_;
+  std::vector<float> cos_, sin_, norm_;
+  std::vector<DecoderLayer> layers_;
+  std::vector<Projection> head_;  // empty or one
+  std::vector<Projection*> all_;  // every projection in the order a step runs them
+  std::vector<WeightView> views_;  // their views for this step, copied under the GIL
+  std::vector<std::shared_ptr<Derived>> holds_;  // and the derived buffers the views point into
+  std::vector<float> x_, h_, tmp_, qkv_, att_, gate_up_, act_, scores_;
+};
+
 py::list names(const std::vector<Isa>& isas) {
   py::list out;
   for (Isa i : isas) out.append(py::str(isa_name(i)));
@@ -712,6 +971,24 @@ PYBIND11_MODULE(_C, m) {
         return "<sparseinfer._C.Weight " + w.fmt + " (" + std::to_string(w.view.N) + ", " + std::to_string(w.view.K) +
                ") " + w.detail + ">";
       });
+
+  py::class_<Decoder>(m, "Decoder",
+                      "A causal LM's batch-1 decode step with every projection a packed kernel, in one call "
+                      "(sparseinfer/lean_llama.py builds it).")
+      .def(py::init<py::tuple, py::handle, py::handle, py::handle, py::handle, py::list, py::handle, double, py::object,
+                    int64_t, const py::object&>(),
+           py::arg("dims"), py::arg("cos"), py::arg("sin"), py::arg("k_cache"), py::arg("v_cache"), py::arg("layers"),
+           py::arg("norm"), py::arg("eps"), py::arg("head") = py::none(), py::arg("num_threads") = 1,
+           py::arg("isa") = py::none(),
+           "dims (hidden, heads, kv_heads, head_dim, intermediate, attention scale); cos / sin float32 [max_len, "
+           "head_dim] (sin with rotate_half's sign in its first half); k_cache / v_cache float32 [layers, kv_heads, "
+           "max_len, head_dim], contiguous; layers: (norm1, eps1, qkv, o, norm2, eps2, gate_up, down) where qkv and "
+           "gate_up are lists of projections side by side and a projection is (Weight, bias or None, act, kernel "
+           "or None); norm / eps: the final RMSNorm; head: a projection or None.")
+      .def("step", &Decoder::step, py::arg("x"), py::arg("pos"), py::arg("out"),
+           "x float32 [hidden] at position pos (the caches hold positions 0..pos-1) -> out: the logits [vocab] "
+           "with a head, else the final norm's output [hidden]. Writes position pos of the caches. Returns out.")
+      .def_property_readonly("max_len", &Decoder::max_len);
 
   m.def("pack_int8", &pack_int8, py::arg("qweight"), py::arg("scale"), py::arg("k"),
         "int8: qweight int8 [N, Kp], scale float32 [N, G] (G divides Kp), true K <= Kp.");

@@ -6,6 +6,7 @@
 // tried in order; the first whose id matches, whose max_m admits the batch and whose extra
 // feature bits the CPU has wins, else the search goes on at the level below.
 #include "sparseinfer/dispatch.h"
+#include "sparseinfer/decode.h"
 
 #include <atomic>
 #include <cstring>
@@ -554,6 +555,24 @@ DequantizeRowFn active_dequantize_row() {
   if (active_isa(&isa, nullptr) && isa == Isa::avx512) return dequantize_row_avx512;
 #endif
   return nullptr;
+}
+
+DecodeOps decode_ops(Isa isa) {
+  switch (isa) {
+#ifdef SPARSEINFER_HAVE_AVX512
+    case Isa::avx512: return decode_ops_avx512();
+#endif
+#ifdef SPARSEINFER_HAVE_AVX2
+#ifndef SPARSEINFER_HAVE_AVX512
+    case Isa::avx512:
+#endif
+    case Isa::avx2: return decode_ops_avx2();
+#endif
+#ifdef SPARSEINFER_HAVE_NEON
+    case Isa::neon: return decode_ops_neon();
+#endif
+    default: return decode_ops_scalar();
+  }
 }
 
 // -- the driver -----------------------------------------------------------------------------------

@@ -31,6 +31,19 @@ GQA and MHA, tied and untied heads, attention bias, dense and compressed layers,
 activations; Mistral inside and past its sliding window). Qwen2 and other relatives are not run here
 (not tested: Qwen2's per-layer sliding-window types, Gemma's norms and scaled embeddings differ).
 Per-token time saved on SmolLM2: bench/README.md, "Causal LMs".
+
+Native steps (``steps="native"`` or ``"auto"``; ``sparseinfer.llm.greedy``'s default). Even so, the
+Python steps spend more than their kernels: a SmolLM2 int4 step took 6.5 ms, 2.9 ms of it in kernel
+calls, the rest ~25 small ATen ops and their Python per layer. Where every projection of every layer
+is a packed kernel call at one row (the routes say so: no dense layer or dense-fallback route) and
+the model is float32, a decode step is one call of ``_C.Decoder``: the same kernels with the same
+activation modes through the C++ driver, and the glue between them (RMSNorm, rotary, the cache
+write, attention over the cache, SiLU gate, residuals) in a few vectorized loops
+(csrc/include/sparseinfer/decode.h). That glue rounds in its own order, so the logits are the Python
+steps' within float rounding, not bit for bit (tests/test_llm.py bounds the difference); with int8
+activations a last-bit change can become another quantization code and, rarely, another greedy token
+later on. The prompt always runs the Python path. ``steps="python"`` (``greedy(decoder="lean")``)
+keeps transformers' numbers.
 """
 
 from __future__ import annotations
@@ -41,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _native
 from .act import default_act
 from .backends import generation
 from .backends.cpu_native import threads
@@ -48,6 +62,9 @@ from .runtime.modules import CompressedLinear
 
 # rope types whose inv_freq the rotary module fixes at construction (no per-sequence-length update)
 ROPE_TYPES = ("default", "linear", "llama3")
+# how decode steps run: "python" (transformers' ops, its logits bit for bit), "native" (one C++ call per
+# step, _C.Decoder; ValueError where it cannot run), "auto" (native where it can run, else python)
+STEP_MODES = ("auto", "native", "python")
 
 
 def _classes() -> tuple:
@@ -166,6 +183,33 @@ class _Layer:
         return b
 
 
+def _kernel_args(m: nn.Module, x: torch.Tensor) -> tuple | None:
+    """(Weight, bias, act, kernel) with which ``m``'s direct call for inputs like ``x`` runs ``_C.linear``
+    (backends/cpu.py, ``kernel_args``), or None where another path takes the call (a dense layer, a
+    dense-fallback route, another backend)."""
+    if not isinstance(m, CompressedLinear):
+        return None
+    args = getattr(m.plan(x), "kernel_args", None)
+    if args is None:
+        return None
+    handle, act, kernel = args
+    bias = None if m.bias is None else m.bias.detach().to(torch.float32).contiguous()
+    return handle, bias, act, kernel
+
+
+def _kernel_args_joint(members: list[nn.Module], x: torch.Tensor) -> list[tuple] | None:
+    """``_kernel_args`` of the calls ``_bind_joint(members, x)`` makes, side by side, or None."""
+    group = _own_group(members)
+    calls = [group.joint] if group is not None and group.runs_jointly(x) else members
+    args = [_kernel_args(m, x) for m in calls]
+    return None if any(a is None for a in args) else args
+
+
+def _table_pick(calls: list[tuple]) -> list[tuple]:
+    """``_kernel_args`` tuples without their kernel names: the ISA's table picks the kernels."""
+    return [(*c[:3], None) for c in calls]
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' LlamaRMSNorm with the same numbers: ``pow(2)`` is ``x * x`` in ATen and ``mean``
     is ``sum`` then a division, written out here because ``mean``'s wrapper costs more than the
@@ -186,10 +230,17 @@ class LeanLlama:
     token; each returns the last position's logits [vocab]. Runs the model's own modules (see the
     module docstring); call under ``torch.inference_mode()``."""
 
-    def __init__(self, model: nn.Module, max_len: int):
+    def __init__(self, model: nn.Module, max_len: int, steps: str = "python"):
         why = unsupported(model, max_len)
         if why is not None:
             raise ValueError(f"LeanLlama: {why}")
+        if steps not in STEP_MODES:
+            raise ValueError(f"LeanLlama: steps must be one of {STEP_MODES}, got {steps!r}")
+        self.steps = steps
+        self.step_path = None  # "native" or "python" once a decode step has run
+        # the ISA of native steps: None, the active one with the kernels the routes picked; another
+        # (tests/test_llm.py runs each) with that ISA's table picks
+        self.native_isa = None
         cfg, base = model.config, model.model
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -197,7 +248,8 @@ class LeanLlama:
         self.embed = base.embed_tokens
         self.layers = [_Layer(layer) for layer in base.layers[:cfg.num_hidden_layers]]
         self.norm, self.eps = base.norm.weight, base.norm.variance_epsilon
-        self.head = _linear(model.lm_head)
+        self.head, self.lm_head = _linear(model.lm_head), model.lm_head
+        self.intermediate = self.layers[0].intermediate
         self.max_len, self.pos = max_len, 0
         ref = self.norm
         dtype, device = self.embed(torch.zeros(1, 1, dtype=torch.long, device=ref.device)).dtype, ref.device
@@ -215,6 +267,7 @@ class LeanLlama:
         self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)
         self.ids = torch.zeros(1, 1, dtype=torch.long, device=device)  # a decode step's input, reused
         self._step_layers, self._step_key = None, None  # self.layers with calls bound for decode steps
+        self._native, self._native_head = None, None  # the native step (_C.Decoder) and whether it runs the head
 
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Run the prompt ``input_ids`` [1, S] from position 0 (the cache is reset)."""
@@ -236,8 +289,52 @@ class LeanLlama:
             like = x.new_empty
             self._step_layers = [layer.bound(like(1, x.shape[1]), like(1, self.heads * self.head_dim),
                                              like(1, layer.intermediate)) for layer in self.layers]
+            self._native, why = self._native_decoder(x) if self.steps != "python" else (None, None)
+            if self._native is None and self.steps == "native":
+                raise ValueError(f"LeanLlama: the native decode step cannot run this model: {why}")
+            self.step_path = "python" if self._native is None else "native"
             self._step_key = key
-        return self._forward(x, self._step_layers)
+        if self._native is None:
+            return self._forward(x, self._step_layers)
+        if self._native_head:
+            out = x.new_empty(self.lm_head.out_features)
+            self._native.step(x, self.pos, out)
+            self.pos += 1
+            return out
+        h = x.new_empty(1, x.shape[1])
+        self._native.step(x, self.pos, h)
+        self.pos += 1
+        return self.head(h)[0]
+
+    def _native_decoder(self, x: torch.Tensor):
+        """(a ``_C.Decoder`` running decode steps like ``x`` in one call, None) where every projection
+        is a packed kernel call at one row, else (None, why not)."""
+        C = _native._C
+        if C is None or not hasattr(C, "Decoder"):
+            return None, "the C++ extension is not built"
+        if x.dtype != torch.float32 or not x.is_cpu or (x.requires_grad and torch.is_grad_enabled()):
+            return None, f"it runs float32 on the CPU without gradients, not {x.dtype} on {x.device}"
+        like = x.new_empty
+        h, att, act = like(1, x.shape[1]), like(1, self.heads * self.head_dim), like(1, self.intermediate)
+        layers = []
+        for i, layer in enumerate(self.layers):
+            qkv, o, gate_up, down = layer.modules
+            calls = (_kernel_args_joint(qkv, h), _kernel_args(o, att), _kernel_args_joint(gate_up, h),
+                     _kernel_args(down, act))
+            if any(c is None for c in calls):
+                return None, f"layer {i} has a projection that is not a packed kernel call at one row"
+            layers.append((layer.norm1.float(), layer.eps1, calls[0], calls[1], layer.norm2.float(), layer.eps2,
+                           calls[2], calls[3]))
+        head = _kernel_args(self.lm_head, h)
+        self._native_head = head is not None
+        dims = (x.shape[1], self.heads, self.kv_heads, self.head_dim, self.intermediate, float(self.scale))
+        if self.native_isa is not None:  # that ISA's own kernels
+            layers = [(*L[:2], _table_pick(L[2]), *_table_pick([L[3]]), *L[4:6], _table_pick(L[6]),
+                       *_table_pick([L[7]])) for L in layers]
+            head = head and _table_pick([head])[0]
+        decoder = C.Decoder(dims, self.cos, self.sin, self.k, self.v, layers, self.norm.float(), self.eps, head,
+                            threads(), self.native_isa)
+        return decoder, None
 
     def _forward(self, x: torch.Tensor, layers: list[_Layer] | None = None) -> torch.Tensor:
         """``x`` [S, hidden] at positions pos .. pos+S-1 -> the last position's logits."""

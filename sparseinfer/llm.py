@@ -125,7 +125,7 @@ class Generation:
     prefill_s: float  # the prompt's forward, up to the first new token
     decode_s: float  # the other new tokens
     step_s: list[float] = field(default_factory=list)
-    decoder: str = "transformers"  # which forward ran: "lean" (LeanLlama) or "transformers"
+    decoder: str = "transformers"  # which forward ran: "native" / "lean" (LeanLlama's steps) or "transformers"
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -136,13 +136,18 @@ class Generation:
         return (len(self.tokens) - 1) / self.decode_s if self.decode_s and len(self.tokens) > 1 else float("nan")
 
 
-DECODERS = ("auto", "lean", "transformers")
+# "native": LeanLlama with its decode steps in one C++ call each (every projection a packed kernel:
+# lean_llama.py, steps="native"); "lean": LeanLlama's Python steps (transformers' logits bit for bit);
+# "transformers": the model's forward; "auto": native, else lean, else transformers.
+DECODERS = ("auto", "native", "lean", "transformers")
+_LEAN_STEPS = {"auto": "auto", "native": "native", "lean": "python"}
 
 
 def pick_decoder(model: nn.Module, decoder: str = "auto", max_len: int | None = None) -> str:
     """``"lean"`` or ``"transformers"``: which forward ``greedy`` runs for ``model`` on sequences of up
-    to ``max_len`` positions. ``"auto"`` takes the lean one where the model supports it
-    (``lean_llama.unsupported``); ``"lean"`` raises ValueError with the reason where it does not."""
+    to ``max_len`` positions. ``"auto"`` takes the lean one (``LeanLlama``, whose steps may be native)
+    where the model supports it (``lean_llama.unsupported``); ``"lean"`` and ``"native"`` raise
+    ValueError with the reason where it does not."""
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
     if decoder == "transformers":
@@ -150,8 +155,8 @@ def pick_decoder(model: nn.Module, decoder: str = "auto", max_len: int | None = 
     why = unsupported(model, max_len)
     if why is None:
         return "lean"
-    if decoder == "lean":
-        raise ValueError(f"the lean decoder cannot run this model: {why}")
+    if decoder != "auto":
+        raise ValueError(f"the {decoder} decoder cannot run this model: {why}")
     return "transformers"
 
 
@@ -160,17 +165,19 @@ def greedy(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, eos_t
            on_token=None, decoder: str = "auto") -> Generation:
     """Greedy decoding of one prompt (``input_ids`` [1, S]) with a KV cache; ``on_token(id)`` is
     called as each token is chosen (streaming). Stops at ``max_new_tokens`` or an EOS token.
-    ``decoder`` (``pick_decoder``): "auto" (default) runs ``LeanLlama`` where the model is a supported
-    Llama / Mistral and transformers' forward otherwise; "lean" or "transformers" forces one."""
+    ``decoder`` (``DECODERS``): "auto" (default) runs ``LeanLlama`` where the model is a supported
+    Llama / Mistral, with native steps where every projection is a packed kernel, and transformers'
+    forward otherwise; "native", "lean" or "transformers" forces one."""
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"greedy: one prompt at a time, input_ids of shape [1, S]; got {tuple(input_ids.shape)}")
     if max_new_tokens < 1:
         raise ValueError(f"greedy: max_new_tokens must be >= 1, got {max_new_tokens}")
+    steps = _LEAN_STEPS.get(decoder)
     decoder = pick_decoder(model, decoder, input_ids.shape[1] + max_new_tokens)
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
     start = time.perf_counter()
     if decoder == "lean":
-        lean = LeanLlama(model, input_ids.shape[1] + max_new_tokens)
+        lean = LeanLlama(model, input_ids.shape[1] + max_new_tokens, steps=steps)
 
         def forward(ids):
             return lean.prefill(ids) if ids is input_ids else lean.step(ids)
@@ -185,7 +192,7 @@ def greedy(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, eos_t
             if ids is not input_ids:
                 ids = torch.tensor([[ids]], device=input_ids.device)
             return model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_arg: cache}).logits[0, -1]
-    tokens, steps = [], []
+    tokens, times = [], []
     ids = input_ids
     setup = time.perf_counter() - start  # building the cache: counted with the prefill
     for _ in range(max_new_tokens):
@@ -193,7 +200,7 @@ def greedy(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, eos_t
         with torch_threads(_prefill_torch_threads if ids is input_ids else 1):
             logits = forward(ids)
         token = int(logits.argmax())
-        steps.append(time.perf_counter() - t + (setup if not steps else 0.0))
+        times.append(time.perf_counter() - t + (setup if not times else 0.0))
         tokens.append(token)
         if on_token is not None:
             on_token(token)
@@ -201,4 +208,6 @@ def greedy(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, eos_t
             break
         ids = token
     total = time.perf_counter() - start
-    return Generation(tokens, input_ids.shape[1], steps[0], total - steps[0], steps, decoder)
+    if decoder == "lean" and lean.step_path == "native":
+        decoder = "native"
+    return Generation(tokens, input_ids.shape[1], times[0], total - times[0], times, decoder)

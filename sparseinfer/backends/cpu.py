@@ -121,6 +121,7 @@ class CpuBackend(Backend):
             run(x, handle, out, bias, n_threads, None, act, named)
             return out
 
+        call.kernel_args = (handle, act, named)  # what the native decode step (lean_llama.py) runs instead
         return call
 
     def linear(self, x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None,

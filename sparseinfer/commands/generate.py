@@ -26,8 +26,10 @@ def register(sub):
     p.add_argument("--act", choices=ACT_MODES, default=None,
                    help="activation precision the CPU kernels may use (default: SPARSEINFER_ACT, else auto)")
     p.add_argument("--decoder", choices=DECODERS, default="auto",
-                   help="the forward each step runs: lean (sparseinfer.lean_llama, transformers' Llama only), "
-                        "transformers (the model's own), auto (default: lean where supported)")
+                   help="the forward each step runs: native (one C++ call per token; every projection packed), "
+                        "lean (sparseinfer.lean_llama's Python steps: transformers' logits bit for bit; "
+                        "transformers' Llama / Mistral only), transformers (the model's own), auto (default: "
+                        "native, else lean, where supported)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model first (sparseinfer.llm.compile_model; it runs transformers' "
                         "forward, not the lean decoder): compiling takes minutes on a few cores (the first "

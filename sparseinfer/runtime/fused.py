@@ -100,11 +100,11 @@ class SharedInput:
         acts = tuple(m.act for m in self.members)
         key = (x.shape, x.dtype, x.is_cpu, x.requires_grad and torch.is_grad_enabled(), acts, default_act(),
                tuple(m.backend for m in self.members), threads(), generation())
+        same = len(set(acts)) == 1 and len({m.backend for m in self.members}) == 1
+        if same:  # on every call: set_act may have changed the members since a memoised decision
+            self.joint.act, self.joint.backend = acts[0], self.members[0].backend
         found = self._plans.get(key)
         if found is None:
-            same = len(set(acts)) == 1 and len({m.backend for m in self.members}) == 1
-            if same:
-                self.joint.act, self.joint.backend = acts[0], self.members[0].backend
             found = same and self.joint.plan(x) is not None and all(m.plan(x) is not None for m in self.members)
             if len(self._plans) >= 64:
                 self._plans.clear()

@@ -1,0 +1,152 @@
+// The math of a batch-1 decoder step between its linear calls (RMSNorm, rotary embedding, attention
+// over the KV cache, SiLU gate, residual add), for the native decode step (bindings.cpp, Decoder;
+// sparseinfer/lean_llama.py). Per step these are a few thousand flops each, where a torch op costs
+// microseconds of dispatch: run from Python they took more of a SmolLM2 step than its kernels.
+//
+// One implementation, plain loops written so the compiler vectorizes them (fixed-width partial sums
+// for the reductions, a branch-free exp), compiled in each ISA group with that group's flags:
+// ref/decode_ref.cpp, x86/avx2/decode_avx2.cpp, x86/avx512/decode_avx512.cpp, arm/neon/decode_neon.cpp.
+// The functions have internal linkage (an anonymous namespace) so that each group keeps its own copy.
+// Float arithmetic, not transformers' bit for bit: the sums are ordered differently from ATen's.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "sparseinfer/kernels.h"
+
+namespace sparseinfer {
+
+struct DecodeOps {
+  // out[i] = w[i] * (x[i] / sqrt(mean(x^2) + eps)), i < n (transformers' LlamaRMSNorm)
+  void (*rms_norm)(const float* x, const float* w, float eps, int64_t n, float* out);
+  // Rotary embedding of `rows` rows of d values in place: x * cos + swap_halves(x) * sin, where sin
+  // carries rotate_half's sign in its first half (lean_llama.py's tables)
+  void (*rope)(float* x, int64_t rows, int64_t d, const float* cos, const float* sin);
+  // Attention of one query position: q [heads, d] against keys / values [kv_heads, stride rows, d],
+  // positions 0..len-1; query head h reads kv head h / (heads / kv_heads). scores: len floats of
+  // scratch. out [heads, d].
+  void (*attend)(const float* q, const float* k, const float* v, int64_t heads, int64_t kv_heads, int64_t d,
+                 int64_t len, int64_t stride, float scale, float* scores, float* out);
+  // out[i] = silu(gate[i]) * up[i]
+  void (*silu_mul)(const float* gate, const float* up, int64_t n, float* out);
+  // x[i] += y[i]
+  void (*add)(float* x, const float* y, int64_t n);
+};
+
+DecodeOps decode_ops_scalar();
+DecodeOps decode_ops_avx2();
+DecodeOps decode_ops_avx512();
+DecodeOps decode_ops_neon();
+// The ops of `isa`'s group (dispatch.cpp), the scalar ones where that group was not built.
+DecodeOps decode_ops(Isa isa);
+
+namespace {
+namespace decode_math {
+
+constexpr int kLanes = 16;  // partial sums per reduction: one AVX-512 vector, two AVX2 / four NEON vectors
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float part[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) part[j] += a[i + j] * b[i + j];
+  float s = 0.0f;
+  for (int j = 0; j < kLanes; ++j) s += part[j];
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// e^x within ~2 ulp for x in [-87.3, 88.3] (clamped there), branch-free so that loops over it
+// vectorize: x = r ln2 + f with r integral and |f| <= ln2 / 2, e^f by its Taylor polynomial to f^7.
+inline float exp_approx(float x) {
+  x = x < -87.3f ? -87.3f : x;
+  x = x > 88.3f ? 88.3f : x;
+  const float round = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer (|x log2 e| < 2^22)
+  float r = x * 1.44269504088896341f + round;
+  r -= round;
+  float f = x - r * 0.693145751953125f;  // ln 2 split in two so that r * hi is exact
+  f -= r * 1.42860682030941723e-06f;
+  float p = 1.0f / 5040;
+  p = p * f + 1.0f / 720;
+  p = p * f + 1.0f / 120;
+  p = p * f + 1.0f / 24;
+  p = p * f + 1.0f / 6;
+  p = p * f + 0.5f;
+  p = p * f + 1.0f;
+  p = p * f + 1.0f;
+  const int32_t bits = (int32_t(r) + 127) << 23;  // 2^r: r is in [-126, 127]
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+inline void rms_norm(const float* x, const float* w, float eps, int64_t n, float* out) {
+  const float inv = 1.0f / __builtin_sqrtf(dot(x, x, n) / float(n) + eps);
+  for (int64_t i = 0; i < n; ++i) out[i] = w[i] * (x[i] * inv);
+}
+
+inline void rope(float* x, int64_t rows, int64_t d, const float* cos, const float* sin) {
+  const int64_t half = d / 2;
+  for (int64_t r = 0; r < rows; ++r) {
+    float* a = x + r * d;
+    float* b = a + half;
+    for (int64_t i = 0; i < half; ++i) {
+      const float lo = a[i], hi = b[i];
+      a[i] = lo * cos[i] + hi * sin[i];
+      b[i] = hi * cos[half + i] + lo * sin[half + i];
+    }
+  }
+}
+
+inline void attend(const float* q, const float* k, const float* v, int64_t heads, int64_t kv_heads, int64_t d, int64_t len,
+            int64_t stride, float scale, float* scores, float* out) {
+  const int64_t group = heads / kv_heads;
+  for (int64_t h = 0; h < heads; ++h) {
+    const float* qh = q + h * d;
+    const float* kh = k + (h / group) * stride * d;
+    const float* vh = v + (h / group) * stride * d;
+    float* oh = out + h * d;
+    float top = -3.0e38f;
+    for (int64_t t = 0; t < len; ++t) {
+      scores[t] = dot(qh, kh + t * d, d) * scale;
+      top = scores[t] > top ? scores[t] : top;
+    }
+    float part[kLanes] = {};
+    int64_t t = 0;
+    for (; t + kLanes <= len; t += kLanes)
+      for (int j = 0; j < kLanes; ++j) {
+        scores[t + j] = exp_approx(scores[t + j] - top);
+        part[j] += scores[t + j];
+      }
+    float sum = 0.0f;
+    for (int j = 0; j < kLanes; ++j) sum += part[j];
+    for (; t < len; ++t) {
+      scores[t] = exp_approx(scores[t] - top);
+      sum += scores[t];
+    }
+    for (int64_t i = 0; i < d; ++i) oh[i] = 0.0f;
+    for (int64_t s = 0; s < len; ++s) {
+      const float p = scores[s];
+      const float* vs = vh + s * d;
+      for (int64_t i = 0; i < d; ++i) oh[i] += p * vs[i];
+    }
+    const float inv = 1.0f / sum;
+    for (int64_t i = 0; i < d; ++i) oh[i] *= inv;
+  }
+}
+
+inline void silu_mul(const float* gate, const float* up, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = gate[i] / (1.0f + exp_approx(-gate[i])) * up[i];
+}
+
+inline void add(float* x, const float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] += y[i];
+}
+
+inline DecodeOps ops() { return DecodeOps{rms_norm, rope, attend, silu_mul, add}; }
+
+}  // namespace decode_math
+}  // namespace
+
+}  // namespace sparseinfer
