@@ -772,7 +772,8 @@ class Decoder {
     }
     x_.resize(size_t(hidden_)), h_.resize(size_t(hidden_)), tmp_.resize(size_t(hidden_));
     qkv_.resize(size_t(qkv_width)), att_.resize(size_t(q_width));
-    gate_up_.resize(size_t(2 * intermediate_)), act_.resize(size_t(intermediate_)), scores_.resize(size_t(max_len_));
+    gate_up_.resize(size_t(2 * intermediate_)), act_.resize(size_t(intermediate_));
+    scores_.resize(size_t(heads_ * max_len_));  // one row per head: heads may run on several threads
     for (DecoderLayer& L : layers_) {
       for (Projection& p : L.qkv) all_.push_back(&p);
       all_.push_back(&L.o);
@@ -912,8 +913,7 @@ class Decoder {
         std::memcpy(v_cache + (g * max_len_ + pos) * d, qkv_.data() + q_width + kv_width + g * d,
                     size_t(d) * sizeof(float));
       }
-      ops_.attend(qkv_.data(), k_cache, v_cache, heads_, kv_heads_, d, pos + 1, max_len_, scale_, scores_.data(),
-                  att_.data());
+      attend(k_cache, v_cache, pos + 1);
       if (Status s = call(att_.data(), tmp_.data()); s != Status::ok) return s;
       ops_.add(x, tmp_.data(), hidden_);
       ops_.rms_norm(x, L.norm2.data(), L.eps2, hidden_, h_.data());
@@ -929,6 +929,29 @@ class Decoder {
     }
     ops_.rms_norm(x, norm_.data(), eps_, hidden_, h_.data());
     return call(h_.data(), out);
+  }
+
+  // Attention of the step's query heads over positions 0..len-1, the heads split over threads when
+  // there is enough work (as run_linear splits a batch-1 call: from 128K multiply-adds per thread).
+  void attend(const float* k_cache, const float* v_cache, int64_t len) {
+    struct Task {
+      const Decoder* self;
+      const float *k, *v;
+      int64_t len;
+    } task{this, k_cache, v_cache, len};
+    const int64_t work = 2 * heads_ * len * head_dim_;
+    const int64_t want = work >> 17;
+    const int n_threads = int(want < 1 ? 1 : want < threads_ ? want : threads_);
+    const TaskFn head = [](void* p, int64_t h) {
+      const Task& t = *static_cast<const Task*>(p);
+      const Decoder& D = *t.self;
+      const int64_t d = D.head_dim_, g = h / (D.heads_ / D.kv_heads_);
+      D.ops_.attend(D.qkv_.data() + h * d, t.k + g * D.max_len_ * d, t.v + g * D.max_len_ * d, 1, 1, d, t.len,
+                    D.max_len_, D.scale_, const_cast<float*>(D.scores_.data()) + h * D.max_len_,
+                    const_cast<float*>(D.att_.data()) + h * d);
+    };
+    if (n_threads > 1) parallel_run(heads_, n_threads, head, &task);
+    else for (int64_t h = 0; h < heads_; ++h) head(&task, h);
   }
 
   int64_t hidden_ = 0, heads_ = 0, kv_heads_ = 0, head_dim_ = 0, intermediate_ = 0, max_len_ = 0, vocab_ = 0;

@@ -708,3 +708,23 @@ def test_greedy_takes_native_steps_where_it_can():
     assert auto.tokens == lean.tokens and len(set(auto.tokens)) > 3
     assert greedy(model, torch.tensor(PROMPT), LEAN_TOKENS, decoder="native").tokens == auto.tokens
     assert greedy(_llama_cfg(), torch.tensor(PROMPT), 4).decoder == "lean"  # dense layers: Python steps
+
+
+def test_native_attention_split_over_threads_matches():
+    """A long context (2 x 8 heads x 300 positions x 64 > 2 x 128K multiply-adds): the native step
+    splits its attention heads over 2 threads (bindings.cpp, Decoder::attend); the logits stay the
+    Python steps'."""
+    cfg = transformers.LlamaConfig(vocab_size=160, hidden_size=512, intermediate_size=256, num_hidden_layers=1,
+                                   num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
+                                   initializer_range=0.05)
+    torch.manual_seed(0)
+    model = si.set_act(si.compress(transformers.LlamaForCausalLM(cfg).eval(), "int8", progress=False), "fp32")
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(3, 160, (300,), generator=g).tolist()
+    si.set_threads(2)
+    try:
+        want, _ = _lean_logits(model, tokens)
+        got, lean = _lean_logits(model, tokens, "native")
+    finally:
+        si.set_threads(None)
+    assert lean.step_path == "native" and _rel(got, want) < NATIVE_TOL
