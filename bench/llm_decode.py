@@ -14,8 +14,8 @@ greedy decode of ``--new-tokens`` tokens (``sparseinfer.llm.greedy``: a forward 
 cache; tokens/s). Each variant runs under two thread settings: ``torch`` (torch's threads = T, the
 default a user gets) and ``decode`` (``decode_threads(T)``: sparseinfer's kernels on T threads, torch's
 small ops on one), and under each forward of ``--decoders`` (``sparseinfer.llm.DECODERS``): ``native``
-(``LeanLlama`` with one C++ call per decode step, where every projection is a packed kernel: the
-default of ``greedy`` there; skipped for a variant it cannot run, e.g. dense), ``lean``
+(``LeanLlama`` with one C++ call per decode step: the default of ``greedy`` for a float32 Llama;
+skipped for a variant it cannot run, e.g. bf16), ``lean``
 (``sparseinfer.lean_llama.LeanLlama``'s Python steps, the default for a dense Llama) and
 ``transformers`` (the model's own forward with a DynamicCache); ratios are against the best dense fp32
 row of the run (any decoder and thread setting). Prefill is one

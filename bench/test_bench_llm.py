@@ -28,7 +28,6 @@ def test_llm_decode(smoke):
     rows = {(r["variant"], r["threads"], r["decoder"]): r for r in report["rows"]}
     assert len(rows) == len(report["rows"]) and {t for _, t, _ in rows} == {"torch", "decode"}
     assert {d for _, _, d in rows} == {"native", "lean", "transformers"}
-    assert all(d != "native" for v, _, d in rows if v == "dense")  # native steps run packed kernels only
     for (v, t, d), r in rows.items():
         if d == "lean":  # the tiny model in fp32: the same greedy tokens through either forward
             assert v != "dense" or r["same_tokens_as_transformers"] == report["new_tokens"], r

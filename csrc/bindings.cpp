@@ -691,11 +691,15 @@ py::list kernel_candidate_names(const Weight& w, int64_t batch, const py::object
 
 // -- the native decode step ----------------------------------------------------------------------------
 
-// One linear call of a decode step: a packed weight run by the kernel and activation mode its layer's
-// route picked at M = 1 (sparseinfer/backends/cpu.py, direct_call), writing at `offset` of the output.
+// One linear call of a decode step, writing at `offset` of the output: a packed weight run by the
+// kernel and activation mode its layer's route picked at M = 1 (sparseinfer/backends/cpu.py,
+// direct_call), or an fp32 matrix (a dense layer, or the fp32 copy a dense-routed packed layer keeps)
+// run by decode.h's gemv.
 struct Projection {
   py::object owner;  // keeps the Weight alive
-  Weight* w = nullptr;
+  Weight* w = nullptr;  // nullptr: dense
+  Tensor dense;  // [N, K] float32, contiguous; checked on every step like the caches
+  int64_t n = 0;
   std::vector<float> bias;  // empty: none
   ActMode act = ActMode::fp32;
   std::string kernel;  // empty: the table's pick
@@ -768,7 +772,7 @@ class Decoder {
     }
     if (!head.is_none()) {
       head_ = projections(py::make_tuple(head), hidden_, -1, "head");
-      vocab_ = head_[0].w->view.N;
+      vocab_ = head_[0].n;
     }
     x_.resize(size_t(hidden_)), h_.resize(size_t(hidden_)), tmp_.resize(size_t(hidden_));
     qkv_.resize(size_t(qkv_width)), att_.resize(size_t(q_width));
@@ -798,13 +802,13 @@ class Decoder {
     if (pos < 0 || pos >= max_len_)
       value_error("Decoder.step: position " + std::to_string(pos) + " is outside the cache's 0.." +
                   std::to_string(max_len_ - 1));
-    for (const Tensor* c : {&k_, &v_}) {  // the caches must still be where and what they were
-      Tensor now = inspect(c->obj, c->name.c_str());
-      if (now.ptr != c->ptr || now.shape != c->shape || now.strides != c->strides || now.dtype != c->dtype)
-        value_error("Decoder.step: " + c->name + " was moved or reshaped since the decoder was built");
-    }
+    check_unmoved(k_), check_unmoved(v_);  // the caches must still be where and what they were
     for (size_t i = 0; i < all_.size(); ++i) {
       Projection& p = *all_[i];
+      if (!p.w) {
+        check_unmoved(p.dense);
+        continue;
+      }
       ensure_current(*p.w);
       if (const uint64_t bits = act_call_bits(p.act)) {
         const uint64_t sel = bits | tile_bits(*p.w);
@@ -821,7 +825,7 @@ class Decoder {
       py::gil_scoped_release release;
       s = run(reinterpret_cast<const float*>(x.ptr), pos, reinterpret_cast<float*>(out.ptr), &kernel, &failed);
     }
-    if (s != Status::ok) {
+    if (s != Status::ok) {  // only a packed weight's kernel reports an error
       if (s == Status::out_of_memory) throw std::bad_alloc();
       const Weight& w = *all_[failed]->w;
       throw std::runtime_error(std::string("sparseinfer._C.Decoder.step: ") + status_message(s) + " in kernel " +
@@ -834,6 +838,12 @@ class Decoder {
   int64_t max_len() const { return max_len_; }
 
  private:
+  static void check_unmoved(const Tensor& t) {
+    Tensor now = inspect(t.obj, t.name.c_str());
+    if (now.ptr != t.ptr || now.shape != t.shape || now.strides != t.strides || now.dtype != t.dtype)
+      value_error("Decoder.step: " + t.name + " was moved or reshaped since the decoder was built");
+  }
+
   static std::vector<float> copy_floats(py::handle obj, const char* name, const std::vector<int64_t>& shape) {
     Tensor t = inspect(obj, name);
     check_dtype(t, {DType::f32});
@@ -855,12 +865,25 @@ class Decoder {
       if (t.size() != 4) value_error("Decoder: " + what + ": a projection is (weight, bias, act, kernel)");
       Projection p;
       p.owner = py::reinterpret_borrow<py::object>(t[0]);
-      p.w = &p.owner.cast<Weight&>();
-      const int64_t n = p.w->view.N;
-      if (p.w->view.K != k)
-        value_error("Decoder: " + what + ": " + p.w->desc() + " does not take " + std::to_string(k) + " inputs");
+      if (py::isinstance<Weight>(p.owner)) {
+        p.w = &p.owner.cast<Weight&>();
+        p.n = p.w->view.N;
+        if (p.w->view.K != k)
+          value_error("Decoder: " + what + ": " + p.w->desc() + " does not take " + std::to_string(k) + " inputs");
+      } else {  // an fp32 matrix
+        p.dense = inspect(p.owner, (what + " weight").c_str());
+        check_dtype(p.dense, {DType::f32});
+        check_dim(p.dense, 2);
+        p.n = p.dense.shape[0];
+        if (p.n < 1 || p.dense.shape[1] != k)
+          value_error("Decoder: " + what + ": a dense weight of shape " + p.dense.shape_str() + " does not take " +
+                      std::to_string(k) + " inputs");
+        check_contiguous(p.dense);
+      }
+      const int64_t n = p.n;
       if (!t[1].is_none()) p.bias = copy_floats(t[1], (what + " bias").c_str(), {n});
       p.act = resolve_act(t[2]);
+      if (!t[3].is_none() && !p.w) value_error("Decoder: " + what + ": a dense weight takes no kernel name");
       if (!t[3].is_none()) {
         p.kernel = t[3].cast<std::string>();
         const uint64_t bits = act_call_bits(p.act);
@@ -880,6 +903,10 @@ class Decoder {
 
   Status linear(size_t index, const float* in, float* out, const KernelImpl** kernel) {
     const Projection& p = *all_[index];
+    if (!p.w) {
+      dense_linear(p, in, out + p.offset);
+      return Status::ok;
+    }
     LinearCall call{};
     call.x = in, call.x_dtype = DType::f32, call.stride_xm = views_[index].K;
     call.y = out + p.offset, call.stride_ym = views_[index].N, call.M = 1;
@@ -929,6 +956,29 @@ class Decoder {
     }
     ops_.rms_norm(x, norm_.data(), eps_, hidden_, h_.data());
     return call(h_.data(), out);
+  }
+
+  // y = W x + bias for a dense projection, its rows split over threads as run_linear splits a batch-1
+  // call (from 128K multiply-adds per thread, in multiples of 16 rows).
+  void dense_linear(const Projection& p, const float* x, float* y) const {
+    struct Task {
+      const DecodeOps* ops;
+      const float *w, *x, *bias;
+      float* y;
+      int64_t n, k, chunk;
+    } task{&ops_, reinterpret_cast<const float*>(p.dense.ptr), x, p.bias.empty() ? nullptr : p.bias.data(), y, p.n,
+           p.dense.shape[1], 0};
+    const int64_t want = (task.n * task.k) >> 17;
+    const int64_t n_threads = want < 1 ? 1 : want < threads_ ? want : threads_;
+    task.chunk = ((task.n + n_threads - 1) / n_threads + 15) / 16 * 16;
+    const TaskFn rows = [](void* c, int64_t i) {
+      const Task& t = *static_cast<const Task*>(c);
+      const int64_t r0 = i * t.chunk, r1 = r0 + t.chunk < t.n ? r0 + t.chunk : t.n;
+      if (r0 < r1) t.ops->gemv(t.w, t.k, t.x, t.bias, r0, r1, t.y);
+    };
+    const int64_t tasks = (task.n + task.chunk - 1) / task.chunk;
+    if (tasks > 1) parallel_run(tasks, int(n_threads), rows, &task);
+    else rows(&task, 0);
   }
 
   // Attention of the step's query heads over positions 0..len-1, the heads split over threads when

@@ -34,12 +34,12 @@ Per-token time saved on SmolLM2: bench/README.md, "Causal LMs".
 
 Native steps (``steps="native"`` or ``"auto"``; ``sparseinfer.llm.greedy``'s default). Even so, the
 Python steps spend more than their kernels: a SmolLM2 int4 step took 6.5 ms, 2.9 ms of it in kernel
-calls, the rest ~25 small ATen ops and their Python per layer. Where every projection of every layer
-is a packed kernel call at one row (the routes say so: no dense layer or dense-fallback route) and
-the model is float32, a decode step is one call of ``_C.Decoder``: the same kernels with the same
-activation modes through the C++ driver, and the glue between them (RMSNorm, rotary, the cache
-write, attention over the cache, SiLU gate, residuals) in a few vectorized loops
-(csrc/include/sparseinfer/decode.h). That glue rounds in its own order, so the logits are the Python
+calls, the rest ~25 small ATen ops and their Python per layer. For a float32 model whose every
+projection is a packed kernel call at one row or an fp32 matrix (a dense layer, or the fp32 copy a
+dense-routed packed layer keeps), a decode step is one call of ``_C.Decoder``: the same kernels with
+the same activation modes through the C++ driver, the fp32 matrices through a vectorized GEMV, and
+the glue between them (RMSNorm, rotary, the cache write, attention over the cache, SiLU gate,
+residuals) in a few vectorized loops (csrc/include/sparseinfer/decode.h). That glue rounds in its own order, so the logits are the Python
 steps' within float rounding, not bit for bit (tests/test_llm.py bounds the difference); with int8
 activations a last-bit change can become another quantization code and, rarely, another greedy token
 later on. The prompt always runs the Python path. ``steps="python"`` (``greedy(decoder="lean")``)
@@ -184,17 +184,25 @@ class _Layer:
 
 
 def _kernel_args(m: nn.Module, x: torch.Tensor) -> tuple | None:
-    """(Weight, bias, act, kernel) with which ``m``'s direct call for inputs like ``x`` runs ``_C.linear``
-    (backends/cpu.py, ``kernel_args``), or None where another path takes the call (a dense layer, a
-    dense-fallback route, another backend)."""
+    """The projection ``_C.Decoder`` runs for ``m`` on inputs like ``x``: (Weight, bias, act, kernel)
+    with which its direct call runs ``_C.linear`` (backends/cpu.py, ``kernel_args``), or (fp32 matrix,
+    bias, None, None) for a dense layer or a dense-routed one that keeps an fp32 copy
+    (cpu_routes.dense_call); None where neither holds (another backend, a dense route that
+    dequantizes tiles per call, a weight of another dtype)."""
+    bias = None if m.bias is None else m.bias.detach().to(torch.float32).contiguous()
+    if isinstance(m, nn.Linear):  # the parameter itself: the decoder sees a `.data =` move and refuses
+        weight = m.weight
+        ok = weight.dtype == torch.float32 and weight.is_cpu and weight.is_contiguous()
+        return (weight, bias, None, None) if ok else None
     if not isinstance(m, CompressedLinear):
         return None
-    args = getattr(m.plan(x), "kernel_args", None)
-    if args is None:
-        return None
-    handle, act, kernel = args
-    bias = None if m.bias is None else m.bias.detach().to(torch.float32).contiguous()
-    return handle, bias, act, kernel
+    call = m.plan(x)
+    args = getattr(call, "kernel_args", None)
+    if args is not None:
+        handle, act, kernel = args
+        return handle, bias, act, kernel
+    dense = getattr(call, "dense_weight", None)
+    return None if dense is None else (dense, bias, None, None)
 
 
 def _kernel_args_joint(members: list[nn.Module], x: torch.Tensor) -> list[tuple] | None:
@@ -308,7 +316,7 @@ class LeanLlama:
 
     def _native_decoder(self, x: torch.Tensor):
         """(a ``_C.Decoder`` running decode steps like ``x`` in one call, None) where every projection
-        is a packed kernel call at one row, else (None, why not)."""
+        has a native form (``_kernel_args``), else (None, why not)."""
         C = _native._C
         if C is None or not hasattr(C, "Decoder"):
             return None, "the C++ extension is not built"
@@ -322,7 +330,7 @@ class LeanLlama:
             calls = (_kernel_args_joint(qkv, h), _kernel_args(o, att), _kernel_args_joint(gate_up, h),
                      _kernel_args(down, act))
             if any(c is None for c in calls):
-                return None, f"layer {i} has a projection that is not a packed kernel call at one row"
+                return None, f"layer {i} has a projection that is neither a packed kernel call nor an fp32 matrix"
             layers.append((layer.norm1.float(), layer.eps1, calls[0], calls[1], layer.norm2.float(), layer.eps2,
                            calls[2], calls[3]))
         head = _kernel_args(self.lm_head, h)

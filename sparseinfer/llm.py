@@ -136,8 +136,8 @@ class Generation:
         return (len(self.tokens) - 1) / self.decode_s if self.decode_s and len(self.tokens) > 1 else float("nan")
 
 
-# "native": LeanLlama with its decode steps in one C++ call each (every projection a packed kernel:
-# lean_llama.py, steps="native"); "lean": LeanLlama's Python steps (transformers' logits bit for bit);
+# "native": LeanLlama with its decode steps in one C++ call each (float32 models whose projections are
+# packed kernels or fp32 matrices: lean_llama.py, steps="native"); "lean": LeanLlama's Python steps (transformers' logits bit for bit);
 # "transformers": the model's forward; "auto": native, else lean, else transformers.
 DECODERS = ("auto", "native", "lean", "transformers")
 _LEAN_STEPS = {"auto": "auto", "native": "native", "lean": "python"}
@@ -166,7 +166,7 @@ def greedy(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, eos_t
     """Greedy decoding of one prompt (``input_ids`` [1, S]) with a KV cache; ``on_token(id)`` is
     called as each token is chosen (streaming). Stops at ``max_new_tokens`` or an EOS token.
     ``decoder`` (``DECODERS``): "auto" (default) runs ``LeanLlama`` where the model is a supported
-    Llama / Mistral, with native steps where every projection is a packed kernel, and transformers'
+    Llama / Mistral, with native steps where it can (float32, no other backend), and transformers'
     forward otherwise; "native", "lean" or "transformers" forces one."""
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"greedy: one prompt at a time, input_ids of shape [1, S]; got {tuple(input_ids.shape)}")

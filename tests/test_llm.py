@@ -471,7 +471,8 @@ def test_lean_decoder_is_the_default_and_falls_back():
 
     model = _llama_cfg()
     assert unsupported(model) is None and pick_decoder(model) == "lean"
-    assert greedy(model, torch.tensor(PROMPT), 4).decoder == "lean"
+    assert greedy(model, torch.tensor(PROMPT), 4).decoder == "native"  # LeanLlama, its steps in C++
+    assert greedy(model, torch.tensor(PROMPT), 4, decoder="lean").decoder == "lean"
 
     class MyLlama(transformers.LlamaForCausalLM):  # a subclass may change forward: not run lean
         pass
@@ -539,7 +540,7 @@ def test_lean_decoder_runs_mistral_inside_its_window(window, recipe):
         assert auto.decoder == "transformers" and "sliding window 8 is shorter" in unsupported(model, length)
         assert auto.tokens == hf.tokens
         return
-    assert auto.decoder == ("lean" if recipe is None else "native")
+    assert auto.decoder == "native"
     assert greedy(model, torch.tensor(PROMPT), LEAN_TOKENS, decoder="lean").tokens == hf.tokens
     tokens = PROMPT[0] + hf.tokens[:-1]
     assert torch.equal(_step_logits(model, tokens, "lean"), _step_logits(model, tokens, "transformers"))
@@ -595,19 +596,21 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("case", ["tied-gqa", "untied-mha", "llama3-rope", "untied-gqa-bias"])
 @pytest.mark.parametrize("recipe, act", [("int4-g32", "fp32"), ("int4-g32", "auto"), ("2:4+int8", "fp32"),
-                                         ("2:4+int8", "auto"), ("int8", "fp32")])
+                                         ("2:4+int8", "auto"), ("int8", "fp32"), ("2:4", "fp32"), (None, "fp32")])
 def test_native_steps_match_the_python_steps(case, recipe, act):
     """The native decode step (one C++ call per token) against LeanLlama's Python steps, fed the same
     tokens: every step's logits within NATIVE_TOL of their scale, on every ISA this machine runs
-    (None: the active one with the routes' kernels), with q/k/v and gate/up joined or not."""
+    (None: the active one with the routes' kernels), with q/k/v and gate/up joined or not; dense
+    layers (recipe None: the whole model and its head) through the native gemv."""
     from sparseinfer.runtime.fused import fuse_shared_inputs
 
     kw = {"tied-gqa": {}, "untied-mha": {"tied": False, "kv_heads": 4}, "llama3-rope": {"rope": LLAMA3_ROPE},
           "untied-gqa-bias": {"tied": False, "attention_bias": True}}[case]
-    model = si.set_act(si.compress(_llama_cfg(**kw), {"default": recipe, "layers": {"lm_head": "int8"}},
-                                   progress=False), act)
-    if case != "untied-mha":  # the other cases run the joint calls
-        assert fuse_shared_inputs(model) == 4
+    model = _llama_cfg(**kw)
+    if recipe is not None:
+        model = si.set_act(si.compress(model, {"default": recipe, "layers": {"lm_head": "int8"}}, progress=False), act)
+        if case != "untied-mha":  # the other cases run the joint calls
+            assert fuse_shared_inputs(model) == 4
     tokens = PROMPT[0] + [7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67, 71, 73, 79, 83]
     want, _ = _lean_logits(model, tokens)
     tol = NATIVE_TOL
@@ -684,9 +687,9 @@ def test_native_decoder_checks_its_arguments():
         bad_layer = (layer.norm1, layer.eps1, [o_args], o_args, layer.norm2, layer.eps2, [o_args], o_args)
         with pytest.raises(ValueError, match="q/k/v: the projections give 64 outputs, expected 128"):
             C((64, 4, 2, 16, 96, 0.25), *args, [bad_layer] * 2, lean.norm, 1e-6)
-    dense = _llama_cfg()
-    with torch.inference_mode(), pytest.raises(ValueError, match="native decode step cannot run this model: layer 0"):
-        lean = LeanLlama(dense, 8, steps="native")
+    bf16 = _llama_cfg().to(torch.bfloat16)
+    with torch.inference_mode(), pytest.raises(ValueError, match="cannot run this model: it runs float32"):
+        lean = LeanLlama(bf16, 8, steps="native")
         lean.prefill(torch.tensor(PROMPT))
         lean.step(3)
 
@@ -707,7 +710,9 @@ def test_greedy_takes_native_steps_where_it_can():
     assert (auto.decoder, lean.decoder) == ("native", "lean")
     assert auto.tokens == lean.tokens and len(set(auto.tokens)) > 3
     assert greedy(model, torch.tensor(PROMPT), LEAN_TOKENS, decoder="native").tokens == auto.tokens
-    assert greedy(_llama_cfg(), torch.tensor(PROMPT), 4).decoder == "lean"  # dense layers: Python steps
+    assert greedy(_llama_cfg(), torch.tensor(PROMPT), 4).decoder == "native"  # dense layers: gemv
+    bf16 = _llama_cfg().to(torch.bfloat16)
+    assert greedy(bf16, torch.tensor(PROMPT), 4).decoder == "lean"  # native steps run float32 models
 
 
 def test_native_attention_split_over_threads_matches():
@@ -728,3 +733,23 @@ def test_native_attention_split_over_threads_matches():
     finally:
         si.set_threads(None)
     assert lean.step_path == "native" and _rel(got, want) < NATIVE_TOL
+
+
+def test_native_steps_refuse_a_dense_weight_moved_under_them():
+    """A dense layer's fp32 matrix is read in place: written in place, the next step reads the new
+    values; replaced (``.data =``, another storage), the step refuses instead of reading freed memory."""
+    from sparseinfer.lean_llama import LeanLlama
+
+    model = _llama_cfg()
+    down = model.model.layers[0].mlp.down_proj
+    with torch.inference_mode():
+        lean = LeanLlama(model, 8, steps="native")
+        lean.prefill(torch.tensor(PROMPT))
+        before = lean.step(3)
+        with torch.no_grad():
+            down.weight.mul_(0.5)
+        lean.pos -= 1
+        assert not torch.allclose(lean.step(3), before)  # the same position again, new values
+        down.weight.data = down.weight.detach().clone()
+        with pytest.raises(ValueError, match="layer 0 down weight was moved or reshaped"):
+            lean.step(3)

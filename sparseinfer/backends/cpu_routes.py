@@ -318,6 +318,7 @@ def dense_call(w: PackedWeight, x: torch.Tensor, threads: int):
         with torch_threads(threads):
             return linear(x, dense, bias)
 
+    call.dense_weight = dense  # what the native decode step (lean_llama.py) multiplies instead
     return call
 
 

@@ -26,7 +26,7 @@ def register(sub):
     p.add_argument("--act", choices=ACT_MODES, default=None,
                    help="activation precision the CPU kernels may use (default: SPARSEINFER_ACT, else auto)")
     p.add_argument("--decoder", choices=DECODERS, default="auto",
-                   help="the forward each step runs: native (one C++ call per token; every projection packed), "
+                   help="the forward each step runs: native (one C++ call per token; float32 models), "
                         "lean (sparseinfer.lean_llama's Python steps: transformers' logits bit for bit; "
                         "transformers' Llama / Mistral only), transformers (the model's own), auto (default: "
                         "native, else lean, where supported)")

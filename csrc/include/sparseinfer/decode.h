@@ -32,6 +32,9 @@ struct DecodeOps {
   void (*silu_mul)(const float* gate, const float* up, int64_t n, float* out);
   // x[i] += y[i]
   void (*add)(float* x, const float* y, int64_t n);
+  // y[r] = w[r, :k] . x + (bias ? bias[r] : 0) for rows r in [r0, r1) of the fp32 matrix w [rows, k]
+  // (a dense layer, or the dense fallback's fp32 copy of a packed one)
+  void (*gemv)(const float* w, int64_t k, const float* x, const float* bias, int64_t r0, int64_t r1, float* y);
 };
 
 DecodeOps decode_ops_scalar();
@@ -154,7 +157,32 @@ inline void add(float* x, const float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] += y[i];
 }
 
-inline DecodeOps ops() { return DecodeOps{rms_norm, rope, attend, silu_mul, add}; }
+inline void gemv(const float* w, int64_t k, const float* x, const float* bias, int64_t r0, int64_t r1, float* y) {
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4) {  // four rows share each load of x
+    const float* w0 = w + r * k;
+    const float *w1 = w0 + k, *w2 = w1 + k, *w3 = w2 + k;
+    float p0[kLanes] = {}, p1[kLanes] = {}, p2[kLanes] = {}, p3[kLanes] = {};
+    int64_t i = 0;
+    for (; i + kLanes <= k; i += kLanes)
+      for (int j = 0; j < kLanes; ++j) {
+        const float xv = x[i + j];
+        p0[j] += w0[i + j] * xv;
+        p1[j] += w1[i + j] * xv;
+        p2[j] += w2[i + j] * xv;
+        p3[j] += w3[i + j] * xv;
+      }
+    y[r] = reduce(p0) + tail_dot(w0 + i, x + i, k - i);
+    y[r + 1] = reduce(p1) + tail_dot(w1 + i, x + i, k - i);
+    y[r + 2] = reduce(p2) + tail_dot(w2 + i, x + i, k - i);
+    y[r + 3] = reduce(p3) + tail_dot(w3 + i, x + i, k - i);
+  }
+  for (; r < r1; ++r) y[r] = dot(w + r * k, x, k);
+  if (bias)
+    for (r = r0; r < r1; ++r) y[r] += bias[r];
+}
+
+inline DecodeOps ops() { return DecodeOps{rms_norm, rope, attend, silu_mul, add, gemv}; }
 
 }  // namespace decode_math
 }  // namespace
