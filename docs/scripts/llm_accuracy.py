@@ -40,6 +40,8 @@ JOINT = {"default": "2:4+int4", "methods": {"prune": "sparsegpt", "quantize": "g
 JOINT_ACT = {"default": "2:4+int4", "methods": {"prune": "sparsegpt", "quantize": "gptq-act"}}
 RECIPES = {
     "int8": "int8",
+    "int8-g128": "int8-g128",
+    "gptq-act:int8": "gptq-act:int8",
     "int4-g128": "int4-g128",
     "gptq:int4-g128": "gptq:int4-g128",
     "gptq-act:int4-g128": "gptq-act:int4-g128",

@@ -103,6 +103,20 @@ inline void _mm512_mask_storeu_ps(void* p, __mmask16 k, __m512 a) {
 }
 inline __m512 _mm512_add_ps(__m512 a, __m512 b) { for (int i = 0; i < 16; ++i) a.f[i] += b.f[i]; return a; }
 inline __m512 _mm512_mul_ps(__m512 a, __m512 b) { for (int i = 0; i < 16; ++i) a.f[i] *= b.f[i]; return a; }
+inline __m512 _mm512_sub_ps(__m512 a, __m512 b) { for (int i = 0; i < 16; ++i) a.f[i] -= b.f[i]; return a; }
+inline __m512 _mm512_set_ps(float e15, float e14, float e13, float e12, float e11, float e10, float e9, float e8,
+                            float e7, float e6, float e5, float e4, float e3, float e2, float e1, float e0) {
+  const float e[16] = {e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, e14, e15};
+  __m512 r;
+  for (int i = 0; i < 16; ++i) r.f[i] = e[i];
+  return r;
+}
+// vpermps: lane i = table[idx lane i & 15] (the instruction reads only the index's low 4 bits)
+inline __m512 _mm512_permutexvar_ps(__m512i idx, __m512 table) {
+  __m512 r;
+  for (int i = 0; i < 16; ++i) r.f[i] = table.f[emu::i32(idx, i) & 15];
+  return r;
+}
 inline __m512 _mm512_fmadd_ps(__m512 a, __m512 b, __m512 c) {
   for (int i = 0; i < 16; ++i) a.f[i] = std::fmaf(a.f[i], b.f[i], c.f[i]);
   return a;

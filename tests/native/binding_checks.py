@@ -189,8 +189,60 @@ def concurrent_rebuilds() -> None:
     print("concurrent rebuilds: ok", flush=True)
 
 
+def decoder() -> None:
+    """_C.Decoder's whole step on every ISA: packed (int8, int4, 2:4+int8) and dense fp32 projections,
+    odd sizes (head_dim 10, hidden 36), every cache position up to the last, both activation modes;
+    the steps agree across ISAs; a position past the cache is refused."""
+    global CHECKS
+    hidden, heads, kv, d, inter, layers, max_len, vocab = 36, 4, 2, 10, 22, 2, 7, 19
+
+    def proj(n, k, fmt, params):
+        if fmt == "dense":
+            return torch.randn(n, k, generator=G)
+        return build_native_weight(si.pack(torch.randn(n, k, generator=G), fmt, **params))
+
+    fmts = [("int8", {"group_size": None}), ("int4", {"group_size": 16}), ("2:4+int8", {"group_size": 16}),
+            ("dense", {})]
+    spec = []
+    for i in range(layers):
+        f = lambda j: fmts[(i + j) % len(fmts)]  # noqa: E731
+        spec.append((torch.rand(hidden, generator=G) + 0.5, 1e-5,
+                     [proj(heads * d, hidden, *f(0)), proj(2 * kv * d, hidden, *f(1))], proj(hidden, heads * d, *f(2)),
+                     torch.rand(hidden, generator=G) + 0.5, 1e-5,
+                     [proj(2 * inter, hidden, *f(3))], proj(hidden, inter, *f(0))))
+    head = proj(vocab, hidden, "int4", {"group_size": 16})
+    pos = torch.arange(max_len, dtype=torch.float32)[:, None] * 0.1 * torch.arange(1, d + 1)
+    cos, sin = pos.cos().contiguous(), pos.sin().contiguous()
+    xs = torch.randn(max_len, hidden, generator=G)
+    gate_up_bias, head_bias = torch.randn(2 * inter, generator=G), torch.randn(vocab, generator=G)
+    for act in ("fp32", "int8"):
+        results = {}
+        for isa in ISAS:
+            k_cache, v_cache = torch.zeros(layers, kv, max_len, d), torch.zeros(layers, kv, max_len, d)
+            layers_args = [(n1, e1, [(w, None, act, None) for w in qkv], (o, None, act, None), n2, e2,
+                            [(w, gate_up_bias, act, None) for w in gu], (dn, None, act, None))
+                           for n1, e1, qkv, o, n2, e2, gu, dn in spec]
+            dec = C.Decoder((hidden, heads, kv, d, inter, 0.3), cos, sin, k_cache, v_cache, layers_args,
+                            torch.ones(hidden), 1e-5, (head, head_bias, act, None), 2, isa)
+            out = []
+            for p in range(max_len):
+                y = torch.full((vocab,), float("nan"))
+                dec.step(xs[p], p, y)
+                out.append(y)
+            results[isa] = torch.stack(out)
+            check(torch.isfinite(results[isa]).all(), f"decoder {isa} {act}: non-finite logits")
+            refused(lambda: dec.step(xs[0], max_len, torch.empty(vocab)), match="outside the cache")
+            CHECKS += 1
+        first = next(iter(results.values()))
+        for isa, r in results.items():
+            tol = 1e-4 if act == "fp32" else 0.05  # int8 activations: a last-bit change can move a code
+            check(((r - first).abs().max() / first.abs().max()).item() < tol, f"decoder {isa} {act} differs")
+    print("decoder: ok", flush=True)
+
+
 every_format_and_shape()
 bad_arguments()
+decoder()
 moved_and_rewritten_sources()
 concurrent_rebuilds()
 print(f"OK {CHECKS} checks")

@@ -3,8 +3,8 @@
 //
 // Batch rows go in chunks of 4, each chunk over every weight row. Whole 32-code blocks (16 bytes)
 // are widened once and split into their even / odd codes, which meet the activations split the same
-// way (once per call), the zero point subtracted in integers (exact); four accumulators per batch
-// row; a group's sums are scaled once. Group and K tails take 16 codes in element order with masked
+// way (once per call); each code becomes its weight through the group's 16-entry table of
+// (code - zero) * scale (vpermps), so four accumulators per batch row run across every group. Group and K tails take 16 codes in element order with masked
 // loads, so nothing past K (in x) or past the group's bytes (in the codes) is read. The exact mode,
 // not the fast one: see int4_q8_gemm_vnni_avx512 for the roofline path.
 #include "avx512_common.h"
@@ -32,13 +32,14 @@ inline __m512i load_u4x16(const uint8_t* bytes, int64_t count) {
   return _mm512_and_si512(_mm512_srlv_epi32(v, shifts), _mm512_set1_epi32(0xF));
 }
 
-// Codes k..k+31 (16 bytes at `bytes`, all read) minus the zero point, as fp32, split by parity:
-// even = codes k, k+2, ..., k+30 (the low nibbles), odd = k+1, ..., k+31. One byte-widening
-// shuffle per 32 codes; the activations are split by parity to match (ParityX).
-inline void load_u4x32(const uint8_t* bytes, __m512i vz, __m512& even, __m512& odd) {
+// Codes k..k+31 (16 bytes at `bytes`, all read) dequantized through the group's table (w = table[code]),
+// split by parity: even = codes k, k+2, ..., k+30 (the low nibbles), odd = k+1, ..., k+31. One
+// byte-widening shuffle per 32 codes; vpermps reads only the low 4 bits of each index, so the low
+// nibbles need no mask. The activations are split by parity to match (ParityX).
+inline void load_u4x32(const uint8_t* bytes, __m512 table, __m512& even, __m512& odd) {
   const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
-  even = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(v, _mm512_set1_epi32(0xF)), vz));
-  odd = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(v, 4), vz));
+  even = _mm512_permutexvar_ps(v, table);
+  odd = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
 }
 
 // Batch rows m0 .. m0 + MR of x split by parity, once per call: row i's even elements x[0], x[2], ...
@@ -68,33 +69,32 @@ void row_pass(const GemmArgs& a, const QuantView& q, const ParityX<MR>& px, int6
   const uint8_t* zero = q.zero ? q.zero + n * q.n_groups : nullptr;
   const float* x[MR];
   for (int i = 0; i < MR; ++i) x[i] = a.x + (m0 + i) * a.stride_xm;
-  __m512 acc[MR];
+  // Four accumulators per batch row across every group: one FMA chain, codes interleaved back into
+  // element order per 16, and no prefetch held this kernel to 0.15 of the bandwidth roofline at
+  // batch 1 (4096x4096, 2 threads); a sum per group scaled at its end took another quarter.
+  __m512 part[MR][4];
   float tail[MR];
-  for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_ps(), tail[i] = 0.f;
+  for (int i = 0; i < MR; ++i) {
+    tail[i] = 0.f;
+    for (int j = 0; j < 4; ++j) part[i][j] = _mm512_setzero_ps();
+  }
+  const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   for (int64_t g = 0, k0 = 0; k0 < a.K; ++g, k0 += q.group) {
     const int64_t k1 = k0 + q.group < a.K ? k0 + q.group : a.K;
     const int z = zero ? zero[g] : 8;
-    __m512 gacc[MR];
-    float gtail[MR];
-    for (int i = 0; i < MR; ++i) gacc[i] = _mm512_setzero_ps(), gtail[i] = 0.f;
+    // the group's 16 weight values (code - zero) * scale: to_dense()'s, one fp32 multiply each
+    const __m512 table = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(float(z))), _mm512_set1_ps(scale[g]));
     int64_t k = k0;
     if ((k & 1) && k < k1) {  // an odd group length leaves a group starting mid-byte
-      const float wv = float(((bytes[k >> 1] >> 4) & 0xF) - z);
-      for (int i = 0; i < MR; ++i) gtail[i] += x[i][k] * wv;
+      const float wv = float(((bytes[k >> 1] >> 4) & 0xF) - z) * scale[g];
+      for (int i = 0; i < MR; ++i) tail[i] += x[i][k] * wv;
       ++k;
     }
-    const __m512i vz = _mm512_set1_epi32(z);
-    // Whole 32-code blocks (k even here), four independent accumulators per batch row: one FMA
-    // chain, codes interleaved back into element order per 16, and no prefetch held this kernel to
-    // 0.15 of the bandwidth roofline at batch 1 (4096x4096, 2 threads).
-    __m512 part[MR][4];
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < 4; ++j) part[i][j] = _mm512_setzero_ps();
-    for (; k + 64 <= k1; k += 64) {
+    for (; k + 64 <= k1; k += 64) {  // whole 32-code blocks (k even here)
       __builtin_prefetch(bytes + (k >> 1) + kPrefetchBytes, 0, 3);
       __m512 wv[4];
-      load_u4x32(bytes + (k >> 1), vz, wv[0], wv[1]);
-      load_u4x32(bytes + (k >> 1) + 16, vz, wv[2], wv[3]);
+      load_u4x32(bytes + (k >> 1), table, wv[0], wv[1]);
+      load_u4x32(bytes + (k >> 1) + 16, table, wv[2], wv[3]);
       const int64_t h = k >> 1;
       for (int i = 0; i < MR; ++i) {
         part[i][0] = _mm512_fmadd_ps(_mm512_loadu_ps(px.even(i) + h), wv[0], part[i][0]);
@@ -105,25 +105,24 @@ void row_pass(const GemmArgs& a, const QuantView& q, const ParityX<MR>& px, int6
     }
     if (k + 32 <= k1) {
       __m512 we, wo;
-      load_u4x32(bytes + (k >> 1), vz, we, wo);
+      load_u4x32(bytes + (k >> 1), table, we, wo);
       for (int i = 0; i < MR; ++i) {
         part[i][0] = _mm512_fmadd_ps(_mm512_loadu_ps(px.even(i) + (k >> 1)), we, part[i][0]);
         part[i][1] = _mm512_fmadd_ps(_mm512_loadu_ps(px.odd(i) + (k >> 1)), wo, part[i][1]);
       }
       k += 32;
     }
-    for (int i = 0; i < MR; ++i)
-      gacc[i] = _mm512_add_ps(_mm512_add_ps(part[i][0], part[i][1]), _mm512_add_ps(part[i][2], part[i][3]));
-    for (; k < k1; k += 16) {
+    for (; k < k1; k += 16) {  // group and K tails, in element order
       const int64_t left = k1 - k;
       const __mmask16 mk = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
-      const __m512 w = _mm512_cvtepi32_ps(_mm512_sub_epi32(load_u4x16(bytes + (k >> 1), left), vz));
-      for (int i = 0; i < MR; ++i) gacc[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, x[i] + k), w, gacc[i]);
+      const __m512 w = _mm512_permutexvar_ps(load_u4x16(bytes + (k >> 1), left), table);
+      for (int i = 0; i < MR; ++i) part[i][2] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, x[i] + k), w, part[i][2]);
     }
-    const __m512 s = _mm512_set1_ps(scale[g]);
-    for (int i = 0; i < MR; ++i) acc[i] = _mm512_fmadd_ps(gacc[i], s, acc[i]), tail[i] += gtail[i] * scale[g];
   }
-  for (int i = 0; i < MR; ++i) store_output(a, m0 + i, n, _mm512_reduce_add_ps(acc[i]) + tail[i]);
+  for (int i = 0; i < MR; ++i) {
+    const __m512 sum = _mm512_add_ps(_mm512_add_ps(part[i][0], part[i][1]), _mm512_add_ps(part[i][2], part[i][3]));
+    store_output(a, m0 + i, n, _mm512_reduce_add_ps(sum) + tail[i]);
+  }
 }
 
 // Weight rows [n_begin, n_end) for batch rows m0 .. m0 + MR (the kernel serves batches of 1-3: one pass).
