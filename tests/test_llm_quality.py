@@ -211,7 +211,7 @@ def test_inverse_hessian_diag_only_is_the_factors_diagonal():
         assert torch.allclose(d, torch.diagonal(upper), rtol=1e-6, atol=0), (d - torch.diagonal(upper)).abs().max()
 
 
-@pytest.mark.parametrize("method", ["gptq", "gptq-act"])
+@pytest.mark.parametrize("method", ["gptq", "gptq-act", "gptq-cols"])
 def test_joint_recipe_runs_one_sweep(monkeypatch, method):
     import sparseinfer.passes.gptq as gptq_mod
 
@@ -222,8 +222,8 @@ def test_joint_recipe_runs_one_sweep(monkeypatch, method):
     model = tiny_llama()
     recipe = {"default": "2:4+int4-g16", "methods": {"prune": "sparsegpt", "quantize": method}}
     out = si.compress(model, recipe, calib=batches(2), progress=False)
-    # 7 linears x 2 layers, each once, jointly (act-order with gptq-act)
-    assert len(calls) == 14 and set(calls) == {((2, 4), method == "gptq-act")}
+    # 7 linears x 2 layers, each once, jointly (act-order unless gptq-cols)
+    assert len(calls) == 14 and set(calls) == {((2, 4), method != "gptq-cols")}
     for w in _packed(out).values():
         assert w.fmt == "2:4+int4"
 

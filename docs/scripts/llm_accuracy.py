@@ -43,7 +43,8 @@ RECIPES = {
     "int8-g128": "int8-g128",
     "gptq-act:int8": "gptq-act:int8",
     "int4-g128": "int4-g128",
-    "gptq:int4-g128": "gptq:int4-g128",
+    "gptq:int4-g128": "gptq:int4-g128",  # act-order since 2026-12-06 (column order before: gptq-cols)
+    "gptq-cols:int4-g128": "gptq-cols:int4-g128",
     "gptq-act:int4-g128": "gptq-act:int4-g128",
     "gptq-act:int4-g128-asym": "gptq-act:int4-g128-asym",
     "int4-g64": "int4-g64",

@@ -14,9 +14,9 @@ method, {"default": "2:4+int4", "methods": {"prune": "sparsegpt", "quantize": "g
 are pruned and quantized in ONE column sweep, as the SparseGPT paper does (``gptq_quantize`` with
 ``prune_nm``): each column is pruned, its survivors rounded to the grid, and both errors spread
 onto the columns to the right -- one calibration and one sweep instead of two full passes. With
-"gptq-act" as the quantize method the sweep visits whole groups of M by decreasing H diagonal
-(act-order; static value groups, their scales from the survivors SparseGPT's score predicts on
-the original weights); when K is not a multiple of M it keeps column order.
+"gptq" (or "gptq-act") as the quantize method the sweep visits whole groups of M by decreasing H
+diagonal (act-order; static value groups, their scales from the survivors SparseGPT's score predicts
+on the original weights); when K is not a multiple of M, or with "gptq-cols", it keeps column order.
 """
 
 from __future__ import annotations
@@ -88,10 +88,10 @@ def sparsegpt(targets: list[Target], calib, model) -> None:
         for t in group:
             hessian = stats[t.name].hessian()
             method = t.recipe.quant_method
-            joint = gptq.plan(t, survivors=False) if method in ("gptq", "gptq-act") else None
+            joint = gptq.plan(t, survivors=False) if method in gptq.METHODS else None
             if joint is not None and "nm" in joint:
                 # act-order visits whole groups of M, so K must hold a whole number of them
-                act = method == "gptq-act" and t.weight.shape[1] % joint["nm"][1] == 0
+                act = gptq.METHODS[method] and t.weight.shape[1] % joint["nm"][1] == 0
                 q, scale, zero = gptq.gptq_quantize(t.weight, hessian, bits=joint["bits"],
                                                     group_size=joint["group_size"], symmetric=joint["symmetric"],
                                                     prune_nm=joint["nm"], act_order=act)
