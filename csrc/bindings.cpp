@@ -242,9 +242,10 @@ Source source_of(const Tensor& t) {
   return s;
 }
 
-bool sources_current(const Weight& w) {
+// Whether every source tensor is where, and as written, as when `sources` was recorded.
+bool sources_current(const std::vector<Source>& sources) {
   const TorchTypes& T = torch_types();
-  for (const Source& s : w.sources) {
+  for (const Source& s : sources) {
     int64_t ptr = 0, version = -1;
     if (!read_int(s.tensor.ptr(), T.data_ptr.ptr(), true, &ptr) || uintptr_t(ptr) != s.ptr) return false;
     if (s.version >= 0 && (!read_int(s.tensor.ptr(), T.version.ptr(), false, &version) || version != s.version))
@@ -252,6 +253,8 @@ bool sources_current(const Weight& w) {
   }
   return true;
 }
+
+bool sources_current(const Weight& w) { return sources_current(w.sources); }
 
 // Rebuild `w` if a source tensor moved or was written since it was built. Raises the pack_* error when
 // a source no longer fits (e.g. set_() to another shape); `w` then stays stale and keeps refusing.
@@ -699,6 +702,10 @@ struct Projection {
   py::object owner;  // keeps the Weight alive
   Weight* w = nullptr;  // nullptr: dense
   Tensor dense;  // [N, K] float32, contiguous; checked on every step like the caches
+  // for an fp32 copy of a packed weight: that weight's tensors as they were when the decoder was built
+  // (the copy's), checked on every step (the Weight itself may have been rebuilt meanwhile)
+  std::vector<Source> copied_from;
+  std::string what;  // for messages
   int64_t n = 0;
   std::vector<float> bias;  // empty: none
   ActMode act = ActMode::fp32;
@@ -807,6 +814,9 @@ class Decoder {
       Projection& p = *all_[i];
       if (!p.w) {
         check_unmoved(p.dense);
+        if (!sources_current(p.copied_from))
+          value_error("Decoder.step: " + p.what + ": its packed weight was written or moved since the decoder was "
+                      "built, so the fp32 copy it runs is stale; build a new decoder");
         continue;
       }
       ensure_current(*p.w);
@@ -862,8 +872,10 @@ class Decoder {
     int64_t offset = 0;
     for (py::handle item : list) {
       py::tuple t = py::reinterpret_borrow<py::object>(item).cast<py::tuple>();
-      if (t.size() != 4) value_error("Decoder: " + what + ": a projection is (weight, bias, act, kernel)");
+      if (t.size() != 4 && t.size() != 5)
+        value_error("Decoder: " + what + ": a projection is (weight, bias, act, kernel[, source])");
       Projection p;
+      p.what = what;
       p.owner = py::reinterpret_borrow<py::object>(t[0]);
       if (py::isinstance<Weight>(p.owner)) {
         p.w = &p.owner.cast<Weight&>();
@@ -879,6 +891,14 @@ class Decoder {
           value_error("Decoder: " + what + ": a dense weight of shape " + p.dense.shape_str() + " does not take " +
                       std::to_string(k) + " inputs");
         check_contiguous(p.dense);
+        if (t.size() == 5 && !t[4].is_none()) {  // the packed weight this matrix is a copy of (made current)
+          Weight& source = t[4].cast<Weight&>();
+          ensure_current(source);
+          if (source.view.N != p.n || source.view.K != k)
+            value_error("Decoder: " + what + ": the source " + source.desc() + " does not match the copy " +
+                        p.dense.shape_str());
+          p.copied_from = source.sources;
+        }
       }
       const int64_t n = p.n;
       if (!t[1].is_none()) p.bias = copy_floats(t[1], (what + " bias").c_str(), {n});
@@ -1057,7 +1077,8 @@ PYBIND11_MODULE(_C, m) {
            "head_dim] (sin with rotate_half's sign in its first half); k_cache / v_cache float32 [layers, kv_heads, "
            "max_len, head_dim], contiguous; layers: (norm1, eps1, qkv, o, norm2, eps2, gate_up, down) where qkv and "
            "gate_up are lists of projections side by side and a projection is (Weight, bias or None, act, kernel "
-           "or None); norm / eps: the final RMSNorm; head: a projection or None.")
+           "or None), or (float32 matrix, bias or None, act, None[, the Weight it is a copy of]); norm / eps: the "
+           "final RMSNorm; head: a projection or None.")
       .def("step", &Decoder::step, py::arg("x"), py::arg("pos"), py::arg("out"),
            "x float32 [hidden] at position pos (the caches hold positions 0..pos-1) -> out: the logits [vocab] "
            "with a head, else the final norm's output [hidden]. Writes position pos of the caches. Returns out.")

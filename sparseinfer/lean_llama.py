@@ -185,9 +185,9 @@ class _Layer:
 
 def _kernel_args(m: nn.Module, x: torch.Tensor) -> tuple | None:
     """The projection ``_C.Decoder`` runs for ``m`` on inputs like ``x``: (Weight, bias, act, kernel)
-    with which its direct call runs ``_C.linear`` (backends/cpu.py, ``kernel_args``), or (fp32 matrix,
-    bias, None, None) for a dense layer or a dense-routed one that keeps an fp32 copy
-    (cpu_routes.dense_call); None where neither holds (another backend, a dense route that
+    with which its direct call runs ``_C.linear`` (backends/cpu.py, ``kernel_args``), (fp32 matrix,
+    bias, None, None) for a dense layer, or (fp32 copy, bias, None, None, Weight) for a dense-routed
+    one that keeps an fp32 copy of its packed Weight (cpu_routes.dense_call); None where neither holds (another backend, a dense route that
     dequantizes tiles per call, a weight of another dtype)."""
     bias = None if m.bias is None else m.bias.detach().to(torch.float32).contiguous()
     if isinstance(m, nn.Linear):  # the parameter itself: the decoder sees a `.data =` move and refuses
@@ -201,8 +201,11 @@ def _kernel_args(m: nn.Module, x: torch.Tensor) -> tuple | None:
     if args is not None:
         handle, act, kernel = args
         return handle, bias, act, kernel
-    dense = getattr(call, "dense_weight", None)
-    return None if dense is None else (dense, bias, None, None)
+    copy = getattr(call, "dense_copy", None)
+    if copy is None:
+        return None
+    # the copy as the packed tensors are now; the decoder checks on every step that they stay so
+    return copy(), bias, None, None, getattr(call, "dense_source", None)
 
 
 def _kernel_args_joint(members: list[nn.Module], x: torch.Tensor) -> list[tuple] | None:
@@ -215,7 +218,7 @@ def _kernel_args_joint(members: list[nn.Module], x: torch.Tensor) -> list[tuple]
 
 def _table_pick(calls: list[tuple]) -> list[tuple]:
     """``_kernel_args`` tuples without their kernel names: the ISA's table picks the kernels."""
-    return [(*c[:3], None) for c in calls]
+    return [(*c[:3], None, *c[4:]) for c in calls]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -753,3 +753,32 @@ def test_native_steps_refuse_a_dense_weight_moved_under_them():
         down.weight.data = down.weight.detach().clone()
         with pytest.raises(ValueError, match="layer 0 down weight was moved or reshaped"):
             lean.step(3)
+
+
+def test_dense_routed_layers_follow_their_packed_weight(monkeypatch):
+    """A packed layer whose route is the dense fallback runs its kept fp32 copy: written in place, the
+    packed values reach the next call (the copy is made again), and a native decoder built on the old
+    copy refuses to run it stale."""
+    from sparseinfer.backends import cpu_routes
+    from sparseinfer.lean_llama import LeanLlama
+
+    monkeypatch.setattr(cpu_routes, "_by_rules", lambda *a: ("dense", "the test routes every call dense"))
+    cpu_routes.reset()
+    try:
+        model = si.compress(_llama_cfg(), "2:4", progress=False)
+        down = model.model.layers[0].mlp.down_proj
+        x = torch.randn(1, 96)
+        with torch.inference_mode():
+            before = down(x)
+            assert down.plan(x).dense_copy() is not None  # the dense route, on the kept copy
+            lean = LeanLlama(model, 8, steps="native")
+            lean.prefill(torch.tensor(PROMPT))
+            lean.step(3)
+            assert lean.step_path == "native"
+            down.packed_values.mul_(0.5)
+            assert torch.allclose(down(x), before * 0.5, rtol=1e-5, atol=1e-6)
+            with pytest.raises(ValueError, match="layer 0 down: its packed weight was written or moved"):
+                lean.step(3)
+    finally:
+        monkeypatch.undo()
+        cpu_routes.reset()

@@ -107,7 +107,10 @@ class CpuBackend(Backend):
         handle = native_weight(w)
         r = cpu_routes.route(w, handle, x.numel() // w.shape[1], act, n_threads)
         if r.path == "dense":
-            return cpu_routes.dense_call(w, x, n_threads)
+            call = cpu_routes.dense_call(w, x, n_threads)
+            if call is not None:
+                call.dense_source = handle  # the packed weight its fp32 copy was made from
+            return call
         if r.path != "kernel":
             return None
         run, named = _native._C.linear, r.named
