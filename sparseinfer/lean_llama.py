@@ -297,12 +297,13 @@ class LeanLlama:
         x = self.embed(self.ids)[0]
         key = (x.dtype, x.requires_grad and torch.is_grad_enabled(), threads(), generation(), default_act())
         if key != self._step_key:
-            like = x.new_empty
-            self._step_layers = [layer.bound(like(1, x.shape[1]), like(1, self.heads * self.head_dim),
-                                             like(1, layer.intermediate)) for layer in self.layers]
             self._native, why = self._native_decoder(x) if self.steps != "python" else (None, None)
             if self._native is None and self.steps == "native":
                 raise ValueError(f"LeanLlama: the native decode step cannot run this model: {why}")
+            if self._native is None:
+                like = x.new_empty
+                self._step_layers = [layer.bound(like(1, x.shape[1]), like(1, self.heads * self.head_dim),
+                                                 like(1, layer.intermediate)) for layer in self.layers]
             self.step_path = "python" if self._native is None else "native"
             self._step_key = key
         if self._native is None:
