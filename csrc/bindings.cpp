@@ -555,6 +555,24 @@ uint64_t tile_bits(const Weight& w) {
   return w.view.qt.codes || (nm && nm_qtiles_supported(w.view)) ? uint64_t(kReadsQTiles) : 0;
 }
 
+// A ValueError unless the kernel row `named` may run `w` on `isa` in activation mode `act`.
+void check_named_kernel(const std::string& named, const Weight& w, Isa isa, ActMode act, const std::string& what) {
+  const uint64_t bits = act_call_bits(act);
+  if (!find_kernel(named.c_str(), w.view.id, isa, bits ? bits | tile_bits(w) : 0))
+    value_error(what + "kernel '" + named + "' cannot run " + w.desc() + " on isa " + isa_name(isa) + " with act='" +
+                act_mode_name(act) + "' (kernel_candidates lists those that can)");
+}
+
+// Build w's int8-activation layout if the kernel a call of M rows runs (`named`, else the table's pick)
+// takes int8 activations: only then (after ensure_current: nothing runs between this and the kernel).
+void prepare_int8_act(Weight& w, Isa isa, ActMode act, const char* named, int64_t M) {
+  if (const uint64_t bits = act_call_bits(act)) {
+    const uint64_t sel = bits | tile_bits(w);
+    const KernelImpl* k = named ? find_kernel(named, w.view.id, isa, sel) : select_kernel(w.view.id, isa, M, sel);
+    if (k && (k->requires & kCallInt8Act)) ensure_qtiles(w, *k);
+  }
+}
+
 // Rows of a [..., C] tensor as one 2-D matrix: M = prod(leading dims) and the stride between rows,
 // if the leading dims collapse into one (as a view would); false if they do not.
 bool collapse_rows(const Tensor& t, int64_t* M, int64_t* stride_m) {
@@ -621,18 +639,11 @@ py::object linear(py::handle x_obj, Weight& w, py::handle out_obj, py::handle bi
   if (!kernel_obj.is_none()) {
     if (!py::isinstance<py::str>(kernel_obj)) type_error("kernel must be a string or None");
     named = kernel_obj.cast<std::string>();
-    const uint64_t bits = act_call_bits(call.act);
-    if (!find_kernel(named.c_str(), w.view.id, isa, bits ? bits | tile_bits(w) : 0))
-      value_error("kernel '" + named + "' cannot run " + w.desc() + " on isa " + isa_name(isa) + " with act='" +
-                  act_mode_name(call.act) + "' (kernel_candidates lists those that can)");
+    check_named_kernel(named, w, isa, call.act, "");
     call.kernel = named.c_str();
   }
   ensure_current(w);  // after every other Python call: nothing runs between this and the kernel
-  if (const uint64_t bits = act_call_bits(call.act)) {  // build the int8-activation layout only if it runs
-    const uint64_t sel = bits | tile_bits(w);
-    const KernelImpl* k = call.kernel ? find_kernel(call.kernel, w.view.id, isa, sel) : select_kernel(w.view.id, isa, M, sel);
-    if (k && (k->requires & kCallInt8Act)) ensure_qtiles(w, *k);
-  }
+  prepare_int8_act(w, isa, call.act, call.kernel, M);
 
   const KernelImpl* kernel = nullptr;
   Status s;
@@ -720,7 +731,8 @@ struct DecoderLayer {
   Projection o, down;
 };
 
-// A causal LM's batch-1 decode step with every projection a packed kernel (sparseinfer/lean_llama.py):
+// A causal LM's batch-1 decode step (sparseinfer/lean_llama.py), every projection a packed kernel or an
+// fp32 matrix:
 // per layer RMSNorm, q/k/v, rotary, the KV cache write, attention, o, residual, RMSNorm, gate / up,
 // SiLU gate, down, residual; then the final RMSNorm and, when given, the LM head. One Python call per
 // token: the math between the kernels is decode.h's, the kernels are run_linear's. The norm weights,
@@ -820,12 +832,7 @@ class Decoder {
         continue;
       }
       ensure_current(*p.w);
-      if (const uint64_t bits = act_call_bits(p.act)) {
-        const uint64_t sel = bits | tile_bits(*p.w);
-        const KernelImpl* k = p.kernel.empty() ? select_kernel(p.w->view.id, isa_, 1, sel)
-                                               : find_kernel(p.kernel.c_str(), p.w->view.id, isa_, sel);
-        if (k && (k->requires & kCallInt8Act)) ensure_qtiles(*p.w, *k);
-      }
+      prepare_int8_act(*p.w, isa_, p.act, p.kernel.empty() ? nullptr : p.kernel.c_str(), 1);
       views_[i] = p.w->view, holds_[i] = p.w->derived;
     }
     Status s = Status::ok;
@@ -906,10 +913,7 @@ class Decoder {
       if (!t[3].is_none() && !p.w) value_error("Decoder: " + what + ": a dense weight takes no kernel name");
       if (!t[3].is_none()) {
         p.kernel = t[3].cast<std::string>();
-        const uint64_t bits = act_call_bits(p.act);
-        if (!find_kernel(p.kernel.c_str(), p.w->view.id, isa_, bits ? bits | tile_bits(*p.w) : 0))
-          value_error("Decoder: " + what + ": kernel '" + p.kernel + "' cannot run " + p.w->desc() + " on isa " +
-                      isa_name(isa_) + " with act='" + act_mode_name(p.act) + "'");
+        check_named_kernel(p.kernel, *p.w, isa_, p.act, "Decoder: " + what + ": ");
       }
       p.offset = offset;
       offset += n;
@@ -988,8 +992,7 @@ class Decoder {
       int64_t n, k, chunk;
     } task{&ops_, reinterpret_cast<const float*>(p.dense.ptr), x, p.bias.empty() ? nullptr : p.bias.data(), y, p.n,
            p.dense.shape[1], 0};
-    const int64_t want = (task.n * task.k) >> 17;
-    const int64_t n_threads = want < 1 ? 1 : want < threads_ ? want : threads_;
+    const int n_threads = stream_threads(task.n * task.k, threads_);
     task.chunk = ((task.n + n_threads - 1) / n_threads + 15) / 16 * 16;
     const TaskFn rows = [](void* c, int64_t i) {
       const Task& t = *static_cast<const Task*>(c);
@@ -997,7 +1000,7 @@ class Decoder {
       if (r0 < r1) t.ops->gemv(t.w, t.k, t.x, t.bias, r0, r1, t.y);
     };
     const int64_t tasks = (task.n + task.chunk - 1) / task.chunk;
-    if (tasks > 1) parallel_run(tasks, int(n_threads), rows, &task);
+    if (tasks > 1) parallel_run(tasks, n_threads, rows, &task);
     else rows(&task, 0);
   }
 
@@ -1009,16 +1012,13 @@ class Decoder {
       const float *k, *v;
       int64_t len;
     } task{this, k_cache, v_cache, len};
-    const int64_t work = 2 * heads_ * len * head_dim_;
-    const int64_t want = work >> 17;
-    const int n_threads = int(want < 1 ? 1 : want < threads_ ? want : threads_);
-    const TaskFn head = [](void* p, int64_t h) {
+    const int n_threads = stream_threads(2 * heads_ * len * head_dim_, threads_);
+    const TaskFn head = [](void* p, int64_t h) {  // query head h reads KV head h / (heads / kv_heads)
       const Task& t = *static_cast<const Task*>(p);
       const Decoder& D = *t.self;
       const int64_t d = D.head_dim_, g = h / (D.heads_ / D.kv_heads_);
-      D.ops_.attend(D.qkv_.data() + h * d, t.k + g * D.max_len_ * d, t.v + g * D.max_len_ * d, 1, 1, d, t.len,
-                    D.max_len_, D.scale_, const_cast<float*>(D.scores_.data()) + h * D.max_len_,
-                    const_cast<float*>(D.att_.data()) + h * d);
+      D.ops_.attend(D.qkv_.data() + h * d, t.k + g * D.max_len_ * d, t.v + g * D.max_len_ * d, d, t.len, D.scale_,
+                    const_cast<float*>(D.scores_.data()) + h * D.max_len_, const_cast<float*>(D.att_.data()) + h * d);
     };
     if (n_threads > 1) parallel_run(heads_, n_threads, head, &task);
     else for (int64_t h = 0; h < heads_; ++h) head(&task, h);
@@ -1066,8 +1066,8 @@ PYBIND11_MODULE(_C, m) {
       });
 
   py::class_<Decoder>(m, "Decoder",
-                      "A causal LM's batch-1 decode step with every projection a packed kernel, in one call "
-                      "(sparseinfer/lean_llama.py builds it).")
+                      "A causal LM's batch-1 decode step in one call, every projection a packed kernel or an fp32 "
+                      "matrix (sparseinfer/lean_llama.py builds it).")
       .def(py::init<py::tuple, py::handle, py::handle, py::handle, py::handle, py::list, py::handle, double, py::object,
                     int64_t, const py::object&>(),
            py::arg("dims"), py::arg("cos"), py::arg("sin"), py::arg("k_cache"), py::arg("v_cache"), py::arg("layers"),

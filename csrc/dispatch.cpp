@@ -600,10 +600,9 @@ QuantizeActFn select_quantize(Isa isa) {
 // 64K, calls of ~10 us went to two threads and ran slower than on one, and waited on a busy
 // machine: bench/README.md, "Shared cores").
 constexpr int64_t kMinWorkPerThread = int64_t(1) << 20;
-// Batches of 1-2 stream each weight byte once, from memory in a model: there a second thread pays
-// from far fewer multiply-adds (SmolLM2 decode, 2 threads, every layer under 1M: int4-g128 steps
-// 8.9-9.2 -> 6.8-7.1 ms, int8 13.0-13.2 -> 9.4-10.6 ms at 128K, interleaved x2).
-constexpr int64_t kMinStreamWorkPerThread = int64_t(1) << 17;
+// Batches of 1-2 split from kMinStreamWorkPerThread (dispatch.h) instead (SmolLM2 decode, 2 threads,
+// every layer under 1M: int4-g128 steps 8.9-9.2 -> 6.8-7.1 ms, int8 13.0-13.2 -> 9.4-10.6 ms at 128K,
+// interleaved x2).
 // Column chunks are multiples of this, so SIMD kernels see whole register tiles except at the end.
 constexpr int64_t kColumnAlign = 16;
 

@@ -23,11 +23,10 @@ struct DecodeOps {
   // Rotary embedding of `rows` rows of d values in place: x * cos + swap_halves(x) * sin, where sin
   // carries rotate_half's sign in its first half (lean_llama.py's tables)
   void (*rope)(float* x, int64_t rows, int64_t d, const float* cos, const float* sin);
-  // Attention of one query position: q [heads, d] against keys / values [kv_heads, stride rows, d],
-  // positions 0..len-1; query head h reads kv head h / (heads / kv_heads). scores: len floats of
-  // scratch. out [heads, d].
-  void (*attend)(const float* q, const float* k, const float* v, int64_t heads, int64_t kv_heads, int64_t d,
-                 int64_t len, int64_t stride, float scale, float* scores, float* out);
+  // Attention of one query head at one position: q [d] against keys / values [len, d] (positions
+  // 0..len-1 of its KV head). scores: len floats of scratch. out [d].
+  void (*attend)(const float* q, const float* k, const float* v, int64_t d, int64_t len, float scale, float* scores,
+                 float* out);
   // out[i] = silu(gate[i]) * up[i]
   void (*silu_mul)(const float* gate, const float* up, int64_t n, float* out);
   // x[i] += y[i]
@@ -113,40 +112,33 @@ inline void rope(float* x, int64_t rows, int64_t d, const float* cos, const floa
   }
 }
 
-inline void attend(const float* q, const float* k, const float* v, int64_t heads, int64_t kv_heads, int64_t d, int64_t len,
-            int64_t stride, float scale, float* scores, float* out) {
-  const int64_t group = heads / kv_heads;
-  for (int64_t h = 0; h < heads; ++h) {
-    const float* qh = q + h * d;
-    const float* kh = k + (h / group) * stride * d;
-    const float* vh = v + (h / group) * stride * d;
-    float* oh = out + h * d;
-    float top = -3.0e38f;
-    for (int64_t t = 0; t < len; ++t) {
-      scores[t] = dot(qh, kh + t * d, d) * scale;
-      top = scores[t] > top ? scores[t] : top;
-    }
-    float part[kLanes] = {};
-    int64_t t = 0;
-    for (; t + kLanes <= len; t += kLanes)
-      for (int j = 0; j < kLanes; ++j) {
-        scores[t + j] = exp_approx(scores[t + j] - top);
-        part[j] += scores[t + j];
-      }
-    float sum = reduce(part);
-    for (; t < len; ++t) {
-      scores[t] = exp_approx(scores[t] - top);
-      sum += scores[t];
-    }
-    for (int64_t i = 0; i < d; ++i) oh[i] = 0.0f;
-    for (int64_t s = 0; s < len; ++s) {
-      const float p = scores[s];
-      const float* vs = vh + s * d;
-      for (int64_t i = 0; i < d; ++i) oh[i] += p * vs[i];
-    }
-    const float inv = 1.0f / sum;
-    for (int64_t i = 0; i < d; ++i) oh[i] *= inv;
+inline void attend(const float* q, const float* k, const float* v, int64_t d, int64_t len, float scale, float* scores,
+                   float* out) {
+  float top = -3.0e38f;
+  for (int64_t t = 0; t < len; ++t) {
+    scores[t] = dot(q, k + t * d, d) * scale;
+    top = scores[t] > top ? scores[t] : top;
   }
+  float part[kLanes] = {};
+  int64_t t = 0;
+  for (; t + kLanes <= len; t += kLanes)
+    for (int j = 0; j < kLanes; ++j) {
+      scores[t + j] = exp_approx(scores[t + j] - top);
+      part[j] += scores[t + j];
+    }
+  float sum = reduce(part);
+  for (; t < len; ++t) {
+    scores[t] = exp_approx(scores[t] - top);
+    sum += scores[t];
+  }
+  for (int64_t i = 0; i < d; ++i) out[i] = 0.0f;
+  for (int64_t s = 0; s < len; ++s) {
+    const float p = scores[s];
+    const float* vs = v + s * d;
+    for (int64_t i = 0; i < d; ++i) out[i] += p * vs[i];
+  }
+  const float inv = 1.0f / sum;
+  for (int64_t i = 0; i < d; ++i) out[i] *= inv;
 }
 
 inline void silu_mul(const float* gate, const float* up, int64_t n, float* out) {

@@ -77,6 +77,15 @@ Status dequantize_rows(const WeightView& w, int64_t n_begin, int64_t n_end, floa
 using DequantizeRowFn = bool (*)(const WeightView& w, int64_t n, float* out);
 DequantizeRowFn active_dequantize_row();
 
+// Batches of 1-2 stream each weight byte once, from memory in a model: a second thread pays from
+// this many multiply-adds per thread (run_linear; the native decode step's GEMV and attention too).
+constexpr int64_t kMinStreamWorkPerThread = int64_t(1) << 17;
+// Threads for `work` multiply-adds of a batch-1 step: one per kMinStreamWorkPerThread, 1..max_threads.
+inline int stream_threads(int64_t work, int max_threads) {
+  const int64_t want = work / kMinStreamWorkPerThread;
+  return int(want < 1 ? 1 : want < max_threads ? want : max_threads);
+}
+
 // One call, as bindings.cpp hands it over (already validated).
 struct LinearCall {
   const void* x;       // [M, K], unit stride along K
