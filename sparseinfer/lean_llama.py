@@ -39,8 +39,9 @@ projection is a packed kernel call at one row or an fp32 matrix (a dense layer, 
 dense-routed packed layer keeps), a decode step is one call of ``_C.Decoder``: the same kernels with
 the same activation modes through the C++ driver, the fp32 matrices through a vectorized GEMV, and
 the glue between them (RMSNorm, rotary, the cache write, attention over the cache, SiLU gate,
-residuals) in a few vectorized loops (csrc/include/sparseinfer/decode.h). That glue rounds in its own order, so the logits are the Python
-steps' within float rounding, not bit for bit (tests/test_llm.py bounds the difference); with int8
+residuals) in a few vectorized loops (csrc/include/sparseinfer/decode.h). That glue rounds in its
+own order, so the logits are the Python steps' within float rounding, not bit for bit
+(tests/test_llm.py bounds the difference); with int8
 activations a last-bit change can become another quantization code and, rarely, another greedy token
 later on. The prompt always runs the Python path. ``steps="python"`` (``greedy(decoder="lean")``)
 keeps transformers' numbers.
@@ -187,8 +188,9 @@ def _kernel_args(m: nn.Module, x: torch.Tensor) -> tuple | None:
     """The projection ``_C.Decoder`` runs for ``m`` on inputs like ``x``: (Weight, bias, act, kernel)
     with which its direct call runs ``_C.linear`` (backends/cpu.py, ``kernel_args``), (fp32 matrix,
     bias, None, None) for a dense layer, or (fp32 copy, bias, None, None, Weight) for a dense-routed
-    one that keeps an fp32 copy of its packed Weight (cpu_routes.dense_call); None where neither holds (another backend, a dense route that
-    dequantizes tiles per call, a weight of another dtype)."""
+    one that keeps an fp32 copy of its packed Weight (cpu_routes.dense_call); None where neither
+    holds (another backend, a dense route that dequantizes tiles per call, a weight of another
+    dtype)."""
     bias = None if m.bias is None else m.bias.detach().to(torch.float32).contiguous()
     if isinstance(m, nn.Linear):  # the parameter itself: the decoder sees a `.data =` move and refuses
         weight = m.weight
@@ -308,15 +310,11 @@ class LeanLlama:
             self._step_key = key
         if self._native is None:
             return self._forward(x, self._step_layers)
-        if self._native_head:
-            out = x.new_empty(self.lm_head.out_features)
-            self._native.step(x, self.pos, out)
-            self.pos += 1
-            return out
-        h = x.new_empty(1, x.shape[1])
-        self._native.step(x, self.pos, h)
+        # the logits, or the final norm's output for a head the decoder does not run
+        out = x.new_empty(self.lm_head.out_features) if self._native_head else x.new_empty(1, x.shape[1])
+        self._native.step(x, self.pos, out)
         self.pos += 1
-        return self.head(h)[0]
+        return out if self._native_head else self.head(out)[0]
 
     def _native_decoder(self, x: torch.Tensor):
         """(a ``_C.Decoder`` running decode steps like ``x`` in one call, None) where every projection

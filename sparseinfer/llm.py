@@ -137,8 +137,9 @@ class Generation:
 
 
 # "native": LeanLlama with its decode steps in one C++ call each (float32 models whose projections are
-# packed kernels or fp32 matrices: lean_llama.py, steps="native"); "lean": LeanLlama's Python steps (transformers' logits bit for bit);
-# "transformers": the model's forward; "auto": native, else lean, else transformers.
+# packed kernels or fp32 matrices: lean_llama.py, steps="native"); "lean": LeanLlama's Python steps
+# (transformers' logits bit for bit); "transformers": the model's forward; "auto": native, else lean,
+# else transformers.
 DECODERS = ("auto", "native", "lean", "transformers")
 _LEAN_STEPS = {"auto": "auto", "native": "native", "lean": "python"}
 

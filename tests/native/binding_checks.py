@@ -205,11 +205,11 @@ def decoder() -> None:
             ("dense", {})]
     spec = []
     for i in range(layers):
-        f = lambda j: fmts[(i + j) % len(fmts)]  # noqa: E731
+        f = [fmts[(i + j) % len(fmts)] for j in range(4)]  # each layer its own mix of formats
         spec.append((torch.rand(hidden, generator=G) + 0.5, 1e-5,
-                     [proj(heads * d, hidden, *f(0)), proj(2 * kv * d, hidden, *f(1))], proj(hidden, heads * d, *f(2)),
+                     [proj(heads * d, hidden, *f[0]), proj(2 * kv * d, hidden, *f[1])], proj(hidden, heads * d, *f[2]),
                      torch.rand(hidden, generator=G) + 0.5, 1e-5,
-                     [proj(2 * inter, hidden, *f(3))], proj(hidden, inter, *f(0))))
+                     [proj(2 * inter, hidden, *f[3])], proj(hidden, inter, *f[0])))
     head = proj(vocab, hidden, "int4", {"group_size": 16})
     pos = torch.arange(max_len, dtype=torch.float32)[:, None] * 0.1 * torch.arange(1, d + 1)
     cos, sin = pos.cos().contiguous(), pos.sin().contiguous()
@@ -231,7 +231,7 @@ def decoder() -> None:
                 out.append(y)
             results[isa] = torch.stack(out)
             check(torch.isfinite(results[isa]).all(), f"decoder {isa} {act}: non-finite logits")
-            refused(lambda: dec.step(xs[0], max_len, torch.empty(vocab)), match="outside the cache")
+            refused(lambda dec=dec: dec.step(xs[0], max_len, torch.empty(vocab)), match="outside the cache")
             CHECKS += 1
         first = next(iter(results.values()))
         for isa, r in results.items():
