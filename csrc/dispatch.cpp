@@ -299,20 +299,33 @@ const KernelImpl kAvx512Kernels[] = {
     {KernelId::int4, int4_gemm_avx512, "int4_gemm_avx512", 3, 0},
     {KernelId::int4, int4_panel_gemm_avx512, "int4_panel_gemm_avx512", kAnyM, 0},
 #ifdef SPARSEINFER_HAVE_AVX2
-    // Float N:M, exact: the AVX2 gemv for a few rows, then 2:4 decoded into the panels above (one
-    // pass over the weight per call). In MiniLM (weights from memory, 1 thread, Zen 4) the panel GEMM
-    // ran 1.03x dense at 33 rows where nm_gemm_avx2 (which re-reads the weight per 64-row block and
-    // pads rows to 8) ran 0.73x, and 1.04-1.4x at 4096x4096 where nm_gemm_avx2 ran 0.5x from 64
-    // rows; nm_gemm_avx2 won only hot, on one L2-resident layer, so it stays a measured candidate.
-    {KernelId::nm_float, nm_gemv_avx2, "nm_gemv_avx2", 10, 0},
-    {KernelId::nm_float, nm_panel_gemm_avx512, "nm_panel_gemm_avx512", kAnyM, 0},
+    // Float N:M and CSR, exact: the AVX2 gemv for a few rows, then the xT GEMM on zmm
+    // (sparse_gemm_avx512.cpp: one FMA per kept value and 16 batch rows). Xeon with AVX-512, 1 thread,
+    // hot (bench/README.md): 2:4 at 1.0-1.4x torch fp32 from 11 rows where the panel GEMM (2:4 decoded
+    // dense, twice the FMAs) ran 0.6-0.9x; ahead of the gemv from 8 rows (2:4) and 4-8 rows (CSR).
+    // The FMAs take their xT operand from L1, about 1.4 a cycle against the dense tile's 2.3, so 2:4
+    // stays near 1.0-1.3x of a dense GEMM on this ISA; CSR pays off from ~70 % sparsity.
+    // The gemv rows carry this level's name: batch limits are set by name (`sparseinfer calibrate`),
+    // and the AVX2 level's rows of the same kernels have their own limits.
+    {KernelId::nm_float, nm_gemv_avx2, "nm_gemv_avx2_avx512", 7, 0},
+    {KernelId::nm_float, nm_gemm_avx512, "nm_gemm_avx512", kAnyM, 0},
+    {KernelId::csr_float, csr_gemv_avx2, "csr_gemv_avx2_avx512", 5, 0},
+    {KernelId::csr_float, csr_gemm_avx512, "csr_gemm_avx512", kAnyM, 0},
+    {KernelId::csr_int8, csr_gemv_avx2, "csr_int8_gemv_avx2_avx512", 5, 0},
+    {KernelId::csr_int8, csr_gemm_avx512, "csr_int8_gemm_avx512", kAnyM, 0},
+    // Measured candidates (kMeasuredOnly): the routes of cpu_routes.py time them per layer shape.
+    {KernelId::nm_float, nm_panel_gemm_avx512, "nm_panel_gemm_avx512", kAnyM, kMeasuredOnly},
     {KernelId::nm_float, nm_gemm_avx2, "nm_gemm_avx2", kAnyM, kMeasuredOnly},
+    {KernelId::csr_float, csr_gemm_avx2, "csr_gemm_avx2", kAnyM, kMeasuredOnly},
+    {KernelId::csr_float, csr_panel_gemm_avx512, "csr_panel_gemm_avx512", kAnyM, kMeasuredOnly},
+    {KernelId::csr_int8, csr_gemm_avx2, "csr_int8_gemm_avx2", kAnyM, kMeasuredOnly},
 #endif
-    // N:M with int8 / int4 values in exact mode, and float CSR, decoded into the same panels: the
-    // routes measure them per layer shape against the table's picks (kMeasuredOnly; bench/README.md).
+    // N:M with int8 / int4 values in exact mode: the table's AVX2 rows, and the panel GEMM and the xT
+    // GEMM as measured candidates (bench/README.md).
     {KernelId::nm_int8, nm_panel_gemm_avx512, "nm_int8_panel_gemm_avx512", kAnyM, kMeasuredOnly},
     {KernelId::nm_int4, nm_panel_gemm_avx512, "nm_int4_panel_gemm_avx512", kAnyM, kMeasuredOnly},
-    {KernelId::csr_float, csr_panel_gemm_avx512, "csr_panel_gemm_avx512", kAnyM, kMeasuredOnly},
+    {KernelId::nm_int8, nm_gemm_avx512, "nm_int8_gemm_avx512", kAnyM, kMeasuredOnly},
+    {KernelId::nm_int4, nm_gemm_avx512, "nm_int4_gemm_avx512", kAnyM, kMeasuredOnly},
 };
 #endif
 

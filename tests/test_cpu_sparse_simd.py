@@ -69,7 +69,7 @@ def check(out, ref, dtype, where, rel_err):
 
 
 def sweep(w, rng, rel_err, what, isas=None, batches=None, act="fp32", expect=None):
-    """Every (K-dependent) batch, dtype, stride and bias combination on every ISA; ``expect(m)``
+    """Every (K-dependent) batch, dtype, stride and bias combination on every ISA; ``expect(m, isa)``
     (optional) is a prefix the kernel name must have on the SIMD ISAs."""
     n, k = w.shape
     handle = build_native_weight(w)
@@ -84,19 +84,17 @@ def sweep(w, rng, rel_err, what, isas=None, batches=None, act="fp32", expect=Non
             kernel = C.kernel_name(handle, m, isa=isa, act=act)
             where = f"{what} isa={isa} kernel={kernel} M={m} N={n} K={k} x:{dtype} strided={strided} bias={bias is not None}"
             if expect and isa != "scalar":
-                assert kernel.startswith(expect(m)), f"{where}: expected a {expect(m)}* kernel"
+                assert kernel.startswith(expect(m, isa)), f"{where}: expected a {expect(m, isa)}* kernel"
             check(run(x, handle, n, bias, isa=isa, act=act), ref, dtype, where, rel_err)
 
 
-def gemv_or_gemm(limit, prefix):
-    """Kernel-name prefixes for m rows: the gemv below the limit, else a gemm (on AVX-512, float N:M
-    runs the panel GEMM there: nm_panel_gemm_avx512)."""
-    return lambda m: (f"{prefix}_gemv",) if m <= limit else (f"{prefix}_gemm", f"{prefix}_panel_gemm")
-
-
-def nm_limit(handle):
-    """The largest batch the avx2 table sends to the gemv kernel (the rest go to the gemm one)."""
-    return max(m for m in range(1, 65) if "gemv" in C.kernel_name(handle, m, isa=SIMD[0], act="fp32"))
+def gemv_or_gemm(handle, prefix, act="fp32"):
+    """Kernel-name prefixes for m rows on an ISA: the gemv up to that ISA's table limit (the largest
+    batch it sends to a gemv kernel), else a gemm (on AVX-512, float N:M and CSR run the xT GEMM
+    nm_gemm_avx512 / csr_gemm_avx512 there)."""
+    limits = {isa: max((m for m in range(1, 65) if "gemv" in C.kernel_name(handle, m, isa=isa, act=act)), default=0)
+              for isa in SIMD}
+    return lambda m, isa: (f"{prefix}_gemv",) if m <= limits[isa] else (f"{prefix}_gemm", f"{prefix}_panel_gemm")
 
 
 # -- N:M -------------------------------------------------------------------------------------------
@@ -137,8 +135,8 @@ def test_nm_matches_reference(case, rng, rel_err):
     for k, n in SHAPES:
         w = pack_nm(fmt, params, wdtype, n, k, rng)
         family = "nm" if "+" not in fmt else f"nm_{fmt.split('+')[1]}"
-        limit = nm_limit(build_native_weight(w))
-        sweep(w, rng, rel_err, f"{fmt} {params} w:{wdtype}", isas=SIMD, expect=gemv_or_gemm(limit, family))
+        expect = gemv_or_gemm(build_native_weight(w), family)
+        sweep(w, rng, rel_err, f"{fmt} {params} w:{wdtype}", isas=SIMD, expect=expect)
 
 
 @needs_simd
@@ -371,8 +369,8 @@ def test_csr_matches_reference(case, density, rng, rel_err):
         assert isinstance(w, CSRWeight)
         family = "csr_int8" if fmt == "csr+int8" else "csr"
         handle = build_native_weight(w)
-        limit = max(m for m in range(1, 65) if "gemv" in C.kernel_name(handle, m, isa=SIMD[0]))
-        sweep(w, rng, rel_err, f"{fmt} w:{wdtype} density {density}", isas=SIMD, expect=gemv_or_gemm(limit, family))
+        sweep(w, rng, rel_err, f"{fmt} w:{wdtype} density {density}", isas=SIMD,
+              expect=gemv_or_gemm(handle, family))
 
 
 def test_csr_unsorted_columns_are_refused(rng):

@@ -184,18 +184,21 @@ def test_avx512_dequantize_is_to_dense_bit_for_bit(fmt, params, k, rng):
     assert torch.equal(out, w.to_dense(torch.float32)), fmt
 
 
-# -- N:M and float CSR on the panels (named in the call: any batch, measured-only rows too) ----------
+# -- N:M and CSR on the panels and on the xT GEMM (named in the call: any batch, measured-only rows too)
 
-SPARSE_CASES = [("2:4", {}), ("4:8", {}), ("1:4", {}), ("2:4+int8", {}), ("2:4+int4", {"group_size": 32}),
-                ("csr", {})]
-SPARSE_KERNELS = {"2:4": "nm_panel_gemm_avx512", "4:8": "nm_panel_gemm_avx512", "1:4": "nm_panel_gemm_avx512",
-                  "2:4+int8": "nm_int8_panel_gemm_avx512", "2:4+int4": "nm_int4_panel_gemm_avx512",
-                  "csr": "csr_panel_gemm_avx512"}
+SPARSE_CASES = [("2:4", {}), ("4:8", {}), ("1:4", {}), ("2:3", {}), ("2:4+int8", {}), ("2:4+int4", {"group_size": 32}),
+                ("2:4+int4", {"group_size": 8, "symmetric": False}), ("csr", {}), ("csr+int8", {})]
+# (panel GEMM, xT GEMM): the panel GEMM takes float CSR only
+SPARSE_KERNELS = {"2:4": ("nm_panel_gemm_avx512", "nm_gemm_avx512"), "4:8": ("nm_panel_gemm_avx512", "nm_gemm_avx512"),
+                  "1:4": ("nm_panel_gemm_avx512", "nm_gemm_avx512"), "2:3": ("nm_panel_gemm_avx512", "nm_gemm_avx512"),
+                  "2:4+int8": ("nm_int8_panel_gemm_avx512", "nm_int8_gemm_avx512"),
+                  "2:4+int4": ("nm_int4_panel_gemm_avx512", "nm_int4_gemm_avx512"),
+                  "csr": ("csr_panel_gemm_avx512", "csr_gemm_avx512"), "csr+int8": ("csr_int8_gemm_avx512",)}
 
 
 def sparse_weight(fmt, params, n, k, g):
     w = torch.randn(n, k, generator=g)
-    if fmt == "csr":
+    if fmt.startswith("csr"):
         w = w * (torch.rand(n, k, generator=g) < 0.4)
         w[n // 2] = 0.0  # an empty row
     if "int4" in fmt and params.get("group_size", 0) > (k + 1) // 2:
@@ -203,15 +206,21 @@ def sparse_weight(fmt, params, n, k, g):
     return si.pack(w, fmt, **params)
 
 
-@pytest.mark.parametrize("fmt, params", SPARSE_CASES, ids=[f for f, _ in SPARSE_CASES])
+SPARSE_RUNS = [(f, p, kernel) for f, p in SPARSE_CASES for kernel in SPARSE_KERNELS[f]]
+# the xT GEMM's edges too: 16-row vectors (1-4 per block), blocks spread evenly past 64 rows
+SPARSE_BATCHES = {"panel": BATCHES, "xT": [1, 3, 17, 33, 65, 130]}
+
+
+@pytest.mark.parametrize("fmt, params, kernel", SPARSE_RUNS,
+                         ids=[f"{f}-{'-'.join(f'{a}{b}' for a, b in p.items())}-{k}" for f, p, k in SPARSE_RUNS])
 @pytest.mark.parametrize("k,n", SHAPES[1:] + [(600, 70)], ids=[f"K{k}-N{n}" for k, n in SHAPES[1:] + [(600, 70)]])
-def test_sparse_panel_gemm_matches_reference(fmt, params, k, n, rng, rel_err):
-    """N:M (2:4 with vexpandps, other N:M and K tails generic) and CSR (nonzeros scattered into a
-    zeroed panel) through the panel tile; bf16 / fp16 x and out, bias, strided rows, 1-3 threads."""
+def test_sparse_gemm_matches_reference(fmt, params, kernel, k, n, rng, rel_err):
+    """N:M (2:4 with vexpandps / meta words, other N:M and K tails generic) and CSR, through the panel
+    tile (nonzeros scattered into a zeroed panel) and the xT GEMM (batch rows in zmm lanes, K blocks,
+    16 x 16 output transposes); bf16 / fp16 x and out, bias, strided rows, 1-3 threads."""
     w = sparse_weight(fmt, params, n, k, rng)
     h = build_native_weight(w)
-    kernel = SPARSE_KERNELS[fmt]
-    for i, m in enumerate(BATCHES):
+    for i, m in enumerate(SPARSE_BATCHES["panel" if "panel" in kernel else "xT"]):
         dtype = (torch.float32, torch.bfloat16, torch.float16)[i % 3] if m > 1 else torch.float32
         bias = torch.randn(n, generator=rng) if i % 2 == 0 else None
         x = torch.randn(m, k + 3 * (i % 2), generator=rng).to(dtype)[:, :k]
@@ -222,17 +231,23 @@ def test_sparse_panel_gemm_matches_reference(fmt, params, k, n, rng, rel_err):
         assert rel_err(out, reference_linear(x, w, bias)) <= TOL[dtype], where
 
 
-def test_sparse_panel_dispatch():
-    """Float N:M: the AVX2 gemv for a few rows, then the panel GEMM, with nm_gemm_avx2 a measured
-    candidate; N:M + int8 / int4 (exact) and float CSR: the panel GEMM a measured candidate."""
+def test_sparse_gemm_dispatch():
+    """Float N:M and CSR: the AVX2 gemv for a few rows, then the xT GEMM, with the panel GEMM and the
+    AVX2 xT GEMM measured candidates; N:M + int8 / int4 (exact): the AVX2 rows, the panel and xT
+    GEMMs measured candidates."""
     h = build_native_weight(si.pack(torch.randn(64, 128), "2:4"))
-    assert [C.kernel_name(h, m, isa="avx512", act="fp32") for m in (1, 10, 11, 64)] == \
-        ["nm_gemv_avx2"] * 2 + ["nm_panel_gemm_avx512"] * 2
-    assert C.kernel_candidates(h, 64, isa="avx512", act="fp32") == ["nm_panel_gemm_avx512", "nm_gemm_avx2"]
-    for fmt in ("2:4+int8", "csr"):
-        w = si.pack(torch.randn(64, 128) * (torch.rand(64, 128) < 0.5), fmt)
-        names = C.kernel_candidates(build_native_weight(w), 64, isa="avx512", act="fp32")
-        assert names[1:] == [SPARSE_KERNELS[fmt]] and names[0] != SPARSE_KERNELS[fmt], (fmt, names)
+    assert [C.kernel_name(h, m, isa="avx512", act="fp32") for m in (1, 7, 8, 64)] == \
+        ["nm_gemv_avx2_avx512"] * 2 + ["nm_gemm_avx512"] * 2
+    assert C.kernel_candidates(h, 64, isa="avx512", act="fp32") == ["nm_gemm_avx512", "nm_panel_gemm_avx512",
+                                                                    "nm_gemm_avx2"]
+    w = si.pack(torch.randn(64, 128) * (torch.rand(64, 128) < 0.5), "csr")
+    assert [C.kernel_name(build_native_weight(w), m, isa="avx512", act="fp32") for m in (5, 6)] == \
+        ["csr_gemv_avx2_avx512", "csr_gemm_avx512"]
+    assert C.kernel_candidates(build_native_weight(w), 64, isa="avx512", act="fp32") == \
+        ["csr_gemm_avx512", "csr_gemm_avx2", "csr_panel_gemm_avx512"]
+    names = C.kernel_candidates(build_native_weight(si.pack(torch.randn(64, 128), "2:4+int8")), 64, isa="avx512",
+                                act="fp32")
+    assert names == ["nm_int8_gemm_avx2", "nm_int8_panel_gemm_avx512", "nm_int8_gemm_avx512"], names
 
 
 def test_sparse_panel_out_of_order_2to4_indices(rng, rel_err):

@@ -281,6 +281,10 @@ Status int4_panel_gemm_avx512(const GemmArgs&, const WeightView&, int64_t, int64
 // twice the FMAs of 2:4 but at the tile's rate (measured-only rows: kMeasuredOnly).
 Status nm_panel_gemm_avx512(const GemmArgs&, const WeightView&, int64_t, int64_t);
 Status csr_panel_gemm_avx512(const GemmArgs&, const WeightView&, int64_t, int64_t);
+// N:M (float / int8 / int4 values) and CSR (float / int8), many batch rows: x transposed, batch rows
+// in zmm lanes, one FMA per kept value and 16 rows (sparse_gemm_avx512.cpp): half the FMAs of 2:4.
+Status nm_gemm_avx512(const GemmArgs&, const WeightView&, int64_t, int64_t);
+Status csr_gemm_avx512(const GemmArgs&, const WeightView&, int64_t, int64_t);
 // Row n of an int8 / int4 / N:M weight as fp32 (to_dense()'s values) into out[0, K); false: another
 // format, or a layout it does not take (the scalar dequantize_row then serves it).
 bool dequantize_row_avx512(const WeightView&, int64_t n, float* out);

@@ -14,12 +14,6 @@
 namespace sparseinfer {
 namespace {
 
-Status check_csr(const CSRView& c) {
-  if (c.kind == ValueKind::i4) return Status::unsupported_dtype;
-  if (c.kind == ValueKind::i8 && !c.scale) return Status::invalid_argument;
-  return Status::ok;
-}
-
 template <ValueKind V>
 inline float csr_value(const void* values, int64_t e) {
   if (V == ValueKind::i8) return float(static_cast<const int8_t*>(values)[e]);
@@ -130,7 +124,7 @@ void csr_gemm_block(const GemmArgs& a, const CSRView& c, int64_t n_begin, int64_
 
 Status csr_gemv_avx2(const GemmArgs& a, const WeightView& w, int64_t n_begin, int64_t n_end) {
   const CSRView& c = w.csr;
-  const Status s = check_csr(c);
+  const Status s = sp::check_csr(c);
   if (s != Status::ok) return s;
   switch (c.kind) {
     case ValueKind::f32: csr_gemv_rows<ValueKind::f32>(a, c, n_begin, n_end); break;
@@ -143,7 +137,7 @@ Status csr_gemv_avx2(const GemmArgs& a, const WeightView& w, int64_t n_begin, in
 
 Status csr_gemm_avx2(const GemmArgs& a, const WeightView& w, int64_t n_begin, int64_t n_end) {
   const CSRView& c = w.csr;
-  const Status s = check_csr(c);
+  const Status s = sp::check_csr(c);
   if (s != Status::ok) return s;
   if (a.K > INT32_MAX / kMaxBlock) return csr_gemv_avx2(a, w, n_begin, n_end);
   int64_t widest = 0;

@@ -17,16 +17,7 @@
 namespace sparseinfer {
 namespace {
 
-Status check_nm(const WeightView& w) {
-  const NMView& nm = w.nm;
-  if (nm.n < 1 || nm.m <= nm.n || nm.bits < 1 || nm.bits > 32 || nm.kc < 1) return Status::invalid_argument;
-  const bool quantized = nm.values == ValueKind::i8 || nm.values == ValueKind::i4;
-  if (quantized && (w.q.group <= 0 || w.q.kp < nm.kc || !w.q.codes || !w.q.scale)) return Status::invalid_argument;
-  if (!quantized && !nm.fvalues) return Status::invalid_argument;
-  return Status::ok;
-}
-
-inline bool is_24(const NMView& nm) { return nm.n == 2 && nm.m == 4; }
+using sp::is_24;
 
 // ---- 2:4 gemv ---------------------------------------------------------------------------------
 //
@@ -317,13 +308,13 @@ void nm_gemm_block(const GemmArgs& a, const WeightView& w, int64_t n_begin, int6
 }  // namespace
 
 Status nm_gemv_avx2(const GemmArgs& a, const WeightView& w, int64_t n_begin, int64_t n_end) {
-  const Status s = check_nm(w);
+  const Status s = sp::check_nm(w);
   if (s != Status::ok) return s;
   return is_24(w.nm) ? nm24_gemv(a, w, n_begin, n_end) : nm_generic_gemv(a, w, n_begin, n_end);
 }
 
 Status nm_gemm_avx2(const GemmArgs& a, const WeightView& w, int64_t n_begin, int64_t n_end) {
-  const Status s = check_nm(w);
+  const Status s = sp::check_nm(w);
   if (s != Status::ok) return s;
   const NMView& nm = w.nm;
   // xT offsets are int32: K * 64 must fit (K <= 33M); beyond that the gemv path serves every batch.

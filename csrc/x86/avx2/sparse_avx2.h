@@ -40,6 +40,27 @@ inline uint32_t load_u32(const void* p) {
   return v;
 }
 
+// -- checks ------------------------------------------------------------------------------------
+
+// The N:M view invariants every N:M kernel needs (sizes, the value streams of its kind).
+inline Status check_nm(const WeightView& w) {
+  const NMView& nm = w.nm;
+  if (nm.n < 1 || nm.m <= nm.n || nm.bits < 1 || nm.bits > 32 || nm.kc < 1) return Status::invalid_argument;
+  const bool quantized = nm.values == ValueKind::i8 || nm.values == ValueKind::i4;
+  if (quantized && (w.q.group <= 0 || w.q.kp < nm.kc || !w.q.codes || !w.q.scale)) return Status::invalid_argument;
+  if (!quantized && !nm.fvalues) return Status::invalid_argument;
+  return Status::ok;
+}
+
+inline bool is_24(const NMView& nm) { return nm.n == 2 && nm.m == 4; }
+
+// Value kinds the CSR kernels take: float, or int8 with its per-row scale.
+inline Status check_csr(const CSRView& c) {
+  if (c.kind == ValueKind::i4) return Status::unsupported_dtype;
+  if (c.kind == ValueKind::i8 && !c.scale) return Status::invalid_argument;
+  return Status::ok;
+}
+
 // -- values ------------------------------------------------------------------------------------
 
 // 8 float values (f32 / bf16 / f16) at p -> fp32, exactly (bf16: shift; f16: F16C is exact).

@@ -13,6 +13,7 @@
 // measured-only (kMeasuredOnly): the routes of cpu_routes.py time it per layer shape. Float CSR
 // likewise (csr_panel_gemm_avx512: a strip's nonzeros scattered into a zeroed panel).
 #include "avx512_common.h"
+#include "transpose_avx512.h"
 #include "sparseinfer/panel_gemm.h"
 
 namespace sparseinfer {
@@ -22,32 +23,6 @@ namespace {
 // -- the register tile and the transpose ------------------------------------------------------------
 
 inline __mmask16 first_lanes(int n) { return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1); }
-
-// In-place 16 x 16 transpose: v[k] lane j <- v[j] lane k. unpack (pairs), shuffle (quads inside
-// 128-bit lanes), then two rounds of 128-bit lane shuffles: 64 shuffles per 256 floats.
-inline void transpose16x16(__m512* v) {
-  __m512 t[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
-  }
-  // v[4i + c]: rows 4i..4i+3 at k = c, 4 + c, 8 + c, 12 + c (one per 128-bit lane)
-  for (int i = 0; i < 4; ++i) {
-    v[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
-    v[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
-    v[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
-    v[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
-  }
-  for (int c = 0; c < 4; ++c) {
-    const __m512 t0 = _mm512_shuffle_f32x4(v[c], v[4 + c], 0x88), t1 = _mm512_shuffle_f32x4(v[c], v[4 + c], 0xDD);
-    const __m512 t2 = _mm512_shuffle_f32x4(v[8 + c], v[12 + c], 0x88), t3 = _mm512_shuffle_f32x4(v[8 + c], v[12 + c], 0xDD);
-    t[c] = _mm512_shuffle_f32x4(t0, t2, 0x88);       // k = c
-    t[4 + c] = _mm512_shuffle_f32x4(t1, t3, 0x88);   // k = 4 + c
-    t[8 + c] = _mm512_shuffle_f32x4(t0, t2, 0xDD);   // k = 8 + c
-    t[12 + c] = _mm512_shuffle_f32x4(t1, t3, 0xDD);  // k = 12 + c
-  }
-  for (int i = 0; i < 16; ++i) v[i] = t[i];
-}
 
 struct Avx512Panel {
   static constexpr int kNR = 32;   // two zmm of output columns per tile
@@ -97,7 +72,7 @@ void rows_to_panel(const float* rows, int64_t ld, int nr, int kb, float* panel) 
       __m512 v[16];
       for (int j = 0; j < 16; ++j)
         v[j] = j < rh ? _mm512_maskz_loadu_ps(km, rows + (16 * h + j) * ld + k) : _mm512_setzero_ps();
-      if (rh > 0) transpose16x16(v);
+      if (rh > 0) avx512::transpose16x16(v);
       for (int t = 0; t < kn; ++t) _mm512_store_ps(panel + (k + t) * NR + 16 * h, v[t]);
     }
   }
