@@ -133,6 +133,29 @@ def test_gemv_rows_match_reference(case, k, n, isa, rng, rel_err):
         assert rel_err(out, reference_linear(x, w, None)) <= TOL[torch.float32], f"{kernel} M={m} N={n} K={k}"
 
 
+@pytest.mark.parametrize("params", [{"group_size": 128}, {"group_size": 256, "symmetric": False},
+                                    {"group_size": None}, {"group_size": 128, "symmetric": False}],
+                         ids=["g128", "g256-asym", "per-row", "g128-asym"])
+@pytest.mark.parametrize("k, n", [(128, 7), (384, 33), (1024, 2), (1024, 1)])
+def test_int4_batch1_row_pairs_match_reference(params, k, n, rng, rel_err):
+    """int4_gemm_avx512 at batch 1 on whole 128-code steps (K a multiple of 128, groups of 128, 256 or
+    the whole row): pairs of weight rows share a pass; an odd row count leaves one to the one-row
+    loop; thread splits start pairs at any row; outputs poisoned first."""
+    if "avx512" not in C.available_isas():
+        pytest.skip("requires avx512 on this CPU")
+    if (params["group_size"] or 0) > k:
+        params = {**params, "group_size": None}
+    w = si.pack(torch.randn(n, k, generator=rng), "int4", **params)
+    h = build_native_weight(w)
+    for threads in (1, 2, 3):
+        x = torch.randn(1, k, generator=rng)
+        out = torch.full((1, n), float("nan"))
+        C.linear(x, h, out, None, num_threads=threads, isa="avx512", act="fp32", kernel="int4_gemm_avx512")
+        where = f"int4 {params} N={n} K={k} threads={threads}"
+        assert torch.isfinite(out).all(), f"{where}: unwritten (NaN) outputs"
+        assert rel_err(out, reference_linear(x, w, None)) <= TOL[torch.float32], where
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_panel_gemm_large_blocks(isa, rng, rel_err, panel_only):
     """Several 256-column N blocks per thread and K blocks, fp32 output written in place across K blocks."""
