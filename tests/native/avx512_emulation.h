@@ -92,6 +92,7 @@ inline __m512 _mm512_setzero_ps() { __m512 r; for (float& f : r.f) f = 0.f; retu
 inline __m512 _mm512_set1_ps(float x) { __m512 r; for (float& f : r.f) f = x; return r; }
 inline __m512 _mm512_loadu_ps(const void* p) { __m512 r; std::memcpy(r.f, p, 64); return r; }
 inline void _mm512_store_ps(void* p, __m512 a) { std::memcpy(p, a.f, 64); }
+inline void _mm512_storeu_ps(void* p, __m512 a) { std::memcpy(p, a.f, 64); }
 inline __m512 _mm512_maskz_loadu_ps(__mmask16 k, const void* p) {
   __m512 r;
   for (int i = 0; i < 16; ++i) r.f[i] = (k >> i) & 1 ? static_cast<const float*>(p)[i] : 0.f;

@@ -37,6 +37,7 @@ struct OpsBase {
     return _mm256_sub_epi32(acc, _mm256_mullo_epi32(z, _mm256_set1_epi32(sum)));
   }
   static VF loadf(const float* p) { return _mm256_loadu_ps(p); }
+  static void storef(float* p, VF v) { _mm256_storeu_ps(p, v); }
   // facc + float(acc) * (sw * sx): the product first, then one fused multiply-add, as the scalar kernel.
   static VF fma_seg(VI acc, VF sw, float sx, VF facc) {
     return _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_mul_ps(sw, _mm256_set1_ps(sx)), facc);
