@@ -11,6 +11,7 @@
 // A Weight stays valid while torch moves or rewrites its tensors: see "weight lifetime" below.
 #include <pybind11/pybind11.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -735,7 +736,8 @@ struct DecoderLayer {
 // fp32 matrix:
 // per layer RMSNorm, q/k/v, rotary, the KV cache write, attention, o, residual, RMSNorm, gate / up,
 // SiLU gate, down, residual; then the final RMSNorm and, when given, the LM head. One Python call per
-// token: the math between the kernels is decode.h's, the kernels are run_linear's. The norm weights,
+// token and one parallel region (the stages below): the math between the kernels is decode.h's, the
+// kernels and their arguments are run_linear's (prepare_row_call). The norm weights,
 // biases and rotary tables are copied at construction; the KV caches are the caller's tensors (its
 // prefill writes them), checked on every step; the packed weights are revalidated on every step
 // (ensure_current), as _C.linear does on every call.
@@ -804,7 +806,22 @@ class Decoder {
       all_.push_back(&L.down);
     }
     for (Projection& p : head_) all_.push_back(&p);
-    views_.resize(all_.size()), holds_.resize(all_.size());
+    views_.resize(all_.size()), holds_.resize(all_.size()), calls_.resize(all_.size());
+    for (const DecoderLayer& L : layers_) {
+      first_.push_back(inputs_.size());
+      for (size_t j = 0; j < L.qkv.size(); ++j) inputs_.push_back(h_.data()), outputs_.push_back(qkv_.data());
+      inputs_.push_back(att_.data()), outputs_.push_back(tmp_.data());
+      for (size_t j = 0; j < L.gate_up.size(); ++j) inputs_.push_back(h_.data()), outputs_.push_back(gate_up_.data());
+      inputs_.push_back(act_.data()), outputs_.push_back(tmp_.data());
+    }
+    if (!head_.empty()) inputs_.push_back(h_.data()), outputs_.push_back(nullptr);  // out, set per step
+    for (const Projection* p : all_) {  // kPiecesPerThread pieces a thread, none under kMinStreamWorkPerThread
+      const int64_t work = p->n * (p->w ? work_per_column(p->w->view) : p->dense.shape[1]);
+      const int64_t pieces = std::max<int64_t>(1, std::min<int64_t>(work / kMinStreamWorkPerThread,
+                                                                    int64_t(kPiecesPerThread) * threads_));
+      piece_rows_.push_back(((p->n + pieces - 1) / pieces + 15) / 16 * 16);
+    }
+    build_plan();
   }
 
   // x [hidden] (the token's embedding) at position pos -> out: the logits [vocab] with a head, else the
@@ -925,103 +942,187 @@ class Decoder {
     return out;
   }
 
-  Status linear(size_t index, const float* in, float* out, const KernelImpl** kernel) {
-    const Projection& p = *all_[index];
-    if (!p.w) {
-      dense_linear(p, in, out + p.offset);
-      return Status::ok;
+  // -- the step as stages (threadpool.h: run_stages) ----------------------------------------------------
+  // One parallel region per token instead of a fork-join per call: each projection's columns are cut
+  // into a few pieces that any thread claims (each claim and finish is a cache line between the cores:
+  // ~64K multiply-adds a piece ran 1.2-1.4x slower), attention into heads; the vector ops between them
+  // (norms, rotary, cache writes, residuals, SiLU) and the activation quantization of the projections
+  // they feed are one-task stages.
+  static constexpr int kPiecesPerThread = 1;
+
+  enum Group { kQkv, kO, kGateUp, kDown, kHead, kGroups };
+
+  struct StageCtx {
+    Decoder* d;
+    int64_t layer;  // -1: after the last layer
+    int group;      // the projections the stage runs or feeds
+  };
+
+  // The projections of (layer, group): a range of all_.
+  std::pair<size_t, size_t> group_range(int64_t layer, int group) const {
+    if (layer < 0) return {all_.size() - head_.size(), all_.size()};
+    const size_t first = first_[size_t(layer)];
+    const DecoderLayer& L = layers_[size_t(layer)];
+    const size_t q = L.qkv.size(), g = L.gate_up.size();
+    switch (group) {
+      case kQkv: return {first, first + q};
+      case kO: return {first + q, first + q + 1};
+      case kGateUp: return {first + q + 1, first + q + 1 + g};
+      default: return {first + q + 1 + g, first + q + 2 + g};
     }
-    LinearCall call{};
-    call.x = in, call.x_dtype = DType::f32, call.stride_xm = views_[index].K;
-    call.y = out + p.offset, call.stride_ym = views_[index].N, call.M = 1;
-    call.bias = p.bias.empty() ? nullptr : p.bias.data(), call.bias_dtype = DType::f32;
-    call.act = p.act;
-    call.kernel = p.kernel.empty() ? nullptr : p.kernel.c_str();
-    return run_linear(call, views_[index], isa_, threads_, kernel);
+  }
+
+  void fail(size_t index, Status s) {
+    int32_t ok = int32_t(Status::ok);
+    if (status_.compare_exchange_strong(ok, int32_t(s))) failed_ = index;
+  }
+
+  void quantize_group(int64_t layer, int group) {
+    const auto [b, e] = group_range(layer, group);
+    for (size_t i = b; i < e; ++i)
+      if (all_[i]->w) calls_[i].quantize();
+  }
+
+  // Task i of a projection group's stage: piece i of its projections' columns, in order.
+  void run_piece(int64_t layer, int group, int64_t i) {
+    const auto [b, e] = group_range(layer, group);
+    for (size_t j = b; j < e; ++j) {
+      const Projection& p = *all_[j];
+      const int64_t rows = piece_rows_[j], pieces = (p.n + rows - 1) / rows;
+      if (i >= pieces) {
+        i -= pieces;
+        continue;
+      }
+      const int64_t r0 = i * rows, r1 = r0 + rows < p.n ? r0 + rows : p.n;
+      if (!p.w) {
+        ops_.gemv(reinterpret_cast<const float*>(p.dense.ptr), p.dense.shape[1], inputs_[j],
+                  p.bias.empty() ? nullptr : p.bias.data(), r0, r1, outputs_[j] + p.offset);
+      } else if (const Status s = calls_[j].columns(r0, r1); s != Status::ok) {
+        fail(j, s);
+      }
+      return;
+    }
+  }
+
+  int64_t group_pieces(int64_t layer, int group) const {
+    const auto [b, e] = group_range(layer, group);
+    int64_t n = 0;
+    for (size_t j = b; j < e; ++j) n += (all_[j]->n + piece_rows_[j] - 1) / piece_rows_[j];
+    return n;
+  }
+
+  // The stage list of a step (its shape is fixed by the model; built with the decoder).
+  void build_plan() {
+    const int64_t n_layers = int64_t(layers_.size());
+    ctx_.clear(), plan_.clear();
+    const auto add = [&](TaskFn fn, int64_t layer, int group, int64_t tasks) {
+      ctx_.push_back(StageCtx{this, layer, group});
+      plan_.push_back(Stage{fn, nullptr, tasks});  // ctx: below, once ctx_ stops growing
+    };
+    const TaskFn pieces = [](void* c, int64_t i) {
+      const StageCtx& s = *static_cast<StageCtx*>(c);
+      s.d->run_piece(s.layer, s.group, i);
+    };
+    for (int64_t l = 0; l < n_layers; ++l) {
+      add([](void* c, int64_t) {  // residual of the previous layer, RMSNorm, q/k/v's activations
+        const StageCtx& s = *static_cast<StageCtx*>(c);
+        Decoder& D = *s.d;
+        if (s.layer > 0) D.ops_.add(D.x_.data(), D.tmp_.data(), D.hidden_);
+        const DecoderLayer& L = D.layers_[size_t(s.layer)];
+        D.ops_.rms_norm(D.x_.data(), L.norm1.data(), L.eps1, D.hidden_, D.h_.data());
+        D.quantize_group(s.layer, kQkv);
+      }, l, kQkv, 1);
+      add(pieces, l, kQkv, group_pieces(l, kQkv));
+      add([](void* c, int64_t) {  // rotary, then the new position's keys and values into the caches
+        const StageCtx& s = *static_cast<StageCtx*>(c);
+        s.d->rope_and_cache(s.layer);
+      }, l, kQkv, 1);
+      add([](void* c, int64_t h) {
+        const StageCtx& s = *static_cast<StageCtx*>(c);
+        s.d->attend_head(s.layer, h);
+      }, l, kO, heads_);
+      add([](void* c, int64_t) {  // o's activations (nothing when its kernel takes fp32)
+        const StageCtx& s = *static_cast<StageCtx*>(c);
+        s.d->quantize_group(s.layer, kO);
+      }, l, kO, 1);
+      add(pieces, l, kO, group_pieces(l, kO));
+      add([](void* c, int64_t) {  // residual, RMSNorm, gate / up's activations
+        const StageCtx& s = *static_cast<StageCtx*>(c);
+        Decoder& D = *s.d;
+        D.ops_.add(D.x_.data(), D.tmp_.data(), D.hidden_);
+        const DecoderLayer& L = D.layers_[size_t(s.layer)];
+        D.ops_.rms_norm(D.x_.data(), L.norm2.data(), L.eps2, D.hidden_, D.h_.data());
+        D.quantize_group(s.layer, kGateUp);
+      }, l, kGateUp, 1);
+      add(pieces, l, kGateUp, group_pieces(l, kGateUp));
+      add([](void* c, int64_t) {  // SiLU gate, down's activations
+        const StageCtx& s = *static_cast<StageCtx*>(c);
+        Decoder& D = *s.d;
+        D.ops_.silu_mul(D.gate_up_.data(), D.gate_up_.data() + D.intermediate_, D.intermediate_, D.act_.data());
+        D.quantize_group(s.layer, kDown);
+      }, l, kDown, 1);
+      add(pieces, l, kDown, group_pieces(l, kDown));
+    }
+    add([](void* c, int64_t) {  // the last residual, the final norm (into out without a head)
+      const StageCtx& s = *static_cast<StageCtx*>(c);
+      Decoder& D = *s.d;
+      D.ops_.add(D.x_.data(), D.tmp_.data(), D.hidden_);
+      D.ops_.rms_norm(D.x_.data(), D.norm_.data(), D.eps_, D.hidden_, D.head_.empty() ? D.out_ : D.h_.data());
+      if (!D.head_.empty()) D.quantize_group(-1, kHead);
+    }, -1, kHead, 1);
+    add(pieces, -1, kHead, head_.empty() ? 0 : group_pieces(-1, kHead));
+    for (size_t k = 0; k < plan_.size(); ++k) plan_[k].ctx = &ctx_[k];
+  }
+
+  void rope_and_cache(int64_t l) {
+    const int64_t d = head_dim_, kv_width = kv_heads_ * d, q_width = heads_ * d;
+    ops_.rope(qkv_.data(), heads_ + kv_heads_, d, cos_.data() + pos_ * d, sin_.data() + pos_ * d);
+    float* k_cache = reinterpret_cast<float*>(k_.ptr) + l * kv_heads_ * max_len_ * d;
+    float* v_cache = reinterpret_cast<float*>(v_.ptr) + l * kv_heads_ * max_len_ * d;
+    for (int64_t g = 0; g < kv_heads_; ++g) {
+      std::memcpy(k_cache + (g * max_len_ + pos_) * d, qkv_.data() + q_width + g * d, size_t(d) * sizeof(float));
+      std::memcpy(v_cache + (g * max_len_ + pos_) * d, qkv_.data() + q_width + kv_width + g * d,
+                  size_t(d) * sizeof(float));
+    }
+  }
+
+  // Query head h over positions 0..pos (it reads KV head h / (heads / kv_heads)).
+  void attend_head(int64_t l, int64_t h) {
+    const int64_t d = head_dim_, g = h / (heads_ / kv_heads_);
+    const float* k_cache = reinterpret_cast<const float*>(k_.ptr) + (l * kv_heads_ + g) * max_len_ * d;
+    const float* v_cache = reinterpret_cast<const float*>(v_.ptr) + (l * kv_heads_ + g) * max_len_ * d;
+    ops_.attend(qkv_.data() + h * d, k_cache, v_cache, d, pos_ + 1, scale_, scores_.data() + h * max_len_,
+                att_.data() + h * d);
   }
 
   Status run(const float* x_in, int64_t pos, float* out, const KernelImpl** kernel, size_t* failed) {
-    const int64_t d = head_dim_, kv_width = kv_heads_ * d, q_width = heads_ * d;
-    const float* cos = cos_.data() + pos * d;
-    const float* sin = sin_.data() + pos * d;
-    float* x = x_.data();
-    std::memcpy(x, x_in, size_t(hidden_) * sizeof(float));
-    size_t i = 0;  // index into all_ (the order the projections run in)
-    const auto call = [&](const float* in, float* y) {
-      *failed = i;
-      return linear(i++, in, y, kernel);
-    };
-    for (size_t l = 0; l < layers_.size(); ++l) {
-      const DecoderLayer& L = layers_[l];
-      float* k_cache = reinterpret_cast<float*>(k_.ptr) + int64_t(l) * kv_heads_ * max_len_ * d;
-      float* v_cache = reinterpret_cast<float*>(v_.ptr) + int64_t(l) * kv_heads_ * max_len_ * d;
-      ops_.rms_norm(x, L.norm1.data(), L.eps1, hidden_, h_.data());
-      for (size_t j = 0; j < L.qkv.size(); ++j)
-        if (Status s = call(h_.data(), qkv_.data()); s != Status::ok) return s;
-      ops_.rope(qkv_.data(), heads_ + kv_heads_, d, cos, sin);
-      for (int64_t g = 0; g < kv_heads_; ++g) {
-        std::memcpy(k_cache + (g * max_len_ + pos) * d, qkv_.data() + q_width + g * d, size_t(d) * sizeof(float));
-        std::memcpy(v_cache + (g * max_len_ + pos) * d, qkv_.data() + q_width + kv_width + g * d,
-                    size_t(d) * sizeof(float));
+    // Kernels and arguments first, on this thread (views_ were copied under the GIL).
+    for (size_t i = all_.size() - head_.size(); i < all_.size(); ++i) outputs_[i] = out;
+    for (size_t i = 0; i < all_.size(); ++i) {
+      const Projection& p = *all_[i];
+      if (!p.w) continue;
+      LinearCall call{};
+      call.x = inputs_[i], call.x_dtype = DType::f32, call.stride_xm = views_[i].K;
+      call.y = outputs_[i] + p.offset, call.stride_ym = views_[i].N, call.M = 1;
+      call.bias = p.bias.empty() ? nullptr : p.bias.data(), call.bias_dtype = DType::f32;
+      call.act = p.act;
+      call.kernel = p.kernel.empty() ? nullptr : p.kernel.c_str();
+      const Status s = prepare_row_call(call, views_[i], isa_, &calls_[i]);
+      *kernel = calls_[i].kernel;
+      if (s != Status::ok) {
+        *failed = i;
+        return s;
       }
-      attend(k_cache, v_cache, pos + 1);
-      if (Status s = call(att_.data(), tmp_.data()); s != Status::ok) return s;
-      ops_.add(x, tmp_.data(), hidden_);
-      ops_.rms_norm(x, L.norm2.data(), L.eps2, hidden_, h_.data());
-      for (size_t j = 0; j < L.gate_up.size(); ++j)
-        if (Status s = call(h_.data(), gate_up_.data()); s != Status::ok) return s;
-      ops_.silu_mul(gate_up_.data(), gate_up_.data() + intermediate_, intermediate_, act_.data());
-      if (Status s = call(act_.data(), tmp_.data()); s != Status::ok) return s;
-      ops_.add(x, tmp_.data(), hidden_);
     }
-    if (head_.empty()) {
-      ops_.rms_norm(x, norm_.data(), eps_, hidden_, out);
-      return Status::ok;
+    pos_ = pos, out_ = out;
+    std::memcpy(x_.data(), x_in, size_t(hidden_) * sizeof(float));
+    status_.store(int32_t(Status::ok));
+    run_stages(plan_.data(), int64_t(plan_.size()), threads_);
+    if (status_.load() != int32_t(Status::ok)) {
+      *failed = failed_;
+      *kernel = calls_[failed_].kernel;
     }
-    ops_.rms_norm(x, norm_.data(), eps_, hidden_, h_.data());
-    return call(h_.data(), out);
-  }
-
-  // y = W x + bias for a dense projection, its rows split over threads as run_linear splits a batch-1
-  // call (from 128K multiply-adds per thread, in multiples of 16 rows).
-  void dense_linear(const Projection& p, const float* x, float* y) const {
-    struct Task {
-      const DecodeOps* ops;
-      const float *w, *x, *bias;
-      float* y;
-      int64_t n, k, chunk;
-    } task{&ops_, reinterpret_cast<const float*>(p.dense.ptr), x, p.bias.empty() ? nullptr : p.bias.data(), y, p.n,
-           p.dense.shape[1], 0};
-    const int n_threads = stream_threads(task.n * task.k, threads_);
-    task.chunk = ((task.n + n_threads - 1) / n_threads + 15) / 16 * 16;
-    const TaskFn rows = [](void* c, int64_t i) {
-      const Task& t = *static_cast<const Task*>(c);
-      const int64_t r0 = i * t.chunk, r1 = r0 + t.chunk < t.n ? r0 + t.chunk : t.n;
-      if (r0 < r1) t.ops->gemv(t.w, t.k, t.x, t.bias, r0, r1, t.y);
-    };
-    const int64_t tasks = (task.n + task.chunk - 1) / task.chunk;
-    if (tasks > 1) parallel_run(tasks, n_threads, rows, &task);
-    else rows(&task, 0);
-  }
-
-  // Attention of the step's query heads over positions 0..len-1, the heads split over threads when
-  // there is enough work (as run_linear splits a batch-1 call: from 128K multiply-adds per thread).
-  void attend(const float* k_cache, const float* v_cache, int64_t len) {
-    struct Task {
-      const Decoder* self;
-      const float *k, *v;
-      int64_t len;
-    } task{this, k_cache, v_cache, len};
-    const int n_threads = stream_threads(2 * heads_ * len * head_dim_, threads_);
-    const TaskFn head = [](void* p, int64_t h) {  // query head h reads KV head h / (heads / kv_heads)
-      const Task& t = *static_cast<const Task*>(p);
-      const Decoder& D = *t.self;
-      const int64_t d = D.head_dim_, g = h / (D.heads_ / D.kv_heads_);
-      D.ops_.attend(D.qkv_.data() + h * d, t.k + g * D.max_len_ * d, t.v + g * D.max_len_ * d, d, t.len, D.scale_,
-                    const_cast<float*>(D.scores_.data()) + h * D.max_len_, const_cast<float*>(D.att_.data()) + h * d);
-    };
-    if (n_threads > 1) parallel_run(heads_, n_threads, head, &task);
-    else for (int64_t h = 0; h < heads_; ++h) head(&task, h);
+    return Status(status_.load());
   }
 
   int64_t hidden_ = 0, heads_ = 0, kv_heads_ = 0, head_dim_ = 0, intermediate_ = 0, max_len_ = 0, vocab_ = 0;
@@ -1037,6 +1138,18 @@ class Decoder {
   std::vector<WeightView> views_;  // their views for this step, copied under the GIL
   std::vector<std::shared_ptr<Derived>> holds_;  // and the derived buffers the views point into
   std::vector<float> x_, h_, tmp_, qkv_, att_, gate_up_, act_, scores_;
+  // the stages of a step and, per projection (all_'s order): its input, output, rows per piece and call
+  std::vector<size_t> first_;  // each layer's first projection in all_
+  std::vector<const float*> inputs_;
+  std::vector<float*> outputs_;
+  std::vector<int64_t> piece_rows_;
+  std::vector<RowCall> calls_;
+  std::vector<StageCtx> ctx_;
+  std::vector<Stage> plan_;
+  int64_t pos_ = 0;
+  float* out_ = nullptr;
+  std::atomic<int32_t> status_{int32_t(Status::ok)};
+  size_t failed_ = 0;
 };
 
 py::list names(const std::vector<Isa>& isas) {

@@ -667,7 +667,7 @@ void run_quantize_task(void* p, int64_t task) {
 // 165 us) stayed on one thread.
 constexpr int64_t kCsrEntryCost = 4;
 
-int64_t work_per_column(const WeightView& w) {
+int64_t column_work(const WeightView& w) {
   switch (w.id) {
     case KernelId::nm_float: case KernelId::nm_int8: case KernelId::nm_int4: return w.nm.kc;
     case KernelId::csr_float: case KernelId::csr_int8: return (w.csr.nnz / w.N + 1) * kCsrEntryCost;
@@ -675,12 +675,55 @@ int64_t work_per_column(const WeightView& w) {
   }
 }
 
-}  // namespace
-
-Status run_linear(const LinearCall& call, const WeightView& w, Isa isa, int threads, const KernelImpl** kernel) {
+// The kernel a call runs: the row it names, else the table's pick for its batch and activation mode.
+const KernelImpl* call_kernel(const LinearCall& call, const WeightView& w, Isa isa) {
   const uint64_t tiles = w.qt.codes ? uint64_t(kReadsQTiles) : 0;
   const uint64_t bits = act_call_bits(call.act) | tiles;
-  const KernelImpl* k = call.kernel ? find_kernel(call.kernel, w.id, isa, bits) : select_kernel(w.id, isa, call.M, bits);
+  return call.kernel ? find_kernel(call.kernel, w.id, isa, bits) : select_kernel(w.id, isa, call.M, bits);
+}
+
+// Whether kernel k reads x quantized by the driver (the int8-activation kernels on row tiles).
+bool takes_quantized_x(const KernelImpl& k, const WeightView& w) {
+  return (k.requires & kCallInt8Act) && (w.id == KernelId::int8 || w.id == KernelId::int4 || (k.requires & kReadsQTiles));
+}
+
+}  // namespace
+
+int64_t work_per_column(const WeightView& w) { return column_work(w); }
+
+Status prepare_row_call(const LinearCall& call, const WeightView& w, Isa isa, RowCall* out) {
+  RowCall& r = *out;
+  r.kernel = call_kernel(call, w, isa);
+  if (!r.kernel) return Status::no_kernel;
+  if (call.M != 1 || call.x_dtype != DType::f32 || (call.bias && call.bias_dtype != DType::f32))
+    return Status::invalid_argument;
+  r.w = &w;
+  r.args = GemmArgs{};
+  r.args.M = 1, r.args.N = w.N, r.args.K = w.K;
+  r.args.x = static_cast<const float*>(call.x), r.args.stride_xm = call.stride_xm;
+  r.args.bias = static_cast<const float*>(call.bias);
+  r.args.y = call.y, r.args.y_dtype = DType::f32, r.args.stride_ym = call.stride_ym;
+  r.quantize_fn = nullptr;
+  if (takes_quantized_x(*r.kernel, w)) {
+    const QTileView& t = w.qt;
+    if (!t.codes) return Status::invalid_argument;  // bindings.cpp builds the tiles first
+    r.q.resize(size_t(t.nseg * t.seg_pad)), r.scale.resize(size_t(t.nseg)), r.sum.resize(size_t(t.nseg));
+    r.args.qx.q = r.q.data(), r.args.qx.scale = r.scale.data(), r.args.qx.sum = r.sum.data();
+    r.args.qx.stride_m = t.nseg * t.seg_pad;
+    r.quantize_fn = select_quantize(isa);
+  }
+  return Status::ok;
+}
+
+Status RowCall::quantize() {
+  if (quantize_fn) quantize_fn(args.x, 1, args.K, args.stride_xm, w->qt, q.data(), scale.data(), sum.data());
+  return Status::ok;
+}
+
+Status RowCall::columns(int64_t n0, int64_t n1) const { return kernel->fn(args, *w, n0, n1); }
+
+Status run_linear(const LinearCall& call, const WeightView& w, Isa isa, int threads, const KernelImpl** kernel) {
+  const KernelImpl* k = call_kernel(call, w, isa);
   if (kernel) *kernel = k;
   if (!k) return Status::no_kernel;
   if (call.M <= 0) return Status::ok;
@@ -711,7 +754,7 @@ Status run_linear(const LinearCall& call, const WeightView& w, Isa isa, int thre
   // int8 activations: quantize x once per call, here, on the calling thread (grow-only scratch,
   // shared read-only with the workers), in the segments of the weight's row tiles. (The N:M int8
   // kernels, which have no row tiles, quantize x themselves: x86/avx2/nm_q8_gemv_avx2.cpp.)
-  if ((k->requires & kCallInt8Act) && (w.id == KernelId::int8 || w.id == KernelId::int4 || (k->requires & kReadsQTiles))) {
+  if (takes_quantized_x(*k, w)) {
     const QTileView& t = w.qt;
     if (!t.codes) return Status::invalid_argument;  // bindings.cpp builds the tiles before such a call
     const size_t cells = size_t(a.M) * size_t(t.nseg);
@@ -730,7 +773,7 @@ Status run_linear(const LinearCall& call, const WeightView& w, Isa isa, int thre
   }
 
   // Split the N output columns into one chunk per thread.
-  const int64_t work = a.M * work_per_column(w) * a.N;
+  const int64_t work = a.M * column_work(w) * a.N;
   int64_t nt = work / (a.M <= 2 ? kMinStreamWorkPerThread : kMinWorkPerThread);
   if (nt > threads) nt = threads;
   if (nt > (a.N + kColumnAlign - 1) / kColumnAlign) nt = (a.N + kColumnAlign - 1) / kColumnAlign;

@@ -275,6 +275,58 @@ void parallel_run(int64_t n_tasks, int max_threads, TaskFn fn, void* ctx) {
   pool().run(n_tasks, max_threads, fn, ctx);
 }
 
+namespace {
+
+struct StageRun {
+  const Stage* stages;
+  int64_t n;
+  std::atomic<uint64_t> state{0};  // (stage << 32) | tasks claimed in it
+  std::atomic<int64_t> done{0};    // tasks of the current stage finished
+};
+
+int64_t first_stage(const Stage* stages, int64_t from, int64_t n) {
+  while (from < n && stages[from].tasks <= 0) ++from;
+  return from;
+}
+
+// One participant: claims tasks of the current stage; when all are claimed, waits for the last to
+// finish (spinning, then yielding the core). The thread finishing a stage's last task opens the next.
+void stage_participant(void* p, int64_t) {
+  StageRun& r = *static_cast<StageRun*>(p);
+  int64_t waits = 0;
+  for (;;) {
+    uint64_t word = r.state.load(std::memory_order_acquire);
+    const int64_t s = int64_t(word >> 32), i = int64_t(word & 0xffffffffu);
+    if (s >= r.n) return;
+    const Stage& st = r.stages[s];
+    if (i >= st.tasks) {  // every task claimed: another thread is finishing one
+      if (++waits < 4096) cpu_relax();
+      else yield_cpu();
+      continue;
+    }
+    if (!r.state.compare_exchange_weak(word, word + 1, std::memory_order_acq_rel, std::memory_order_relaxed)) continue;
+    waits = 0;
+    st.fn(st.ctx, i);
+    if (r.done.fetch_add(1, std::memory_order_acq_rel) + 1 == st.tasks) {
+      r.done.store(0, std::memory_order_relaxed);
+      r.state.store(uint64_t(first_stage(r.stages, s + 1, r.n)) << 32, std::memory_order_release);
+    }
+  }
+}
+
+}  // namespace
+
+void run_stages(const Stage* stages, int64_t n_stages, int max_threads) {
+  StageRun run;
+  run.stages = stages, run.n = n_stages;
+  run.state.store(uint64_t(first_stage(stages, 0, n_stages)) << 32);
+  if (max_threads <= 1) {
+    stage_participant(&run, 0);
+    return;
+  }
+  parallel_run(max_threads, max_threads, stage_participant, &run);
+}
+
 const char* threading_name() {
   return host_openmp() ? "the host's OpenMP team (sparseinfer's pool while the cores are shared)"
                        : "sparseinfer's thread pool";

@@ -105,4 +105,25 @@ struct LinearCall {
 // splitting the N output columns. `kernel` (optional) receives the kernel that ran.
 Status run_linear(const LinearCall& call, const WeightView& w, Isa isa, int threads, const KernelImpl** kernel);
 
+// A one-row fp32 call taken apart for callers that schedule its pieces themselves (the native decode
+// step, bindings.cpp): the kernel and arguments run_linear would use, the int8 activations (when the
+// kernel takes them) quantized by quantize() into buffers the call owns, then any columns, on any
+// thread. Bits are run_linear's: a column's value does not depend on the split.
+struct RowCall {
+  const KernelImpl* kernel = nullptr;
+  const WeightView* w = nullptr;
+  GemmArgs args;
+  QuantizeActFn quantize_fn = nullptr;  // nullptr: the kernel reads x as it is
+  std::vector<int8_t> q;
+  std::vector<float> scale;
+  std::vector<int32_t> sum;
+  Status quantize();                           // after x is written, before any columns
+  Status columns(int64_t n0, int64_t n1) const;  // y[n0 .. n1)
+};
+// Sets `out` up for y = W x + bias, x and y fp32 with one row (call.M == 1; the buffers x, y and bias
+// point to are read at quantize() / columns() time). no_kernel when the named row does not apply.
+Status prepare_row_call(const LinearCall& call, const WeightView& w, Isa isa, RowCall* out);
+// Multiply-adds per output column and batch row of w's kernels (how run_linear sizes its split).
+int64_t work_per_column(const WeightView& w);
+
 }  // namespace sparseinfer

@@ -18,6 +18,18 @@ using TaskFn = void (*)(void* ctx, int64_t task);
 
 void parallel_run(int64_t n_tasks, int max_threads, TaskFn fn, void* ctx);
 
+// A sequence of parallel steps in one parallel region, for chains of calls too short to pay a
+// fork-join each (a decode step: ~150 kernel calls and vector ops of a few microseconds). Stage s
+// runs fn(ctx, i) for i in 0..tasks-1, its tasks claimed by whichever thread is free; stage s + 1
+// starts when every task of stage s has finished (and sees what they wrote). The caller may run
+// every task alone: a helper that wakes late joins at the stage running then. Stages may have 0 tasks.
+struct Stage {
+  TaskFn fn;
+  void* ctx;
+  int64_t tasks;
+};
+void run_stages(const Stage* stages, int64_t n_stages, int max_threads);
+
 // Which threads parallel_run uses: the host's OpenMP team (and when) or sparseinfer's thread pool.
 const char* threading_name();
 
