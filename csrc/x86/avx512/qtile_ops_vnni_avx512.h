@@ -35,9 +35,10 @@ struct OpsBase {
   using XB = __m512i;
   // Register tile: 4 batch rows x 4 row tiles (64 outputs) for every batch: 16 int32 sums, 4
   // decoded tiles and a broadcast live in the K loop, 16 vpdpbusd per 4 code loads and 4 broadcasts.
-  // On Zen 5 (two 512-bit vpdpbusd a cycle) 4096^2 at M = 64 ran 1.15x the 6 x 2 tile's speed,
-  // 8 x 3 and 12 x 2 between them; activations as {1to16} memory operands of vpdpbusd issue at 0.8x
-  // the register form's rate there. Batches of 1-2 (memory-bound) stream the four tiles at once.
+  // On Zen 5 (two 512-bit vpdpbusd a cycle) 4096^2 at M = 64 ran 1.06-1.1x the 6 x 2 tile's speed;
+  // 8 x 3 about as fast as 6 x 2, 8 x 2 and 12 x 2 slower; activations as {1to16} memory operands
+  // of vpdpbusd issue at 0.8x the register form's rate there. Batches of 1-2 (memory-bound) stream
+  // the four tiles at once.
   static constexpr int kMaxMR = 4;
   static constexpr int kMaxR = 4;
   static int tiles_for(int64_t) { return 4; }
