@@ -47,6 +47,7 @@ struct OpsBase {
     return vmlsq_n_s32(acc, vreinterpretq_s32_u32(vmovl_u16(vget_low_u16(z16))), sum);
   }
   static VF loadf(const float* p) { return vld1q_f32(p); }
+  static void storef(float* p, VF v) { vst1q_f32(p, v); }
   // facc + float(acc) * (sw * sx): the product first, then one fused multiply-add, as the scalar kernel.
   static VF fma_seg(VI acc, VF sw, float sx, VF facc) {
     return vfmaq_f32(facc, vcvtq_f32_s32(acc), vmulq_n_f32(sw, sx));

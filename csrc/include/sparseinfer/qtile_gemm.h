@@ -3,6 +3,7 @@
 //
 //   x86/avx2/int{8,4}_q8_gemm_avx2.cpp         8 lanes, pmaddubsw + pmaddwd
 //   x86/avx512/int{8,4}_q8_gemm_vnni_avx512.cpp 16 lanes, vpdpbusd
+//   arm/neon/int{8,4}_q8_gemm_dot_neon.cpp       4 lanes, sdot
 //
 // ISA-free itself (no intrinsics here) and, like every header of this directory, internal
 // linkage only: each ISA file gets its own copy compiled with its own flags (csrc/README.md).
