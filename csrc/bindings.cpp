@@ -945,12 +945,12 @@ class Decoder {
   // -- the step as stages (threadpool.h: run_stages) ----------------------------------------------------
   // One parallel region per token instead of a fork-join per call: each projection's columns are cut
   // into a few pieces that any thread claims (each claim and finish is a cache line between the cores:
-  // ~64K multiply-adds a piece ran 1.2-1.4x slower), attention into heads; the vector ops between them
+  // ~64K multiply-adds a piece ran 1.1-1.4x slower), attention into heads; the vector ops between them
   // (norms, rotary, cache writes, residuals, SiLU) and the activation quantization of the projections
   // they feed are one-task stages.
   static constexpr int kPiecesPerThread = 1;
 
-  enum Group { kQkv, kO, kGateUp, kDown, kHead, kGroups };
+  enum Group { kQkv, kO, kGateUp, kDown, kHead };
 
   struct StageCtx {
     Decoder* d;

@@ -715,9 +715,8 @@ Status prepare_row_call(const LinearCall& call, const WeightView& w, Isa isa, Ro
   return Status::ok;
 }
 
-Status RowCall::quantize() {
+void RowCall::quantize() {
   if (quantize_fn) quantize_fn(args.x, 1, args.K, args.stride_xm, w->qt, q.data(), scale.data(), sum.data());
-  return Status::ok;
 }
 
 Status RowCall::columns(int64_t n0, int64_t n1) const { return kernel->fn(args, *w, n0, n1); }

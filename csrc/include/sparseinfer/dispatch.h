@@ -117,7 +117,7 @@ struct RowCall {
   std::vector<int8_t> q;
   std::vector<float> scale;
   std::vector<int32_t> sum;
-  Status quantize();                           // after x is written, before any columns
+  void quantize();                             // after x is written, before any columns
   Status columns(int64_t n0, int64_t n1) const;  // y[n0 .. n1)
 };
 // Sets `out` up for y = W x + bias, x and y fp32 with one row (call.M == 1; the buffers x, y and bias
