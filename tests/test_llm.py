@@ -716,9 +716,8 @@ def test_greedy_takes_native_steps_where_it_can():
 
 
 def test_native_attention_split_over_threads_matches():
-    """A long context (2 x 8 heads x 300 positions x 64 > 2 x 128K multiply-adds): the native step
-    splits its attention heads over 2 threads (bindings.cpp, Decoder::attend); the logits stay the
-    Python steps'."""
+    """A long context (8 heads x 300 positions): the native step's attention stage runs its heads on
+    2 threads (bindings.cpp, Decoder::attend_head); the logits stay the Python steps'."""
     cfg = transformers.LlamaConfig(vocab_size=160, hidden_size=512, intermediate_size=256, num_hidden_layers=1,
                                    num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
                                    initializer_range=0.05)
@@ -733,6 +732,30 @@ def test_native_attention_split_over_threads_matches():
     finally:
         si.set_threads(None)
     assert lean.step_path == "native" and _rel(got, want) < NATIVE_TOL
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("recipe", ["int4-g32", "2:4+int8", None])
+def test_native_steps_split_their_columns_over_any_thread_count(recipe, threads):
+    """Projections large enough to split (1000 x 512: one piece per thread, 1000 rows not a multiple
+    of the pieces' 16-row alignment, so the last piece is short) run by the native step's stages on 1,
+    2 and 3 threads: every step's logits within NATIVE_TOL of the Python steps'."""
+    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=512, intermediate_size=1000, num_hidden_layers=2,
+                                   num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=64,
+                                   initializer_range=0.05)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    if recipe is not None:
+        model = si.set_act(si.compress(model, {"default": recipe, "layers": {"lm_head": "int8"}}, progress=False),
+                           "fp32")
+    tokens = PROMPT[0] + [7, 11, 13, 17, 19, 23, 29, 31]
+    si.set_threads(threads)
+    try:
+        want, _ = _lean_logits(model, tokens)
+        got, lean = _lean_logits(model, tokens, "native")
+    finally:
+        si.set_threads(None)
+    assert lean.step_path == "native" and _rel(got, want) < NATIVE_TOL, (recipe, threads, _rel(got, want))
 
 
 def test_native_steps_refuse_a_dense_weight_moved_under_them():
