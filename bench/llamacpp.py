@@ -6,7 +6,8 @@
 Source. llama.cpp comes from PyPI, the only network this project uses: the llama-cpp-python sdist
 vendors it under ``vendor/llama.cpp``. The script runs ``pip download --no-deps --no-binary :all:
 --no-build-isolation llama-cpp-python==VERSION`` into the cache dir (default
-``~/.cache/sparseinfer/llamacpp``, ``--cache-dir`` or ``SPARSEINFER_LLAMACPP_CACHE``), unpacks it, and
+``~/.cache/sparseinfer/llamacpp``, ``--cache-dir`` or ``SPARSEINFER_LLAMACPP_CACHE``; it needs
+``scikit-build-core`` installed, through which pip reads the sdist's metadata), unpacks it, and
 builds only ``llama-bench`` and ``llama-quantize`` with CMake (Release, ``GGML_NATIVE=ON``: ``-march=native``,
 so AVX-512 / AMX where the CPU has them; ``LLAMA_CURL=OFF``). The build runs once, at idle priority
 (``chrt -i 0 nice -n 19``; ~10-15 minutes on 2 shared cores); later runs reuse it (``--rebuild`` forces it).
@@ -37,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -84,6 +86,9 @@ def fetch_source(cache: Path, version: str) -> Path:
     pattern = f"llama_cpp_python-{version}.tar.gz"
     found = sorted(sdist_dir.glob(pattern))
     if not found:
+        if importlib.util.find_spec("scikit_build_core") is None:  # pip reads the sdist's metadata through it
+            raise SystemExit("bench/llamacpp.py: downloading the llama-cpp-python sdist without build isolation "
+                             "needs its build backend here: pip install scikit-build-core")
         sdist_dir.mkdir(parents=True, exist_ok=True)
         spec = f"llama-cpp-python=={version}"
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
