@@ -139,6 +139,11 @@ inline void block_r(int r, int mr, const GemmArgs& a, const QTileView& t, int64_
   block_mr<Ops, R>(mr, a, t, tile0, m0, n_lo, n_hi, ahead);
 }
 
+// Chunk passes per group from which they prefetch the next group: with fewer, each group's codes are
+// read about once and the hardware's stream prefetch serves them (the bursts cost 1.1-1.25x on
+// 1536 x 384 at M = 3).
+constexpr int64_t kAheadChunks = 4;
+
 // The kernel: columns [n_begin, n_end) of y, all M rows. Batch rows go in chunks of kMaxMR, each
 // over the whole of K, the tile group's codes streaming from L2 (cutting K into L1-sized blocks,
 // BLIS-style, was 1.1-1.2x slower on Zen 5: the L2 streams keep up, and the blocks' sums must
@@ -164,7 +169,7 @@ inline Status gemm(const GemmArgs& a, const WeightView& w, int64_t n_begin, int6
     for (int64_t m0 = 0, c = 0; m0 < a.M; m0 += Ops::kMaxMR, ++c) {
       const int mr = int(a.M - m0 < Ops::kMaxMR ? a.M - m0 : Ops::kMaxMR);
       Ahead ahead;
-      if (share > 0 && a.M > 2) {  // batches of 1-2 read each group once, with their own prefetch
+      if (share > 0 && chunks >= kAheadChunks) {
         ahead.p = t.codes + next * tile_bytes + c * share;
         ahead.lines_per_seg = (share / 64 + t.nseg - 1) / t.nseg;  // (prefetches past the end cannot fault)
       }
