@@ -815,11 +815,9 @@ class Decoder {
       inputs_.push_back(act_.data()), outputs_.push_back(tmp_.data());
     }
     if (!head_.empty()) inputs_.push_back(h_.data()), outputs_.push_back(nullptr);  // out, set per step
-    for (const Projection* p : all_) {  // kPiecesPerThread pieces a thread, none under kMinStreamWorkPerThread
+    for (const Projection* p : all_) {  // run_linear's split of a batch-1 call
       const int64_t work = p->n * (p->w ? work_per_column(p->w->view) : p->dense.shape[1]);
-      const int64_t pieces = std::max<int64_t>(1, std::min<int64_t>(work / kMinStreamWorkPerThread,
-                                                                    int64_t(kPiecesPerThread) * threads_));
-      piece_rows_.push_back(((p->n + pieces - 1) / pieces + 15) / 16 * 16);
+      piece_rows_.push_back(column_chunk(p->n, work, kMinStreamWorkPerThread, kPiecesPerThread * threads_));
     }
     build_plan();
   }

@@ -660,21 +660,6 @@ void run_quantize_task(void* p, int64_t task) {
        c.sum + cells);
 }
 
-// Multiply-adds per output column and batch row, to size the thread split.
-// A CSR entry costs several dense multiply-adds (its column index, then a gather or a broadcast
-// against x transposed): ~12 G entries x rows / s on one core against ~50 G multiply-adds for the
-// dense kernels. Counted at face value, a 10 %-sparse MiniLM layer at 33 rows (2M entries x rows,
-// 165 us) stayed on one thread.
-constexpr int64_t kCsrEntryCost = 4;
-
-int64_t column_work(const WeightView& w) {
-  switch (w.id) {
-    case KernelId::nm_float: case KernelId::nm_int8: case KernelId::nm_int4: return w.nm.kc;
-    case KernelId::csr_float: case KernelId::csr_int8: return (w.csr.nnz / w.N + 1) * kCsrEntryCost;
-    default: return w.K;
-  }
-}
-
 // The kernel a call runs: the row it names, else the table's pick for its batch and activation mode.
 const KernelImpl* call_kernel(const LinearCall& call, const WeightView& w, Isa isa) {
   const uint64_t tiles = w.qt.codes ? uint64_t(kReadsQTiles) : 0;
@@ -689,7 +674,28 @@ bool takes_quantized_x(const KernelImpl& k, const WeightView& w) {
 
 }  // namespace
 
-int64_t work_per_column(const WeightView& w) { return column_work(w); }
+// Multiply-adds per output column and batch row, to size the thread split.
+// A CSR entry costs several dense multiply-adds (its column index, then a gather or a broadcast
+// against x transposed): ~12 G entries x rows / s on one core against ~50 G multiply-adds for the
+// dense kernels. Counted at face value, a 10 %-sparse MiniLM layer at 33 rows (2M entries x rows,
+// 165 us) stayed on one thread.
+constexpr int64_t kCsrEntryCost = 4;
+
+int64_t work_per_column(const WeightView& w) {
+  switch (w.id) {
+    case KernelId::nm_float: case KernelId::nm_int8: case KernelId::nm_int4: return w.nm.kc;
+    case KernelId::csr_float: case KernelId::csr_int8: return (w.csr.nnz / w.N + 1) * kCsrEntryCost;
+    default: return w.K;
+  }
+}
+
+int64_t column_chunk(int64_t n, int64_t work, int64_t min_work, int threads) {
+  int64_t nt = work / min_work;
+  if (nt > threads) nt = threads;
+  if (nt > (n + kColumnAlign - 1) / kColumnAlign) nt = (n + kColumnAlign - 1) / kColumnAlign;
+  if (nt < 1) nt = 1;
+  return ((n + nt - 1) / nt + kColumnAlign - 1) / kColumnAlign * kColumnAlign;
+}
 
 Status prepare_row_call(const LinearCall& call, const WeightView& w, Isa isa, RowCall* out) {
   RowCall& r = *out;
@@ -772,18 +778,13 @@ Status run_linear(const LinearCall& call, const WeightView& w, Isa isa, int thre
   }
 
   // Split the N output columns into one chunk per thread.
-  const int64_t work = a.M * column_work(w) * a.N;
-  int64_t nt = work / (a.M <= 2 ? kMinStreamWorkPerThread : kMinWorkPerThread);
-  if (nt > threads) nt = threads;
-  if (nt > (a.N + kColumnAlign - 1) / kColumnAlign) nt = (a.N + kColumnAlign - 1) / kColumnAlign;
-  if (nt < 1) nt = 1;
-  int64_t chunk = (a.N + nt - 1) / nt;
-  chunk = (chunk + kColumnAlign - 1) / kColumnAlign * kColumnAlign;
+  const int64_t chunk = column_chunk(a.N, a.M * work_per_column(w) * a.N,
+                                     a.M <= 2 ? kMinStreamWorkPerThread : kMinWorkPerThread, threads);
   const int64_t tasks = (a.N + chunk - 1) / chunk;
 
   TaskContext ctx;
   ctx.kernel = k, ctx.args = &a, ctx.w = &w, ctx.chunk = chunk;
-  parallel_run(tasks, int(nt), run_task, &ctx);
+  parallel_run(tasks, int(tasks), run_task, &ctx);
   return Status(ctx.status.load());
 }
 

@@ -78,13 +78,12 @@ using DequantizeRowFn = bool (*)(const WeightView& w, int64_t n, float* out);
 DequantizeRowFn active_dequantize_row();
 
 // Batches of 1-2 stream each weight byte once, from memory in a model: a second thread pays from
-// this many multiply-adds per thread (run_linear; the native decode step's GEMV and attention too).
+// this many multiply-adds per thread (run_linear; the native decode step's pieces too).
 constexpr int64_t kMinStreamWorkPerThread = int64_t(1) << 17;
-// Threads for `work` multiply-adds of a batch-1 step: one per kMinStreamWorkPerThread, 1..max_threads.
-inline int stream_threads(int64_t work, int max_threads) {
-  const int64_t want = work / kMinStreamWorkPerThread;
-  return int(want < 1 ? 1 : want < max_threads ? want : max_threads);
-}
+// Columns per task when n output columns, `work` multiply-adds in all, split over up to `threads`
+// threads of at least `min_work` multiply-adds each, in multiples of 16 (whole register tiles but at
+// the end): run_linear's split, and the native decode step's pieces.
+int64_t column_chunk(int64_t n, int64_t work, int64_t min_work, int threads);
 
 // One call, as bindings.cpp hands it over (already validated).
 struct LinearCall {

@@ -31,6 +31,12 @@ namespace sparseinfer {
 namespace {
 namespace qtile {
 
+// Bytes of one row tile's codes (kernels.h, QTileView: [nseg][seg_pad / epl][16 rows][4 bytes]).
+template <class Ops>
+inline int64_t tile_bytes(const QTileView& t) {
+  return t.nseg * (t.seg_pad / (32 / Ops::kBits)) * 64;
+}
+
 // Codes a chunk pass prefetches into L2 for the next tile group, a few lines per segment (see gemm).
 struct Ahead {
   const uint8_t* p = nullptr;
@@ -47,7 +53,7 @@ inline void block(const GemmArgs& a, const QTileView& t, int64_t tile0, int64_t 
   constexpr int EPL = 32 / Ops::kBits;      // elements per 32-bit lane per step
   constexpr int PARTS = EPL / 4;            // 4-byte activation groups per step
   const int64_t steps = t.seg_pad / EPL;
-  const int64_t tile_stride = t.nseg * steps * 64;
+  const int64_t tile_stride = tile_bytes<Ops>(t);
   // Batches of 1-2 stream their codes from memory once: prefetch each stream 2 KB ahead (cold
   // 576x1536 int4 at batch 1: 9.7 -> 10.7 GB/s on one Xeon core; nearer or NTA prefetches were slower).
   constexpr bool kStream = MR <= 2;
@@ -160,17 +166,17 @@ inline Status gemm(const GemmArgs& a, const WeightView& w, int64_t n_begin, int6
   if (n_begin >= n_end) return Status::ok;
   const int64_t t_end = (n_end + kQTileRows - 1) / kQTileRows;
   const int rmax = Ops::tiles_for(a.M);
-  const int64_t tile_bytes = t.nseg * t.seg_pad * Ops::kBits / 8 * kQTileRows;
+  const int64_t tile_stride = tile_bytes<Ops>(t);
   const int64_t chunks = (a.M + Ops::kMaxMR - 1) / Ops::kMaxMR;
   for (int64_t tile = n_begin / kQTileRows; tile < t_end; tile += rmax) {
     const int r = int(t_end - tile < rmax ? t_end - tile : rmax);
     const int64_t next = tile + rmax, next_r = t_end - next < rmax ? t_end - next : rmax;
-    const int64_t share = next_r > 0 ? (next_r * tile_bytes + chunks - 1) / chunks : 0;  // bytes a chunk pass
+    const int64_t share = next_r > 0 ? (next_r * tile_stride + chunks - 1) / chunks : 0;  // bytes a chunk pass
     for (int64_t m0 = 0, c = 0; m0 < a.M; m0 += Ops::kMaxMR, ++c) {
       const int mr = int(a.M - m0 < Ops::kMaxMR ? a.M - m0 : Ops::kMaxMR);
       Ahead ahead;
       if (share > 0 && chunks >= kAheadChunks) {
-        ahead.p = t.codes + next * tile_bytes + c * share;
+        ahead.p = t.codes + next * tile_stride + c * share;
         ahead.lines_per_seg = (share / 64 + t.nseg - 1) / t.nseg;  // (prefetches past the end cannot fault)
       }
       block_r<Ops>(r, mr, a, t, tile, m0, n_begin, n_end, ahead);
