@@ -28,8 +28,8 @@ CASES = [
     ("2:4+int4", {"group_size": None, "symmetric": False}),
 ]
 # (N, K): N not a multiple of the 16-row tile nor of a 2-tile group; K a multiple of 64 (the layout's
-# condition) with one or several 256-column activation segments.
-SHAPES = [(1, 64), (17, 128), (50, 320), (97, 1024)]
+# condition) with one or several activation segments of 64 (K = 320), 192 (576) or 256 (1024) columns.
+SHAPES = [(1, 64), (17, 128), (50, 320), (40, 576), (97, 1024)]
 BATCHES = [1, 3, 17, 65]
 
 

@@ -272,8 +272,13 @@ def nm_int8_mode_reference(x, w, bias, out_dtype):
     kc = w.kc
     if k < 64 or (n_groups > 1 and (group % 32 or group & (group - 1))):
         return None
-    seg = 256 if n_groups == 1 or group >= kc else min(2 * group, 256)
-    nblk, per_seg = k // 64, seg // 64
+    # segments of whole 64-column blocks: <= 4, <= a group's span and dividing it, >= 2 where the row
+    # has 2; the least padding of the last segment, then the fewest segments
+    nblk, one_group = k // 64, n_groups == 1 or group >= kc
+    span = 4 if one_group else min(2 * group // 64, 4)
+    pers = [span] + [p for p in range(span - 1, 1 if nblk > 1 else 0, -1) if one_group or span % p == 0]
+    per_seg = min(pers, key=lambda p: -(-nblk // p) * p)
+    seg = 64 * per_seg
     nseg = -(-nblk // per_seg)  # segments holding whole blocks
     codes = (vals.codes() - (8 if vals.zero is None else vals.zero.to(torch.int32).repeat_interleave(group, 1))
              if int4 else vals.qweight.to(torch.int32))[:, :kc]
