@@ -19,6 +19,7 @@
 #include <memory>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "sparseinfer/decode.h"
@@ -152,11 +153,17 @@ void check_dim(const Tensor& t, int64_t dim) {
     value_error(t.name + " must be " + std::to_string(dim) + "-D, got shape " + t.shape_str());
 }
 
-void check_shape(const Tensor& t, const std::vector<int64_t>& want, const std::string& why) {
+// why: a string, or a function that builds one (only on failure: per-call checks of the hot path must
+// not format shapes and weight descriptions on every call)
+template <class Why>
+void check_shape(const Tensor& t, const std::vector<int64_t>& want, const Why& why) {
   if (t.shape != want) {
     Tensor w;
     w.shape = want;
-    value_error(t.name + " must have shape " + w.shape_str() + " (" + why + "), got " + t.shape_str());
+    std::string reason;
+    if constexpr (std::is_invocable_v<Why>) reason = why();
+    else reason = why;
+    value_error(t.name + " must have shape " + w.shape_str() + " (" + reason + "), got " + t.shape_str());
   }
 }
 
@@ -613,7 +620,7 @@ py::object linear(py::handle x_obj, Weight& w, py::handle out_obj, py::handle bi
     value_error("out must have the dtype of x (" + x.dtype_str() + "), got " + out.dtype_str());
   std::vector<int64_t> want(x.shape);
   want.back() = N;
-  check_shape(out, want, "x's leading dims and N for x " + x.shape_str() + " and " + w.desc());
+  check_shape(out, want, [&] { return "x's leading dims and N for x " + x.shape_str() + " and " + w.desc(); });
   int64_t M_out = 0, stride_ym = 0;
   if ((N > 1 && out.strides.back() != 1) || !collapse_rows(out, &M_out, &stride_ym) || (M > 1 && stride_ym < N))
     value_error("out must have unit stride along N and non-overlapping rows that form one matrix, got shape " +
@@ -628,7 +635,7 @@ py::object linear(py::handle x_obj, Weight& w, py::handle out_obj, py::handle bi
   if (!bias_obj.is_none()) {
     Tensor bias = inspect(bias_obj, "bias");
     check_dtype(bias, {DType::f32, DType::bf16, DType::f16});
-    check_shape(bias, {N}, "one per output feature of " + w.desc());
+    check_shape(bias, {N}, [&] { return "one per output feature of " + w.desc(); });
     check_contiguous(bias);
     if (overlaps(out, bias)) value_error("out must not overlap bias");
     call.bias = reinterpret_cast<const void*>(bias.ptr), call.bias_dtype = bias.dtype;

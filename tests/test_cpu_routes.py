@@ -423,6 +423,29 @@ def test_direct_call_runs_the_kernel_the_route_names(monkeypatch):
     assert torch.allclose(y, reference_linear(x, w, None), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_direct_call_output_has_x_dtype_whatever_torch_default(x_dtype, monkeypatch):
+    """The direct call allocates its output with torch's defaults when they fit (cheaper than keyword
+    arguments): with float64 as torch's default dtype it must still return x's dtype, and the same
+    values as under the float32 default."""
+    C = _native.require_native()
+    cpu = BACKENDS["cpu"]
+    g = torch.Generator().manual_seed(11)
+    w = si.pack(torch.randn(40, 128, generator=g), "int4", group_size=64)
+    x = torch.randn(3, 128, generator=g).to(x_dtype)
+    name = C.kernel_candidates(cpu_routes.native_weight(w), 3, None, "fp32")[0]
+    monkeypatch.setattr(cpu_routes, "route", lambda *a: cpu_routes.Route("kernel", name, "fp32", "test", named=name))
+    want = cpu.direct_call(w, x, "fp32")(x, None)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = cpu.direct_call(w, x, "fp32")(x, None)
+    finally:
+        torch.set_default_dtype(before)
+    assert got.dtype == x_dtype and got.shape == (3, 40)
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("raw, expected", [("2", 2.0), ("0", 0.0), ("30.5", 30.5), ("inf", math.inf)])
 def test_measuring_budget_comes_from_the_environment(monkeypatch, raw, expected):
     monkeypatch.setenv("SPARSEINFER_MEASURE_BUDGET_S", raw)

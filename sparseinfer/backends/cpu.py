@@ -113,14 +113,17 @@ class CpuBackend(Backend):
             return call
         if r.path != "kernel":
             return None
-        run, named = _native._C.linear, r.named
-        # the output's shape, dtype and device, made once: new_empty(x.shape[:-1] + (n,)) costs 2.5 us a call
+        run, named, empty = _native._C.linear, r.named, torch.empty
+        # the output's shape, dtype and device, made once: new_empty(x.shape[:-1] + (n,)) costs 2.5 us a
+        # call, torch.empty with dtype and device keywords ~0.9 us more than with the defaults, checked
         shape, dtype, device = (*x.shape[:-1], w.shape[0]), x.dtype, x.device
 
         def call(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
             if not x.is_contiguous():
                 x = x.contiguous()
-            out = torch.empty(shape, dtype=dtype, device=device)
+            out = empty(*shape)
+            if out.dtype is not dtype or not out.is_cpu:  # torch's default dtype or device is another
+                out = empty(shape, dtype=dtype, device=device)
             run(x, handle, out, bias, n_threads, None, act, named)
             return out
 
