@@ -744,9 +744,9 @@ def run_model_case(benchmark, case: ModelCase, smoke: bool) -> dict:
 
 # -- dispatch sweep: never slower than dense ---------------------------------------------------------
 # Every format x act mode at M = 1, 8, 33, 128, 256, 2048 on the MiniLM / BERT shapes and 4096 x 4096,
-# on the active ISA (SPARSEINFER_ISA=avx2 sweeps AVX2), through si.linear as a model calls it (routes,
-# dense fallback and all), timed against torch fp32 F.linear on the same (dequantized) weight,
-# interleaved round by round. Points below dense are flagged in the JSON and printed at the end.
+# on the active ISA (SPARSEINFER_ISA=avx2 sweeps AVX2), through a CompressedLinear layer as a model calls
+# it (routes, dense fallback and all), timed against an nn.Linear layer on the same (dequantized)
+# weight, interleaved round by round. Points below dense are flagged in the JSON and printed at the end.
 # act "int8" selects as "auto" does (tests/test_act.py checks it bit for bit), so it is not swept.
 
 SWEEP_SHAPES = SHAPES["minilm"] + SHAPES["bert-base"] + [(4096, 4096)]
@@ -781,8 +781,11 @@ def sweep_cases(scope: str) -> list[SweepCase]:
 
 
 def run_sweep_case(benchmark, case: SweepCase, smoke: bool) -> dict:
-    """Check si.linear against the exact product, time it against dense fp32 (interleaved), and
-    flag the point when it is slower. Returns the extra_info."""
+    """Check a compressed layer against the exact product, time it against the dense layer it
+    replaces (interleaved), and flag the point when it is slower. Both are called as a model calls
+    them, as modules: CompressedLinear (what si.compress and si.load put in a model) against
+    nn.Linear on the dequantized weight, with no autograd; si.linear, the functional entry, costs a
+    few microseconds more a call (cpu_roofline.py's 768^2 per-call table). Returns the extra_info."""
     from sparseinfer.backends import cpu_routes
 
     if not smoke:  # the steady state: every shape measured once (a user's cache after a few runs)
@@ -791,8 +794,11 @@ def run_sweep_case(benchmark, case: SweepCase, smoke: bool) -> dict:
     w = packed_weight(n, k, case.fmt)
     dense = dequantized_weight(n, k, case.fmt)
     x = activations(m, k)
-    ours = lambda: si.linear(x, w, act=case.act)  # noqa: E731
-    base = lambda: F.linear(x, dense)  # noqa: E731
+    layer = si.CompressedLinear(w, act=case.act)
+    dense_layer = nn.Linear(k, n, bias=False)
+    dense_layer.weight = nn.Parameter(dense, requires_grad=False)
+    ours = torch.no_grad()(lambda: layer(x))
+    base = torch.no_grad()(lambda: dense_layer(x))
     err = check(ours(), x @ dense.T, TOL_FP32 if case.act == "fp32" else TOL_INT8_ACT, case.id)  # also decides the route
     route = BACKENDS["cpu"].route(w, m, case.act)
     rounds = 1 if smoke else SWEEP_ROUNDS

@@ -59,12 +59,14 @@ class FakeTimer:
 # -- the dense fallback ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fmt, params", FORMATS, ids=[f"{f}-{p}" for f, p in FORMATS])
-@pytest.mark.parametrize("small", [True, False], ids=["one-copy", "tiles"])
-def test_dense_fallback_matches_the_reference(fmt, params, small, rng, rel_err, monkeypatch):
-    """Tile by tile (tiles forced small: 16 rows) or one fp32 copy, odd N / K, batch 1 / 3 / 17,
-    bias or not, fp32 / bf16 x with leading dims: the exact product to fp32 summation order."""
+@pytest.mark.parametrize("small, tile_rows", [(True, 16), (False, 16), (False, 64)],
+                         ids=["one-copy", "tiles", "one-tile"])
+def test_dense_fallback_matches_the_reference(fmt, params, small, tile_rows, rng, rel_err, monkeypatch):
+    """Tile by tile (tiles forced small: 16 rows, 4 tiles with the last one short; or one tile of the
+    whole weight) or one fp32 copy, odd N / K, batch 1 / 3 / 17, bias or not, fp32 / bf16 x with
+    leading dims: the exact product to fp32 summation order."""
     monkeypatch.setattr(cpu_routes, "SMALL_BYTES", 1 << 30 if small else 0)
-    monkeypatch.setattr(cpu_routes, "TILE_BYTES", 16 * 4 * 300)  # 16 rows: 4 tiles, the last one short
+    monkeypatch.setattr(cpu_routes, "TILE_BYTES", tile_rows * 4 * 300)
     w = _weight(fmt, params, 53, 300, rng)
     for m, dtype, bias in [(1, torch.float32, None), (3, torch.bfloat16, True), (17, torch.float32, True)]:
         x = torch.randn(m, 2, 300, generator=rng).to(dtype)
