@@ -359,6 +359,23 @@ def test_cli_generate_compile(saved, capsys, monkeypatch):
     assert captured.out == eager and "compiled in" in captured.err
 
 
+@pytest.mark.parametrize("spent", [0.0, 0.75])
+def test_cli_generate_says_when_its_figures_include_route_measuring(saved, capsys, monkeypatch, spent):
+    """A first run on a machine times kernel routes inside prefill / decode: generate says how long, so
+    that the speeds it prints are not taken for the model's; with nothing measured it says nothing."""
+    from sparseinfer.backends import cpu_routes
+    from sparseinfer.cli import main
+
+    clock = iter([10.0, 10.0 + spent])
+    monkeypatch.setattr(cpu_routes, "measuring_seconds", lambda: next(clock))
+    _, path = saved
+    assert main(["generate", str(path), "--prompt", "w17 w93", "--max-new-tokens", "3", "--threads", "1",
+                 "--act", "fp32"]) == 0
+    err = capsys.readouterr().err
+    assert "decode 2 tokens at" in err
+    assert ("0.75 s of timing kernel routes on first use" in err) == (spent > 0)
+
+
 def test_copied_layer_runs_its_own_weights():
     """A deep copy of a layer that has run (memoised direct calls over its _C handle) computes with the
     copy's tensors, not the original's."""

@@ -140,6 +140,11 @@ _stored: dict[str, dict] = {}  # machine key -> stored entry (read once per proc
 _tables: dict[str, dict] = {}  # isa -> built-in table (cpu_routes.json, read once)
 
 
+def measuring_seconds() -> float:
+    """Seconds this process has spent measuring routes on first use (since the last reset())."""
+    return _spent
+
+
 def reset() -> None:
     """Forget memoised decisions and the stored entry read (after calibrate, or in tests)."""
     global _generation, _spent

@@ -8,6 +8,7 @@ import time
 
 import sparseinfer as si
 from sparseinfer.act import ACT_MODES
+from sparseinfer.backends import cpu_routes
 from sparseinfer.llm import DECODERS, compile_model, decode_threads, greedy
 
 
@@ -68,11 +69,16 @@ def _run(args) -> int:
             greedy(model, ids, 2, decoder=args.decoder)
         print(f"compiled in {time.perf_counter() - t1:.0f} s", file=sys.stderr)
     sys.stdout.write(args.prompt if not args.chat else "")
+    measured = cpu_routes.measuring_seconds()
     with decode_threads(args.threads):
         g = greedy(model, ids, args.max_new_tokens, eos_token_id=model.generation_config.eos_token_id, on_token=stream,
                    decoder=args.decoder)
+    measured = cpu_routes.measuring_seconds() - measured
     print()
     print(f"loaded in {loaded:.1f} s; prefill {g.prompt_tokens} tokens in {g.prefill_s * 1e3:.0f} ms "
           f"({g.prefill_tokens_per_s:.1f} tokens/s); decode {len(g.tokens) - 1} tokens at "
           f"{g.decode_tokens_per_s:.1f} tokens/s ({g.decoder} decoder)", file=sys.stderr)
+    if measured >= 0.05:  # a first run on this machine: say so, or the figures above look like the model's
+        print(f"these include {measured:.2f} s of timing kernel routes on first use (layer shapes and batch sizes "
+              f"this machine's route cache had not settled; the results are stored for later runs)", file=sys.stderr)
     return 0
