@@ -7,8 +7,9 @@ Standalone script (not collected by pytest). 2 threads; every point times its pr
 rounds (torch fp32 ``F.linear``, FBGEMM dynamic int8 (``sparseinfer.apps.benchmarking.fbgemm_int8``), and
 ``sparseinfer._C.linear(act="int8")`` on int8 (per channel), int4-g128, 2:4+int8 and 2:4+int4-g64
 weights), hot weights, best of the rounds. Where the CPU has AMX, every format also runs its AVX-512
-VNNI kernel (named), for the "x VNNI" ratio; else, where it has AVX-512 VNNI, 2:4+int8 / 2:4+int4 also
-run on the AVX2 level (the register-gather N:M kernels), which is what they ran before the dense row tiles.
+VNNI kernel (named), for the "x VNNI" ratio; else, where it has AVX-512 VNNI, every format also runs
+the VNNI kernel's other register tile (4 x 64, a measured candidate: "x the 4x4 tile"), and 2:4+int8 /
+2:4+int4 the AVX2 level (the register-gather N:M kernels), which is what they ran before the dense row tiles.
 Prints one markdown table: time per call and speed vs torch fp32 (and vs FBGEMM for int8)."""
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ THREADS = 2
 FORMATS = {"int8": {}, "int4-g128": {"group_size": 128}, "2:4+int8": {}, "2:4+int4-g64": {"group_size": 64}}
 VNNI_KERNELS = {"int8": "int8_q8_gemm_vnni_avx512", "int4-g128": "int4_q8_gemm_vnni_avx512",
                 "2:4+int8": "nm_int8_q8_tiles_vnni_avx512", "2:4+int4-g64": "nm_int4_q8_tiles_vnni_avx512"}
+TILE4X4_KERNELS = {f: k.replace("_vnni_", "_vnni4x4_") for f, k in VNNI_KERNELS.items()}
 
 
 def best_of(fns: dict, rounds: int) -> dict:
@@ -75,7 +77,10 @@ def main():
                 if amx:
                     fns[f + "@vnni"] = lambda h=h, x=x, out=out, k=VNNI_KERNELS[f]: C.linear(
                         x, h, out, None, num_threads=THREADS, act="int8", kernel=k)
-                elif vnni and f.startswith("2:4"):
+                elif vnni:
+                    fns[f + "@4x4"] = lambda h=h, x=x, out=out, k=TILE4X4_KERNELS[f]: C.linear(
+                        x, h, out, None, num_threads=THREADS, act="int8", kernel=k)
+                if vnni and not amx and f.startswith("2:4"):
                     fns[f + "@avx2"] = lambda h=h, x=x, out=out: C.linear(x, h, out, None, num_threads=THREADS,
                                                                           isa="avx2", act="int8")
             t = best_of(fns, args.rounds)
@@ -86,6 +91,8 @@ def main():
                     cell += f" ({t['fbgemm'] / t[f]:.2f}× FBGEMM)"
                 if f + "@vnni" in t:
                     cell += f" ({t[f + '@vnni'] / t[f]:.2f}× VNNI)"
+                if f + "@4x4" in t:
+                    cell += f" ({t[f + '@4x4'] / t[f]:.2f}× the 4x4 tile)"
                 if f + "@avx2" in t:
                     cell += f" ({t[f + '@avx2'] / t[f]:.1f}× the AVX2 N:M kernel)"
                 cell += f" `{C.kernel_name(h, m, act='int8')}`" if m == 64 else ""

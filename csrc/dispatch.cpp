@@ -326,6 +326,16 @@ const KernelImpl kAvx512Kernels[] = {
     {KernelId::nm_int4, nm_panel_gemm_avx512, "nm_int4_panel_gemm_avx512", kAnyM, kMeasuredOnly},
     {KernelId::nm_int8, nm_gemm_avx512, "nm_int8_gemm_avx512", kAnyM, kMeasuredOnly},
     {KernelId::nm_int4, nm_gemm_avx512, "nm_int4_gemm_avx512", kAnyM, kMeasuredOnly},
+    // int8 activations with the 4 x 64 register tile (qtile_ops_vnni_avx512.h: ahead on Zen 5, behind
+    // the table's 8 x 48 tile on the Xeon without AMX); 1-2 rows run the same GEMV in both.
+    {KernelId::int8, int8_q8_gemm_vnni4x4_avx512, "int8_q8_gemm_vnni4x4_avx512", kAnyM,
+     kCallInt8Act | kFeatAvx512Vnni | kMeasuredOnly, 3},
+    {KernelId::int4, int4_q8_gemm_vnni4x4_avx512, "int4_q8_gemm_vnni4x4_avx512", kAnyM,
+     kCallInt8Act | kFeatAvx512Vnni | kMeasuredOnly, 3},
+    {KernelId::nm_int8, int8_q8_gemm_vnni4x4_avx512, "nm_int8_q8_tiles_vnni4x4_avx512", kAnyM,
+     kCallInt8Act | kFeatAvx512Vnni | kReadsQTiles | kMeasuredOnly, 3},
+    {KernelId::nm_int4, int4_q8_gemm_vnni4x4_avx512, "nm_int4_q8_tiles_vnni4x4_avx512", kAnyM,
+     kCallInt8Act | kFeatAvx512Vnni | kReadsQTiles | kMeasuredOnly, 3},
 };
 #endif
 
@@ -531,7 +541,7 @@ std::vector<const KernelImpl*> kernel_candidates(KernelId id, Isa isa, int64_t M
       const KernelImpl& k = lv.kernels[i];
       if (k.id != id || (features & k.requires) != k.requires) continue;
       listed = true;
-      if ((k.requires & kMeasuredOnly) && M <= row_limit(l, i, k)) out.push_back(&k);
+      if ((k.requires & kMeasuredOnly) && M <= row_limit(l, i, k) && M >= k.min_m) out.push_back(&k);
     }
     if (listed || l == Isa::scalar) return out;
   }

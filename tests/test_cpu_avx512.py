@@ -197,21 +197,20 @@ def test_kernel_selection_by_mode_and_isa():
 
 
 AMX = C is not None and C.cpu_features().get("amx_int8", False)
+VNNI = C is not None and "avx512" in C.available_isas() and C.cpu_features().get("avx512_vnni", False)
 
 
-@pytest.mark.skipif(not AMX, reason="this CPU has no AMX-INT8 (or Linux did not grant the tile state): "
-                    "the AMX kernels cannot run here; the table never selects them on such a CPU")
-@pytest.mark.parametrize("case", FORMATS, ids=FORMAT_IDS)
-def test_amx_kernels_give_the_scalar_bits_at_every_batch(case, rng):
-    """The AMX kernels named directly (the table runs them from 7 / 13 rows), at every batch
-    (partial 16-row tiles, one and two A tiles), segments that are not whole 64-element tile steps,
-    odd N (one and two B tiles, chunks split over threads) and every output dtype."""
-    fmt, params = case
-    kernel = f"{fmt}_q8_gemm_amx"
-    for k, n in ((1, 7), (17, 33), (100, 50), (129, 1), (300, 70), (1024, 33)):
+SHAPES = ((1, 7), (17, 33), (100, 50), (129, 1), (300, 70), (1024, 33))  # (K, N)
+
+
+def check_named_kernel_bits(kernel, fmt, params, rng, shapes=SHAPES):
+    """``kernel`` named in the call gives the scalar kernel's bits at every batch (partial register
+    and AMX tiles: 1, 3, 7-9, 15-17, 33, 64 rows), segments that are not whole tile steps, odd N (row
+    tiles split over threads) and every output dtype, outputs poisoned before the call."""
+    for k, n in shapes:
         w = make_weight(fmt, params, n, k, rng)
         handle = build_native_weight(w)
-        for i, m in enumerate((1, 3, 15, 16, 17, 33, 64)):
+        for i, m in enumerate((1, 3, 7, 8, 9, 15, 16, 17, 33, 64)):
             dtype = DTYPES[(i + k) % 3]
             x = make_x(m, k, dtype, (i + n) % 2 == 1, rng)
             bias = torch.randn(n, generator=rng) if i % 2 else None
@@ -222,6 +221,35 @@ def test_amx_kernels_give_the_scalar_bits_at_every_batch(case, rng):
                 bits = torch.int16 if dtype != torch.float32 else torch.int32
                 assert torch.equal(out.view(bits), ref.view(bits)), \
                     f"{kernel} {params} M={m} N={n} K={k} x:{dtype} threads={threads}"
+
+
+@pytest.mark.skipif(not AMX, reason="this CPU has no AMX-INT8 (or Linux did not grant the tile state): "
+                    "the AMX kernels cannot run here; the table never selects them on such a CPU")
+@pytest.mark.parametrize("case", FORMATS, ids=FORMAT_IDS)
+def test_amx_kernels_give_the_scalar_bits_at_every_batch(case, rng):
+    """The AMX kernels named directly (the table runs them from 7 / 13 rows)."""
+    fmt, params = case
+    check_named_kernel_bits(f"{fmt}_q8_gemm_amx", fmt, params, rng)
+
+
+@pytest.mark.skipif(not VNNI, reason="this CPU has no AVX-512 VNNI: the vpdpbusd kernels cannot run here "
+                    "(test_avx512_kernels_under_emulation runs them emulated)")
+@pytest.mark.parametrize("tile", ["vnni", "vnni4x4"])
+@pytest.mark.parametrize("case", FORMATS, ids=FORMAT_IDS)
+def test_vnni_register_tiles_give_the_scalar_bits_at_every_batch(case, tile, rng):
+    """Both register tiles of the VNNI kernels (the table's 8 x 48, the measured 4 x 64) named directly."""
+    fmt, params = case
+    check_named_kernel_bits(f"{fmt}_q8_gemm_{tile}_avx512", fmt, params, rng)
+
+
+@pytest.mark.skipif(not VNNI, reason="this CPU has no AVX-512 VNNI: the vpdpbusd kernels cannot run here "
+                    "(test_avx512_kernels_under_emulation runs them emulated)")
+@pytest.mark.parametrize("tile", ["vnni", "vnni4x4"])
+@pytest.mark.parametrize("fmt, params", [("2:4+int8", {}), ("2:4+int4", {"group_size": 32})])
+def test_nm_row_tiles_give_the_scalar_bits_with_both_register_tiles(fmt, params, tile, rng):
+    """(K a multiple of 64: the N:M weights' row tiles take whole 64-column blocks)"""
+    check_named_kernel_bits(f"nm_{fmt[4:]}_q8_tiles_{tile}_avx512", fmt, params, rng,
+                            shapes=((64, 7), (128, 33), (192, 50), (320, 1), (576, 70), (1024, 33)))
 
 
 def test_tiles_are_built_once_on_first_int8_call(rng):

@@ -2,7 +2,7 @@
 // -DSPARSEINFER_AVX512_EMULATION so that avx512_emulation.h stands in for <immintrin.h> -- against
 // the scalar kernels of csrc/ref/ on seeded random weights and activations:
 //
-//   int8 / int4 q8 (vpdpbusd)   bit for bit equal to int8 / int4_q8_gemm_scalar
+//   int8 / int4 q8 (vpdpbusd)   bit for bit equal to int8 / int4_q8_gemm_scalar (both register tiles)
 //   int8 / int4 exact (fp32 x)  ||y - y_scalar|| / ||y_scalar|| <= 1e-5 (summation order only)
 //
 // Outputs are poisoned with NaN and have padded rows; columns outside [n_begin, n_end) must stay
@@ -100,9 +100,12 @@ void run_case(const Case& c, std::mt19937& rng) {
 
   using Fn = Status (*)(const GemmArgs&, const WeightView&, int64_t, int64_t);
   struct Pair { Fn fast, ref; const char* name; bool exact_bits; };
-  const Pair pairs[2] = {
+  const Pair pairs[3] = {
       {c.bits == 8 ? int8_q8_gemm_vnni_avx512 : int4_q8_gemm_vnni_avx512,
        c.bits == 8 ? int8_q8_gemm_scalar : int4_q8_gemm_scalar, c.bits == 8 ? "int8_q8_vnni" : "int4_q8_vnni", true},
+      {c.bits == 8 ? int8_q8_gemm_vnni4x4_avx512 : int4_q8_gemm_vnni4x4_avx512,
+       c.bits == 8 ? int8_q8_gemm_scalar : int4_q8_gemm_scalar, c.bits == 8 ? "int8_q8_vnni4x4" : "int4_q8_vnni4x4",
+       true},
       {c.bits == 8 ? int8_gemm_avx512 : int4_gemm_avx512, c.bits == 8 ? int8_gemm_scalar : int4_gemm_scalar,
        c.bits == 8 ? "int8_exact" : "int4_exact", false},
   };

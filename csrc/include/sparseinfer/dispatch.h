@@ -37,6 +37,7 @@ struct KernelImpl {
   const char* name;  // <format>_<op>_<isa>, reported by explain()
   int64_t max_m;
   uint64_t requires;
+  int64_t min_m = 0;  // measured-only rows: timed from this batch (below it they run the pick's code)
 };
 
 // The kernel a call runs: the first matching row of `isa`'s table, else of the levels below it.

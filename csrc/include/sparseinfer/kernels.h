@@ -270,6 +270,9 @@ void quantize_act_avx2(const float*, int64_t, int64_t, int64_t, const QTileView&
 // int8 activations on row tiles, vpdpbusd (files built with -mavx512vnni: rows require kFeatAvx512Vnni).
 Status int8_q8_gemm_vnni_avx512(const GemmArgs&, const WeightView&, int64_t, int64_t);
 Status int4_q8_gemm_vnni_avx512(const GemmArgs&, const WeightView&, int64_t, int64_t);
+// The same with the 4 x 64 register tile (measured candidates; qtile_ops_vnni_avx512.h).
+Status int8_q8_gemm_vnni4x4_avx512(const GemmArgs&, const WeightView&, int64_t, int64_t);
+Status int4_q8_gemm_vnni4x4_avx512(const GemmArgs&, const WeightView&, int64_t, int64_t);
 // fp32 activations (exact mode), every batch size.
 Status int8_gemm_avx512(const GemmArgs&, const WeightView&, int64_t, int64_t);
 Status int4_gemm_avx512(const GemmArgs&, const WeightView&, int64_t, int64_t);

@@ -33,15 +33,6 @@ struct OpsBase {
   using VI = __m512i;
   using VF = __m512;
   using XB = __m512i;
-  // Register tile: 4 batch rows x 4 row tiles (64 outputs) for every batch: 16 int32 sums, 4
-  // decoded tiles and a broadcast live in the K loop, 16 vpdpbusd per 4 code loads and 4 broadcasts.
-  // On Zen 5 (two 512-bit vpdpbusd a cycle) 4096^2 at M = 64 ran 1.06-1.1x the 6 x 2 tile's speed;
-  // 8 x 3 about as fast as 6 x 2, 8 x 2 and 12 x 2 slower; activations as {1to16} memory operands
-  // of vpdpbusd issue at 0.8x the register form's rate there. Batches of 1-2 (memory-bound) stream
-  // the four tiles at once.
-  static constexpr int kMaxMR = 4;
-  static constexpr int kMaxR = 4;
-  static int tiles_for(int64_t) { return 4; }
   static VI zero_i() { return _mm512_setzero_si512(); }
   static VF zero_f() { return _mm512_setzero_ps(); }
   static XB bcast(const int8_t* x4) {
@@ -89,6 +80,24 @@ struct OpsInt8 : OpsBase {
     d.u = _mm512_xor_si512(_mm512_loadu_si512(p), _mm512_set1_epi8(char(0x80)));
   }
   static VI dot(VI acc, const Dec& d, const XB* xb) { return dpbusd(acc, d.u, xb[0]); }
+};
+
+// The register tile (qtile_gemm.h: kMaxMR batch rows x R row tiles of 16 outputs) for batches of 3
+// or more rows; batches of 1-2 (memory-bound) stream 4 row tiles at once in both. Two tiles, because
+// the best one differs by core (2 threads, int8 act=int8):
+//   8 x 3: 24 int32 sums, 3 decoded tiles and a broadcast live in the K loop, 24 vpdpbusd per 3 code
+//          loads (from L2) and 8 broadcasts. The table's tile. Xeon (Emerald Rapids, AMX not exposed):
+//          1.07-1.18x the 4 x 4 tile's speed on 4096^2 at M = 64, 1.07-1.14x at M = 256, 1.08-1.17x
+//          on 1536 x 384 at M = 64, int4 alike; 0.93-1.05x on 384^2 at M = 128.
+//   4 x 4: 16 sums, 16 vpdpbusd per 4 code loads and 4 broadcasts. On Zen 5 (two 512-bit vpdpbusd
+//          a cycle, fast L2 streams) 4096^2 at M = 64 ran 1.06-1.1x the 6 x 2 tile's speed, with 8 x 3
+//          about as fast as 6 x 2; activations as {1to16} memory operands of vpdpbusd issued at 0.8x
+//          the register form's rate there. A measured candidate (the routes time it per layer shape).
+template <class Ops, int MR, int R>
+struct Tile : Ops {
+  static constexpr int kMaxMR = MR;
+  static constexpr int kMaxR = 4;
+  static int tiles_for(int64_t M) { return M <= 2 ? 4 : R; }
 };
 
 }  // namespace avx512q
