@@ -41,45 +41,62 @@ inline int32_t quant1(float x, float inv) {
 
 }  // namespace
 
+// Two passes per row: every segment's max |x| (into scale[], as the pass's scratch), then every
+// segment's codes. Segment by segment, each waited on its own chain (max, horizontal max, division,
+// codes, horizontal sum): 0.45 ns an element on a Xeon core at 128-element segments, against
+// 0.2 ns this way (the segments' chains overlap).
 void quantize_act_avx2(const float* x, int64_t rows, int64_t K, int64_t stride_x, const QTileView& t, int8_t* q,
                        float* scale, int32_t* sum) {
   const int64_t row_q = t.nseg * t.seg_pad;
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   const __m256 fmax = _mm256_set1_ps(3.4028235e38f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   for (int64_t m = 0; m < rows; ++m) {
     const float* xr = x + m * stride_x;
+    float* amaxes = scale + m * t.nseg;
+    // -- max |x| of every segment (NaN where it holds an inf or NaN) ------------------------------
     for (int64_t s = 0; s < t.nseg; ++s) {
-      int8_t* qs = q + m * row_q + s * t.seg_pad;
       const float* xs = xr + s * t.seg;
       const int64_t len = (s * t.seg + t.seg < K ? t.seg : K - s * t.seg);
-      // -- max |x| and finiteness ---------------------------------------------------------------
-      __m256 vmax = _mm256_setzero_ps();
+      __m256 vmax0 = _mm256_setzero_ps(), vmax1 = _mm256_setzero_ps();
       __m256 ok = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
       int64_t k = 0;
+      for (; k + 16 <= len; k += 16) {
+        const __m256 a = _mm256_and_ps(_mm256_loadu_ps(xs + k), abs_mask);
+        const __m256 b = _mm256_and_ps(_mm256_loadu_ps(xs + k + 8), abs_mask);
+        vmax0 = _mm256_max_ps(vmax0, a), vmax1 = _mm256_max_ps(vmax1, b);
+        ok = _mm256_and_ps(ok, _mm256_and_ps(_mm256_cmp_ps(a, fmax, _CMP_LE_OQ),  // false for inf and NaN
+                                             _mm256_cmp_ps(b, fmax, _CMP_LE_OQ)));
+      }
       for (; k + 8 <= len; k += 8) {
         const __m256 a = _mm256_and_ps(_mm256_loadu_ps(xs + k), abs_mask);
-        vmax = _mm256_max_ps(vmax, a);
-        ok = _mm256_and_ps(ok, _mm256_cmp_ps(a, fmax, _CMP_LE_OQ));  // false for inf and NaN
+        vmax0 = _mm256_max_ps(vmax0, a);
+        ok = _mm256_and_ps(ok, _mm256_cmp_ps(a, fmax, _CMP_LE_OQ));
       }
-      float amax = hmax(vmax);
+      float amax = hmax(_mm256_max_ps(vmax0, vmax1));
       bool finite = _mm256_movemask_ps(ok) == 0xFF;
       for (; k < len; ++k) {
         const float v = std::fabs(xs[k]);
         finite = finite && v <= 3.4028235e38f;
         amax = v > amax ? v : amax;
       }
-      std::memset(qs, 0, size_t(t.seg_pad));
-      if (!finite || amax == 0.f) {
-        scale[m * t.nseg + s] = finite ? 0.f : std::nanf("");
+      amaxes[s] = finite ? amax : std::nanf("");
+    }
+    // -- codes: 32 per iteration (4 x 8 int32 packed to 32 int8 in order), then 1 by 1 ------------
+    for (int64_t s = 0; s < t.nseg; ++s) {
+      int8_t* qs = q + m * row_q + s * t.seg_pad;
+      const float* xs = xr + s * t.seg;
+      const int64_t len = (s * t.seg + t.seg < K ? t.seg : K - s * t.seg);
+      const float amax = amaxes[s];
+      if (!(amax > 0.f)) {  // all zero (scale 0) or not finite (scale NaN)
+        std::memset(qs, 0, size_t(t.seg_pad));
         sum[m * t.nseg + s] = 0;
         continue;
       }
-      // -- quantize: 32 per iteration (4 x 8 int32 packed to 32 int8 in order), then 1 by 1 ------
       const float inv = 127.f / amax;
       const __m256 vinv = _mm256_set1_ps(inv);
       __m256i vsum = _mm256_setzero_si256();
-      const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-      k = 0;
+      int64_t k = 0;
       for (; k + 32 <= len; k += 32) {
         const __m256i a = quant8(xs + k, vinv), b = quant8(xs + k + 8, vinv), c = quant8(xs + k + 16, vinv),
                       d = quant8(xs + k + 24, vinv);
@@ -93,6 +110,7 @@ void quantize_act_avx2(const float* x, int64_t rows, int64_t K, int64_t stride_x
         qs[k] = int8_t(c);
         total += c;
       }
+      if (len < t.seg_pad) std::memset(qs + len, 0, size_t(t.seg_pad - len));  // the padding
       scale[m * t.nseg + s] = amax / 127.f;
       sum[m * t.nseg + s] = total;
     }
