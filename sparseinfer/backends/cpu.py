@@ -98,9 +98,10 @@ class CpuBackend(Backend):
     def direct_call(self, w: PackedWeight, x: torch.Tensor, act: str | None = None):
         """``call(x, bias) -> y`` that runs ``_C.linear`` straight, for calls like ``x`` (same shape, dtype,
         activation mode and thread count) whose route is the packed kernel, or torch's GEMM on the
-        kept fp32 copy where the route is dense (cpu_routes.dense_call); None when another path
-        takes them. A layer memoises it per kind of call (CompressedLinear), so a decode step's ~200
-        calls skip the route and prepack lookups; ``bias`` must be None or float, contiguous, with no
+        kept fp32 copy where the route is dense (cpu_routes.dense_call), or the int8 kernels on the
+        dense int8 form of a csr+int8 weight (its dense_int8 route); None when another path takes them.
+        A layer memoises it per kind of call (CompressedLinear), so a decode step's ~200 calls skip the
+        route and prepack lookups; ``bias`` must be None or float, contiguous, with no
         gradient (the caller checks)."""
         act = resolve_act(act)
         n_threads = threads()
@@ -111,6 +112,20 @@ class CpuBackend(Backend):
             if call is not None:
                 call.dense_source = handle  # the packed weight its fp32 copy was made from
             return call
+        if r.path == "dense_int8":  # csr+int8 on the int8 kernels: that weight as the CSR's tensors are now
+            run, named, empty, current = _native._C.linear, r.named, torch.empty, cpu_routes.dense_int8_handle
+            shape, dtype, device = (*x.shape[:-1], w.shape[0]), x.dtype, x.device
+
+            def call_int8(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+                if not x.is_contiguous():
+                    x = x.contiguous()
+                out = empty(*shape)
+                if out.dtype is not dtype or not out.is_cpu:
+                    out = empty(shape, dtype=dtype, device=device)
+                run(x, current(w), out, bias, n_threads, None, act, named)  # (made again if w was written)
+                return out
+
+            return call_int8
         if r.path != "kernel":
             return None
         run, named, empty = _native._C.linear, r.named, torch.empty
