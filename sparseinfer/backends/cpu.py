@@ -112,22 +112,10 @@ class CpuBackend(Backend):
             if call is not None:
                 call.dense_source = handle  # the packed weight its fp32 copy was made from
             return call
-        if r.path == "dense_int8":  # csr+int8 on the int8 kernels: that weight as the CSR's tensors are now
-            run, named, empty, current = _native._C.linear, r.named, torch.empty, cpu_routes.dense_int8_handle
-            shape, dtype, device = (*x.shape[:-1], w.shape[0]), x.dtype, x.device
-
-            def call_int8(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-                if not x.is_contiguous():
-                    x = x.contiguous()
-                out = empty(*shape)
-                if out.dtype is not dtype or not out.is_cpu:
-                    out = empty(shape, dtype=dtype, device=device)
-                run(x, current(w), out, bias, n_threads, None, act, named)  # (made again if w was written)
-                return out
-
-            return call_int8
-        if r.path != "kernel":
+        if r.path not in ("kernel", "dense_int8"):
             return None
+        # dense_int8: csr+int8 on the int8 kernels, that weight made again if the CSR's tensors were written
+        current = cpu_routes.dense_int8_handle if r.path == "dense_int8" else None
         run, named, empty = _native._C.linear, r.named, torch.empty
         # the output's shape, dtype and device, made once: new_empty(x.shape[:-1] + (n,)) costs 2.5 us a
         # call, torch.empty with dtype and device keywords ~0.9 us more than with the defaults, checked
@@ -139,10 +127,11 @@ class CpuBackend(Backend):
             out = empty(*shape)
             if out.dtype is not dtype or not out.is_cpu:  # torch's default dtype or device is another
                 out = empty(shape, dtype=dtype, device=device)
-            run(x, handle, out, bias, n_threads, None, act, named)
+            run(x, handle if current is None else current(w), out, bias, n_threads, None, act, named)
             return out
 
-        call.kernel_args = (handle, act, named)  # what the native decode step (lean_llama.py) runs instead
+        if current is None:
+            call.kernel_args = (handle, act, named)  # what the native decode step (lean_llama.py) runs instead
         return call
 
     def linear(self, x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None,
