@@ -547,6 +547,10 @@ void ensure_qtiles(Weight& w, const KernelImpl& k) {
   const KernelId id = w.view.id;
   if (k.requires & kReadsQTiles) {  // 2:4 made dense (kernels.h, build_nm_qtiles)
     if (!w.view.qt.codes) w.view.qt = build_nm_qtiles(w.view, alloc_derived(w, nm_qtile_bytes(w.view)));
+    // and squeezed (kernels.h, QTileView::compact): cannot fail on 2:4 + int8 (2 kept of every 4 columns)
+    if ((k.requires & kReadsCompactTiles) && !w.view.qt.compact &&
+        !build_qtile_compact(w.view.qt, alloc_derived(w, qtile_compact_bytes(w.view.qt))))
+      throw std::runtime_error("sparseinfer: compact row tiles of " + w.desc() + " could not be built");
   } else if ((id == KernelId::nm_int8 || id == KernelId::nm_int4) && !w.view.nm.q8.codes) {
     const size_t bytes = nm_q8_prepack_bytes(w.view);
     if (bytes) w.view.nm.q8 = nm_q8_prepack(w.view, alloc_derived(w, bytes));  // 0: a layout only exact kernels take
@@ -556,11 +560,14 @@ void ensure_qtiles(Weight& w, const KernelImpl& k) {
   }
 }
 
-// kReadsQTiles for selection: the weight has row tiles, or (N:M) can have them built on first use.
+// kReadsQTiles for selection: the weight has row tiles, or (N:M) can have them built on first use;
+// kReadsCompactTiles too if they have, or can have, compact steps (2:4 + int8).
 uint64_t tile_bits(const Weight& w) {
   const KernelId id = w.view.id;
-  const bool nm = id == KernelId::nm_int8 || id == KernelId::nm_int4;
-  return w.view.qt.codes || (nm && nm_qtiles_supported(w.view)) ? uint64_t(kReadsQTiles) : 0;
+  const bool nm = (id == KernelId::nm_int8 || id == KernelId::nm_int4) && nm_qtiles_supported(w.view);
+  if (!w.view.qt.codes && !nm) return 0;
+  const bool compact = w.view.qt.compact || (nm && id == KernelId::nm_int8);
+  return kReadsQTiles | (compact ? uint64_t(kReadsCompactTiles) : 0);
 }
 
 // A ValueError unless the kernel row `named` may run `w` on `isa` in activation mode `act`.

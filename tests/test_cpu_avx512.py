@@ -252,6 +252,38 @@ def test_nm_row_tiles_give_the_scalar_bits_with_both_register_tiles(fmt, params,
                             shapes=((64, 7), (128, 33), (192, 50), (320, 1), (576, 70), (1024, 33)))
 
 
+VBMI2 = VNNI and C.cpu_features().get("avx512_vbmi2", False)
+NO_VBMI2 = ("this CPU lacks AVX-512 VNNI or VBMI2 (vpexpandb): the compact-step kernel cannot run here "
+            "(test_avx512_kernels_under_emulation runs it emulated)")
+
+
+@pytest.mark.skipif(not VBMI2, reason=NO_VBMI2)
+def test_compact_steps_give_the_scalar_bits(rng):
+    """2:4 + int8 row tiles on their compact steps (vpexpandb), named at every batch (the table runs
+    them at 1-2 rows)."""
+    check_named_kernel_bits("nm_int8_q8_compact_vnni_avx512", "2:4+int8", {}, rng,
+                            shapes=((64, 7), (128, 33), (192, 50), (320, 1), (576, 70), (1024, 33)))
+
+
+@pytest.mark.skipif(not VBMI2, reason=NO_VBMI2)
+def test_compact_steps_serve_one_or_two_rows_of_2_4_int8(rng):
+    """1-2 rows of 2:4 + int8 run the compact steps, built beside the dense row tiles on their first
+    use (40 bytes per 64-byte step); 2:4 + int4 keeps the dense steps at every batch."""
+    for fmt in ("2:4+int8", "2:4+int4"):
+        h = build_native_weight(si.pack(torch.randn(48, 256, generator=rng), fmt))
+        family = f"nm_{fmt[4:]}"
+        small = f"{family}_q8_compact_vnni_avx512" if fmt == "2:4+int8" else f"{family}_q8_tiles_vnni_avx512"
+        assert [C.kernel_name(h, m, act="int8") for m in (1, 2, 3)] == [small, small, f"{family}_q8_tiles_vnni_avx512"]
+        x = torch.randn(3, 256, generator=rng)
+        three = run(x, h, 48)
+        dense_tiles = h.tile_bytes
+        one = run(x[:1], h, 48)
+        steps = 3 * 256 // 4  # 3 row tiles x 256 columns, 4 a step
+        assert h.tile_bytes - dense_tiles == (steps * 40 if fmt == "2:4+int8" else 0), fmt
+        assert torch.equal(one, three[:1]), fmt  # the same bits at 1 row as in the 3-row call
+        assert torch.equal(one, run(x[:1], h, 48, isa="scalar")), fmt
+
+
 def test_tiles_are_built_once_on_first_int8_call(rng):
     w = si.pack(torch.randn(40, 256, generator=rng), "int4", group_size=64)
     h = build_native_weight(w)

@@ -207,7 +207,7 @@ def test_nm_int8_activations_within_bound(case, rng):
             for isa in SIMD:
                 kernel = C.kernel_name(handle, m, isa=isa, act="int8")
                 where = f"{fmt} {params} isa={isa} kernel={kernel} M={m} N={n} K={k} x:{dtype} strided={strided}"
-                assert any(f"_q8_{op}" in kernel for op in ("gemv", "gemm", "tiles")), where
+                assert any(f"_q8_{op}" in kernel for op in ("gemv", "gemm", "tiles", "compact")), where
                 out = run(x, handle, n, bias, isa=isa, act="int8")
                 assert torch.isfinite(out).all(), f"{where}: unwritten (NaN) outputs"
                 err = (out.double() - exact).abs()
@@ -405,13 +405,15 @@ def test_kernel_names():
             assert C.kernel_name(w, 64, isa=isa, act="fp32").startswith(
                 (f"{family}_gemm_", f"{family}_panel_gemm_")), (fmt, isa)
             if "+int" in fmt and fmt.startswith("2:4"):
-                if isa == "avx512" and C.cpu_features().get("amx_int8"):  # dense row tiles: VNNI, then AMX
-                    assert C.kernel_name(w, 1, isa=isa, act="int8") == f"{family}_q8_tiles_gemv_vnni_avx512", fmt
+                if isa == "avx512" and C.cpu_features().get("amx_int8"):  # row tiles: VNNI, then AMX
+                    small = "compact" if C.cpu_features().get("avx512_vbmi2") and fmt == "2:4+int8" else "tiles_gemv"
+                    assert C.kernel_name(w, 1, isa=isa, act="int8") == f"{family}_q8_{small}_vnni_avx512", fmt
                     assert C.kernel_name(w, 64, isa=isa, act="int8") == f"{family}_q8_tiles_amx", fmt
                     continue
-                if isa == "avx512" and C.cpu_features().get("avx512_vnni"):  # dense row tiles, every batch
-                    for m in (1, 64):
-                        assert C.kernel_name(w, m, isa=isa, act="int8") == f"{family}_q8_tiles_vnni_avx512", (fmt, m)
+                if isa == "avx512" and C.cpu_features().get("avx512_vnni"):  # row tiles: compact at 1-2 rows
+                    small = "compact" if C.cpu_features().get("avx512_vbmi2") and fmt == "2:4+int8" else "tiles"
+                    assert C.kernel_name(w, 1, isa=isa, act="int8") == f"{family}_q8_{small}_vnni_avx512", fmt
+                    assert C.kernel_name(w, 64, isa=isa, act="int8") == f"{family}_q8_tiles_vnni_avx512", fmt
                     continue
                 assert C.kernel_name(w, 1, isa=isa, act="int8").startswith(f"{family}_q8_gemv_"), (fmt, isa)
                 assert C.kernel_name(w, 64, isa=isa, act="int8").startswith(f"{family}_q8_gemm_"), (fmt, isa)

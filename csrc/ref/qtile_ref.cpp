@@ -169,6 +169,38 @@ size_t qtile_bytes(const QuantView& q, int64_t N, int bits) { return tile_bytes(
 
 QTileView build_qtiles(const QuantView& q, int64_t N, int bits, void* buf) { return build_tiles(q, N, bits, 0, buf); }
 
+bool qtile_compact_supported(const QTileView& t) { return t.codes && t.bits == 8; }
+
+size_t qtile_compact_bytes(const QTileView& t) {
+  return qtile_compact_supported(t) ? align64(size_t(t.tiles * t.nseg * (t.seg_pad / 4) * kCompactStepBytes)) : 0;
+}
+
+bool build_qtile_compact(QTileView& t, void* buf) {
+  if (!qtile_compact_supported(t)) return false;
+  const int64_t steps = t.tiles * t.nseg * (t.seg_pad / 4);
+  uint8_t* out = static_cast<uint8_t*>(buf);
+  for (int64_t i = 0; i < steps; ++i) {
+    const uint8_t* step = t.codes + i * 64;
+    uint8_t* o = out + i * kCompactStepBytes;
+    uint64_t mask = 0;  // per lane: its non-zero codes, then its first zero ones, 2 in all
+    for (int lane = 0; lane < 16; ++lane) {
+      unsigned keep = 0, n = 0;
+      for (int b = 0; b < 4; ++b)
+        if (step[lane * 4 + b]) keep |= 1u << b, ++n;
+      for (int b = 0; b < 4 && n < 2; ++b)
+        if (!(keep & (1u << b))) keep |= 1u << b, ++n;
+      if (n > 2) return false;
+      mask |= uint64_t(keep) << (lane * 4);
+    }
+    for (int b = 0; b < 8; ++b) o[b] = uint8_t(mask >> (8 * b));  // little-endian, as the kernel loads it
+    for (int b = 0, j = 8; b < 64; ++b)
+      if ((mask >> b) & 1) o[j++] = step[b];
+  }
+  std::memset(out + steps * kCompactStepBytes, 0, qtile_compact_bytes(t) - size_t(steps * kCompactStepBytes));
+  t.compact = out;
+  return true;
+}
+
 // K % 64: the N:M kernels' columns past the last whole 64-column block are exact fp32, not int8 math.
 bool nm_qtiles_supported(const WeightView& w) { return nm_q8_segment(w) > 0 && w.K % 64 == 0; }
 

@@ -11,7 +11,9 @@
 struct __m512i { alignas(64) uint8_t b[64]; };
 struct __m512 { alignas(64) float f[16]; };
 struct __m128i { alignas(16) uint8_t b[16]; };
+struct __m256i { alignas(32) uint8_t b[32]; };
 typedef uint16_t __mmask16;
+typedef uint64_t __mmask64;
 
 namespace emu {
 inline int32_t i32(const __m512i& v, int i) { int32_t x; std::memcpy(&x, v.b + 4 * i, 4); return x; }
@@ -67,6 +69,22 @@ inline __m512i _mm512_dpbusd_epi32(__m512i src, __m512i a, __m512i b) {
     for (int j = 0; j < 4; ++j) s += uint32_t(int32_t(a.b[4 * i + j]) * int32_t(int8_t(b.b[4 * i + j])));
     emu::set_i32(r, i, int32_t(s));
   }
+  return r;
+}
+// VPEXPANDB (VBMI2), zero-masking: byte i, for each set bit i of k in order, takes the next byte of a
+// (from a's byte 0); the others become 0.
+inline __m512i _mm512_maskz_expand_epi8(__mmask64 k, __m512i a) {
+  __m512i r = _mm512_setzero_si512();
+  for (int i = 0, j = 0; i < 64; ++i)
+    if ((k >> i) & 1) r.b[i] = a.b[j++];
+  return r;
+}
+inline __m256i _mm256_loadu_si256(const __m256i* p) { __m256i r; std::memcpy(r.b, p, 32); return r; }
+// The upper half is undefined: garbage here, so that a kernel that reads it fails its test.
+inline __m512i _mm512_castsi256_si512(__m256i a) {
+  __m512i r;
+  std::memset(r.b + 32, 0xA5, 32);
+  std::memcpy(r.b, a.b, 32);
   return r;
 }
 inline __m128i _mm_loadu_si128(const __m128i* p) { __m128i r; std::memcpy(r.b, p, 16); return r; }

@@ -3,6 +3,7 @@
 // the scalar kernels of csrc/ref/ on seeded random weights and activations:
 //
 //   int8 / int4 q8 (vpdpbusd)   bit for bit equal to int8 / int4_q8_gemm_scalar (both register tiles)
+//   int8 q8 on compact steps    the same, on the tiles given 2:4 sparsity (build_qtile_compact too)
 //   int8 / int4 exact (fp32 x)  ||y - y_scalar|| / ||y_scalar|| <= 1e-5 (summation order only)
 //
 // Outputs are poisoned with NaN and have padded rows; columns outside [n_begin, n_end) must stay
@@ -15,6 +16,7 @@
 #include <random>
 #include <vector>
 
+#include "avx512_emulation.h"  // vpexpandb, to rebuild compact steps as the kernel does
 #include "sparseinfer/kernels.h"
 
 using namespace sparseinfer;
@@ -99,25 +101,15 @@ void run_case(const Case& c, std::mt19937& rng) {
   if (c.N > 8) splits.push_back({{3, c.N - 2}});
 
   using Fn = Status (*)(const GemmArgs&, const WeightView&, int64_t, int64_t);
-  struct Pair { Fn fast, ref; const char* name; bool exact_bits; };
-  const Pair pairs[3] = {
-      {c.bits == 8 ? int8_q8_gemm_vnni_avx512 : int4_q8_gemm_vnni_avx512,
-       c.bits == 8 ? int8_q8_gemm_scalar : int4_q8_gemm_scalar, c.bits == 8 ? "int8_q8_vnni" : "int4_q8_vnni", true},
-      {c.bits == 8 ? int8_q8_gemm_vnni4x4_avx512 : int4_q8_gemm_vnni4x4_avx512,
-       c.bits == 8 ? int8_q8_gemm_scalar : int4_q8_gemm_scalar, c.bits == 8 ? "int8_q8_vnni4x4" : "int4_q8_vnni4x4",
-       true},
-      {c.bits == 8 ? int8_gemm_avx512 : int4_gemm_avx512, c.bits == 8 ? int8_gemm_scalar : int4_gemm_scalar,
-       c.bits == 8 ? "int8_exact" : "int4_exact", false},
-  };
-  for (const Pair& p : pairs) {
+  auto check = [&](Fn fast, Fn ref, const char* name, bool exact_bits, const WeightView& wv) {
     for (const auto& split : splits) {
       std::vector<float> y32(ysize, NAN), r32(ysize, NAN);
       std::vector<uint16_t> y16(ysize, 0x7fc0), r16(ysize, 0x7fc0);
       a.y = c.ydt == DType::f32 ? (void*)y32.data() : (void*)y16.data();
       for (const Range& r : split)
-        if (p.fast(a, w, r.lo, r.hi) != Status::ok) fail(c, p.name, -1, r.lo, 0, 0);
+        if (fast(a, wv, r.lo, r.hi) != Status::ok) fail(c, name, -1, r.lo, 0, 0);
       a.y = c.ydt == DType::f32 ? (void*)r32.data() : (void*)r16.data();
-      for (const Range& r : split) p.ref(a, w, r.lo, r.hi);
+      for (const Range& r : split) ref(a, wv, r.lo, r.hi);
       double num = 0, den = 0;
       bool ok = true;
       for (int64_t m = 0; m < c.M && ok; ++m)
@@ -131,17 +123,60 @@ void run_case(const Case& c, std::mt19937& rng) {
             continue;
           }
           if (std::isnan(got) || std::isnan(want)) {
-            fail(c, p.name, m, n, got, want), ok = false;
-          } else if (p.exact_bits && std::memcmp(&got, &want, 4) != 0) {
-            fail(c, p.name, m, n, got, want), ok = false;
+            fail(c, name, m, n, got, want), ok = false;
+          } else if (exact_bits && std::memcmp(&got, &want, 4) != 0) {
+            fail(c, name, m, n, got, want), ok = false;
           }
           num += double(got - want) * double(got - want), den += double(want) * double(want);
         }
-      if (ok && !p.exact_bits) {
+      if (ok && !exact_bits) {
         const double tol = c.ydt == DType::f32 ? 1e-5 : 1e-2;
-        if (std::sqrt(num) > tol * std::sqrt(den) + 1e-30) fail(c, p.name, -1, -1, float(std::sqrt(num / den)), 0), ok = false;
+        if (std::sqrt(num) > tol * std::sqrt(den) + 1e-30) fail(c, name, -1, -1, float(std::sqrt(num / den)), 0), ok = false;
       }
       if (ok) ++passed;
+    }
+  };
+  const Fn q8_ref = c.bits == 8 ? int8_q8_gemm_scalar : int4_q8_gemm_scalar;
+  check(c.bits == 8 ? int8_q8_gemm_vnni_avx512 : int4_q8_gemm_vnni_avx512, q8_ref,
+        c.bits == 8 ? "int8_q8_vnni" : "int4_q8_vnni", true, w);
+  check(c.bits == 8 ? int8_q8_gemm_vnni4x4_avx512 : int4_q8_gemm_vnni4x4_avx512, q8_ref,
+        c.bits == 8 ? "int8_q8_vnni4x4" : "int4_q8_vnni4x4", true, w);
+  check(c.bits == 8 ? int8_gemm_avx512 : int4_gemm_avx512, c.bits == 8 ? int8_gemm_scalar : int4_gemm_scalar,
+        c.bits == 8 ? "int8_exact" : "int4_exact", false, w);
+
+  // -- compact steps (kernels.h, QTileView::compact): int8 tiles given 2:4 sparsity (2 of every lane's
+  // 4 codes of a step set to 0), squeezed, rebuilt byte for byte, and run ------------------------------
+  if (qtile_compact_supported(w.qt)) {
+    const int64_t nsteps = w.qt.tiles * w.qt.nseg * (w.qt.seg_pad / 4);
+    std::vector<uint8_t> sparse(w.qt.codes, w.qt.codes + nsteps * 64);
+    for (int64_t lane = 0; lane < nsteps * 16; ++lane) {
+      const int64_t p1 = int64_t(rng() % 4), p2 = (p1 + 1 + int64_t(rng() % 3)) % 4;  // 2 distinct positions
+      sparse[size_t(lane * 4 + p1)] = sparse[size_t(lane * 4 + p2)] = 0;
+    }
+    WeightView ws = w;
+    ws.id = KernelId::nm_int8;
+    ws.qt.codes = sparse.data();
+    std::vector<uint8_t> packed(qtile_compact_bytes(ws.qt));
+    if (!build_qtile_compact(ws.qt, packed.data())) {
+      fail(c, "build_qtile_compact refused 2:4 tiles", -1, -1, 0, 0);
+    } else {
+      bool same = true;  // every step rebuilt as vpexpandb does equals the sparse tiles' step
+      for (int64_t i = 0; i < nsteps && same; ++i) {
+        const uint8_t* p = ws.qt.compact + i * kCompactStepBytes;
+        __mmask64 mask;
+        std::memcpy(&mask, p, 8);
+        __m256i kept;
+        std::memcpy(kept.b, p + 8, 32);
+        same = std::memcmp(_mm512_maskz_expand_epi8(mask, _mm512_castsi256_si512(kept)).b, &sparse[size_t(i * 64)],
+                           64) == 0;
+      }
+      if (!same) fail(c, "compact steps do not rebuild the tiles", -1, -1, 0, 0);
+      check(int8_q8_compact_vnni_avx512, q8_ref, "int8_q8_compact", true, ws);
+      // a lane with 3 non-zero codes is refused, and the view is left as it was
+      std::memset(&sparse[size_t((nsteps - 1) * 64 + 60)], 7, 3);
+      WeightView bad = ws;
+      bad.qt.compact = nullptr;
+      if (build_qtile_compact(bad.qt, packed.data()) || bad.qt.compact) fail(c, "3 of 4 kept: not refused", -1, -1, 0, 0);
     }
   }
   std::free(tiles);

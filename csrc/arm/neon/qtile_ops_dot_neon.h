@@ -28,6 +28,7 @@ namespace {
 namespace neonq {
 
 struct OpsBase {
+  static constexpr bool kCompact = false;  // QTileView::codes (qtile_gemm.h)
   static constexpr int L = 4;
   using VI = int32x4_t;
   using VF = float32x4_t;

@@ -70,6 +70,7 @@ enum Feature : uint64_t {
   kFeatAvx512Vnni = 1ull << 3,  // Cascade Lake, Ice Lake, Zen 4
   kFeatAvx512Bf16 = 1ull << 4,  // Cooper Lake, Sapphire Rapids, Zen 4
   kFeatAmxInt8 = 1ull << 5,    // AMX-TILE + AMX-INT8 with the tile state granted by the OS (Sapphire Rapids)
+  kFeatAvx512Vbmi2 = 1ull << 6, // vpexpandb (Ice Lake, Zen 4)
   kFeatNeon = 1ull << 8,        // aarch64 ASIMD (always present on aarch64)
   kFeatNeonDot = 1ull << 9,     // sdot / udot
   kFeatNeonI8mm = 1ull << 10,   // smmla
@@ -85,6 +86,9 @@ enum Feature : uint64_t {
   // (LinearCall::kernel: the measured routes of sparseinfer/backends/cpu_routes.py) runs it. For a
   // kernel that wins on some shapes and loses on others at the same batch size.
   kMeasuredOnly = 1ull << 34,
+  // Not a feature: the weight's row tiles have (or, on first use, can have) their compact steps
+  // (QTileView::compact). Rows that read them require kReadsQTiles too.
+  kReadsCompactTiles = 1ull << 35,
 };
 
 // Activation precision of a call to an int8 / int4 weight (per call; sparseinfer/act.py):
@@ -158,8 +162,15 @@ struct QTileView {
   int64_t nseg = 0;                // segments per row = ceil(Kp / seg)
   int64_t segs_per_group = 0;      // group / seg (>= 1): segment s uses scale group s / segs_per_group
   int64_t n_groups = 0;
+  // int8 codes with 2:4 sparsity squeezed out, for batches of 1-2 (memory-bound), where every lane's
+  // 4 codes of a step hold at most 2 non-zero ones (a pruned position holds 0). Built on first use
+  // (build_qtile_compact); nullptr until then. Per step ([tiles][nseg][seg_pad / 4] as above)
+  // kCompactStepBytes = a mask (u64, little-endian: bit b set = byte b of the 64-byte step is kept,
+  // 2 per lane) + the 32 kept codes in byte order; a kernel rebuilds the step with vpexpandb.
+  const uint8_t* compact = nullptr;
 };
 constexpr int64_t kQTileRows = 16;
+constexpr int64_t kCompactStepBytes = 40;
 
 // One id per kernel family; a table row maps (ISA, id, batch) to a function.
 enum class KernelId : int32_t { int8 = 0, int4, nm_float, nm_int8, nm_int4, csr_float, csr_int8, count };
@@ -213,6 +224,12 @@ using QuantizeActFn = void (*)(const float* x, int64_t rows, int64_t K, int64_t 
 // `buf` (64-byte aligned, qtile_bytes(q, N, bits) long). bits = 8 or 4.
 size_t qtile_bytes(const QuantView& q, int64_t N, int bits);
 QTileView build_qtiles(const QuantView& q, int64_t N, int bits, void* buf);
+// Compact steps of built int8 row tiles (QTileView::compact). build_qtile_compact writes
+// qtile_compact_bytes(t) bytes into buf and sets t.compact; false (t unchanged) when t is not int8
+// or some lane's 4 codes of a step hold more than 2 non-zero ones.
+bool qtile_compact_supported(const QTileView& t);
+size_t qtile_compact_bytes(const QTileView& t);
+bool build_qtile_compact(QTileView& t, void* buf);
 
 // -- kernels, by ISA group ----------------------------------------------------------------------
 // ref/: scalar, compiled with no ISA flags, always built. Each handles every M, every value dtype.
@@ -273,6 +290,9 @@ Status int4_q8_gemm_vnni_avx512(const GemmArgs&, const WeightView&, int64_t, int
 // The same with the 4 x 64 register tile (measured candidates; qtile_ops_vnni_avx512.h).
 Status int8_q8_gemm_vnni4x4_avx512(const GemmArgs&, const WeightView&, int64_t, int64_t);
 Status int4_q8_gemm_vnni4x4_avx512(const GemmArgs&, const WeightView&, int64_t, int64_t);
+// The int8 GEMV (1-2 rows) on compact steps (QTileView::compact), rebuilt by vpexpandb (file built
+// with -mavx512vnni -mavx512vbmi2: rows require kFeatAvx512Vbmi2 too).
+Status int8_q8_compact_vnni_avx512(const GemmArgs&, const WeightView&, int64_t, int64_t);
 // fp32 activations (exact mode), every batch size.
 Status int8_gemm_avx512(const GemmArgs&, const WeightView&, int64_t, int64_t);
 Status int4_gemm_avx512(const GemmArgs&, const WeightView&, int64_t, int64_t);

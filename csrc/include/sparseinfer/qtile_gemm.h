@@ -16,7 +16,9 @@
 // instantiation gives the scalar kernel's bits.
 //
 // The Ops policy supplies (see the ISA files):
-//   L, kBits (8 / 4), kInt8Offset (what decode adds to int8 codes: 128 for vpdpbusd's u8 operand),
+//   kCompact (false: the 64-byte steps of QTileView::codes; true: int8's compact steps,
+//   QTileView::compact, which decode rebuilds: L = 16 only), L, kBits (8 / 4), kInt8Offset (what
+//   decode adds to int8 codes: 128 for vpdpbusd's u8 operand),
 //   kMaxMR, kMaxR (largest register tile), tiles_for(M) (R for a batch), VI / VF (int32 / fp32
 //   vectors), XB (broadcast), Dec, zero_i, zero_f, decode, bcast, dot (one K step, every part),
 //   sub_uniform, sub_rows, loadf, storef, fma_seg (facc + float(acc) * (sw * sx)), store (lanes
@@ -31,10 +33,22 @@ namespace sparseinfer {
 namespace {
 namespace qtile {
 
-// Bytes of one row tile's codes (kernels.h, QTileView: [nseg][seg_pad / epl][16 rows][4 bytes]).
+// Bytes of one step of one row tile (16 rows x 4 bytes, or its compact form) and where they start.
+template <class Ops>
+constexpr int64_t step_bytes() {
+  if constexpr (Ops::kCompact) return kCompactStepBytes;
+  return 64;
+}
+template <class Ops>
+inline const uint8_t* steps_of(const QTileView& t) {
+  if constexpr (Ops::kCompact) return t.compact;
+  return t.codes;
+}
+
+// Bytes of one row tile's codes (kernels.h, QTileView: [nseg][seg_pad / epl] steps).
 template <class Ops>
 inline int64_t tile_bytes(const QTileView& t) {
-  return t.nseg * (t.seg_pad / (32 / Ops::kBits)) * 64;
+  return t.nseg * (t.seg_pad / (32 / Ops::kBits)) * step_bytes<Ops>();
 }
 
 // Codes a chunk pass prefetches into L2 for the next tile group, a few lines per segment (see gemm).
@@ -52,6 +66,7 @@ inline void block(const GemmArgs& a, const QTileView& t, int64_t tile0, int64_t 
   constexpr int NV = R * VPT;               // vectors per batch row
   constexpr int EPL = 32 / Ops::kBits;      // elements per 32-bit lane per step
   constexpr int PARTS = EPL / 4;            // 4-byte activation groups per step
+  static_assert(!Ops::kCompact || VPT == 1, "a compact step decodes into one vector per tile");
   const int64_t steps = t.seg_pad / EPL;
   const int64_t tile_stride = tile_bytes<Ops>(t);
   // Batches of 1-2 stream their codes from memory once: prefetch each stream 2 KB ahead (cold
@@ -60,7 +75,7 @@ inline void block(const GemmArgs& a, const QTileView& t, int64_t tile0, int64_t 
   constexpr int kPrefetchBytes = 2048;
 
   const uint8_t* wp[R];
-  for (int r = 0; r < R; ++r) wp[r] = t.codes + (tile0 + r) * tile_stride;
+  for (int r = 0; r < R; ++r) wp[r] = steps_of<Ops>(t) + (tile0 + r) * tile_stride;
   const int8_t* xp[MR];
   for (int i = 0; i < MR; ++i) xp[i] = a.qx.q + (m0 + i) * a.qx.stride_m;
 
@@ -81,7 +96,7 @@ inline void block(const GemmArgs& a, const QTileView& t, int64_t tile0, int64_t 
       for (int r = 0; r < R; ++r) {
         if constexpr (kStream) __builtin_prefetch(wp[r] + kPrefetchBytes, 0, 3);
         for (int v = 0; v < VPT; ++v) Ops::decode(wp[r] + v * L * 4, d[r * VPT + v]);
-        wp[r] += 64;
+        wp[r] += step_bytes<Ops>();
       }
       for (int i = 0; i < MR; ++i) {
         typename Ops::XB xb[PARTS];
@@ -160,7 +175,7 @@ constexpr int64_t kAheadChunks = 4;
 template <class Ops>
 inline Status gemm(const GemmArgs& a, const WeightView& w, int64_t n_begin, int64_t n_end) {
   const QTileView& t = w.qt;
-  if (t.bits != Ops::kBits || !t.codes || !a.qx.q || a.qx.stride_m != t.nseg * t.seg_pad || t.seg_pad % 8 ||
+  if (t.bits != Ops::kBits || !steps_of<Ops>(t) || !a.qx.q || a.qx.stride_m != t.nseg * t.seg_pad || t.seg_pad % 8 ||
       n_begin < 0 || n_end > a.N || t.tiles * kQTileRows < a.N)
     return Status::invalid_argument;
   if (n_begin >= n_end) return Status::ok;
@@ -176,7 +191,7 @@ inline Status gemm(const GemmArgs& a, const WeightView& w, int64_t n_begin, int6
       const int mr = int(a.M - m0 < Ops::kMaxMR ? a.M - m0 : Ops::kMaxMR);
       Ahead ahead;
       if (share > 0 && chunks >= kAheadChunks) {
-        ahead.p = t.codes + next * tile_stride + c * share;
+        ahead.p = steps_of<Ops>(t) + next * tile_stride + c * share;
         ahead.lines_per_seg = (share / 64 + t.nseg - 1) / t.nseg;  // (prefetches past the end cannot fault)
       }
       block_r<Ops>(r, mr, a, t, tile, m0, n_begin, n_end, ahead);

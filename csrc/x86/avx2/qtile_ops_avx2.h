@@ -20,6 +20,7 @@ namespace {
 namespace avx2q {
 
 struct OpsBase {
+  static constexpr bool kCompact = false;  // QTileView::codes (qtile_gemm.h)
   static constexpr int L = 8;
   using VI = __m256i;
   using VF = __m256;

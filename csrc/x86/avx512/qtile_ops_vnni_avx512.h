@@ -29,6 +29,7 @@ inline __m512i dpbusd(__m512i acc, __m512i u, __m512i s) {
 }
 
 struct OpsBase {
+  static constexpr bool kCompact = false;  // QTileView::codes (qtile_gemm.h)
   static constexpr int L = 16;
   using VI = __m512i;
   using VF = __m512;
