@@ -19,7 +19,7 @@ ONNX Runtime ``MatMulNBits`` int4
 (block 128, accuracy_level 4 = int8 activations; com.microsoft domain, 2 intra-op threads, no
 spinning); sparseinfer int8 (per-channel) and int4-g128 through ``sparseinfer._C.linear`` in both
 activation modes (``act="int8"``: x quantized per call, integer dot products; ``act="fp32"``: exact), and
-at batch 64 2:4+int8 / 2:4+int4-g64 with act="int8".
+2:4+int8 / 2:4+int4-g64 with act="int8".
 
 Roofline: the packed bytes a call must read (codes + scales, what the kernel streams) divided by
 the copy bandwidth measured in the same rounds (``torch`` copy of 256 MiB, read + write bytes);
@@ -164,8 +164,12 @@ def sparseinfer_kernel(packed, x, act, cold, quick, label):
     first = cpu.prepack(packed)
     out = torch.empty(x.shape[0], packed.shape[0])
     C.linear(x, first, out, None, num_threads=THREADS, act=act)  # builds the row tiles in int8 mode
-    streamed = first.tile_bytes if act == "int8" else sum(t.numel() * t.element_size()
-                                                          for t in packed.tensors().values())
+    kernel = C.kernel_name(first, x.shape[0], act=act)
+    # what the kernel streams: its row tiles in int8 mode (tile_bytes), except the compact 2:4 + int8
+    # steps, built from (and beside) the dense tiles, which hold the packed weight's bytes: 32 codes and
+    # 64 mask bits per 64 columns as the canonical 2:4 codes and 2-bit indices
+    packed_bytes = sum(t.numel() * t.element_size() for t in packed.tensors().values())
+    streamed = first.tile_bytes if act == "int8" and "_compact_" not in kernel else packed_bytes
     handles = [first]
     for _ in range(n_copies(streamed, cold, quick) - 1):
         copy = from_parts(packed.fmt, {n: t.clone() for n, t in packed.tensors().items()}, packed.shape,
@@ -173,7 +177,7 @@ def sparseinfer_kernel(packed, x, act, cold, quick, label):
         h = cpu.prepack(copy)
         C.linear(x, h, out, None, num_threads=THREADS, act=act)
         handles.append(h)
-    name = f"sparseinfer {label} act={act} [{C.kernel_name(first, x.shape[0], act=act)}]"
+    name = f"sparseinfer {label} act={act} [{kernel}]"
 
     def check():
         y = torch.empty_like(out)
@@ -314,8 +318,8 @@ def main():
             sparseinfer_kernel(p4, x, "int8", cold, args.quick, "int4-g128"),
             sparseinfer_kernel(p8, x, "fp32", cold, args.quick, "int8"),
             sparseinfer_kernel(p4, x, "fp32", cold, args.quick, "int4-g128"),
-            *((sparseinfer_kernel(p24_8, x, "int8", cold, args.quick, "2:4+int8"),
-               sparseinfer_kernel(p24_4, x, "int8", cold, args.quick, "2:4+int4-g64")) if not cold else ()),
+            sparseinfer_kernel(p24_8, x, "int8", cold, args.quick, "2:4+int8"),
+            sparseinfer_kernel(p24_4, x, "int8", cold, args.quick, "2:4+int4-g64"),
         ) if p is not None]
         exact = x @ w.T
         for p in providers:
