@@ -267,7 +267,7 @@ const KernelImpl kAvx512Kernels[] = {
      kCallInt8Act | kFeatAvx512Vnni | kFeatAvx512Vbmi2 | kReadsQTiles | kReadsCompactTiles},
     // and the dense steps at those rows as a measured candidate (the routes time both per layer shape):
     // from L2 the expansion costs more than the bytes it saves, and its cost differs by core
-    {KernelId::nm_int8, int8_q8_gemm_vnni_avx512, "nm_int8_q8_tiles_gemv_vnni_avx512", 2,
+    {KernelId::nm_int8, int8_q8_gemm_vnni_avx512, "nm_int8_q8_dense_steps_vnni_avx512", 2,
      kCallInt8Act | kFeatAvx512Vnni | kFeatAvx512Vbmi2 | kReadsQTiles | kMeasuredOnly},
 #ifdef SPARSEINFER_HAVE_AMX
     // AMX (x86/amx/): one 16 x 16 x 64 tile product per instruction where vpdpbusd does 16 x 4, but

@@ -275,7 +275,7 @@ def test_compact_steps_serve_one_or_two_rows_of_2_4_int8(rng):
         small = f"{family}_q8_compact_vnni_avx512" if fmt == "2:4+int8" else f"{family}_q8_tiles_vnni_avx512"
         assert [C.kernel_name(h, m, act="int8") for m in (1, 2, 3)] == [small, small, f"{family}_q8_tiles_vnni_avx512"]
         if fmt == "2:4+int8":  # the dense steps stay a candidate the routes time at 1-2 rows
-            assert C.kernel_candidates(h, 1, None, "int8")[:2] == [small, f"{family}_q8_tiles_gemv_vnni_avx512"]
+            assert C.kernel_candidates(h, 1, None, "int8")[:2] == [small, f"{family}_q8_dense_steps_vnni_avx512"]
         x = torch.randn(3, 256, generator=rng)
         three = run(x, h, 48)
         dense_tiles = h.tile_bytes
