@@ -564,7 +564,7 @@ std::vector<KernelRow> kernel_rows(Isa isa) {
     const IsaLevel& lv = level(l);
     for (size_t i = 0; i < lv.count; ++i) {
       const KernelImpl& k = lv.kernels[i];
-      const uint64_t cpu_bits = k.requires & ~(kCallInt8Act | kReadsQTiles | kReadsCompactTiles | kMeasuredOnly);
+      const uint64_t cpu_bits = k.requires & kCpuFeatureBits;
       if ((cpu_features() & cpu_bits) != cpu_bits) continue;  // not on this CPU
       out.push_back({&k, l, row_limit(l, i, k)});
     }

@@ -57,13 +57,16 @@ QTileView qtile_geometry(const QuantView& q, int64_t N, int bits, int64_t seg = 
 
 size_t align64(size_t v) { return (v + 63) / 64 * 64; }
 
+// Steps of 64 bytes (16 rows x 4 bytes) in all of t's row tiles.
+int64_t qtile_steps(const QTileView& t) { return t.tiles * t.nseg * (t.seg_pad / (32 / t.bits)); }
+
 struct QTileSizes {
   size_t codes, scale, zero;
 };
 
 QTileSizes qtile_sizes(const QTileView& t, bool asymmetric) {
   QTileSizes s;
-  s.codes = align64(size_t(t.tiles * t.nseg * (t.seg_pad / (32 / t.bits)) * 64));
+  s.codes = align64(size_t(qtile_steps(t) * 64));
   s.scale = align64(size_t(t.tiles * t.n_groups * kQTileRows) * sizeof(float));
   s.zero = asymmetric ? align64(size_t(t.tiles * t.n_groups * kQTileRows)) : 0;
   return s;
@@ -172,12 +175,12 @@ QTileView build_qtiles(const QuantView& q, int64_t N, int bits, void* buf) { ret
 bool qtile_compact_supported(const QTileView& t) { return t.codes && t.bits == 8; }
 
 size_t qtile_compact_bytes(const QTileView& t) {
-  return qtile_compact_supported(t) ? align64(size_t(t.tiles * t.nseg * (t.seg_pad / 4) * kCompactStepBytes)) : 0;
+  return qtile_compact_supported(t) ? align64(size_t(qtile_steps(t) * kCompactStepBytes)) : 0;
 }
 
 bool build_qtile_compact(QTileView& t, void* buf) {
   if (!qtile_compact_supported(t)) return false;
-  const int64_t steps = t.tiles * t.nseg * (t.seg_pad / 4);
+  const int64_t steps = qtile_steps(t);
   uint8_t* out = static_cast<uint8_t*>(buf);
   for (int64_t i = 0; i < steps; ++i) {
     const uint8_t* step = t.codes + i * 64;

@@ -90,6 +90,8 @@ enum Feature : uint64_t {
   // (QTileView::compact). Rows that read them require kReadsQTiles too.
   kReadsCompactTiles = 1ull << 35,
 };
+// The bits of a row's requirements that are CPU features (the ones above say what a call or weight has).
+constexpr uint64_t kCpuFeatureBits = (1ull << 32) - 1;
 
 // Activation precision of a call to an int8 / int4 weight (per call; sparseinfer/act.py):
 //   fp32  exact: the kernel multiplies fp32 x by the dequantized weight (error ~1e-6 relative)

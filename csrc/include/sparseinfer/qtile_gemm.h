@@ -175,8 +175,8 @@ constexpr int64_t kAheadChunks = 4;
 template <class Ops>
 inline Status gemm(const GemmArgs& a, const WeightView& w, int64_t n_begin, int64_t n_end) {
   const QTileView& t = w.qt;
-  if (t.bits != Ops::kBits || !steps_of<Ops>(t) || !a.qx.q || a.qx.stride_m != t.nseg * t.seg_pad || t.seg_pad % 8 ||
-      n_begin < 0 || n_end > a.N || t.tiles * kQTileRows < a.N)
+  if (t.bits != Ops::kBits || !steps_of<Ops>(t) || !a.qx.q || a.qx.stride_m != t.nseg * t.seg_pad ||
+      t.seg_pad % 8 || n_begin < 0 || n_end > a.N || t.tiles * kQTileRows < a.N)
     return Status::invalid_argument;
   if (n_begin >= n_end) return Status::ok;
   const int64_t t_end = (n_end + kQTileRows - 1) / kQTileRows;
