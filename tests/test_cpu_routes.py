@@ -54,7 +54,9 @@ class FakeTimer:
         self.calls.append((w.shape, m, act, tuple(paths)))
         times = {p: self.times.get(p, 2 * self.times["kernel"]) if p.startswith("kernel:") else self.times[p]
                  for p in paths}
-        return {"times": times, "m": m, "rows": w.shape[0], "n": w.shape[0], "when": "test", "dense_threads": 2}
+        copy = cpu_routes.copy_eligible(w, BACKENDS["cpu"].prepack(w), act)  # as measure_point records it
+        return {"times": times, "m": m, "rows": w.shape[0], "n": w.shape[0], "when": "test", "dense_threads": 2,
+                "dense_copy": copy}
 
 
 # -- the dense fallback ----------------------------------------------------------------------------
@@ -182,20 +184,22 @@ def test_a_close_call_is_measured_again_by_the_next_process_then_settled(rng, mo
 
 
 @pytest.mark.parametrize("budget_mb, kept", [(None, True), ("0", False)])
-def test_float_formats_keep_an_fp32_copy_when_dense_wins(budget_mb, kept, rng, rel_err, monkeypatch):
-    """A float weight routed to the dense fallback keeps one fp32 copy within SPARSEINFER_DENSE_COPY_MB
-    (explained), else runs tile by tile; either way exact. Quantized formats never keep one."""
+def test_dense_routes_keep_an_fp32_copy_for_float_formats_and_exact_calls(budget_mb, kept, rng, rel_err, monkeypatch):
+    """A weight routed to the dense fallback keeps one fp32 copy within SPARSEINFER_DENSE_COPY_MB
+    (explained) when it is a float format or the call is exact (act="fp32"), else runs tile by tile;
+    either way exact. A quantized format's int8-activation call never makes one."""
     if budget_mb is not None:
         monkeypatch.setenv("SPARSEINFER_DENSE_COPY_MB", budget_mb)
     monkeypatch.setattr(cpu_routes, "SMALL_BYTES", 0)
     monkeypatch.setattr(cpu_routes, "measure_point", FakeTimer(kernel=1.0, dense=0.5, dense_int8=2.0))
-    for fmt, copies in (("2:4", kept), ("csr", kept), ("2:4+int8", False)):
+    for fmt, act, copies in (("2:4", "fp32", kept), ("csr", "int8", kept), ("2:4+int8", "fp32", kept),
+                             ("int4", "fp32", kept), ("2:4+int8", "int8", False), ("int8", "int8", False)):
         w = _weight(fmt, {}, 48, 128, rng)
-        r = BACKENDS["cpu"].route(w, 16, "fp32")
-        assert r.path == "dense", (fmt, r)
-        assert ("kept within SPARSEINFER_DENSE_COPY_MB" in r.why) == copies, (fmt, r.why)
+        r = BACKENDS["cpu"].route(w, 16, act)
+        assert r.path == "dense", (fmt, act, r)
+        assert ("kept within SPARSEINFER_DENSE_COPY_MB" in r.why) == copies, (fmt, act, r.why)
         x = torch.randn(16, 128, generator=rng)
-        assert rel_err(si.linear(x, w, None, backend="cpu", act="fp32"), reference_linear(x, w)) <= TOL_F32
+        assert rel_err(si.linear(x, w, None, backend="cpu", act=act), reference_linear(x, w)) <= TOL_F32
         memo = w._prepacked.get("cpu:dense-copy")
         assert memo is not None and (memo[1] is not None) == copies, fmt
     held = cpu_routes._copy_bytes
@@ -203,6 +207,27 @@ def test_float_formats_keep_an_fp32_copy_when_dense_wins(budget_mb, kept, rng, r
     import gc
     gc.collect()
     assert cpu_routes._copy_bytes <= held  # released with the weights
+
+
+def test_a_dense_time_measured_without_the_copy_a_weight_now_keeps_is_measured_again(rng, monkeypatch):
+    """A stored exact-mode record whose dense path was timed tile by tile (before exact calls kept
+    fp32 copies) no longer stands for the dense route: the next process measures it again."""
+    monkeypatch.setattr(cpu_routes, "SMALL_BYTES", 0)
+    w = _weight("int8", {}, 48, 128, rng)
+    key = cpu_routes.route_key(w, 16, "fp32")
+    old = {"times": {"kernel": 0.5, "dense": 1.0}, "m": 16, "rows": 48, "n": 48, "when": "before",
+           "dense_threads": 2, "dense_copy": False, "rounds": 2}
+    cpu_tuning.save(routes={key: old})
+    cpu_routes.reset()
+    fake = FakeTimer(kernel=1.0, dense=0.5)
+    monkeypatch.setattr(cpu_routes, "measure_point", fake)
+    r = BACKENDS["cpu"].route(w, 16, "fp32")
+    assert len(fake.calls) == 1 and r.path == "dense" and "kept within" in r.why, r.why
+    cpu_tuning.save(routes={key: old})
+    cpu_routes.reset()
+    monkeypatch.setenv("SPARSEINFER_DENSE_COPY_MB", "0")  # no copy can be kept: the stored times stand
+    assert BACKENDS["cpu"].route(_weight("int8", {}, 48, 128, rng), 16, "fp32").path == "kernel"
+    assert len(fake.calls) == 1
 
 
 @pytest.mark.parametrize("winner", ["kernel", "dense"])

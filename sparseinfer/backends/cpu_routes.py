@@ -10,9 +10,10 @@ slower than dense:
     dense       the dense fallback: torch's fp32 GEMM (MKL / oneDNN) on the weight dequantized by
                 ``_C.dequantize``: from one fp32 copy kept with the weight when it is SMALL_BYTES or
                 less, or (float formats: N:M and CSR with float values, whose copy holds the very
-                values dense has) when the route takes this path and the process-wide copy budget
-                (``SPARSEINFER_DENSE_COPY_MB``, default a quarter of the RAM) has room; else tile by tile
-                on every call (at most TILE_BYTES of fp32 at a time): exact either way
+                values dense has; any format in exact mode, act="fp32") when the route takes this
+                path and the process-wide copy budget (``SPARSEINFER_DENSE_COPY_MB``, default a
+                quarter of the RAM) has room; else tile by tile on every call (at most TILE_BYTES of
+                fp32 at a time): exact either way
 
 A decision holds for a route key: format and parameters, activation class ("fp32", or "int8" for
 auto / int8, which select alike), N x K, the batch bucket (the power of two >= M), and for CSR
@@ -234,10 +235,14 @@ def copy_budget() -> int:
     return max(0, int(mb * (1 << 20)))
 
 
-def copy_eligible(w: PackedWeight, handle) -> bool:
-    """Whether ``w`` may keep a budgeted fp32 copy: a float format, larger than SMALL_BYTES."""
+def copy_eligible(w: PackedWeight, handle, act: str) -> bool:
+    """Whether ``w`` may keep a budgeted fp32 copy for the dense route of a call in activation mode
+    ``act``: larger than SMALL_BYTES, and a float format (COPY_FAMILIES) or an exact-mode call. An
+    exact (act="fp32") call computes x @ dequantized(W).T, the copy's very values, so without a copy
+    its dense route dequantized the weight per call and a quantized MiniLM ran 0.81-0.89x dense at
+    the batch of 16 (bench/README.md); in the int8-activation mode the int8 kernels keep the call."""
     n, k = w.shape
-    return handle.kernel_family in COPY_FAMILIES and n * k * 4 > SMALL_BYTES
+    return (handle.kernel_family in COPY_FAMILIES or act_class(act) == "fp32") and n * k * 4 > SMALL_BYTES
 
 
 def _release(nbytes: int) -> None:
@@ -399,7 +404,7 @@ def measure_point(w: PackedWeight, m: int, act: str, paths) -> dict:
     out = torch.empty(m, rows)
     threads = cpu_tuning.cpu_threads()
     handles = [build_native_weight(part) for part in parts]
-    copy = copy_eligible(w, handles[0]) and _copy_bytes + n * k * 4 <= copy_budget()
+    copy = copy_eligible(w, handles[0], act) and _copy_bytes + n * k * 4 <= copy_budget()
     turn = dict.fromkeys(paths, 0)
 
     def rotating(path: str, calls: list):
@@ -595,7 +600,10 @@ def decide(w: PackedWeight, handle, m: int, act: str) -> Route:
         # a candidate (a kernel this build added), or is unsettled, is measured again when allowed.
         usable = record is not None and "kernel" in record["times"] and (
             record.get("kernel") in (None, C.kernel_name(handle, record.get("m", m), None, act)))
-        complete = usable and all(p in record["times"] for p in paths)
+        # (a dense time measured tile by tile, where the weight would now keep a copy, is stale too)
+        stale_dense = usable and "dense" in paths and not record.get("dense_copy") and \
+            copy_eligible(w, handle, act) and _copy_bytes + w.shape[0] * w.shape[1] * 4 <= copy_budget()
+        complete = usable and not stale_dense and all(p in record["times"] for p in paths)
         may_measure = (not known_machine() and _measuring_allowed() and _spent < MEASURE_BUDGET_S
                        and key not in _remeasured)
         if usable and (not may_measure or (complete and settled(record))):
@@ -629,9 +637,9 @@ def decide(w: PackedWeight, handle, m: int, act: str) -> Route:
     mb = n * k * 4 / (1 << 20)
     if n * k * 4 <= SMALL_BYTES:
         copy = f"an fp32 copy of the weight ({mb:.2g} MiB), kept"
-    elif copy_eligible(w, handle) and keep_copy(w):
+    elif copy_eligible(w, handle, act) and keep_copy(w):
         copy = f"an fp32 copy of the weight ({mb:.3g} MiB), kept within SPARSEINFER_DENSE_COPY_MB={copy_budget() >> 20}"
-    elif copy_eligible(w, handle):
+    elif copy_eligible(w, handle, act):
         copy = (f"tiles dequantized per call (the fp32 copy budget, SPARSEINFER_DENSE_COPY_MB={copy_budget() >> 20}, "
                 f"is spent)")
     else:
