@@ -64,8 +64,9 @@ KS = (1, 3, 17, 100, 129)
 NS = (1, 7, 33)
 BATCHES = (1, 2, 3, 17)
 # Shapes large enough that the driver splits the columns over several threads; the second crosses
-# the panel kernels' 256-column N and K blocks with a partial 16-column strip.
-BIG = ((1000, 100, (5,)), (300, 270, (7,)))
+# the panel kernels' 256-column N and K blocks with a partial 16-column strip; the third, past 64
+# rows, the row-tile kernels' 16-row blocks with a partial one (qtile_gemm.h).
+BIG = ((1000, 100, (5,)), (300, 270, (7,)), (129, 40, (70,)))
 
 
 def case_name(fmt: str, params: dict, wdtype: torch.dtype) -> str:

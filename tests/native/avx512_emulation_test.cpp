@@ -187,7 +187,7 @@ void run_case(const Case& c, std::mt19937& rng) {
 int main() {
   std::mt19937 rng(0);
   const int64_t shapes[][2] = {{1, 7}, {3, 33}, {17, 1}, {100, 7}, {129, 33}, {256, 64}, {4095, 7}};
-  const int64_t batches[] = {1, 2, 3, 7, 17, 64};
+  const int64_t batches[] = {1, 2, 3, 7, 17, 64, 100};  // 100: row blocks of 16 (qtile_gemm.h)
   struct Fmt { int bits; int64_t group; bool asym; };
   const Fmt fmts[] = {{8, 0, false}, {8, 16, false}, {8, 128, false}, {8, 100, false}, {4, 32, false},
                       {4, 64, false}, {4, 128, false}, {4, 0, false}, {4, 16, true}, {4, 0, true}, {4, 128, true}};

@@ -165,13 +165,25 @@ inline void block_r(int r, int mr, const GemmArgs& a, const QTileView& t, int64_
 // 1536 x 384 at M = 3).
 constexpr int64_t kAheadChunks = 4;
 
-// The kernel: columns [n_begin, n_end) of y, all M rows. Batch rows go in chunks of kMaxMR, each
-// over the whole of K, the tile group's codes streaming from L2 (cutting K into L1-sized blocks,
-// BLIS-style, was 1.1-1.2x slower on Zen 5: the L2 streams keep up, and the blocks' sums must
-// wait in memory). Meanwhile each chunk pass prefetches its share of the next group's codes into
-// L2, so that the group's first pass does not wait on L3 or memory (a 16 MB int8 weight at M = 64
-// on Zen 5: 1.06-1.1x in a model of this loop). Small batches (GEMV, memory-bound) take the widest
-// tile group, so each pass over the codes streams R tiles at once (Ops::tiles_for).
+// Cache blocking of the output. A pass of every tile group over kRowBlock batch rows writes y as
+// that many row streams; over a whole large batch, the columns of each group as a stripe down
+// hundreds of rows, one 4 KB page per row, more pages than the L2 stream prefetcher tracks, so
+// every line of y waited for its read-for-ownership: 1536 x 384 int8 at 736 rows ran 72-129 G
+// multiply-adds/s against 186-188 in blocks of 16 rows (one Xeon core, no AMX; 24 rows:
+// 148; 64: 83). The codes of the groups in a row block are then read once per block, from L2
+// while they fit in kCodeBlockBytes (a thread's columns in blocks of that many code bytes).
+constexpr int64_t kRowBlock = 16;
+constexpr int64_t kCodeBlockBytes = 512 << 10;
+
+// The kernel: columns [n_begin, n_end) of y, all M rows. Within a column block (its codes about
+// kCodeBlockBytes) and a row block (kRowBlock rows; all M rows when M is at most 4 of them, whose
+// y stripes stay few), batch rows go in chunks of kMaxMR, each over the whole of K, the tile
+// group's codes streaming from L2 (cutting K into L1-sized blocks, BLIS-style, was 1.1-1.2x slower
+// on Zen 5: the L2 streams keep up, and the blocks' sums must wait in memory). Meanwhile each
+// chunk pass prefetches its share of the next group's codes into L2, so that the group's first
+// pass does not wait on L3 or memory (a 16 MB int8 weight at M = 64 on Zen 5: 1.06-1.1x in a model
+// of this loop). Small batches (GEMV, memory-bound) take the widest tile group, so each pass over
+// the codes streams R tiles at once (Ops::tiles_for).
 template <class Ops>
 inline Status gemm(const GemmArgs& a, const WeightView& w, int64_t n_begin, int64_t n_end) {
   const QTileView& t = w.qt;
@@ -179,22 +191,30 @@ inline Status gemm(const GemmArgs& a, const WeightView& w, int64_t n_begin, int6
       t.seg_pad % 8 || n_begin < 0 || n_end > a.N || t.tiles * kQTileRows < a.N)
     return Status::invalid_argument;
   if (n_begin >= n_end) return Status::ok;
-  const int64_t t_end = (n_end + kQTileRows - 1) / kQTileRows;
+  const int64_t t_begin = n_begin / kQTileRows, t_end = (n_end + kQTileRows - 1) / kQTileRows;
   const int rmax = Ops::tiles_for(a.M);
   const int64_t tile_stride = tile_bytes<Ops>(t);
-  const int64_t chunks = (a.M + Ops::kMaxMR - 1) / Ops::kMaxMR;
-  for (int64_t tile = n_begin / kQTileRows; tile < t_end; tile += rmax) {
-    const int r = int(t_end - tile < rmax ? t_end - tile : rmax);
-    const int64_t next = tile + rmax, next_r = t_end - next < rmax ? t_end - next : rmax;
-    const int64_t share = next_r > 0 ? (next_r * tile_stride + chunks - 1) / chunks : 0;  // bytes a chunk pass
-    for (int64_t m0 = 0, c = 0; m0 < a.M; m0 += Ops::kMaxMR, ++c) {
-      const int mr = int(a.M - m0 < Ops::kMaxMR ? a.M - m0 : Ops::kMaxMR);
-      Ahead ahead;
-      if (share > 0 && chunks >= kAheadChunks) {
-        ahead.p = steps_of<Ops>(t) + next * tile_stride + c * share;
-        ahead.lines_per_seg = (share / 64 + t.nseg - 1) / t.nseg;  // (prefetches past the end cannot fault)
+  const int64_t groups_per_block = kCodeBlockBytes / (rmax * tile_stride) > 1 ? kCodeBlockBytes / (rmax * tile_stride) : 1;
+  const int64_t row_block = a.M <= 4 * kRowBlock ? a.M : kRowBlock;
+  for (int64_t tb = t_begin; tb < t_end; tb += groups_per_block * rmax) {
+    const int64_t tb_end = t_end - tb < groups_per_block * rmax ? t_end : tb + groups_per_block * rmax;
+    for (int64_t mb = 0; mb < a.M; mb += row_block) {
+      const int64_t mb_end = a.M - mb < row_block ? a.M : mb + row_block;
+      const int64_t chunks = (mb_end - mb + Ops::kMaxMR - 1) / Ops::kMaxMR;
+      for (int64_t tile = tb; tile < tb_end; tile += rmax) {
+        const int r = int(tb_end - tile < rmax ? tb_end - tile : rmax);
+        const int64_t next = tile + rmax, next_r = t_end - next < rmax ? t_end - next : rmax;
+        const int64_t share = next_r > 0 ? (next_r * tile_stride + chunks - 1) / chunks : 0;  // bytes a chunk pass
+        for (int64_t m0 = mb, c = 0; m0 < mb_end; m0 += Ops::kMaxMR, ++c) {
+          const int mr = int(mb_end - m0 < Ops::kMaxMR ? mb_end - m0 : Ops::kMaxMR);
+          Ahead ahead;
+          if (share > 0 && chunks >= kAheadChunks) {
+            ahead.p = steps_of<Ops>(t) + next * tile_stride + c * share;
+            ahead.lines_per_seg = (share / 64 + t.nseg - 1) / t.nseg;  // (prefetches past the end cannot fault)
+          }
+          block_r<Ops>(r, mr, a, t, tile, m0, n_begin, n_end, ahead);
+        }
       }
-      block_r<Ops>(r, mr, a, t, tile, m0, n_begin, n_end, ahead);
     }
   }
   return Status::ok;
