@@ -88,6 +88,7 @@ void csr_gemm_block(const GemmArgs& a, const CSRView& c, int64_t n_begin, int64_
                     const float* xT, int32_t* off, float* vals) {
   const int32_t stride = NV * 8;
   for (int64_t n = n_begin; n < n_end; ++n) {
+    if ((n - n_begin) % 32 == 0) sp::prefetch_y(a, m0, rows, n, n + 32 < n_end ? n + 32 : n_end);
     const int64_t e0 = c.crow[n], count = c.crow[n + 1] - e0;
     const int32_t* col = c.col + e0;
     int64_t j = 0;

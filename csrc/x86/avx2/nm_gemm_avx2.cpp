@@ -271,6 +271,7 @@ void nm_gemm_block(const GemmArgs& a, const WeightView& w, int64_t n_begin, int6
   const int64_t k_fast = is_24(nm) ? a.K / 32 * 32 : 0;  // whole 32-column 2:4 steps below K
   for (int64_t t0 = n_begin; t0 < n_end; t0 += kRowTile) {
     const int64_t t1 = t0 + kRowTile < n_end ? t0 + kRowTile : n_end;
+    sp::prefetch_y(a, m0, rows, t0, t1);  // the lines store_acc writes in the last K block
     for (int64_t k0 = 0; k0 < a.K; k0 += kblk) {
       const int64_t j0 = k0 / nm.m * nm.n;
       const int64_t j1 = j0 + groups_per_blk * nm.n < nm.kc ? j0 + groups_per_blk * nm.n : nm.kc;

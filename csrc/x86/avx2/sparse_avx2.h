@@ -281,6 +281,22 @@ inline void xt_accumulate(const float* xT, const int32_t* off, const float* vals
   }
 }
 
+// Fetches the lines of y[m0 .. m0 + rows, n0 .. n1) (fp32 y) that the caller is about to store.
+// The xT kernels store a batch block of up to 64 rows a few outputs at a time, one 4 KB page per
+// row: more streams than the L2 prefetcher follows, so without this each line's first store waited
+// for its read-for-ownership. Interleaved with and without, 256-736 rows, Xeon (no AMX), 2 threads:
+// AVX-512 2:4 1.01-1.16x on the MiniLM shapes, AVX2 2:4 0.97-1.04x, CSR (90 % sparse) AVX2 1.02-1.05x,
+// AVX-512 0.94-1.08x; 4096^2 1.0x.
+inline void prefetch_y(const GemmArgs& a, int64_t m0, int64_t rows, int64_t n0, int64_t n1) {
+  if (a.y_dtype != DType::f32 || n1 <= n0) return;
+  const float* y = static_cast<const float*>(a.y);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = y + (m0 + r) * a.stride_ym;
+    for (int64_t n = n0; n < n1; n += 16) __builtin_prefetch(row + n, 1, 3);
+    __builtin_prefetch(row + n1 - 1, 1, 3);
+  }
+}
+
 // y[m0 + r, n] = acc lane r (r < rows), through store_output (bias, rounding).
 inline void store_acc(const GemmArgs& a, int64_t m0, int64_t rows, int64_t n, const __m256* acc) {
   alignas(32) float buf[64];

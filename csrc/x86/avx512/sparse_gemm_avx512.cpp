@@ -80,21 +80,6 @@ void store_tile(const GemmArgs& a, int64_t m0, int64_t rows, int64_t t0, int64_t
   }
 }
 
-// Fetches the lines of y[m0 .. m0 + rows, t0 .. t1) that store_tile will write, at the tile's start,
-// so that its stores do not each wait for a read-for-ownership: a tile's stores are 2 lines in each
-// of up to 64 rows, one 4 KB page each, more streams than the L2 prefetcher follows (qtile_gemm.h
-// says more). 2:4 at 256-736 rows, interleaved with and without, Xeon (no AMX): 1.03-1.16x on the
-// MiniLM shapes (2 threads), 1.0x on 4096^2; CSR (90 % sparse) 0.94-1.08x.
-inline void prefetch_tile(const GemmArgs& a, int64_t m0, int64_t rows, int64_t t0, int64_t t1) {
-  if (a.y_dtype != DType::f32) return;
-  const float* y = static_cast<const float*>(a.y);
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* row = y + (m0 + r) * a.stride_ym;
-    for (int64_t n = t0; n < t1; n += 16) __builtin_prefetch(row + n, 1, 3);
-    __builtin_prefetch(row + t1 - 1, 1, 3);
-  }
-}
-
 // Columns per K block: the slice of xT (kblk x mb floats) within kXtBytes, a multiple of `unit`.
 inline int64_t k_block(int64_t K, int64_t mb, int64_t unit) {
   int64_t kblk = kXtBytes / (4 * mb);
@@ -115,7 +100,7 @@ void nm_block(const GemmArgs& a, const WeightView& w, int64_t n_begin, int64_t n
   const int64_t k_fast = sp::is_24(nm) ? a.K / 32 * 32 : 0;  // whole 32-column 2:4 steps below K
   for (int64_t t0 = n_begin; t0 < n_end; t0 += kRowTile) {
     const int64_t t1 = t0 + kRowTile < n_end ? t0 + kRowTile : n_end;
-    prefetch_tile(a, m0, rows, t0, t1);
+    sp::prefetch_y(a, m0, rows, t0, t1);  // store_tile's lines
     for (int64_t k0 = 0; k0 < a.K; k0 += kblk) {
       const int64_t j0 = k0 / nm.m * nm.n;
       const int64_t j1 = j0 + groups_per_blk * nm.n < nm.kc ? j0 + groups_per_blk * nm.n : nm.kc;
@@ -191,7 +176,7 @@ void csr_block(const GemmArgs& a, const CSRView& c, int64_t n_begin, int64_t n_e
   for (int64_t t0 = n_begin; t0 < n_end; t0 += kRowTile) {
     const int64_t t1 = t0 + kRowTile < n_end ? t0 + kRowTile : n_end;
     for (int64_t n = t0; n < t1; ++n) cursor[n - t0] = c.crow[n];
-    prefetch_tile(a, m0, rows, t0, t1);
+    sp::prefetch_y(a, m0, rows, t0, t1);  // store_tile's lines
     for (int64_t k0 = 0; k0 < a.K; k0 += kblk) {
       const int64_t k1 = k0 + kblk;
       for (int64_t n = t0; n < t1; ++n) {
