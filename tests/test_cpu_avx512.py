@@ -228,23 +228,25 @@ def check_named_kernel_bits(kernel, fmt, params, rng, shapes=SHAPES):
 def test_row_tile_kernels_give_the_scalar_bits_in_row_and_column_blocks(fmt, params, rng):
     """Past 64 rows the row-tile kernels (qtile_gemm.h) go in blocks of 16 batch rows, and a thread's
     columns in blocks of about 512 KB of codes: 65 and 100 rows (a partial last block) on a weight of
-    two column blocks for one thread, one for each of three; every int8-activation kernel on the row
-    tiles that each ISA here lists at 100 rows (the table's pick and the measured candidates)."""
+    two column blocks for one thread, one for each of three, bf16 and fp32 x / y; every int8-activation
+    kernel on the row tiles that each ISA here lists at 100 rows (the table's pick and the measured
+    candidates)."""
     n, k = (1100 if fmt == "int4" else 600), 1024
     w = si.pack(torch.randn(n, k, generator=rng), fmt, **params)
     handle = build_native_weight(w)
     names = {(isa, name) for isa in ISAS for name in C.kernel_candidates(handle, 100, isa, "int8")
              if "_q8_" in name and "amx" not in name}
     assert names or ISAS == ["scalar"], ISAS
-    for m in (65, 100):
-        x = make_x(m, k, torch.float32, m == 65, rng)
+    for m, dtype in ((65, torch.bfloat16), (100, torch.float32)):
+        x = make_x(m, k, dtype, m == 65, rng)
         bias = torch.randn(n, generator=rng)
         ref = run(x, handle, n, bias, isa="scalar")
+        bits = torch.int16 if dtype != torch.float32 else torch.int32
         for isa, name in sorted(names):
             for threads in (1, 3):
-                out = torch.full((m, n), float("nan"))
+                out = torch.full((m, n), float("nan"), dtype=dtype)
                 C.linear(x, handle, out, bias, num_threads=threads, isa=isa, act="int8", kernel=name)
-                assert torch.equal(out.view(torch.int32), ref.view(torch.int32)), f"{name} M={m} threads={threads}"
+                assert torch.equal(out.view(bits), ref.view(bits)), f"{name} M={m} x:{dtype} threads={threads}"
 
 
 @pytest.mark.skipif(not AMX, reason="this CPU has no AMX-INT8 (or Linux did not grant the tile state): "
