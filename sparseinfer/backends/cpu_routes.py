@@ -245,6 +245,13 @@ def copy_eligible(w: PackedWeight, handle, act: str) -> bool:
     return (handle.kernel_family in COPY_FAMILIES or act_class(act) == "fp32") and n * k * 4 > SMALL_BYTES
 
 
+def copy_affordable(w: PackedWeight, handle, act: str) -> bool:
+    """Whether the dense route of ``w`` would run from a budgeted fp32 copy now: eligible
+    (copy_eligible) and the process budget has room for it."""
+    n, k = w.shape
+    return copy_eligible(w, handle, act) and _copy_bytes + n * k * 4 <= copy_budget()
+
+
 def _release(nbytes: int) -> None:
     global _copy_bytes
     with _lock:
@@ -404,7 +411,7 @@ def measure_point(w: PackedWeight, m: int, act: str, paths) -> dict:
     out = torch.empty(m, rows)
     threads = cpu_tuning.cpu_threads()
     handles = [build_native_weight(part) for part in parts]
-    copy = copy_eligible(w, handles[0], act) and _copy_bytes + n * k * 4 <= copy_budget()
+    copy = copy_affordable(w, handles[0], act)
     turn = dict.fromkeys(paths, 0)
 
     def rotating(path: str, calls: list):
@@ -601,8 +608,7 @@ def decide(w: PackedWeight, handle, m: int, act: str) -> Route:
         usable = record is not None and "kernel" in record["times"] and (
             record.get("kernel") in (None, C.kernel_name(handle, record.get("m", m), None, act)))
         # (a dense time measured tile by tile, where the weight would now keep a copy, is stale too)
-        stale_dense = usable and "dense" in paths and not record.get("dense_copy") and \
-            copy_eligible(w, handle, act) and _copy_bytes + w.shape[0] * w.shape[1] * 4 <= copy_budget()
+        stale_dense = usable and "dense" in paths and not record.get("dense_copy") and copy_affordable(w, handle, act)
         complete = usable and not stale_dense and all(p in record["times"] for p in paths)
         may_measure = (not known_machine() and _measuring_allowed() and _spent < MEASURE_BUDGET_S
                        and key not in _remeasured)

@@ -23,7 +23,7 @@ def register(sub):
                         "error; fp32 = exact; see sparseinfer.act)")
     p.add_argument("--latency-batch", type=int, default=16, metavar="B",
                    help="sentences in the batch whose latency is timed (default 16)")
-    p.add_argument("--repeat", type=int, default=None, metavar="R", help="timed runs per model (default 7)")
+    p.add_argument("--repeat", type=int, default=None, metavar="R", help=f"timed runs per model (default {demo.REPEATS})")
     p.add_argument("--save-load", default="2:4+int8", metavar="RECIPE",
                    help="recipe whose model is saved and loaded back (default 2:4+int8; 'none' to skip)")
     p.add_argument("--quick", action="store_true", help="a quick run: 16 sentences, 2 recipes, 2 timed runs")
@@ -37,7 +37,7 @@ def _run(args) -> int:
             raise ValueError(f"{name} must be at least 1, got {value}")
     recipes = args.recipes or (demo.QUICK_RECIPES if args.quick else demo.DEFAULT_RECIPES)
     n = args.sentences or (16 if args.quick else 256)
-    repeat = args.repeat or (2 if args.quick else demo.REPEATS)
+    repeat = args.repeat or (2 if args.quick else None)  # None: demo.run's default
     save_load = None if args.save_load.lower() == "none" else args.save_load
     if save_load and args.quick and save_load not in recipes:
         save_load = recipes[-1]
