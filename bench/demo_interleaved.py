@@ -38,8 +38,7 @@ def forced(kind: str):
 
     def decide(w, handle, m, act):
         if kind == "dense":
-            if cpu_routes.copy_eligible(w, handle, act):
-                cpu_routes.keep_copy(w)
+            cpu_routes.keep_copy(w)
             return cpu_routes.Route("dense", cpu_routes.DENSE_KERNEL, "fp32", "forced")
         names = C.kernel_candidates(handle, m, None, act)
         name = names[0] if kind == "pick" else names[-1]

@@ -54,7 +54,7 @@ class FakeTimer:
         self.calls.append((w.shape, m, act, tuple(paths)))
         times = {p: self.times.get(p, 2 * self.times["kernel"]) if p.startswith("kernel:") else self.times[p]
                  for p in paths}
-        copy = cpu_routes.copy_eligible(w, BACKENDS["cpu"].prepack(w), act)  # as measure_point records it
+        copy = cpu_routes.copy_affordable(w)  # as measure_point records it
         return {"times": times, "m": m, "rows": w.shape[0], "n": w.shape[0], "when": "test", "dense_threads": 2,
                 "dense_copy": copy}
 
@@ -184,24 +184,26 @@ def test_a_close_call_is_measured_again_by_the_next_process_then_settled(rng, mo
 
 
 @pytest.mark.parametrize("budget_mb, kept", [(None, True), ("0", False)])
-def test_dense_routes_keep_an_fp32_copy_for_float_formats_and_exact_calls(budget_mb, kept, rng, rel_err, monkeypatch):
+def test_dense_routes_keep_an_fp32_copy_in_every_format_and_mode(budget_mb, kept, rng, rel_err, monkeypatch):
     """A weight routed to the dense fallback keeps one fp32 copy within SPARSEINFER_DENSE_COPY_MB
-    (explained) when it is a float format or the call is exact (act="fp32"), else runs tile by tile;
-    either way exact. A quantized format's int8-activation call never makes one."""
+    (explained), whatever its format and the call's activation mode (an int8-activation call routed
+    there is one whose kernel lost: tile by tile it would lose to dense too); with no budget left it
+    runs tile by tile. Either way exact."""
     if budget_mb is not None:
         monkeypatch.setenv("SPARSEINFER_DENSE_COPY_MB", budget_mb)
     monkeypatch.setattr(cpu_routes, "SMALL_BYTES", 0)
     monkeypatch.setattr(cpu_routes, "measure_point", FakeTimer(kernel=1.0, dense=0.5, dense_int8=2.0))
-    for fmt, act, copies in (("2:4", "fp32", kept), ("csr", "int8", kept), ("2:4+int8", "fp32", kept),
-                             ("int4", "fp32", kept), ("2:4+int8", "int8", False), ("int8", "int8", False)):
+    for fmt, act in (("2:4", "fp32"), ("csr", "int8"), ("2:4+int8", "fp32"), ("int4", "fp32"), ("2:4+int8", "int8"),
+                     ("int8", "int8"), ("int4", "auto")):
         w = _weight(fmt, {}, 48, 128, rng)
         r = BACKENDS["cpu"].route(w, 16, act)
         assert r.path == "dense", (fmt, act, r)
-        assert ("kept within SPARSEINFER_DENSE_COPY_MB" in r.why) == copies, (fmt, act, r.why)
+        assert ("kept within SPARSEINFER_DENSE_COPY_MB" in r.why) == kept, (fmt, act, r.why)
+        assert ("tiles dequantized per call" in r.why) == (not kept), (fmt, act, r.why)
         x = torch.randn(16, 128, generator=rng)
         assert rel_err(si.linear(x, w, None, backend="cpu", act=act), reference_linear(x, w)) <= TOL_F32
         memo = w._prepacked.get("cpu:dense-copy")
-        assert memo is not None and (memo[1] is not None) == copies, fmt
+        assert memo is not None and (memo[1] is not None) == kept, fmt
     held = cpu_routes._copy_bytes
     del w, memo
     import gc

@@ -235,21 +235,15 @@ def copy_budget() -> int:
     return max(0, int(mb * (1 << 20)))
 
 
-def copy_eligible(w: PackedWeight, handle, act: str) -> bool:
-    """Whether ``w`` may keep a budgeted fp32 copy for the dense route of a call in activation mode
-    ``act``: larger than SMALL_BYTES, and a float format (COPY_FAMILIES) or an exact-mode call. An
-    exact (act="fp32") call computes x @ dequantized(W).T, the copy's very values, so without a copy
-    its dense route dequantized the weight per call and a quantized MiniLM ran 0.81-0.89x dense at
-    the batch of 16 (bench/README.md); in the int8-activation mode the int8 kernels keep the call."""
+def copy_affordable(w: PackedWeight) -> bool:
+    """Whether the dense route of ``w`` would run from a budgeted fp32 copy now: a weight larger than
+    SMALL_BYTES (smaller ones keep theirs anyway) whose copy the process budget has room for. Any
+    format, any activation mode: without the copy the route dequantizes the weight tile by tile on
+    every call and loses to dense where it was meant to match it (exact calls of quantized MiniLM ran
+    0.81-0.89x dense at the batch of 16; on AVX2 the 1536 x 384 layers of a 2:4 + int4 one in the
+    int8-activation mode, whose kernel loses to MKL there, 0.74-0.84x: bench/README.md)."""
     n, k = w.shape
-    return (handle.kernel_family in COPY_FAMILIES or act_class(act) == "fp32") and n * k * 4 > SMALL_BYTES
-
-
-def copy_affordable(w: PackedWeight, handle, act: str) -> bool:
-    """Whether the dense route of ``w`` would run from a budgeted fp32 copy now: eligible
-    (copy_eligible) and the process budget has room for it."""
-    n, k = w.shape
-    return copy_eligible(w, handle, act) and _copy_bytes + n * k * 4 <= copy_budget()
+    return n * k * 4 > SMALL_BYTES and _copy_bytes + n * k * 4 <= copy_budget()
 
 
 def _release(nbytes: int) -> None:
@@ -398,7 +392,7 @@ def measure_point(w: PackedWeight, m: int, act: str, paths) -> dict:
     """Times each of ``paths`` for ``m`` rows (at most MEASURE_MAX_M) on ``w`` (its first rows, at
     least MIN_SLICE_ROWS, if one call would exceed CALL_CAP_S), each call on the next of a rotation
     of copies (ROTATE_BYTES: weights come from memory, as in a model). The dense path is timed as it
-    would run: from an fp32 copy when ``w`` would keep one (copy_eligible, budget left), else tile
+    would run: from an fp32 copy when ``w`` would keep one (copy_affordable), else tile
     by tile. Returns the record stored per route key."""
     C = _native.require_native()
     n, k = w.shape
@@ -411,7 +405,7 @@ def measure_point(w: PackedWeight, m: int, act: str, paths) -> dict:
     out = torch.empty(m, rows)
     threads = cpu_tuning.cpu_threads()
     handles = [build_native_weight(part) for part in parts]
-    copy = copy_affordable(w, handles[0], act)
+    copy = copy_affordable(w)
     turn = dict.fromkeys(paths, 0)
 
     def rotating(path: str, calls: list):
@@ -608,7 +602,7 @@ def decide(w: PackedWeight, handle, m: int, act: str) -> Route:
         usable = record is not None and "kernel" in record["times"] and (
             record.get("kernel") in (None, C.kernel_name(handle, record.get("m", m), None, act)))
         # (a dense time measured tile by tile, where the weight would now keep a copy, is stale too)
-        stale_dense = usable and "dense" in paths and not record.get("dense_copy") and copy_affordable(w, handle, act)
+        stale_dense = usable and "dense" in paths and not record.get("dense_copy") and copy_affordable(w)
         complete = usable and not stale_dense and all(p in record["times"] for p in paths)
         may_measure = (not known_machine() and _measuring_allowed() and _spent < MEASURE_BUDGET_S
                        and key not in _remeasured)
@@ -643,13 +637,11 @@ def decide(w: PackedWeight, handle, m: int, act: str) -> Route:
     mb = n * k * 4 / (1 << 20)
     if n * k * 4 <= SMALL_BYTES:
         copy = f"an fp32 copy of the weight ({mb:.2g} MiB), kept"
-    elif copy_eligible(w, handle, act) and keep_copy(w):
+    elif keep_copy(w):
         copy = f"an fp32 copy of the weight ({mb:.3g} MiB), kept within SPARSEINFER_DENSE_COPY_MB={copy_budget() >> 20}"
-    elif copy_eligible(w, handle, act):
+    else:
         copy = (f"tiles dequantized per call (the fp32 copy budget, SPARSEINFER_DENSE_COPY_MB={copy_budget() >> 20}, "
                 f"is spent)")
-    else:
-        copy = "tiles dequantized per call"
     return Route(path, DENSE_KERNEL, "fp32", f"{why}; dense from {copy}")
 
 
