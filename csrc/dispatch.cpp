@@ -246,6 +246,15 @@ const KernelImpl kAvx2Kernels[] = {
     {KernelId::nm_int8, nm_gemv_avx2, "nm_int8_gemv_avx2", 10, 0},
     {KernelId::nm_int8, nm_gemm_avx2, "nm_int8_gemm_avx2", kAnyM, 0},
     {KernelId::nm_int4, nm_q8_gemv_avx2, "nm_int4_q8_gemv_avx2", 2, kCallInt8Act},
+    // 2:4 + int4 from 3 rows: the weight made dense on int4 row tiles (build_nm_qtiles), twice the
+    // multiply-adds at int4_q8_gemm_avx2's rate and no gather: 1.14-3.9x MKL's AVX2 sgemm on the MiniLM
+    // shapes at 3-736 rows where the N:M kernel ran 0.71-2.5x, 2.0-6.6x on 4096x4096 at 3-256 rows
+    // (N:M 1.3-6.4x; a Xeon with MKL and ATen held to AVX2, 2 threads, hot, bench/README.md). The
+    // N:M kernel serves the layouts without tiles (K not a multiple of 64, other N:M). 2:4 + int8 has no
+    // such row: its codes need a psignb per multiply here, and on its tiles (int8_q8_gemm_avx2) it ran
+    // 0.95-2.1x MKL against the N:M kernel's 0.8-2.2x, behind it at 3 rows on 4096x4096 and at dense's
+    // speed past 256 rows, where the routes take dense (bench/README.md).
+    {KernelId::nm_int4, int4_q8_gemm_avx2, "nm_int4_q8_tiles_avx2", kAnyM, kCallInt8Act | kReadsQTiles},
     {KernelId::nm_int4, nm_q8_gemm_avx2, "nm_int4_q8_gemm_avx2", kAnyM, kCallInt8Act},
     {KernelId::nm_int4, nm_gemv_avx2, "nm_int4_gemv_avx2", 10, 0},
     {KernelId::nm_int4, nm_gemm_avx2, "nm_int4_gemm_avx2", kAnyM, 0},

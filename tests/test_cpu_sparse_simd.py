@@ -393,8 +393,8 @@ def test_csr_unsorted_columns_are_refused(rng):
 
 @needs_simd
 def test_kernel_names():
-    """The table sends few batch rows to the gemv kernels and many to the gemm ones, and the int8
-    activation mode to the int8 gemv for 2:4 + int8 / int4 values."""
+    """The table sends few batch rows to the gemv kernels and many to the gemm ones (or the row tiles),
+    and the int8 activation mode to the int8 gemv for 2:4 + int8 / int4 values."""
     cases = {"2:4": "nm", "4:8": "nm", "2:4+int8": "nm_int8", "2:4+int4": "nm_int4", "csr": "csr",
              "csr+int8": "csr_int8"}
     for fmt, family in cases.items():
@@ -416,7 +416,10 @@ def test_kernel_names():
                     assert C.kernel_name(w, 64, isa=isa, act="int8") == f"{family}_q8_tiles_vnni_avx512", fmt
                     continue
                 assert C.kernel_name(w, 1, isa=isa, act="int8").startswith(f"{family}_q8_gemv_"), (fmt, isa)
-                assert C.kernel_name(w, 64, isa=isa, act="int8").startswith(f"{family}_q8_gemm_"), (fmt, isa)
+                # AVX2: 2:4 + int4 on its dense int4 row tiles from 3 rows, 2:4 + int8 on the N:M kernel
+                many = f"{family}_q8_tiles_avx2" if fmt == "2:4+int4" else f"{family}_q8_gemm_"
+                assert C.kernel_name(w, 3, isa=isa, act="int8").startswith(many), (fmt, isa)
+                assert C.kernel_name(w, 64, isa=isa, act="int8").startswith(many), (fmt, isa)
 
 
 # -- CSR or dense (sparseinfer/backends/cpu_routes.py) -------------------------------------------------
