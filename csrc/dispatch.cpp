@@ -225,6 +225,10 @@ const KernelImpl kAvx2Kernels[] = {
     // 0.64 (2 rows), 0.97 (16), 1.10 (32), 1.17 (64); 0.99 / 1.33 at 16 / 32 rows on 1536x384 (exact:
     // int8_gemm_avx2, the panel kernel's predecessor).
     {KernelId::int8, int8_q8_gemm_avx2, "int8_q8_gemm_avx2", 16, kCallInt8Act},
+    // ... but not on every core: on a Xeon with MKL held to AVX2 it ran 1.06-1.14x MKL at 33 rows where the
+    // exact panel kernel ran 0.66-0.93x, so past the limit it stays a measured candidate (MiniLM int8,
+    // one sentence: 0.91x -> 1.17-1.37x dense; bench/README.md).
+    {KernelId::int8, int8_q8_gemm_avx2, "int8_q8_gemm_avx2_wide", kAnyM, kCallInt8Act | kMeasuredOnly, 17},
     {KernelId::int4, int4_q8_gemm_avx2, "int4_q8_gemm_avx2", kAnyM, kCallInt8Act},
     // fp32 activations (exact): registers-only gemv while re-decoding the codes per 3 batch rows
     // beats decoding them once into fp32 panels (4096x4096, this Zen 1 VM: int8 up to 8, int4 up to 3),
