@@ -9,11 +9,10 @@ slower than dense:
                 (one scale per row: the same dequantized values), in the call's activation mode
     dense       the dense fallback: torch's fp32 GEMM (MKL / oneDNN) on the weight dequantized by
                 ``_C.dequantize``: from one fp32 copy kept with the weight when it is SMALL_BYTES or
-                less, or (float formats: N:M and CSR with float values, whose copy holds the very
-                values dense has; any format in exact mode, act="fp32") when the route takes this
-                path and the process-wide copy budget (``SPARSEINFER_DENSE_COPY_MB``, default a
-                quarter of the RAM) has room; else tile by tile on every call (at most TILE_BYTES of
-                fp32 at a time): exact either way
+                less, or (any format, any activation mode) when the route takes this path and the
+                process-wide copy budget (``SPARSEINFER_DENSE_COPY_MB``, default a quarter of the RAM)
+                has room; else tile by tile on every call (at most TILE_BYTES of fp32 at a time):
+                exact either way
 
 A decision holds for a route key: format and parameters, activation class ("fp32", or "int8" for
 auto / int8, which select alike), N x K, the batch bucket (the power of two >= M), and for CSR
@@ -254,7 +253,11 @@ def _release(nbytes: int) -> None:
 
 def keep_copy(w: PackedWeight) -> bool:
     """Reserve ``w``'s fp32 copy in the process budget (once per weight; released when ``w`` is
-    collected); the dense fallback makes it at its next call. False when the budget is spent."""
+    collected); the dense fallback makes it at its next call. False when the budget is spent. A
+    weight of SMALL_BYTES or less keeps its copy anyway and reserves nothing."""
+    if w.shape[0] * w.shape[1] * 4 <= SMALL_BYTES:
+        return True
+
     def reserve(w: PackedWeight) -> bool:
         global _copy_bytes
         n, k = w.shape
