@@ -369,6 +369,14 @@ const KernelImpl kNeonKernels[] = {
     // int8 activations with sdot; without dotprod, int8-activation calls run the fp32 rows below.
     {KernelId::int8, int8_q8_gemm_dot_neon, "int8_q8_gemm_dot_neon", kAnyM, kCallInt8Act | kFeatNeonDot},
     {KernelId::int4, int4_q8_gemm_dot_neon, "int4_q8_gemm_dot_neon", kAnyM, kCallInt8Act | kFeatNeonDot},
+    // 2:4 + int8 / int4, int8 x: the weight made dense on row tiles (build_nm_qtiles) and run by the sdot
+    // kernels above, as AVX-512 VNNI does (twice the multiply-adds at sdot's 16 a lane-instruction, no
+    // gather; the same bits as the scalar tiles). Not timed on an ARM core: every first use on one
+    // measures it against dense (cpu_routes.py). Layouts without tiles run the exact N:M rows below.
+    {KernelId::nm_int8, int8_q8_gemm_dot_neon, "nm_int8_q8_tiles_dot_neon", kAnyM,
+     kCallInt8Act | kFeatNeonDot | kReadsQTiles},
+    {KernelId::nm_int4, int4_q8_gemm_dot_neon, "nm_int4_q8_tiles_dot_neon", kAnyM,
+     kCallInt8Act | kFeatNeonDot | kReadsQTiles},
     // Exact mode: the GEMV loops (a weight row decoded per 4 batch rows) up to 3 rows, then fp32 panels
     // decoded once per call + 5 x 16 FMA tiles (panel_gemm_neon.cpp). The limit is AVX-512's (panels ahead
     // from 4 rows there), not measured on an ARM core: `sparseinfer calibrate` re-measures it.

@@ -44,7 +44,7 @@ APT_HINT = "Debian/Ubuntu: apt-get install g++-aarch64-linux-gnu qemu-user"
 # Every NEON kernel the dispatcher can pick; the qemu run must exercise each of them.
 NEON_KERNELS = {"int8_gemm_neon", "int4_gemm_neon", "int8_panel_gemm_neon", "int4_panel_gemm_neon", "nm_gemm_neon",
                 "nm_int8_gemm_neon", "nm_int4_gemm_neon", "csr_gemm_neon", "csr_int8_gemm_neon", "int8_q8_gemm_dot_neon",
-                "int4_q8_gemm_dot_neon"}
+                "int4_q8_gemm_dot_neon", "nm_int8_q8_tiles_dot_neon", "nm_int4_q8_tiles_dot_neon"}
 
 
 @pytest.fixture(scope="module")

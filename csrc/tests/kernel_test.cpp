@@ -17,9 +17,10 @@
 //      within the accumulation bound below;
 //   2. the selected kernel called directly on columns [1, N-1) (N >= 3), fp32: columns 0 and N-1 keep
 //      their poison (a kernel writes only its column range: threads share y), the rest as above;
-//   3. int8 / int4 weights, int8 activations (ActMode::int8, on the weight's row tiles): written and
-//      untouched as in 1, bit for bit the scalar int8-activation kernel's result (the contract of
-//      ref/qtile_ref.cpp), and within the activation-quantization bound below of the reference.
+//   3. int8 / int4 weights, and 2:4 + int8 / int4 where the layout has dense row tiles, int8 activations
+//      (ActMode::int8, on the layouts bindings.cpp builds for them): written and untouched as in 1, bit for
+//      bit the scalar row-tile kernel's result (the contract of ref/qtile_ref.cpp), and within the
+//      activation-quantization bound below of the reference.
 //
 // Also run_stages' ordering (run_stage_checks).
 //
@@ -314,20 +315,41 @@ std::string compare(const Buffer& y, const Tensor& ref, const Tensor& mag, DType
   return "";
 }
 
-// Row tiles for the int8-activation kernels (what bindings.cpp builds on the first such call).
+// The int8-activation layouts of a weight, as bindings.cpp's ensure_qtiles builds them on a first call:
+// row tiles of int8 / int4; for 2:4 + int8 / int4 the dense row tiles (where the layout has them), their
+// compact steps (2:4 + int8) and the reordered N:M codes, so that every row of the table can run.
+// False when the weight has none (N:M without tiles: its int8-activation calls are not checked here).
 struct QTiles {
-  void* buf = nullptr;
+  std::vector<void*> bufs;
   QTiles() = default;
   QTiles(const QTiles&) = delete;
   QTiles& operator=(const QTiles&) = delete;
-  ~QTiles() { std::free(buf); }
+  ~QTiles() {
+    for (void* b : bufs) std::free(b);
+  }
+  void* alloc(size_t bytes) {
+    void* b = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+    if (b) bufs.push_back(b);
+    return b;
+  }
   bool build(WeightView& w) {
-    const int bits = w.id == KernelId::int8 ? 8 : 4;
-    const size_t bytes = (qtile_bytes(w.q, w.N, bits) + 63) / 64 * 64;
-    buf = std::aligned_alloc(64, bytes);
-    if (!buf) return false;
-    w.qt = build_qtiles(w.q, w.N, bits, buf);
-    return true;
+    if (w.id == KernelId::int8 || w.id == KernelId::int4) {
+      const int bits = w.id == KernelId::int8 ? 8 : 4;
+      void* buf = alloc(qtile_bytes(w.q, w.N, bits));
+      if (buf) w.qt = build_qtiles(w.q, w.N, bits, buf);
+      return buf != nullptr;
+    }
+    if ((w.id != KernelId::nm_int8 && w.id != KernelId::nm_int4) || !nm_qtiles_supported(w)) return false;
+    void* tiles = alloc(nm_qtile_bytes(w));
+    void* q8 = alloc(nm_q8_prepack_bytes(w));
+    if (!tiles || !q8) return false;
+    w.qt = build_nm_qtiles(w, tiles);
+    w.nm.q8 = nm_q8_prepack(w, q8);
+    if (w.id == KernelId::nm_int8) {
+      void* compact = alloc(qtile_compact_bytes(w.qt));
+      if (!compact || !build_qtile_compact(w.qt, compact)) return false;
+    }
+    return w.qt.codes != nullptr && w.nm.q8.codes != nullptr;
   }
 };
 
@@ -395,16 +417,18 @@ void run_case(const Record& r, Isa isa, int threads, bool pad_x, bool verbose, C
 // Check 3: int8 activations on `isa`, against the scalar int8-activation kernel and the reference.
 void run_int8_act_case(const Record& r, Isa isa, int threads, bool pad_x, bool verbose, Counts& counts) {
   WeightView w = weight_view(r);
-  if (w.id != KernelId::int8 && w.id != KernelId::int4) return;
+  const bool nm = w.id == KernelId::nm_int8 || w.id == KernelId::nm_int4;
+  if (w.id != KernelId::int8 && w.id != KernelId::int4 && !(nm && nm_qtiles_supported(w))) return;
   QTiles tiles;
-  if (!tiles.build(w)) return report(counts, false, verbose, r.name + ": out of memory for the row tiles");
+  if (!tiles.build(w)) return report(counts, false, verbose, r.name + ": the int8-activation layouts were not built");
   const Tensor& x = r.tensor("x");
   const Tensor& ref = r.tensor("y");
   const Tensor& mag = r.tensor("y_mag");
   const Tensor& w_abs = r.tensor("w_abs");
   const Tensor* bias = r.find("bias");
   const int64_t M = x.shape[0], K = w.K, N = w.N;
-  const KernelImpl* k = select_kernel(w.id, isa, M, act_call_bits(ActMode::int8));
+  const uint64_t tile_bits = kReadsQTiles | (w.qt.compact ? uint64_t(kReadsCompactTiles) : 0);
+  const KernelImpl* k = select_kernel(w.id, isa, M, act_call_bits(ActMode::int8) | tile_bits);
   char head[384];
   std::snprintf(head, sizeof head, "%s isa=%s act=int8 kernel=%s M=%lld N=%lld K=%lld x=%s bias=%s threads=%d",
                 r.name.c_str(), isa_name(isa), k ? k->name : "none", (long long)M, (long long)N, (long long)K,

@@ -53,6 +53,9 @@ CASES = [
     ("3:7", {}, torch.float32),  # 3-bit indices straddle bytes; K % 7 leaves padded kept values
     ("2:4+int8", {"group_size": 16}, torch.float32),
     ("2:4+int4", {"group_size": 16}, torch.float32),
+    # groups that let 2:4 + int8 / int4 have dense row tiles (with K a multiple of 64: BIG's K = 192)
+    ("2:4+int8", {"group_size": None}, torch.float32),
+    ("2:4+int4", {"group_size": 32}, torch.float32),
     ("4:8+int4", {"group_size": None, "symmetric": False}, torch.float32),
     ("csr", {}, torch.float32),
     ("csr", {}, torch.float16),
@@ -65,8 +68,9 @@ NS = (1, 7, 33)
 BATCHES = (1, 2, 3, 17)
 # Shapes large enough that the driver splits the columns over several threads; the second crosses
 # the panel kernels' 256-column N and K blocks with a partial 16-column strip; the third, past 64
-# rows, the row-tile kernels' 16-row blocks with a partial one (qtile_gemm.h).
-BIG = ((1000, 100, (5,)), (300, 270, (7,)), (129, 40, (70,)))
+# rows, the row-tile kernels' 16-row blocks with a partial one (qtile_gemm.h); the fourth has K a
+# multiple of 64, where 2:4 + int8 / int4 get dense row tiles for int8 activations.
+BIG = ((1000, 100, (5,)), (300, 270, (7,)), (129, 40, (70,)), (192, 37, (1, 3, 70)))
 
 
 def case_name(fmt: str, params: dict, wdtype: torch.dtype) -> str:
