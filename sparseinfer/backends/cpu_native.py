@@ -11,6 +11,7 @@ import torch
 from .. import _native
 from ..formats import CSRWeight, Int4Weight, Int8Weight, NMWeight, PackedWeight
 from ..formats.base import FLOAT_DTYPES
+from . import cpu_heap
 from .base import FormatImpl, FormatTable
 
 _PREPACK_KEY = "cpu"
@@ -52,7 +53,9 @@ def build_native_weight(w: PackedWeight):
     impl = FORMATS.get(w)
     if impl is None:
         raise TypeError(f"cpu backend: no kernels for {type(w).__name__} (format {getattr(w, 'fmt', '?')!r})")
-    return impl.build(_native.require_native(), w)
+    handle = impl.build(_native.require_native(), w)
+    cpu_heap.keep_freed_memory()  # once per process: the model's forward passes reuse freed memory
+    return handle
 
 
 def native_weight(w: PackedWeight):

@@ -7,21 +7,23 @@ import fnmatch
 import torch
 from torch import nn
 
-from ..backends import resolve
+from ..backends import cpu_heap, resolve
 from .modules import CompressedConv2d, CompressedLinear
 from .serialization import RECIPE_ATTR
 
 
 class Explanation(list):
     """Rows (dicts) describing each compressed layer; prints as a table. ``dense`` lists the weight
-    layers that stayed dense ({"layer", "kind", "shape", "bytes", "why"})."""
+    layers that stayed dense ({"layer", "kind", "shape", "bytes", "why"}), ``notes`` what holds for the
+    whole process (lines printed below the total)."""
 
     COLUMNS = ("layer", "format", "shape", "packed_bytes", "dense_bytes", "ratio", "backend", "kernel", "path", "act",
                "why")
 
-    def __init__(self, rows=(), dense=()):
+    def __init__(self, rows=(), dense=(), notes=()):
         super().__init__(rows)
         self.dense = list(dense)
+        self.notes = list(notes)
 
     def __str__(self) -> str:
         rows = [[str(r[c]) for c in self.COLUMNS] for r in self]
@@ -32,7 +34,7 @@ class Explanation(list):
         total = f"total: {len(self)} compressed layers, {packed / 1e6:.2f} MB packed vs {dense / 1e6:.2f} MB fp32"
         kept = [f"stayed dense: {d['layer']} ({d['kind']} {d['shape']}, {d['bytes'] / 1e6:.2f} MB): {d['why']}"
                 for d in self.dense]
-        return "\n".join([line(self.COLUMNS), *(line(r) for r in rows), total, *kept])
+        return "\n".join([line(self.COLUMNS), *(line(r) for r in rows), total, *self.notes, *kept])
 
 
 def _dense_layers(model: nn.Module) -> list[dict]:
@@ -70,7 +72,8 @@ def explain(model: nn.Module, batch: int = 1, dtype: torch.dtype = torch.float32
     ``dtype`` activations would run on the layer's device: backend, kernel, path ("kernel", or the
     "dense" fallback / "dense_int8" where that was measured faster), the activation precision that
     runs (act) and why (measured times or the table and rule that decided, and the act mode).
-    ``.dense`` (printed below the table) lists the weight layers that stayed dense and why."""
+    ``.dense`` (printed below the table) lists the weight layers that stayed dense and why, ``.notes``
+    process-wide settings that apply (the CPU allocator's: backends/cpu_heap.py)."""
     rows = Explanation(dense=_dense_layers(model))
     for name, module in model.named_modules():
         if not isinstance(module, CompressedLinear):
@@ -82,4 +85,6 @@ def explain(model: nn.Module, batch: int = 1, dtype: torch.dtype = torch.float32
                      "packed_bytes": w.nbytes, "dense_bytes": w.dense_nbytes,
                      "ratio": f"{w.dense_nbytes / w.nbytes:.2f}x", "backend": b.name,
                      **b.describe(w, batch, module.act)})
+    if any(r["backend"] == "cpu" for r in rows):
+        rows.notes.append(f"cpu allocator: {cpu_heap.setting()}")
     return rows
