@@ -10,8 +10,9 @@ the bench suite's smoke run). Compressed recipes quantize the LM head with ``--h
 default; tied heads are stored once, the embedding reading the packed rows).
 
 Per variant and round: prefill (one forward of ``--prompt-tokens`` random token ids, tokens/s) and
-greedy decode of ``--new-tokens`` tokens (``sparseinfer.llm.greedy``: a forward per token with a KV
-cache; tokens/s). Each variant runs under two thread settings: ``torch`` (torch's threads = T, the
+greedy decode of ``--new-tokens`` tokens after the prompt's first ``--decode-context`` tokens (default
+16; ``sparseinfer.llm.greedy``: a forward per token with a KV cache; tokens/s; a long context makes
+every step read its KV cache too). Each variant runs under two thread settings: ``torch`` (torch's threads = T, the
 default a user gets) and ``decode`` (``decode_threads(T)``: sparseinfer's kernels on T threads, torch's
 small ops on one), and under each forward of ``--decoders`` (``sparseinfer.llm.DECODERS``): ``native``
 (``LeanLlama`` with one C++ call per decode step: the default of ``greedy`` for a float32 Llama;
@@ -167,7 +168,7 @@ def prefill_seconds(model, ids) -> float:
 def run(model_name: str, recipes=RECIPES, threads: int = 2, new_tokens: int = 64, prompt_tokens: int = 256,
         rounds: int = 3, head: str = "int8", act: str | None = None, modes=("torch", "decode"),
         dense_modes=("torch", "decode"), compiled=(), lock: str | None = None, idle_build: bool = False,
-        decoders=("native", "lean", "transformers"), log=print) -> dict:
+        decoders=("native", "lean", "transformers"), decode_context: int = 16, log=print) -> dict:
     if idle_build:
         _all_threads_policy(os.SCHED_IDLE)
     torch.set_num_threads(threads)
@@ -177,8 +178,8 @@ def run(model_name: str, recipes=RECIPES, threads: int = 2, new_tokens: int = 64
     log(f"built {list(variants)} in {time.perf_counter() - t0:.0f} s")
     vocab = next(iter(variants.values())).config.vocab_size
     g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(3, vocab, (1, prompt_tokens), generator=g)
-    decode_prompt = prompt[:, :16]
+    prompt = torch.randint(3, vocab, (1, max(prompt_tokens, decode_context)), generator=g)
+    decode_prompt, prompt = prompt[:, :decode_context], prompt[:, :prompt_tokens]
     modes_of = {name: dense_modes if name == "dense" else ("decode",) if name.endswith("+compile") else modes
                 for name in variants}
     # Every variant's routes are measured on first use as in a process of its own: one process's 2 s
@@ -262,6 +263,7 @@ def _measure(model_name, variants, modes_of, prompt, decode_prompt, threads, new
                 row["prefill_x_dense"] = pre / best_dense["prefill"]
             table.append(row)
     return {"model": model_name, "threads": threads, "new_tokens": new_tokens, "prompt_tokens": prompt_tokens,
+            "decode_context": decode_prompt.shape[1],
             "rounds": rounds, "head": head, "act": act or "default", "read_bandwidth": bw, "rows": table,
             "isa": _isa(), "torch": torch.__version__}
 
@@ -289,7 +291,8 @@ def _isa() -> str:
 
 def markdown(report: dict) -> str:
     head = (f"{report['model']}, batch 1, {report['threads']} threads, ISA {report['isa']}, prompt "
-            f"{report['prompt_tokens']} tokens, {report['new_tokens']} new tokens, median of {report['rounds']} "
+            f"{report['prompt_tokens']} tokens, {report['new_tokens']} new tokens after a prompt of "
+            f"{report.get('decode_context', 16)}, median of {report['rounds']} "
             f"interleaved rounds, LM head {report['head']}, act {report['act']}, read bandwidth "
             f"{report['read_bandwidth'] / 1e9:.1f} GB/s")
     columns = "| variant | threads | decoder | decode tok/s | x dense | prefill tok/s | x dense | MB/token | roofline |"
@@ -313,7 +316,9 @@ def main(argv=None) -> int:
     p.add_argument("--recipes", default=",".join(RECIPES))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--prompt-tokens", type=int, default=256)
+    p.add_argument("--prompt-tokens", type=int, default=256, help="prompt of the timed prefill")
+    p.add_argument("--decode-context", type=int, default=16,
+                   help="prompt before the timed decode (its KV cache is read by every step: long-context decode)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--head", default="int8", help="recipe for the LM head of compressed variants, or dense")
     p.add_argument("--act", default=None, choices=("auto", "fp32", "int8"))
@@ -330,7 +335,8 @@ def main(argv=None) -> int:
     report = run(args.model, args.recipes.split(","), args.threads, args.new_tokens, args.prompt_tokens, args.rounds,
                  args.head, args.act, tuple(args.modes.split(",")), tuple(args.dense_modes.split(",")),
                  tuple(r for r in args.compile.split(",") if r), args.lock, args.idle_build,
-                 tuple(args.decoders.split(",")), log=lambda s: print(s, file=sys.stderr, flush=True))
+                 tuple(args.decoders.split(",")), args.decode_context,
+                 log=lambda s: print(s, file=sys.stderr, flush=True))
     print(markdown(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))

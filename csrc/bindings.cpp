@@ -812,7 +812,9 @@ class Decoder {
     x_.resize(size_t(hidden_)), h_.resize(size_t(hidden_)), tmp_.resize(size_t(hidden_));
     qkv_.resize(size_t(qkv_width)), att_.resize(size_t(q_width));
     gate_up_.resize(size_t(2 * intermediate_)), act_.resize(size_t(intermediate_));
-    scores_.resize(size_t(heads_ * max_len_));  // one row per head: heads may run on several threads
+    scores_.resize(size_t(heads_ * max_len_));  // a task's heads x its positions: disjoint across tasks
+    part_m_.resize(size_t(kMaxParts * heads_)), part_l_.resize(part_m_.size());
+    part_o_.resize(part_m_.size() * size_t(head_dim_));
     for (DecoderLayer& L : layers_) {
       for (Projection& p : L.qkv) all_.push_back(&p);
       all_.push_back(&L.o);
@@ -957,7 +959,8 @@ class Decoder {
   // -- the step as stages (threadpool.h: run_stages) ----------------------------------------------------
   // One parallel region per token instead of a fork-join per call: each projection's columns are cut
   // into a few pieces that any thread claims (each claim and finish is a cache line between the cores:
-  // ~64K multiply-adds a piece ran 1.1-1.4x slower), attention into heads; the vector ops between them
+  // ~64K multiply-adds a piece ran 1.1-1.4x slower), attention into KV heads x position ranges
+  // (plan_attention); the vector ops between them
   // (norms, rotary, cache writes, residuals, SiLU) and the activation quantization of the projections
   // they feed are one-task stages.
   static constexpr int kPiecesPerThread = 1;
@@ -1026,7 +1029,7 @@ class Decoder {
   // The stage list of a step (its shape is fixed by the model; built with the decoder).
   void build_plan() {
     const int64_t n_layers = int64_t(layers_.size());
-    ctx_.clear(), plan_.clear();
+    ctx_.clear(), plan_.clear(), attention_stages_.clear();
     const auto add = [&](TaskFn fn, int64_t layer, int group, int64_t tasks) {
       ctx_.push_back(StageCtx{this, layer, group});
       plan_.push_back(Stage{fn, nullptr, tasks});  // ctx: below, once ctx_ stops growing
@@ -1049,13 +1052,18 @@ class Decoder {
         const StageCtx& s = *static_cast<StageCtx*>(c);
         s.d->rope_and_cache(s.layer);
       }, l, kQkv, 1);
-      add([](void* c, int64_t h) {
+      attention_stages_.push_back(plan_.size());
+      add([](void* c, int64_t i) {
         const StageCtx& s = *static_cast<StageCtx*>(c);
-        s.d->attend_head(s.layer, h);
-      }, l, kO, heads_);
-      add([](void* c, int64_t) {  // o's activations (nothing when its kernel takes fp32)
+        s.d->attend_part(s.layer, i);
+      }, l, kO, kv_heads_);  // tasks: set per step (plan_attention)
+      add([](void* c, int64_t) {  // the heads from their parts, o's activations (nothing when its kernel takes fp32)
         const StageCtx& s = *static_cast<StageCtx*>(c);
-        s.d->quantize_group(s.layer, kO);
+        Decoder& D = *s.d;
+        for (int64_t h = 0; h < D.heads_; ++h)
+          decode_math::attend_merge(D.part_m_.data() + h, D.part_l_.data() + h, D.part_o_.data() + h * D.head_dim_,
+                                    D.parts_, D.heads_, D.head_dim_, D.att_.data() + h * D.head_dim_);
+        D.quantize_group(s.layer, kO);
       }, l, kO, 1);
       add(pieces, l, kO, group_pieces(l, kO));
       add([](void* c, int64_t) {  // residual, RMSNorm, gate / up's activations
@@ -1098,13 +1106,31 @@ class Decoder {
     }
   }
 
-  // Query head h over positions 0..pos (it reads KV head h / (heads / kv_heads)).
-  void attend_head(int64_t l, int64_t h) {
-    const int64_t d = head_dim_, g = h / (heads_ / kv_heads_);
+  // Attention over positions 0..pos in parts_ position ranges of part_len_ per KV head: enough tasks
+  // for the threads to share (a SmolLM2 step at 4K positions read ~190 MB of K / V, more than its
+  // weights), each at least kMinPart positions, so a short context keeps one part per KV head.
+  static constexpr int64_t kMaxParts = 16, kMinPart = 256;
+
+  void plan_attention(int64_t len) {
+    const int64_t want = (8 * int64_t(threads_) + kv_heads_ - 1) / kv_heads_;
+    int64_t parts = (len + kMinPart - 1) / kMinPart;
+    parts = parts < want ? parts : want;
+    parts = parts < kMaxParts ? parts : kMaxParts;
+    part_len_ = ((len + parts - 1) / parts + 15) / 16 * 16;
+    parts_ = (len + part_len_ - 1) / part_len_;
+    for (size_t k : attention_stages_) plan_[k].tasks = kv_heads_ * parts_;
+  }
+
+  // Task i: KV head i / parts_ over its part i % parts_, for the query heads that read it.
+  void attend_part(int64_t l, int64_t i) {
+    const int64_t d = head_dim_, group = heads_ / kv_heads_, g = i / parts_, p = i % parts_, len = pos_ + 1;
+    const int64_t t0 = p * part_len_, t1 = t0 + part_len_ < len ? t0 + part_len_ : len;
     const float* k_cache = reinterpret_cast<const float*>(k_.ptr) + (l * kv_heads_ + g) * max_len_ * d;
     const float* v_cache = reinterpret_cast<const float*>(v_.ptr) + (l * kv_heads_ + g) * max_len_ * d;
-    ops_.attend(qkv_.data() + h * d, k_cache, v_cache, d, pos_ + 1, scale_, scores_.data() + h * max_len_,
-                att_.data() + h * d);
+    const int64_t h0 = g * group, at = p * heads_ + h0;
+    ops_.attend_part(qkv_.data() + h0 * d, group, k_cache, v_cache, d, t0, t1, scale_,
+                     scores_.data() + h0 * max_len_ + t0 * group, part_m_.data() + at, part_l_.data() + at,
+                     part_o_.data() + at * d);
   }
 
   Status run(const float* x_in, int64_t pos, float* out, const KernelImpl** kernel, size_t* failed) {
@@ -1127,6 +1153,7 @@ class Decoder {
       }
     }
     pos_ = pos, out_ = out;
+    plan_attention(pos + 1);
     std::memcpy(x_.data(), x_in, size_t(hidden_) * sizeof(float));
     status_.store(int32_t(Status::ok));
     run_stages(plan_.data(), int64_t(plan_.size()), threads_);
@@ -1150,6 +1177,10 @@ class Decoder {
   std::vector<WeightView> views_;  // their views for this step, copied under the GIL
   std::vector<std::shared_ptr<Derived>> holds_;  // and the derived buffers the views point into
   std::vector<float> x_, h_, tmp_, qkv_, att_, gate_up_, act_, scores_;
+  // attention parts of a step: m, l [part][head], o [part][head][d] (decode.h, attend_part)
+  std::vector<float> part_m_, part_l_, part_o_;
+  int64_t parts_ = 1, part_len_ = 1;
+  std::vector<size_t> attention_stages_;  // plan_ indices of the attention stages
   // the stages of a step and, per projection (all_'s order): its input, output, rows per piece and call
   std::vector<size_t> first_;  // each layer's first projection in all_
   std::vector<const float*> inputs_;

@@ -350,9 +350,10 @@ def test_avx512_kernels_under_emulation(tmp_path):
     """csrc/x86/avx512/*.cpp built with -DSPARSEINFER_AVX512_EMULATION (tests/native/avx512_emulation.h
     in place of <immintrin.h>) against the scalar kernels: q8 kernels bit for bit, exact kernels to
     1e-5, on 1,694 (format x shape x batch x column split) cases."""
-    # panel_gemm_avx512.cpp and sparse_gemm_avx512.cpp (256-bit and shuffle intrinsics the emulation
-    # lacks) run natively only: tests/test_panel_gemm.py, tests/test_cpu_sparse_simd.py, on AVX-512 machines.
-    native_only = {"panel_gemm_avx512.cpp", "sparse_gemm_avx512.cpp"}
+    # panel_gemm_avx512.cpp, sparse_gemm_avx512.cpp and decode_avx512.cpp (256-bit and shuffle intrinsics
+    # the emulation lacks) run natively only: tests/test_panel_gemm.py, tests/test_cpu_sparse_simd.py,
+    # tests/test_llm.py's native decode steps, on AVX-512 machines.
+    native_only = {"panel_gemm_avx512.cpp", "sparse_gemm_avx512.cpp", "decode_avx512.cpp"}
     kernels = [p for p in sorted((ROOT / "csrc/x86/avx512").glob("*.cpp")) if p.name not in native_only]
     sources = [ROOT / "tests/native/avx512_emulation_test.cpp", *kernels,
                *(ROOT / "csrc/ref" / f for f in ("qtile_ref.cpp", "nm_q8_prepack_ref.cpp", "int8_ref.cpp", "int4_ref.cpp"))]

@@ -732,12 +732,16 @@ def test_greedy_takes_native_steps_where_it_can():
     assert greedy(bf16, torch.tensor(PROMPT), 4).decoder == "lean"  # native steps run float32 models
 
 
-def test_native_attention_split_over_threads_matches():
-    """A long context (8 heads x 300 positions): the native step's attention stage runs its heads on
-    2 threads (bindings.cpp, Decoder::attend_head); the logits stay the Python steps'."""
-    cfg = transformers.LlamaConfig(vocab_size=160, hidden_size=512, intermediate_size=256, num_hidden_layers=1,
-                                   num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
-                                   initializer_range=0.05)
+@pytest.mark.parametrize("heads, kv_heads, hidden", [(8, 2, 512), (6, 1, 288), (4, 4, 320), (5, 5, 200)])
+def test_native_attention_parts_match(heads, kv_heads, hidden):
+    """A long context (300 positions: two parts of 160 per KV head on 2 threads, 12 past the last
+    whole vector of positions): the native step's attention (decode.h attend_part / attend_merge,
+    x86/attend_x86.h) on every ISA this machine runs, for query heads per KV head 4, 6 (more than a
+    value tile's heads) and 1, head sizes 64, 48, 80 and 40 (not a multiple of 16: AVX-512 takes the
+    plain loops): the logits stay the Python steps' (SDPA)."""
+    cfg = transformers.LlamaConfig(vocab_size=160, hidden_size=hidden, intermediate_size=256, num_hidden_layers=1,
+                                   num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                   max_position_embeddings=512, initializer_range=0.05)
     torch.manual_seed(0)
     model = si.set_act(si.compress(transformers.LlamaForCausalLM(cfg).eval(), "int8", progress=False), "fp32")
     g = torch.Generator().manual_seed(1)
@@ -745,10 +749,11 @@ def test_native_attention_split_over_threads_matches():
     si.set_threads(2)
     try:
         want, _ = _lean_logits(model, tokens)
-        got, lean = _lean_logits(model, tokens, "native")
+        for isa in _isas():
+            got, lean = _lean_logits(model, tokens, "native", isa)
+            assert lean.step_path == "native" and _rel(got, want) < NATIVE_TOL, (isa, _rel(got, want))
     finally:
         si.set_threads(None)
-    assert lean.step_path == "native" and _rel(got, want) < NATIVE_TOL
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])

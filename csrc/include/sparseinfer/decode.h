@@ -23,10 +23,13 @@ struct DecodeOps {
   // Rotary embedding of `rows` rows of d values in place: x * cos + swap_halves(x) * sin, where sin
   // carries rotate_half's sign in its first half (lean_llama.py's tables)
   void (*rope)(float* x, int64_t rows, int64_t d, const float* cos, const float* sin);
-  // Attention of one query head at one position: q [d] against keys / values [len, d] (positions
-  // 0..len-1 of its KV head). scores: len floats of scratch. out [d].
-  void (*attend)(const float* q, const float* k, const float* v, int64_t d, int64_t len, float scale, float* scores,
-                 float* out);
+  // Attention of the G query heads that share one KV head, over cache positions [t0, t1), not yet
+  // normalised (the decoder splits a long context into parts over its threads: attend_merge joins
+  // them): per head g, with s_t = scale * (q_g . k_t), m[g] = max s_t, l[g] = sum e^(s_t - m[g]) and
+  // o[g] = sum e^(s_t - m[g]) v_t. q [G][d]; k, v: the KV head's rows of d floats (position t at t * d);
+  // scores: G * (t1 - t0) floats of scratch; o [G][d].
+  void (*attend_part)(const float* q, int64_t G, const float* k, const float* v, int64_t d, int64_t t0, int64_t t1,
+                      float scale, float* scores, float* m, float* l, float* o);
   // out[i] = silu(gate[i]) * up[i]
   void (*silu_mul)(const float* gate, const float* up, int64_t n, float* out);
   // x[i] += y[i]
@@ -112,30 +115,57 @@ inline void rope(float* x, int64_t rows, int64_t d, const float* cos, const floa
   }
 }
 
-inline void attend(const float* q, const float* k, const float* v, int64_t d, int64_t len, float scale, float* scores,
-                   float* out) {
-  float top = -3.0e38f;
-  for (int64_t t = 0; t < len; ++t) {
-    scores[t] = dot(q, k + t * d, d) * scale;
-    top = scores[t] > top ? scores[t] : top;
-  }
+// s[t] = e^(s[t] - top) in place, t < n; returns their sum.
+inline float exp_shifted(float* s, int64_t n, float top) {
   float part[kLanes] = {};
   int64_t t = 0;
-  for (; t + kLanes <= len; t += kLanes)
+  for (; t + kLanes <= n; t += kLanes)
     for (int j = 0; j < kLanes; ++j) {
-      scores[t + j] = exp_approx(scores[t + j] - top);
-      part[j] += scores[t + j];
+      s[t + j] = exp_approx(s[t + j] - top);
+      part[j] += s[t + j];
     }
   float sum = reduce(part);
-  for (; t < len; ++t) {
-    scores[t] = exp_approx(scores[t] - top);
-    sum += scores[t];
+  for (; t < n; ++t) {
+    s[t] = exp_approx(s[t] - top);
+    sum += s[t];
   }
+  return sum;
+}
+
+inline void attend_part(const float* q, int64_t G, const float* k, const float* v, int64_t d, int64_t t0, int64_t t1,
+                        float scale, float* scores, float* m, float* l, float* o) {
+  const int64_t n = t1 - t0;
+  k += t0 * d, v += t0 * d;
+  for (int64_t g = 0; g < G; ++g) {
+    float* s = scores + g * n;
+    float top = -3.0e38f;
+    for (int64_t t = 0; t < n; ++t) {
+      s[t] = dot(q + g * d, k + t * d, d) * scale;
+      top = s[t] > top ? s[t] : top;
+    }
+    m[g] = top;
+    l[g] = exp_shifted(s, n, top);
+    for (int64_t i = 0; i < d; ++i) o[g * d + i] = 0.0f;
+  }
+  for (int64_t t = 0; t < n; ++t)  // each value row read once for the G heads
+    for (int64_t g = 0; g < G; ++g) {
+      const float p = scores[g * n + t];
+      for (int64_t i = 0; i < d; ++i) o[g * d + i] += p * v[t * d + i];
+    }
+}
+
+// One head's attention from its n parts (attend_part's m, l at [p * stride], o at [p * stride * d]):
+// out = sum_p e^(m_p - M) o_p / sum_p e^(m_p - M) l_p, M = max_p m_p (one part: o_0 / l_0).
+inline void attend_merge(const float* m, const float* l, const float* o, int64_t n, int64_t stride, int64_t d,
+                         float* out) {
+  float top = m[0];
+  for (int64_t p = 1; p < n; ++p) top = m[p * stride] > top ? m[p * stride] : top;
+  float sum = 0.0f;
   for (int64_t i = 0; i < d; ++i) out[i] = 0.0f;
-  for (int64_t s = 0; s < len; ++s) {
-    const float p = scores[s];
-    const float* vs = v + s * d;
-    for (int64_t i = 0; i < d; ++i) out[i] += p * vs[i];
+  for (int64_t p = 0; p < n; ++p) {
+    const float w = exp_approx(m[p * stride] - top);
+    sum += w * l[p * stride];
+    for (int64_t i = 0; i < d; ++i) out[i] += w * o[p * stride * d + i];
   }
   const float inv = 1.0f / sum;
   for (int64_t i = 0; i < d; ++i) out[i] *= inv;
@@ -174,7 +204,7 @@ inline void gemv(const float* w, int64_t k, const float* x, const float* bias, i
     for (r = r0; r < r1; ++r) y[r] += bias[r];
 }
 
-inline DecodeOps ops() { return DecodeOps{rms_norm, rope, attend, silu_mul, add, gemv}; }
+inline DecodeOps ops() { return DecodeOps{rms_norm, rope, attend_part, silu_mul, add, gemv}; }
 
 }  // namespace decode_math
 }  // namespace
