@@ -102,8 +102,9 @@ def load_model(name: str) -> nn.Module:
     return load_causal_lm(smollm2_source() if name == "smollm2" else name)[0]
 
 
-def bytes_per_token(model: nn.Module, context: int) -> int:
-    """Weight bytes one decode step reads, plus the KV cache at ``context`` positions."""
+def bytes_per_token(model: nn.Module, context: int, kv_bytes: int | None = None) -> int:
+    """Weight bytes one decode step reads, plus the KV cache at ``context`` positions (``kv_bytes`` a
+    value, default the model's dtype)."""
     total = 0
     for m in model.modules():
         if isinstance(m, CompressedLinear):
@@ -117,7 +118,7 @@ def bytes_per_token(model: nn.Module, context: int) -> int:
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     dtype_bytes = next(model.parameters()).element_size() if any(True for _ in model.parameters()) else 4
-    total += 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * context * dtype_bytes
+    total += 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * context * (kv_bytes or dtype_bytes)
     return total
 
 
@@ -168,7 +169,8 @@ def prefill_seconds(model, ids) -> float:
 def run(model_name: str, recipes=RECIPES, threads: int = 2, new_tokens: int = 64, prompt_tokens: int = 256,
         rounds: int = 3, head: str = "int8", act: str | None = None, modes=("torch", "decode"),
         dense_modes=("torch", "decode"), compiled=(), lock: str | None = None, idle_build: bool = False,
-        decoders=("native", "lean", "transformers"), decode_context: int = 16, log=print) -> dict:
+        decoders=("native", "lean", "transformers"), decode_context: int = 16, kv_cache: str = "model",
+        log=print) -> dict:
     if idle_build:
         _all_threads_policy(os.SCHED_IDLE)
     torch.set_num_threads(threads)
@@ -193,7 +195,7 @@ def run(model_name: str, recipes=RECIPES, threads: int = 2, new_tokens: int = 64
         with decode_threads(threads):
             for decoder in decoders:
                 try:
-                    greedy(model, decode_prompt, 3, decoder=decoder)
+                    greedy(model, decode_prompt, 3, decoder=decoder, kv_cache=_kv(kv_cache, decoder))
                 except ValueError as err:  # e.g. native on a dense model
                     log(f"{name}: no {decoder} decoder ({err})")
                     continue
@@ -206,7 +208,7 @@ def run(model_name: str, recipes=RECIPES, threads: int = 2, new_tokens: int = 64
         _all_threads_policy(os.SCHED_OTHER)  # measure at normal priority, every thread (OpenMP's too)
     with locked(lock):
         return _measure(model_name, variants, modes_of, prompt, decode_prompt, threads, new_tokens, rounds, head,
-                        act, decoders_of, log)
+                        act, decoders_of, kv_cache, log)
 
 
 def _all_threads_policy(policy) -> None:
@@ -218,7 +220,7 @@ def _all_threads_policy(policy) -> None:
 
 
 def _measure(model_name, variants, modes_of, prompt, decode_prompt, threads, new_tokens, rounds, head, act,
-             decoders_of, log):
+             decoders_of, kv_cache, log):
     prompt_tokens = prompt.shape[1]
     results: dict = {name: {(m, d): {"decode": [], "prefill": [], "tokens": None} for m in modes_of[name]
                             for d in decoders_of[name]} for name in variants}
@@ -230,7 +232,7 @@ def _measure(model_name, variants, modes_of, prompt, decode_prompt, threads, new
             for mode, decoder in results[name]:
                 ctx = decode_threads(threads) if mode == "decode" else _nothing()
                 with ctx:
-                    gen = greedy(model, decode_prompt, new_tokens, decoder=decoder)
+                    gen = greedy(model, decode_prompt, new_tokens, decoder=decoder, kv_cache=_kv(kv_cache, decoder))
                 pre = prefill_seconds(model, prompt)  # all threads for torch too, as greedy's prompt step
                 r = results[name][mode, decoder]
                 r["decode"].append(gen.decode_tokens_per_s)
@@ -245,8 +247,8 @@ def _measure(model_name, variants, modes_of, prompt, decode_prompt, threads, new
     best_dense = {k: max(statistics.median(r[k]) for r in results["dense"].values())
                   for k in ("decode", "prefill")} if "dense" in results else None
     for name, model in variants.items():
-        nbytes = bytes_per_token(model, context)
         for mode, decoder in results[name]:
+            nbytes = bytes_per_token(model, context, 2 if _kv(kv_cache, decoder) == "fp16" else None)
             r = results[name][mode, decoder]
             dec, pre = statistics.median(r["decode"]), statistics.median(r["prefill"])
             row = {"model": model_name, "variant": name, "threads": mode, "decoder": decoder, "decode_tok_s": dec,
@@ -263,9 +265,14 @@ def _measure(model_name, variants, modes_of, prompt, decode_prompt, threads, new
                 row["prefill_x_dense"] = pre / best_dense["prefill"]
             table.append(row)
     return {"model": model_name, "threads": threads, "new_tokens": new_tokens, "prompt_tokens": prompt_tokens,
-            "decode_context": decode_prompt.shape[1],
+            "decode_context": decode_prompt.shape[1], "kv_cache": kv_cache,
             "rounds": rounds, "head": head, "act": act or "default", "read_bandwidth": bw, "rows": table,
             "isa": _isa(), "torch": torch.__version__}
+
+
+def _kv(kv_cache: str, decoder: str) -> str:
+    """--kv-cache for the decoders that keep their own cache (transformers' forward keeps its own)."""
+    return "model" if decoder == "transformers" else kv_cache
 
 
 def _same_prefix(a: list[int], b: list[int]) -> int:
@@ -292,7 +299,8 @@ def _isa() -> str:
 def markdown(report: dict) -> str:
     head = (f"{report['model']}, batch 1, {report['threads']} threads, ISA {report['isa']}, prompt "
             f"{report['prompt_tokens']} tokens, {report['new_tokens']} new tokens after a prompt of "
-            f"{report.get('decode_context', 16)}, median of {report['rounds']} "
+            f"{report.get('decode_context', 16)} (KV cache: {report.get('kv_cache', 'model')}), median of "
+            f"{report['rounds']} "
             f"interleaved rounds, LM head {report['head']}, act {report['act']}, read bandwidth "
             f"{report['read_bandwidth'] / 1e9:.1f} GB/s")
     columns = "| variant | threads | decoder | decode tok/s | x dense | prefill tok/s | x dense | MB/token | roofline |"
@@ -326,6 +334,8 @@ def main(argv=None) -> int:
     p.add_argument("--dense-modes", default="torch,decode", help="thread settings for dense fp32")
     p.add_argument("--decoders", default="native,lean,transformers",
                    help="forwards to measure greedy decode with: native, lean (LeanLlama), transformers")
+    p.add_argument("--kv-cache", default="model", choices=("model", "fp16"),
+                   help="KV cache precision of the native / lean decoders (sparseinfer.llm.greedy's kv_cache)")
     p.add_argument("--compile", default="", help="recipes to measure also under torch.compile (decode threads)")
     p.add_argument("--lock", help="flock this file around the measured rounds only (e.g. /work/bench.lock)")
     p.add_argument("--idle-build", action="store_true",
@@ -335,7 +345,7 @@ def main(argv=None) -> int:
     report = run(args.model, args.recipes.split(","), args.threads, args.new_tokens, args.prompt_tokens, args.rounds,
                  args.head, args.act, tuple(args.modes.split(",")), tuple(args.dense_modes.split(",")),
                  tuple(r for r in args.compile.split(",") if r), args.lock, args.idle_build,
-                 tuple(args.decoders.split(",")), args.decode_context,
+                 tuple(args.decoders.split(",")), args.decode_context, args.kv_cache,
                  log=lambda s: print(s, file=sys.stderr, flush=True))
     print(markdown(report))
     if args.json:

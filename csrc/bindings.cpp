@@ -776,7 +776,9 @@ class Decoder {
     if (n_layers < 1) value_error("Decoder: no layers");
 
     Tensor k = inspect(k_obj, "k_cache"), v = inspect(v_obj, "v_cache");
-    check_dtype(k, {DType::f32}), check_dtype(v, {DType::f32});
+    check_dtype(k, {DType::f32, DType::f16}), check_dtype(v, {DType::f32, DType::f16});
+    if (k.dtype != v.dtype) value_error("Decoder: k_cache and v_cache must have one dtype (float32 or float16)");
+    kv_f16_ = k.dtype == DType::f16;
     check_dim(k, 4);
     max_len_ = k.shape[2];
     if (max_len_ < 1) value_error("Decoder: k_cache holds no positions");
@@ -1097,12 +1099,18 @@ class Decoder {
   void rope_and_cache(int64_t l) {
     const int64_t d = head_dim_, kv_width = kv_heads_ * d, q_width = heads_ * d;
     ops_.rope(qkv_.data(), heads_ + kv_heads_, d, cos_.data() + pos_ * d, sin_.data() + pos_ * d);
-    float* k_cache = reinterpret_cast<float*>(k_.ptr) + l * kv_heads_ * max_len_ * d;
-    float* v_cache = reinterpret_cast<float*>(v_.ptr) + l * kv_heads_ * max_len_ * d;
     for (int64_t g = 0; g < kv_heads_; ++g) {
-      std::memcpy(k_cache + (g * max_len_ + pos_) * d, qkv_.data() + q_width + g * d, size_t(d) * sizeof(float));
-      std::memcpy(v_cache + (g * max_len_ + pos_) * d, qkv_.data() + q_width + kv_width + g * d,
-                  size_t(d) * sizeof(float));
+      const int64_t at = ((l * kv_heads_ + g) * max_len_ + pos_) * d;
+      const float* key = qkv_.data() + q_width + g * d;
+      const float* value = key + kv_width;
+      if (kv_f16_) {  // rounded to nearest even, as torch writes the prompt's rows
+        uint16_t* k_cache = reinterpret_cast<uint16_t*>(k_.ptr) + at;
+        uint16_t* v_cache = reinterpret_cast<uint16_t*>(v_.ptr) + at;
+        for (int64_t i = 0; i < d; ++i) k_cache[i] = f32_to_f16(key[i]), v_cache[i] = f32_to_f16(value[i]);
+      } else {
+        std::memcpy(reinterpret_cast<float*>(k_.ptr) + at, key, size_t(d) * sizeof(float));
+        std::memcpy(reinterpret_cast<float*>(v_.ptr) + at, value, size_t(d) * sizeof(float));
+      }
     }
   }
 
@@ -1125,12 +1133,17 @@ class Decoder {
   void attend_part(int64_t l, int64_t i) {
     const int64_t d = head_dim_, group = heads_ / kv_heads_, g = i / parts_, p = i % parts_, len = pos_ + 1;
     const int64_t t0 = p * part_len_, t1 = t0 + part_len_ < len ? t0 + part_len_ : len;
-    const float* k_cache = reinterpret_cast<const float*>(k_.ptr) + (l * kv_heads_ + g) * max_len_ * d;
-    const float* v_cache = reinterpret_cast<const float*>(v_.ptr) + (l * kv_heads_ + g) * max_len_ * d;
-    const int64_t h0 = g * group, at = p * heads_ + h0;
-    ops_.attend_part(qkv_.data() + h0 * d, group, k_cache, v_cache, d, t0, t1, scale_,
-                     scores_.data() + h0 * max_len_ + t0 * group, part_m_.data() + at, part_l_.data() + at,
-                     part_o_.data() + at * d);
+    const int64_t rows = (l * kv_heads_ + g) * max_len_ * d, h0 = g * group, at = p * heads_ + h0;
+    const float* q = qkv_.data() + h0 * d;
+    float* scores = scores_.data() + h0 * max_len_ + t0 * group;
+    if (kv_f16_)
+      ops_.attend_part_f16(q, group, reinterpret_cast<const uint16_t*>(k_.ptr) + rows,
+                           reinterpret_cast<const uint16_t*>(v_.ptr) + rows, d, t0, t1, scale_, scores,
+                           part_m_.data() + at, part_l_.data() + at, part_o_.data() + at * d);
+    else
+      ops_.attend_part(q, group, reinterpret_cast<const float*>(k_.ptr) + rows,
+                       reinterpret_cast<const float*>(v_.ptr) + rows, d, t0, t1, scale_, scores,
+                       part_m_.data() + at, part_l_.data() + at, part_o_.data() + at * d);
   }
 
   Status run(const float* x_in, int64_t pos, float* out, const KernelImpl** kernel, size_t* failed) {
@@ -1170,6 +1183,7 @@ class Decoder {
   Isa isa_ = Isa::scalar;
   DecodeOps ops_{};
   Tensor k_, v_;
+  bool kv_f16_ = false;  // a half-precision cache (IEEE fp16)
   std::vector<float> cos_, sin_, norm_;
   std::vector<DecoderLayer> layers_;
   std::vector<Projection> head_;  // empty or one

@@ -66,6 +66,10 @@ ROPE_TYPES = ("default", "linear", "llama3")
 # how decode steps run: "python" (transformers' ops, its logits bit for bit), "native" (one C++ call per
 # step, _C.Decoder; ValueError where it cannot run), "auto" (native where it can run, else python)
 STEP_MODES = ("auto", "native", "python")
+# The KV cache's precision: "model" (the model's dtype) or "fp16" (IEEE half: half the bytes a step reads
+# from a long context's cache, each key / value rounded to 11 significant bits once, as llama.cpp's
+# default cache does; attention itself runs in the model's dtype).
+KV_CACHES = ("model", "fp16")
 
 
 def _classes() -> tuple:
@@ -243,12 +247,14 @@ class LeanLlama:
     token; each returns the last position's logits [vocab]. Runs the model's own modules (see the
     module docstring); call under ``torch.inference_mode()``."""
 
-    def __init__(self, model: nn.Module, max_len: int, steps: str = "python"):
+    def __init__(self, model: nn.Module, max_len: int, steps: str = "python", kv_cache: str = "model"):
         why = unsupported(model, max_len)
         if why is not None:
             raise ValueError(f"LeanLlama: {why}")
         if steps not in STEP_MODES:
             raise ValueError(f"LeanLlama: steps must be one of {STEP_MODES}, got {steps!r}")
+        if kv_cache not in KV_CACHES:
+            raise ValueError(f"LeanLlama: kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
         self.steps = steps
         self.step_path = None  # "native" or "python" once a decode step has run
         # the ISA of native steps: None, the active one with the kernels the routes picked; another
@@ -275,8 +281,9 @@ class LeanLlama:
         self.sin = sin[0].clone()
         self.sin[:, :half].neg_()  # rotate_half(x) * sin == swap_halves(x) * [-sin1, sin2]
         shape = (len(self.layers), self.kv_heads, max_len, self.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        kv_dtype = torch.float16 if kv_cache == "fp16" else dtype
+        self.k = torch.zeros(shape, dtype=kv_dtype, device=device)
+        self.v = torch.zeros(shape, dtype=kv_dtype, device=device)
         self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)
         self.ids = torch.zeros(1, 1, dtype=torch.long, device=device)  # a decode step's input, reused
         self._step_layers, self._step_key = None, None  # self.layers with calls bound for decode steps
@@ -361,6 +368,8 @@ class LeanLlama:
             k_cache[:, pos:end] = rotated[:, heads:].transpose(0, 1)
             v_cache[:, pos:end] = qkv[:, nqk:].view(s, kv, d).transpose(0, 1)
             keys, values = k_cache[None, :, :end], v_cache[None, :, :end]
+            if keys.dtype != x.dtype:  # a half-precision cache: its rounded values, widened
+                keys, values = keys.to(x.dtype), values.to(x.dtype)
             # as transformers' SDPA attention calls it (GQA in the kernel, causal for the prompt from
             # position 0, no mask): the same numbers. Packing each KV head's query heads into one
             # query block would halve this call's time but rounds differently, and int8 activations

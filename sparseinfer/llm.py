@@ -23,7 +23,7 @@ from torch import nn
 
 from .backends import cpu_native
 from .backends.cpu_routes import torch_threads
-from .lean_llama import LeanLlama, unsupported
+from .lean_llama import KV_CACHES, LeanLlama, unsupported
 from .runtime.fused import fuse_shared_inputs
 from .runtime.modules import prepare_compile
 
@@ -163,22 +163,30 @@ def pick_decoder(model: nn.Module, decoder: str = "auto", max_len: int | None = 
 
 @torch.inference_mode()
 def greedy(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id=None,
-           on_token=None, decoder: str = "auto") -> Generation:
+           on_token=None, decoder: str = "auto", kv_cache: str = "model") -> Generation:
     """Greedy decoding of one prompt (``input_ids`` [1, S]) with a KV cache; ``on_token(id)`` is
     called as each token is chosen (streaming). Stops at ``max_new_tokens`` or an EOS token.
     ``decoder`` (``DECODERS``): "auto" (default) runs ``LeanLlama`` where the model is a supported
     Llama / Mistral, with native steps where it can (float32, no other backend), and transformers'
-    forward otherwise; "native", "lean" or "transformers" forces one."""
+    forward otherwise; "native", "lean" or "transformers" forces one. ``kv_cache``
+    (``lean_llama.KV_CACHES``): "model" (default) keeps keys and values in the model's dtype, "fp16" in
+    half precision (half the bytes a decode step reads from a long context's cache; the lean and native
+    decoders only)."""
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"greedy: one prompt at a time, input_ids of shape [1, S]; got {tuple(input_ids.shape)}")
     if max_new_tokens < 1:
         raise ValueError(f"greedy: max_new_tokens must be >= 1, got {max_new_tokens}")
     steps = _LEAN_STEPS.get(decoder)
+    if kv_cache not in KV_CACHES:
+        raise ValueError(f"greedy: kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
     decoder = pick_decoder(model, decoder, input_ids.shape[1] + max_new_tokens)
+    if decoder == "transformers" and kv_cache != "model":
+        raise ValueError(f"greedy: kv_cache={kv_cache!r} needs the lean or native decoder; transformers' forward "
+                         "keeps its own cache")
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
     start = time.perf_counter()
     if decoder == "lean":
-        lean = LeanLlama(model, input_ids.shape[1] + max_new_tokens, steps=steps)
+        lean = LeanLlama(model, input_ids.shape[1] + max_new_tokens, steps=steps, kv_cache=kv_cache)
 
         def forward(ids):
             return lean.prefill(ids) if ids is input_ids else lean.step(ids)

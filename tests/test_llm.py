@@ -214,6 +214,10 @@ def test_cli_compress_folder_with_calib_file_and_generate(tmp_path, capsys):
                  "--act", "fp32", "--decoder", "transformers"]) == 0
     forced = capsys.readouterr()
     assert forced.out == captured.out and "(transformers decoder)" in forced.err
+    assert main(["generate", str(out), "--prompt", "w17 w93 w40", "--max-new-tokens", "6", "--threads", "1",
+                 "--act", "fp32", "--kv-cache", "fp16"]) == 0
+    half = capsys.readouterr()
+    assert half.out.startswith("w17 w93 w40") and "(native decoder)" in half.err
     assert main(["run", str(out)]) == 2 and "sparseinfer generate" in capsys.readouterr().err
     assert main(["inspect", str(out), "--verify"]) == 0
     assert "architecture transformers LlamaForCausalLM" in capsys.readouterr().out
@@ -576,14 +580,14 @@ def test_lean_decoder_cache_bounds():
             lean.step(3)
 
 
-def _lean_logits(model, tokens, steps="python", isa=None, between=None):
+def _lean_logits(model, tokens, steps="python", isa=None, between=None, kv_cache="model"):
     """``_step_logits`` through LeanLlama's ``steps`` (its native steps on ``isa``); ``between(i)`` runs
     before step i."""
     from sparseinfer.lean_llama import LeanLlama
 
     prompt, rest = torch.tensor([tokens[:len(PROMPT[0])]]), tokens[len(PROMPT[0]):]
     with torch.inference_mode():
-        lean = LeanLlama(model, len(tokens), steps=steps)
+        lean = LeanLlama(model, len(tokens), steps=steps, kv_cache=kv_cache)
         lean.native_isa = isa
         out = [lean.prefill(prompt)]
         for i, t in enumerate(rest):
@@ -732,13 +736,17 @@ def test_greedy_takes_native_steps_where_it_can():
     assert greedy(bf16, torch.tensor(PROMPT), 4).decoder == "lean"  # native steps run float32 models
 
 
+@pytest.mark.parametrize("kv_cache", ["model", "fp16"])
 @pytest.mark.parametrize("heads, kv_heads, hidden", [(8, 2, 512), (6, 1, 288), (4, 4, 320), (5, 5, 200)])
-def test_native_attention_parts_match(heads, kv_heads, hidden):
+def test_native_attention_parts_match(heads, kv_heads, hidden, kv_cache):
     """A long context (300 positions: two parts of 160 per KV head on 2 threads, 12 past the last
     whole vector of positions): the native step's attention (decode.h attend_part / attend_merge,
     x86/attend_x86.h) on every ISA this machine runs, for query heads per KV head 4, 6 (more than a
     value tile's heads) and 1, head sizes 64, 48, 80 and 40 (not a multiple of 16: AVX-512 takes the
-    plain loops): the logits stay the Python steps' (SDPA)."""
+    plain loops), over an fp32 and an fp16 cache: the logits stay the Python steps' (SDPA over the
+    same cache). The fp16 cache costs 3-7e-4 of the logits against the fp32 one (below 2e-3 asserted);
+    there a last-bit difference of a new key or value before its rounding can become a half-precision
+    ulp, so the native steps must stay within a quarter of that cost (2e-6 to 5.5e-5 measured)."""
     cfg = transformers.LlamaConfig(vocab_size=160, hidden_size=hidden, intermediate_size=256, num_hidden_layers=1,
                                    num_attention_heads=heads, num_key_value_heads=kv_heads,
                                    max_position_embeddings=512, initializer_range=0.05)
@@ -748,12 +756,42 @@ def test_native_attention_parts_match(heads, kv_heads, hidden):
     tokens = torch.randint(3, 160, (300,), generator=g).tolist()
     si.set_threads(2)
     try:
-        want, _ = _lean_logits(model, tokens)
+        want, lean = _lean_logits(model, tokens, kv_cache=kv_cache)
+        assert lean.k.dtype == lean.v.dtype == (torch.float16 if kv_cache == "fp16" else torch.float32)
+        tol = NATIVE_TOL
+        if kv_cache == "fp16":
+            exact, _ = _lean_logits(model, tokens)
+            cost = _rel(want, exact)
+            assert 0 < cost < 2e-3
+            tol = max(tol, 0.25 * cost)
         for isa in _isas():
-            got, lean = _lean_logits(model, tokens, "native", isa)
-            assert lean.step_path == "native" and _rel(got, want) < NATIVE_TOL, (isa, _rel(got, want))
+            got, lean = _lean_logits(model, tokens, "native", isa, kv_cache=kv_cache)
+            assert lean.step_path == "native" and _rel(got, want) < tol, (isa, _rel(got, want), tol)
     finally:
         si.set_threads(None)
+
+
+def test_kv_cache_setting_is_checked():
+    from sparseinfer.lean_llama import LeanLlama
+    from sparseinfer.llm import greedy
+
+    model = _llama_cfg()
+    with pytest.raises(ValueError, match="kv_cache must be one of"):
+        LeanLlama(model, 8, kv_cache="int8")
+    with pytest.raises(ValueError, match="kv_cache must be one of"):
+        greedy(model, torch.tensor(PROMPT), 2, kv_cache="bf16")
+    with pytest.raises(ValueError, match="needs the lean or native decoder"):
+        greedy(model, torch.tensor(PROMPT), 2, decoder="transformers", kv_cache="fp16")
+    fp16 = greedy(model, torch.tensor(PROMPT), 4, kv_cache="fp16")
+    assert fp16.decoder == "native" and len(fp16.tokens) == 4
+    with torch.inference_mode():
+        lean = LeanLlama(model, 8, steps="native", kv_cache="fp16")
+        lean.prefill(torch.tensor(PROMPT)[:, :4])
+        lean.step(5)  # builds the native decoder over the fp16 cache
+        assert lean.step_path == "native"
+        with pytest.raises(ValueError, match="one dtype"):
+            lean.v = lean.v.float()
+            lean._native_decoder(torch.zeros(1, model.config.hidden_size))
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])

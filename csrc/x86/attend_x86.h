@@ -6,7 +6,8 @@
 //   (Simd::sums) gives the W scores in one vector;
 // - e^(s - max) in vector lanes, with exp_approx's arithmetic (the same bits);
 // - values: each row read once for up to Simd::kHeads query heads, their accumulators in registers.
-// Head sizes that are not a multiple of W take the plain loops.
+// Head sizes that are not a multiple of W take the plain loops. A half-precision cache is widened as
+// it is loaded (F16C / AVX-512F vcvtph2ps: exact).
 #pragma once
 
 #include <cstdint>
@@ -34,15 +35,18 @@ inline V exp_lanes(V x) {
   return Simd::mul(p, Simd::pow2(r));
 }
 
+inline V load_kv(const float* p) { return Simd::load(p); }
+inline V load_kv(const uint16_t* p) { return Simd::load_f16(p); }
+
 // Values of positions [0, n) into o[g * d + c ...] for heads g < GS, columns [c, c + NV * W).
-template <int NV, int GS>
-inline void values_tile(const float* p, int64_t n, const float* v, int64_t d, int64_t c, float* o) {
+template <int NV, int GS, class T>
+inline void values_tile(const float* p, int64_t n, const T* v, int64_t d, int64_t c, float* o) {
   V acc[GS][NV];
   for (int g = 0; g < GS; ++g)
     for (int u = 0; u < NV; ++u) acc[g][u] = Simd::zero();
   for (int64_t t = 0; t < n; ++t) {
     V row[NV];
-    for (int u = 0; u < NV; ++u) row[u] = Simd::load(v + t * d + c + u * W);
+    for (int u = 0; u < NV; ++u) row[u] = load_kv(v + t * d + c + u * W);
     for (int g = 0; g < GS; ++g) {
       const V pg = Simd::set1(p[g * n + t]);
       for (int u = 0; u < NV; ++u) acc[g][u] = Simd::fmadd(pg, row[u], acc[g][u]);
@@ -52,18 +56,19 @@ inline void values_tile(const float* p, int64_t n, const float* v, int64_t d, in
     for (int u = 0; u < NV; ++u) Simd::store(o + g * d + c + u * W, acc[g][u]);
 }
 
-template <int NV>
-inline void values_heads(int64_t gs, const float* p, int64_t n, const float* v, int64_t d, int64_t c, float* o) {
+template <int NV, class T>
+inline void values_heads(int64_t gs, const float* p, int64_t n, const T* v, int64_t d, int64_t c, float* o) {
   static_assert(Simd::kHeads == 2 || Simd::kHeads == 4, "kHeads: 2 or 4");
-  if (gs == 1) return values_tile<NV, 1>(p, n, v, d, c, o);
-  if (gs == 2) return values_tile<NV, 2>(p, n, v, d, c, o);
+  if (gs == 1) return values_tile<NV, 1, T>(p, n, v, d, c, o);
+  if (gs == 2) return values_tile<NV, 2, T>(p, n, v, d, c, o);
   if constexpr (Simd::kHeads == 4) {
-    if (gs == 3) return values_tile<NV, 3>(p, n, v, d, c, o);
-    return values_tile<NV, 4>(p, n, v, d, c, o);
+    if (gs == 3) return values_tile<NV, 3, T>(p, n, v, d, c, o);
+    return values_tile<NV, 4, T>(p, n, v, d, c, o);
   }
 }
 
-inline void attend_part(const float* q, int64_t G, const float* k, const float* v, int64_t d, int64_t t0, int64_t t1,
+template <class T>
+inline void attend_part(const float* q, int64_t G, const T* k, const T* v, int64_t d, int64_t t0, int64_t t1,
                         float scale, float* scores, float* m, float* l, float* o) {
   if (d % W) return decode_math::attend_part(q, G, k, v, d, t0, t1, scale, scores, m, l, o);
   const int64_t n = t1 - t0;
@@ -78,7 +83,7 @@ inline void attend_part(const float* q, int64_t G, const float* k, const float* 
       for (int j = 0; j < W; ++j) acc[j] = Simd::zero();
       for (int64_t i = 0; i < d; i += W) {
         const V qi = Simd::load(qg + i);
-        for (int j = 0; j < W; ++j) acc[j] = Simd::fmadd(qi, Simd::load(k + (t + j) * d + i), acc[j]);
+        for (int j = 0; j < W; ++j) acc[j] = Simd::fmadd(qi, load_kv(k + (t + j) * d + i), acc[j]);
       }
       const V sv = Simd::mul(Simd::sums(acc), Simd::set1(scale));
       Simd::store(s + t, sv);
@@ -86,7 +91,7 @@ inline void attend_part(const float* q, int64_t G, const float* k, const float* 
     }
     float mx = Simd::hmax(top);
     for (; t < n; ++t) {
-      s[t] = decode_math::dot(qg, k + t * d, d) * scale;
+      s[t] = decode_math::dot_kv(qg, k + t * d, d) * scale;
       mx = s[t] > mx ? s[t] : mx;
     }
     m[g] = mx;
@@ -109,11 +114,11 @@ inline void attend_part(const float* q, int64_t G, const float* k, const float* 
     const float* p = scores + g0 * n;
     float* og = o + g0 * d;
     int64_t c = 0;
-    for (; c + 4 * W <= d; c += 4 * W) values_heads<4>(gs, p, n, v, d, c, og);
+    for (; c + 4 * W <= d; c += 4 * W) values_heads<4, T>(gs, p, n, v, d, c, og);
     switch ((d - c) / W) {
-      case 3: values_heads<3>(gs, p, n, v, d, c, og); break;
-      case 2: values_heads<2>(gs, p, n, v, d, c, og); break;
-      case 1: values_heads<1>(gs, p, n, v, d, c, og); break;
+      case 3: values_heads<3, T>(gs, p, n, v, d, c, og); break;
+      case 2: values_heads<2, T>(gs, p, n, v, d, c, og); break;
+      case 1: values_heads<1, T>(gs, p, n, v, d, c, og); break;
       default: break;
     }
   }

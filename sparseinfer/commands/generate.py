@@ -9,6 +9,7 @@ import time
 import sparseinfer as si
 from sparseinfer.act import ACT_MODES
 from sparseinfer.backends import cpu_routes
+from sparseinfer.lean_llama import KV_CACHES
 from sparseinfer.llm import DECODERS, compile_model, decode_threads, greedy
 
 
@@ -31,6 +32,9 @@ def register(sub):
                         "lean (sparseinfer.lean_llama's Python steps: transformers' logits bit for bit; "
                         "transformers' Llama / Mistral only), transformers (the model's own), auto (default: "
                         "native, else lean, where supported)")
+    p.add_argument("--kv-cache", choices=KV_CACHES, default="model",
+                   help="the KV cache's precision: model (default: the model's dtype) or fp16 (half the bytes a "
+                        "step reads from a long context's cache; lean and native decoders)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model first (sparseinfer.llm.compile_model; it runs transformers' "
                         "forward, not the lean decoder): compiling takes minutes on a few cores (the first "
@@ -72,7 +76,7 @@ def _run(args) -> int:
     measured = cpu_routes.measuring_seconds()
     with decode_threads(args.threads):
         g = greedy(model, ids, args.max_new_tokens, eos_token_id=model.generation_config.eos_token_id, on_token=stream,
-                   decoder=args.decoder)
+                   decoder=args.decoder, kv_cache=args.kv_cache)
     measured = cpu_routes.measuring_seconds() - measured
     print()
     print(f"loaded in {loaded:.1f} s; prefill {g.prompt_tokens} tokens in {g.prefill_s * 1e3:.0f} ms "

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "sparseinfer/half.h"
 #include "sparseinfer/kernels.h"
 
 namespace sparseinfer {
@@ -30,6 +31,9 @@ struct DecodeOps {
   // scores: G * (t1 - t0) floats of scratch; o [G][d].
   void (*attend_part)(const float* q, int64_t G, const float* k, const float* v, int64_t d, int64_t t0, int64_t t1,
                       float scale, float* scores, float* m, float* l, float* o);
+  // The same over a half-precision cache: k, v as IEEE fp16 bits (each value widened exactly).
+  void (*attend_part_f16)(const float* q, int64_t G, const uint16_t* k, const uint16_t* v, int64_t d, int64_t t0,
+                          int64_t t1, float scale, float* scores, float* m, float* l, float* o);
   // out[i] = silu(gate[i]) * up[i]
   void (*silu_mul)(const float* gate, const float* up, int64_t n, float* out);
   // x[i] += y[i]
@@ -132,7 +136,23 @@ inline float exp_shifted(float* s, int64_t n, float top) {
   return sum;
 }
 
-inline void attend_part(const float* q, int64_t G, const float* k, const float* v, int64_t d, int64_t t0, int64_t t1,
+// A cache value: fp32, or fp16 bits widened (exactly).
+inline float kv_value(float x) { return x; }
+inline float kv_value(uint16_t h) { return f16_to_f32(h); }
+
+template <class T>
+inline float dot_kv(const float* q, const T* k, int64_t n) {
+  float part[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) part[j] += q[i + j] * kv_value(k[i + j]);
+  float tail = 0.0f;
+  for (; i < n; ++i) tail += q[i] * kv_value(k[i]);
+  return reduce(part) + tail;
+}
+
+template <class T>
+inline void attend_part(const float* q, int64_t G, const T* k, const T* v, int64_t d, int64_t t0, int64_t t1,
                         float scale, float* scores, float* m, float* l, float* o) {
   const int64_t n = t1 - t0;
   k += t0 * d, v += t0 * d;
@@ -140,7 +160,7 @@ inline void attend_part(const float* q, int64_t G, const float* k, const float* 
     float* s = scores + g * n;
     float top = -3.0e38f;
     for (int64_t t = 0; t < n; ++t) {
-      s[t] = dot(q + g * d, k + t * d, d) * scale;
+      s[t] = dot_kv(q + g * d, k + t * d, d) * scale;
       top = s[t] > top ? s[t] : top;
     }
     m[g] = top;
@@ -150,7 +170,7 @@ inline void attend_part(const float* q, int64_t G, const float* k, const float* 
   for (int64_t t = 0; t < n; ++t)  // each value row read once for the G heads
     for (int64_t g = 0; g < G; ++g) {
       const float p = scores[g * n + t];
-      for (int64_t i = 0; i < d; ++i) o[g * d + i] += p * v[t * d + i];
+      for (int64_t i = 0; i < d; ++i) o[g * d + i] += p * kv_value(v[t * d + i]);
     }
 }
 
@@ -204,7 +224,9 @@ inline void gemv(const float* w, int64_t k, const float* x, const float* bias, i
     for (r = r0; r < r1; ++r) y[r] += bias[r];
 }
 
-inline DecodeOps ops() { return DecodeOps{rms_norm, rope, attend_part, silu_mul, add, gemv}; }
+inline DecodeOps ops() {
+  return DecodeOps{rms_norm, rope, attend_part<float>, attend_part<uint16_t>, silu_mul, add, gemv};
+}
 
 }  // namespace decode_math
 }  // namespace

@@ -14,6 +14,7 @@ struct Simd {
   static V zero() { return _mm256_setzero_ps(); }
   static V set1(float x) { return _mm256_set1_ps(x); }
   static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V load_f16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
   static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
@@ -52,7 +53,8 @@ namespace sparseinfer {
 
 DecodeOps decode_ops_avx2() {
   DecodeOps ops = decode_math::ops();
-  ops.attend_part = attend_x86::attend_part;
+  ops.attend_part = attend_x86::attend_part<float>;
+  ops.attend_part_f16 = attend_x86::attend_part<uint16_t>;
   return ops;
 }
 

@@ -17,6 +17,7 @@ struct Simd {
   static V zero() { return _mm512_setzero_ps(); }
   static V set1(float x) { return _mm512_set1_ps(x); }
   static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static V load_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
   static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
@@ -58,7 +59,8 @@ namespace sparseinfer {
 
 DecodeOps decode_ops_avx512() {
   DecodeOps ops = decode_math::ops();
-  ops.attend_part = attend_x86::attend_part;
+  ops.attend_part = attend_x86::attend_part<float>;
+  ops.attend_part_f16 = attend_x86::attend_part<uint16_t>;
   return ops;
 }
 
