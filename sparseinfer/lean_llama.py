@@ -68,7 +68,8 @@ ROPE_TYPES = ("default", "linear", "llama3")
 STEP_MODES = ("auto", "native", "python")
 # The KV cache's precision: "model" (the model's dtype) or "fp16" (IEEE half: half the bytes a step reads
 # from a long context's cache, each key / value rounded to 11 significant bits once, as llama.cpp's
-# default cache does; attention itself runs in the model's dtype).
+# default cache does; a key or value beyond fp16's +-65504 would become inf; attention itself runs in
+# the model's dtype).
 KV_CACHES = ("model", "fp16")
 
 
