@@ -22,7 +22,8 @@
 //      bit the scalar row-tile kernel's result (the contract of ref/qtile_ref.cpp), and within the
 //      activation-quantization bound below of the reference.
 //
-// Also run_stages' ordering (run_stage_checks).
+// Also run_stages' ordering (run_stage_checks), and the native decode step's attention on every ISA
+// (run_attend_checks: decode.h attend_part over fp32 and fp16 caches, and attend_merge).
 //
 // Output, one line each: "FEATURES ...", "ISAS ...", "PASS|FAIL <case> isa=.. kernel=.. ...", and
 // "SUMMARY pass=P fail=F". Exit status: 0 all passed, 1 a case failed, 2 bad usage or vector file.
@@ -36,6 +37,7 @@
 #include <string>
 #include <vector>
 
+#include "sparseinfer/decode.h"
 #include "sparseinfer/dispatch.h"
 #include "sparseinfer/kernel_utils.h"
 #include "sparseinfer/threadpool.h"
@@ -527,6 +529,100 @@ void run_stage_checks(bool verbose, Counts& counts) {
   }
 }
 
+// decode_ops(isa).attend_part / attend_part_f16 against a double-precision reference, for head sizes
+// 2-128 (multiples of the vector width and not), 1-8 query heads per KV head and position ranges from
+// one position to 300 (not multiples of 16, starting past 0): m, l and o with q, k, v ~ U(-1, 1) and
+// scale 1 / sqrt(d), within 1e-5 of |m| + 1, of l and of o's accumulation sum_t e^(s_t - m) |v_t|
+// (the float scores and exp_approx err ~1e-6 there; a dropped position or column is ~1 / n of it).
+// scores, m, l and o are poisoned (NaN) first, and guard values after o, m and l must stay. Then the
+// range split in two and joined by attend_merge against o_ref / l_ref.
+void run_attend_checks(const std::vector<Isa>& isas, bool verbose, Counts& counts) {
+  const int64_t dims[] = {2, 8, 40, 48, 64, 80, 128};
+  const int64_t groups[] = {1, 2, 3, 4, 5, 8};
+  const int64_t ranges[][2] = {{0, 1}, {0, 15}, {0, 16}, {3, 40}, {7, 300}, {0, 257}};
+  const float nan = std::nanf(""), guard = 12345.0f;
+  uint32_t state = 12345;
+  const auto uniform = [&state]() {  // U(-1, 1), xorshift
+    state ^= state << 13, state ^= state >> 17, state ^= state << 5;
+    return float(state >> 8) / float(1u << 23) - 1.0f;
+  };
+  for (Isa isa : isas) {
+    const DecodeOps ops = decode_ops(isa);
+    for (const bool half : {false, true})
+      for (const int64_t d : dims)
+        for (const int64_t G : groups) {
+          std::string bad;
+          double worst = 0;
+          for (const auto& range : ranges) {
+            const int64_t t0 = range[0], t1 = range[1], n = t1 - t0;
+            std::vector<float> q(size_t(G * d)), k(size_t(t1 * d)), v(size_t(t1 * d));
+            std::vector<uint16_t> kh(k.size()), vh(v.size());
+            for (float& x : q) x = uniform();
+            for (size_t i = 0; i < k.size(); ++i) {  // an fp16 cache holds the values rounded
+              k[i] = uniform(), v[i] = uniform();
+              kh[i] = f32_to_f16(k[i]), vh[i] = f32_to_f16(v[i]);
+              if (half) k[i] = f16_to_f32(kh[i]), v[i] = f16_to_f32(vh[i]);
+            }
+            const float scale = 1.0f / std::sqrt(float(d));
+            std::vector<float> scores(size_t(G * n), nan), m(size_t(G) + 1, nan), l(size_t(G) + 1, nan);
+            std::vector<float> o(size_t(G * d) + 1, nan);
+            m[size_t(G)] = l[size_t(G)] = o[size_t(G * d)] = guard;
+            const auto call = [&](int64_t a, int64_t b, float* mm, float* ll, float* oo) {
+              if (half)
+                ops.attend_part_f16(q.data(), G, kh.data(), vh.data(), d, a, b, scale, scores.data(), mm, ll, oo);
+              else
+                ops.attend_part(q.data(), G, k.data(), v.data(), d, a, b, scale, scores.data(), mm, ll, oo);
+            };
+            call(t0, t1, m.data(), l.data(), o.data());
+            if (m[size_t(G)] != guard || l[size_t(G)] != guard || o[size_t(G * d)] != guard) bad += " wrote-past-end";
+            // the range in two parts, joined
+            const int64_t tm = t0 + n / 2 > t0 ? t0 + n / 2 : t1;
+            std::vector<float> pm(size_t(2 * G), nan), pl(size_t(2 * G), nan), po(size_t(2 * G * d), nan);
+            call(t0, tm, pm.data(), pl.data(), po.data());
+            const int64_t parts = tm < t1 ? 2 : 1;
+            if (parts == 2) call(tm, t1, pm.data() + G, pl.data() + G, po.data() + G * d);
+            for (int64_t g = 0; g < G; ++g) {
+              std::vector<double> s(static_cast<size_t>(n));
+              double top = -1e300;
+              for (int64_t t = 0; t < n; ++t) {
+                double dot = 0;
+                for (int64_t i = 0; i < d; ++i) dot += double(q[size_t(g * d + i)]) * k[size_t((t0 + t) * d + i)];
+                s[size_t(t)] = dot * scale;
+                top = s[size_t(t)] > top ? s[size_t(t)] : top;
+              }
+              double lr = 0;
+              std::vector<double> orf(size_t(d), 0.0), mag(size_t(d), 0.0);
+              for (int64_t t = 0; t < n; ++t) {
+                const double e = std::exp(s[size_t(t)] - top);
+                lr += e;
+                for (int64_t i = 0; i < d; ++i) {
+                  orf[size_t(i)] += e * v[size_t((t0 + t) * d + i)];
+                  mag[size_t(i)] += e * std::fabs(v[size_t((t0 + t) * d + i)]);
+                }
+              }
+              const auto check = [&](double got, double want, double bound, const char* what) {
+                const double err = std::fabs(got - want) / bound;
+                worst = err > worst ? err : worst;
+                if (!(err <= 1.0)) bad += std::string(" ") + what + "@t=" + std::to_string(t0) + ".." + std::to_string(t1);
+              };
+              check(m[size_t(g)], top, 1e-5 * (1 + std::fabs(top)), "m");
+              check(l[size_t(g)], lr, 1e-5 * lr, "l");
+              std::vector<float> joined(size_t(d), nan);
+              decode_math::attend_merge(pm.data() + g, pl.data() + g, po.data() + g * d, parts, G, d, joined.data());
+              for (int64_t i = 0; i < d; ++i) {
+                check(o[size_t(g * d + i)], orf[size_t(i)], 1e-5 * mag[size_t(i)] + 1e-30, "o");
+                check(joined[size_t(i)], orf[size_t(i)] / lr, 2e-5 * mag[size_t(i)] / lr + 1e-30, "merged");
+              }
+            }
+          }
+          char line[160];
+          std::snprintf(line, sizeof line, "attend isa=%s cache=%s d=%lld heads=%lld err/bound=%.2f", isa_name(isa),
+                        half ? "fp16" : "fp32", (long long)d, (long long)G, worst);
+          report(counts, bad.empty(), verbose, std::string(line) + (bad.empty() ? "" : ":" + bad.substr(0, 200)));
+        }
+  }
+}
+
 void print_features() {
   std::printf("FEATURES arch=%s", cpu_arch());
   for (const auto& f : cpu_feature_list()) std::printf(" %s=%d", f.first.c_str(), int(f.second));
@@ -588,7 +684,7 @@ int main(int argc, char** argv) {
       run_case(records[i], isa, i % 2 ? threads : 1, i % 4 >= 2, verbose, counts);
       run_int8_act_case(records[i], isa, i % 2 ? threads : 1, i % 4 < 2, verbose, counts);
     }
-  if (only.empty()) run_stage_checks(verbose, counts);
+  if (only.empty()) run_stage_checks(verbose, counts), run_attend_checks(isas, verbose, counts);
   std::printf("SUMMARY records=%zu isas=%zu pass=%d fail=%d\n", records.size(), isas.size(), counts.pass, counts.fail);
   if (counts.pass + counts.fail == 0) {
     std::fprintf(stderr, "kernel_test: no case ran (--only '%s' matches no record)\n", only.c_str());
