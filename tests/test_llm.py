@@ -741,7 +741,7 @@ def test_greedy_takes_native_steps_where_it_can():
 def test_native_attention_parts_match(heads, kv_heads, hidden, kv_cache):
     """A long context (300 positions: two parts of 160 per KV head on 2 threads, 12 past the last
     whole vector of positions): the native step's attention (decode.h attend_part / attend_merge,
-    x86/attend_x86.h) on every ISA this machine runs, for query heads per KV head 4, 6 (more than a
+    attend_simd.h) on every ISA this machine runs, for query heads per KV head 4, 6 (more than a
     value tile's heads) and 1, head sizes 64, 48, 80 and 40 (not a multiple of 16: AVX-512 takes the
     plain loops), over an fp32 and an fp16 cache: the logits stay the Python steps' (SDPA over the
     same cache). The fp16 cache costs 3-7e-4 of the logits against the fp32 one (below 2e-3 asserted);

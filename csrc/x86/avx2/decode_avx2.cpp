@@ -1,5 +1,5 @@
 // The decode-step math (sparseinfer/decode.h) compiled with this group's flags; attention in
-// 8-float vectors (../attend_x86.h).
+// 8-float vectors (sparseinfer/attend_simd.h).
 #include <immintrin.h>
 
 #include "sparseinfer/decode.h"
@@ -47,14 +47,14 @@ struct Simd {
 }  // namespace
 }  // namespace sparseinfer
 
-#include "../attend_x86.h"
+#include "sparseinfer/attend_simd.h"
 
 namespace sparseinfer {
 
 DecodeOps decode_ops_avx2() {
   DecodeOps ops = decode_math::ops();
-  ops.attend_part = attend_x86::attend_part<float>;
-  ops.attend_part_f16 = attend_x86::attend_part<uint16_t>;
+  ops.attend_part = attend_simd::attend_part<float>;
+  ops.attend_part_f16 = attend_simd::attend_part<uint16_t>;
   return ops;
 }
 

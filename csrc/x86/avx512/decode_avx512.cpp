@@ -1,5 +1,5 @@
 // The decode-step math (sparseinfer/decode.h) compiled with this group's flags; attention in
-// 16-float vectors (../attend_x86.h).
+// 16-float vectors (sparseinfer/attend_simd.h).
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC bug 105593: see avx512_common.h
 #endif
@@ -53,14 +53,14 @@ struct Simd {
 }  // namespace
 }  // namespace sparseinfer
 
-#include "../attend_x86.h"
+#include "sparseinfer/attend_simd.h"
 
 namespace sparseinfer {
 
 DecodeOps decode_ops_avx512() {
   DecodeOps ops = decode_math::ops();
-  ops.attend_part = attend_x86::attend_part<float>;
-  ops.attend_part_f16 = attend_x86::attend_part<uint16_t>;
+  ops.attend_part = attend_simd::attend_part<float>;
+  ops.attend_part_f16 = attend_simd::attend_part<uint16_t>;
   return ops;
 }
 

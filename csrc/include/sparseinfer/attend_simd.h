@@ -1,5 +1,6 @@
-// decode.h's attend_part with x86 vectors, for the AVX2 and AVX-512 groups (decode_avx2.cpp,
-// decode_avx512.cpp: one algorithm over a vector type, `Simd`, that each of them defines). The plain
+// decode.h's attend_part in vectors, for the AVX2, AVX-512 and NEON groups (decode_avx2.cpp,
+// decode_avx512.cpp, decode_neon.cpp: one algorithm over a vector type, `Simd`, that each of them
+// defines before including this header). The plain
 // loops leave a horizontal sum per score and keep the value accumulators in memory; at a long
 // context attention then cost several times a SmolLM2 step's weights. Here:
 // - scores W positions at a time: W dot products accumulated lane-wise, then one transposing sum
@@ -7,7 +8,7 @@
 // - e^(s - max) in vector lanes, with exp_approx's arithmetic (the same bits);
 // - values: each row read once for up to Simd::kHeads query heads, their accumulators in registers.
 // Head sizes that are not a multiple of W take the plain loops. A half-precision cache is widened as
-// it is loaded (F16C / AVX-512F vcvtph2ps: exact).
+// it is loaded (F16C / AVX-512F vcvtph2ps, NEON fcvtl: exact).
 #pragma once
 
 #include <cstdint>
@@ -16,7 +17,7 @@
 
 namespace sparseinfer {
 namespace {
-namespace attend_x86 {
+namespace attend_simd {
 
 using V = Simd::V;
 constexpr int W = Simd::W;
@@ -124,6 +125,6 @@ inline void attend_part(const float* q, int64_t G, const T* k, const T* v, int64
   }
 }
 
-}  // namespace attend_x86
+}  // namespace attend_simd
 }  // namespace
 }  // namespace sparseinfer
