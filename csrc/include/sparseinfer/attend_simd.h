@@ -92,7 +92,7 @@ inline void attend_part(const float* q, int64_t G, const T* k, const T* v, int64
     }
     float mx = Simd::hmax(top);
     for (; t < n; ++t) {
-      s[t] = decode_math::dot_kv(qg, k + t * d, d) * scale;
+      s[t] = decode_math::dot(qg, k + t * d, d) * scale;
       mx = s[t] > mx ? s[t] : mx;
     }
     m[g] = mx;

@@ -63,17 +63,23 @@ inline float reduce(float* part) {
   return part[0];
 }
 
-inline float tail_dot(const float* a, const float* b, int64_t n) {
+// A float operand, or a KV-cache value: fp32, or fp16 bits widened (exactly).
+inline float kv_value(float x) { return x; }
+inline float kv_value(uint16_t h) { return f16_to_f32(h); }
+
+template <class T>
+inline float tail_dot(const float* a, const T* b, int64_t n) {
   float s = 0.0f;
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  for (int64_t i = 0; i < n; ++i) s += a[i] * kv_value(b[i]);
   return s;
 }
 
-inline float dot(const float* a, const float* b, int64_t n) {
+template <class T>
+inline float dot(const float* a, const T* b, int64_t n) {
   float part[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) part[j] += a[i + j] * b[i + j];
+    for (int j = 0; j < kLanes; ++j) part[j] += a[i + j] * kv_value(b[i + j]);
   return reduce(part) + tail_dot(a + i, b + i, n - i);
 }
 
@@ -136,21 +142,6 @@ inline float exp_shifted(float* s, int64_t n, float top) {
   return sum;
 }
 
-// A cache value: fp32, or fp16 bits widened (exactly).
-inline float kv_value(float x) { return x; }
-inline float kv_value(uint16_t h) { return f16_to_f32(h); }
-
-template <class T>
-inline float dot_kv(const float* q, const T* k, int64_t n) {
-  float part[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) part[j] += q[i + j] * kv_value(k[i + j]);
-  float tail = 0.0f;
-  for (; i < n; ++i) tail += q[i] * kv_value(k[i]);
-  return reduce(part) + tail;
-}
-
 template <class T>
 inline void attend_part(const float* q, int64_t G, const T* k, const T* v, int64_t d, int64_t t0, int64_t t1,
                         float scale, float* scores, float* m, float* l, float* o) {
@@ -160,7 +151,7 @@ inline void attend_part(const float* q, int64_t G, const T* k, const T* v, int64
     float* s = scores + g * n;
     float top = -3.0e38f;
     for (int64_t t = 0; t < n; ++t) {
-      s[t] = dot_kv(q + g * d, k + t * d, d) * scale;
+      s[t] = dot(q + g * d, k + t * d, d) * scale;
       top = s[t] > top ? s[t] : top;
     }
     m[g] = top;
