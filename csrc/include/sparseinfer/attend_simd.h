@@ -1,8 +1,8 @@
 // decode.h's attend_part in vectors, for the AVX2, AVX-512 and NEON groups (decode_avx2.cpp,
 // decode_avx512.cpp, decode_neon.cpp: one algorithm over a vector type, `Simd`, that each of them
-// defines before including this header). The plain
-// loops leave a horizontal sum per score and keep the value accumulators in memory; at a long
-// context attention then cost several times a SmolLM2 step's weights. Here:
+// defines before including this header). The plain loops leave a horizontal sum per score and keep
+// the value accumulators in memory; at a long context attention then cost several times a SmolLM2
+// step's weights. Here:
 // - scores W positions at a time: W dot products accumulated lane-wise, then one transposing sum
 //   (Simd::sums) gives the W scores in one vector;
 // - e^(s - max) in vector lanes, with exp_approx's arithmetic (the same bits);

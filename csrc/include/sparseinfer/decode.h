@@ -6,6 +6,7 @@
 // One implementation, plain loops written so the compiler vectorizes them (fixed-width partial sums
 // for the reductions, a branch-free exp), compiled in each ISA group with that group's flags:
 // ref/decode_ref.cpp, x86/avx2/decode_avx2.cpp, x86/avx512/decode_avx512.cpp, arm/neon/decode_neon.cpp.
+// The vector groups replace attend_part with attend_simd.h's (it uses these loops for what it leaves).
 // The functions have internal linkage (an anonymous namespace) so that each group keeps its own copy.
 // Float arithmetic, not transformers' bit for bit: the sums are ordered differently from ATen's.
 #pragma once
