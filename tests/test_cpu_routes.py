@@ -520,10 +520,9 @@ def test_a_record_that_may_have_timed_dense_on_one_thread_is_measured_again(rng,
     assert cpu_routes.settled({"times": {"kernel": 1.0, "dense_int8": 3.0}, "m": 8})  # no dense time in it
 
 
-def test_a_tie_goes_to_the_packed_kernel_except_for_float_formats():
-    """Within MARGIN the table's kernel keeps a quantized call (it reads fewer bytes; noise must not
-    flip it), while float N:M / CSR, whose dense path runs the same values, keep dense: a kernel must
-    beat it by MARGIN."""
+def test_a_tie_goes_to_dense_where_it_runs_from_a_copy():
+    """Within MARGIN the table's kernel keeps a call (noise must not flip it) unless ``dense_first``
+    (the dense path runs from an fp32 copy, the very values): then a kernel must beat dense by MARGIN."""
     tie = {"kernel": 1.00, "kernel:other": 1.01, "dense": 0.98}
     assert cpu_routes.choose(tie) == "kernel"
     assert cpu_routes.choose(tie, dense_first=True) == "dense"
@@ -532,11 +531,20 @@ def test_a_tie_goes_to_the_packed_kernel_except_for_float_formats():
     assert cpu_routes.choose({"kernel": 1.0, "kernel:other": 0.9, "dense": 1.0}, dense_first=True) == "kernel:other"
 
 
-def test_float_formats_route_ties_to_dense(rng, monkeypatch):
-    monkeypatch.setattr(cpu_routes, "measure_point", FakeTimer(kernel=1.0, dense=1.02))
-    for fmt, want in [("2:4", "dense"), ("csr", "dense"), ("int8", "kernel")]:
-        w = _weight(fmt, {}, 48, 256, rng)
-        assert BACKENDS["cpu"].route(w, 33, "fp32").path == want, fmt
+@pytest.mark.parametrize("fmt", ["2:4", "csr", "int8", "int4", "2:4+int8"])
+@pytest.mark.parametrize("budget_mb, want", [(None, "dense"), ("0", "kernel")], ids=["copy", "no-copy"])
+def test_ties_go_to_dense_when_it_runs_from_a_copy(fmt, budget_mb, want, rng, monkeypatch):
+    """Every format: a kernel 2 % slower than dense loses the call when dense would run from an fp32
+    copy (here within the budget), and keeps it when dense would dequantize tiles per call (no budget),
+    which loses to dense itself."""
+    if budget_mb is not None:
+        monkeypatch.setenv("SPARSEINFER_DENSE_COPY_MB", budget_mb)
+    monkeypatch.setattr(cpu_routes, "SMALL_BYTES", 0)
+    monkeypatch.setattr(cpu_routes, "measure_point", FakeTimer(kernel=1.02, dense=1.0))
+    w = _weight(fmt, {}, 48, 256, rng)
+    r = BACKENDS["cpu"].route(w, 33, "fp32")
+    assert r.path == want, (fmt, r.why)
+    assert ("kept within SPARSEINFER_DENSE_COPY_MB" in r.why) == (want == "dense"), r.why
 
 
 def test_csr_int8_on_the_dense_int8_route_has_a_direct_call(rng, monkeypatch):

@@ -36,10 +36,10 @@ the density to two decimals. First hit wins:
    batch from which the dense fallback wins, and for CSR the density above which dense wins, per
    batch (interpolated in log2 batch). Rules choose between the table's pick and dense only.
 
-From measured times the table's pick keeps the call unless another path is faster by MARGIN
-(timing noise must not flip a decision); for float N:M and CSR (COPY_FAMILIES: their dense path
-runs the very values, from a kept copy) dense keeps it unless a kernel is faster by MARGIN, so a
-tie never costs speed. Decisions are memoised per weight and batch, so a call
+From measured times a tie (within MARGIN: timing noise must not flip a decision) goes to dense
+when its path would run from an fp32 copy (``dense_runs_from_copy``): a kernel must beat it by
+MARGIN, so a tie never costs speed; otherwise (the dense path would dequantize tiles per call) the
+table's pick keeps the call unless another path is faster by MARGIN. Decisions are memoised per weight and batch, so a call
 pays a dict lookup; nothing here reads files after the first decision of a process.
 """
 
@@ -65,7 +65,7 @@ from .cpu_native import build_native_weight, native_weight
 
 TABLE_PATH = Path(__file__).with_name("cpu_routes.json")
 PATH_ORDER = ("kernel", "dense_int8", "dense")  # preference on ties: packed first ("kernel:<name>" after
-                                                # "kernel"), except dense first for COPY_FAMILIES
+                                                # "kernel"), except dense first where it runs from a copy
 MARGIN = 0.05  # another path must be this much faster to take the call from the packed kernel
 CLEAR_MARGIN = 0.25  # a winner by this much in one measurement is settled; closer calls are measured twice
 SETTLED_ROUNDS = 2  # measurements (processes) merged before a close record is settled
@@ -113,7 +113,6 @@ SMALL_BYTES = 1 << 20  # a weight whose fp32 copy is at most this keeps one (mad
 # (DENSE_COPY_MB where the RAM size is unknown); a memory-first deployment sets the variable lower.
 DENSE_COPY_MB = 256
 DENSE_COPY_RAM_FRACTION = 0.25
-COPY_FAMILIES = ("nm_float", "csr_float")  # their fp32 copy is exactly the dense weight's values
 CSR_DENSITIES = (0.05, 0.3)  # calibrate: CSR time is affine in density, two points give the line
 
 _DENSE_COPY_KEY = "cpu:dense-copy"
@@ -243,6 +242,15 @@ def copy_affordable(w: PackedWeight) -> bool:
     int8-activation mode, whose kernel loses to MKL there, 0.74-0.84x: bench/README.md)."""
     n, k = w.shape
     return n * k * 4 > SMALL_BYTES and _copy_bytes + n * k * 4 <= copy_budget()
+
+
+def dense_runs_from_copy(w: PackedWeight) -> bool:
+    """Whether the dense route of ``w`` runs (or would run) from an fp32 copy: a small weight, a
+    copy already granted, or one the budget has room for. Then dense is torch's GEMM on the very
+    values the kernels compute with, and takes ties."""
+    n, k = w.shape
+    granted = w._prepacked.get(_COPY_GRANT_KEY, (None, False))[1]
+    return n * k * 4 <= SMALL_BYTES or granted or copy_affordable(w)
 
 
 def _release(nbytes: int) -> None:
@@ -455,9 +463,10 @@ def _rank(path: str) -> int:
 def choose(times: dict, dense_first: bool = False) -> str:
     """The path to take from measured times: the table's pick ("kernel"), then the other kernels,
     then PATH_ORDER's dense paths; a later one only if it is faster than the best so far by MARGIN.
-    ``dense_first`` (float N:M and CSR, whose packed kernels save memory only where they run and whose
-    dense copy is the same values) puts "dense" first: a tie goes to dense (50 %-sparse SmolLM2's
-    CSR kernels within 5 % of dense at 256 rows prefilled at 0.93x dense)."""
+    ``dense_first`` (the dense path runs from an fp32 copy: dense_runs_from_copy) puts "dense" first:
+    a tie goes to dense. Kernels within 5 % of dense in the measurement ran below it in the models:
+    50 %-sparse SmolLM2's CSR kernels at 256 rows prefilled at 0.93x dense; on AVX2, 2:4 + int8's
+    1536 x 384 layers measured 3.98 ms against dense's 3.86 and ran MiniLM's batch at 0.84-0.98x."""
     best = None
     for p in sorted(times, key=lambda p: -1 if dense_first and p == "dense" else _rank(p)):
         if best is None or times[p] < times[best] * (1 - MARGIN):
@@ -610,7 +619,7 @@ def decide(w: PackedWeight, handle, m: int, act: str) -> Route:
         may_measure = (not known_machine() and _measuring_allowed() and _spent < MEASURE_BUDGET_S
                        and key not in _remeasured)
         if usable and (not may_measure or (complete and settled(record))):
-            path, why = _by_times(record, "measured", family in COPY_FAMILIES)
+            path, why = _by_times(record, "measured", dense_runs_from_copy(w))
         elif may_measure:
             t0 = time.perf_counter()
             fresh = measure_point(w, m, act, paths)
@@ -624,7 +633,7 @@ def decide(w: PackedWeight, handle, m: int, act: str) -> Route:
             except OSError:
                 pass  # a read-only cache: the decision holds for this process
             path, why = _by_times(record, "measured again" if again else "measured on first use",
-                                  family in COPY_FAMILIES)
+                                  dense_runs_from_copy(w))
         else:
             path, why = _by_rules(w, family, isa, m, act, paths)
             if not known_machine() and _measuring_allowed():
