@@ -239,7 +239,7 @@ void quantize_act_scalar(const float* x, int64_t rows, int64_t K, int64_t stride
       if (!finite) {
         // inf / NaN: the whole segment's contribution becomes NaN (0 * NaN), as it would in fp32
         scale[m * t.nseg + s] = std::nanf("");
-      } else if (amax == 0.f) {
+      } else if (amax < 1.17549435e-38f) {  // zero, or subnormal (127 / amax would overflow): codes 0
         scale[m * t.nseg + s] = 0.f;
       } else {
         const float inv = 127.f / amax;

@@ -22,8 +22,9 @@
 //      bit the scalar row-tile kernel's result (the contract of ref/qtile_ref.cpp), and within the
 //      activation-quantization bound below of the reference.
 //
-// Also run_stages' ordering (run_stage_checks), and the native decode step's attention on every ISA
-// (run_attend_checks: decode.h attend_part over fp32 and fp16 caches, and attend_merge).
+// Also run_stages' ordering (run_stage_checks), the native decode step's attention on every ISA
+// (run_attend_checks: decode.h attend_part over fp32 and fp16 caches, and attend_merge), and the
+// SIMD activation quantizer against the scalar one on adversarial segments (run_quantizer_checks).
 //
 // Output, one line each: "FEATURES ...", "ISAS ...", "PASS|FAIL <case> isa=.. kernel=.. ...", and
 // "SUMMARY pass=P fail=F". Exit status: 0 all passed, 1 a case failed, 2 bad usage or vector file.
@@ -623,6 +624,57 @@ void run_attend_checks(const std::vector<Isa>& isas, bool verbose, Counts& count
   }
 }
 
+// The SIMD activation quantizers (x86: quantize_act_avx2, which the AVX2 and AVX-512 levels use)
+// against quantize_act_scalar, bit for bit (codes with their padding, scales, sums), on segments of
+// 128 over K = 1 .. 1000, rows strided past K: Gaussian x with one segment all zero, one holding an
+// inf or NaN, one of subnormals and zeros (codes 0, scale 0: 127 / amax would overflow), a large
+// outlier. run_linear's outputs cannot tell these codes apart (a subnormal scale multiplies them).
+void run_quantizer_checks(const std::vector<Isa>& isas, bool verbose, Counts& counts) {
+#ifdef SPARSEINFER_HAVE_AVX2
+  bool avx2 = false;
+  for (Isa isa : isas) avx2 = avx2 || isa == Isa::avx2 || isa == Isa::avx512;
+  if (!avx2) return;
+  uint32_t state = 12345;
+  auto normal = [&state] {  // Irwin-Hall: close enough to Gaussian, the same on every platform
+    double s = 0;
+    for (int i = 0; i < 12; ++i) s += double((state = state * 1664525u + 1013904223u) >> 8) / double(1 << 24);
+    return float(s - 6.0);
+  };
+  for (int64_t K : {1, 7, 16, 31, 127, 128, 129, 300, 1000})
+    for (int64_t M : {1, 4, 8}) {
+      QTileView t;
+      t.seg = 128, t.nseg = (K + 127) / 128, t.seg_pad = 128;
+      const int64_t sx = K + 5, cells = M * t.nseg;
+      std::vector<float> x(size_t(M * sx), std::nanf(""));  // the stride's padding: never read
+      for (int64_t m = 0; m < M; ++m) {
+        float* row = x.data() + m * sx;
+        for (int64_t k = 0; k < K; ++k) row[k] = normal();
+        const int64_t seg = (m + 1) % t.nseg, k0 = seg * t.seg, k1 = K < k0 + t.seg ? K : k0 + t.seg;
+        for (int64_t k = k0; k < k1; ++k)
+          switch (m % 4) {
+            case 0: row[k] = 0.f; break;
+            case 1: row[k] = k == (k0 + k1) / 2 ? (m % 8 == 1 ? INFINITY : std::nanf("")) : row[k]; break;
+            case 2: row[k] = k % 3 ? 1e-40f * row[k] : 0.f; break;
+            default: row[k] = k == k1 - 1 ? 3e5f : row[k]; break;
+          }
+      }
+      std::vector<int8_t> q0(size_t(cells * t.seg_pad), 99), q1(q0);
+      std::vector<float> s0(static_cast<size_t>(cells)), s1(static_cast<size_t>(cells));
+      std::vector<int32_t> u0(static_cast<size_t>(cells)), u1(static_cast<size_t>(cells));
+      quantize_act_scalar(x.data(), M, K, sx, t, q0.data(), s0.data(), u0.data());
+      quantize_act_avx2(x.data(), M, K, sx, t, q1.data(), s1.data(), u1.data());
+      bool ok = q0 == q1 && u0 == u1;
+      for (int64_t i = 0; i < cells; ++i)
+        ok = ok && (std::memcmp(&s0[size_t(i)], &s1[size_t(i)], 4) == 0 ||
+                    (std::isnan(s0[size_t(i)]) && std::isnan(s1[size_t(i)])));
+      report(counts, ok, verbose,
+             "quantize_act_avx2 K=" + std::to_string(K) + " M=" + std::to_string(M) + " bit-exact=scalar");
+    }
+#else
+  (void)isas, (void)verbose, (void)counts;
+#endif
+}
+
 void print_features() {
   std::printf("FEATURES arch=%s", cpu_arch());
   for (const auto& f : cpu_feature_list()) std::printf(" %s=%d", f.first.c_str(), int(f.second));
@@ -684,7 +736,10 @@ int main(int argc, char** argv) {
       run_case(records[i], isa, i % 2 ? threads : 1, i % 4 >= 2, verbose, counts);
       run_int8_act_case(records[i], isa, i % 2 ? threads : 1, i % 4 < 2, verbose, counts);
     }
-  if (only.empty()) run_stage_checks(verbose, counts), run_attend_checks(isas, verbose, counts);
+  if (only.empty()) {
+    run_stage_checks(verbose, counts), run_attend_checks(isas, verbose, counts);
+    run_quantizer_checks(isas, verbose, counts);
+  }
   std::printf("SUMMARY records=%zu isas=%zu pass=%d fail=%d\n", records.size(), isas.size(), counts.pass, counts.fail);
   if (counts.pass + counts.fail == 0) {
     std::fprintf(stderr, "kernel_test: no case ran (--only '%s' matches no record)\n", only.c_str());

@@ -1,8 +1,8 @@
 // Activation quantization for ActMode::int8, AVX2: the bits of quantize_act_scalar
 // (ref/qtile_ref.cpp), 32 elements at a time. Per segment: amax = max |x|, q = round-to-nearest-
 // even(clamp(x * (127 / amax), -127, 127)), scale = amax / 127, sum = sum of q; a segment with an
-// inf or NaN gets scale NaN and q = 0. Exact max, one rounding per product and the same clamp
-// make every step identical to the scalar one.
+// inf or NaN gets scale NaN and q = 0, one whose amax is 0 or subnormal scale 0 and q = 0. Exact
+// max, one rounding per product and the same clamp make every step identical to the scalar one.
 #include <immintrin.h>
 
 #include <cmath>
@@ -88,8 +88,9 @@ void quantize_act_avx2(const float* x, int64_t rows, int64_t K, int64_t stride_x
       const float* xs = xr + s * t.seg;
       const int64_t len = (s * t.seg + t.seg < K ? t.seg : K - s * t.seg);
       const float amax = amaxes[s];
-      if (!(amax > 0.f)) {  // all zero (scale 0) or not finite (scale NaN)
+      if (!(amax >= 1.17549435e-38f)) {  // zero or subnormal (scale 0), or not finite (scale NaN)
         std::memset(qs, 0, size_t(t.seg_pad));
+        scale[m * t.nseg + s] = amax >= 0.f ? 0.f : amax;
         sum[m * t.nseg + s] = 0;
         continue;
       }
