@@ -39,8 +39,9 @@ the density to two decimals. First hit wins:
 From measured times a tie (within MARGIN: timing noise must not flip a decision) goes to dense
 when its path would run from an fp32 copy (``dense_runs_from_copy``): a kernel must beat it by
 MARGIN, so a tie never costs speed; otherwise (the dense path would dequantize tiles per call) the
-table's pick keeps the call unless another path is faster by MARGIN. Decisions are memoised per weight and batch, so a call
-pays a dict lookup; nothing here reads files after the first decision of a process.
+table's pick keeps the call unless another path is faster by MARGIN. Decisions are memoised per
+weight and batch, so a call pays a dict lookup; nothing here reads files after the first decision
+of a process.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ from .cpu_native import build_native_weight, native_weight
 TABLE_PATH = Path(__file__).with_name("cpu_routes.json")
 PATH_ORDER = ("kernel", "dense_int8", "dense")  # preference on ties: packed first ("kernel:<name>" after
                                                 # "kernel"), except dense first where it runs from a copy
-MARGIN = 0.05  # another path must be this much faster to take the call from the packed kernel
+MARGIN = 0.05  # another path must be this much faster to take the call from the one ties go to
 CLEAR_MARGIN = 0.25  # a winner by this much in one measurement is settled; closer calls are measured twice
 SETTLED_ROUNDS = 2  # measurements (processes) merged before a close record is settled
 ROUNDS = 7  # interleaved rounds per measured point (fewer when POINT_BUDGET_S runs out)
