@@ -690,6 +690,7 @@ struct QuantizeContext {
   int8_t* q;
   float* scale;
   int32_t* sum;
+  uint8_t flip;  // 0x80: x + 128 (QActView::qu)
   int64_t rows;  // per task
 };
 
@@ -699,7 +700,7 @@ void run_quantize_task(void* p, int64_t task) {
   const int64_t m0 = task * c.rows, m1 = m0 + c.rows < a.M ? m0 + c.rows : a.M;
   const int64_t cells = m0 * c.t->nseg;
   c.fn(a.x + m0 * a.stride_xm, m1 - m0, a.K, a.stride_xm, *c.t, c.q + cells * c.t->seg_pad, c.scale + cells,
-       c.sum + cells);
+       c.sum + cells, c.flip);
 }
 
 // The kernel a call runs: the row it names, else the table's pick for its batch and activation mode.
@@ -713,6 +714,17 @@ const KernelImpl* call_kernel(const LinearCall& call, const WeightView& w, Isa i
 // Whether kernel k reads x quantized by the driver (the int8-activation kernels on row tiles).
 bool takes_quantized_x(const KernelImpl& k, const WeightView& w) {
   return (k.requires & kCallInt8Act) && (w.id == KernelId::int8 || w.id == KernelId::int4 || (k.requires & kReadsQTiles));
+}
+
+// Whether kernel k reads the quantized x as x + 128 (QActView::qu): the AVX-512 VNNI kernels on int8
+// row tiles, which take the activations as vpdpbusd's unsigned operand and the codes as they are.
+bool takes_offset_x(const KernelImpl& k, const WeightView& w) {
+#ifdef SPARSEINFER_HAVE_AVX512
+  if (w.qt.bits == 8)
+    return k.fn == int8_q8_gemm_vnni_avx512 || k.fn == int8_q8_gemm_vnni4x4_avx512 || k.fn == int8_q8_compact_vnni_avx512;
+#endif
+  (void)k, (void)w;
+  return false;
 }
 
 }  // namespace
@@ -759,13 +771,16 @@ Status prepare_row_call(const LinearCall& call, const WeightView& w, Isa isa, Ro
     r.q.resize(size_t(t.nseg * t.seg_pad)), r.scale.resize(size_t(t.nseg)), r.sum.resize(size_t(t.nseg));
     r.args.qx.q = r.q.data(), r.args.qx.scale = r.scale.data(), r.args.qx.sum = r.sum.data();
     r.args.qx.stride_m = t.nseg * t.seg_pad;
+    if (takes_offset_x(*r.kernel, w))  // the same buffer, written as x + 128
+      r.args.qx.qu = reinterpret_cast<const uint8_t*>(r.q.data()), r.args.qx.q = nullptr;
     r.quantize_fn = select_quantize(isa);
   }
   return Status::ok;
 }
 
 void RowCall::quantize() {
-  if (quantize_fn) quantize_fn(args.x, 1, args.K, args.stride_xm, w->qt, q.data(), scale.data(), sum.data());
+  if (quantize_fn)
+    quantize_fn(args.x, 1, args.K, args.stride_xm, w->qt, q.data(), scale.data(), sum.data(), args.qx.qu ? 0x80 : 0);
 }
 
 Status RowCall::columns(int64_t n0, int64_t n1) const { return kernel->fn(args, *w, n0, n1); }
@@ -810,14 +825,16 @@ Status run_linear(const LinearCall& call, const WeightView& w, Isa isa, int thre
     float* scale = scratch<float, 2>(cells);
     int32_t* sum = scratch<int32_t, 0>(cells);
     if (!q || !scale || !sum) return Status::out_of_memory;
-    QuantizeContext qc{select_quantize(isa), &a, &t, q, scale, sum, a.M};
+    const bool offset = takes_offset_x(*k, w);
+    QuantizeContext qc{select_quantize(isa), &a, &t, q, scale, sum, uint8_t(offset ? 0x80 : 0), a.M};
     // Rows split over the threads when there are enough (a 256 x 384 x 384 int8 GEMM spent ~15% of
     // its time quantizing x on one thread); the rows' bits do not depend on the split.
     int64_t qt = threads < a.M ? threads : a.M;
     if (a.M * a.K < kMinQuantizeSplit || qt < 1) qt = 1;
     qc.rows = (a.M + qt - 1) / qt;
     parallel_run((a.M + qc.rows - 1) / qc.rows, int(qt), run_quantize_task, &qc);
-    a.qx.q = q, a.qx.scale = scale, a.qx.sum = sum, a.qx.stride_m = t.nseg * t.seg_pad;
+    a.qx.q = offset ? nullptr : q, a.qx.scale = scale, a.qx.sum = sum, a.qx.stride_m = t.nseg * t.seg_pad;
+    a.qx.qu = offset ? reinterpret_cast<const uint8_t*>(q) : nullptr;
   }
 
   // Split the N output columns into one chunk per thread.

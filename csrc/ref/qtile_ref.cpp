@@ -61,7 +61,7 @@ size_t align64(size_t v) { return (v + 63) / 64 * 64; }
 int64_t qtile_steps(const QTileView& t) { return t.tiles * t.nseg * (t.seg_pad / (32 / t.bits)); }
 
 struct QTileSizes {
-  size_t codes, scale, zero;
+  size_t codes, scale, zero, wsum;
 };
 
 QTileSizes qtile_sizes(const QTileView& t, bool asymmetric) {
@@ -69,12 +69,13 @@ QTileSizes qtile_sizes(const QTileView& t, bool asymmetric) {
   s.codes = align64(size_t(qtile_steps(t) * 64));
   s.scale = align64(size_t(t.tiles * t.n_groups * kQTileRows) * sizeof(float));
   s.zero = asymmetric ? align64(size_t(t.tiles * t.n_groups * kQTileRows)) : 0;
+  s.wsum = t.bits == 8 ? align64(size_t(t.tiles * t.nseg * kQTileRows) * sizeof(int32_t)) : 0;
   return s;
 }
 
 size_t tile_bytes(const QuantView& q, int64_t N, int bits, int64_t seg) {
   const QTileSizes s = qtile_sizes(qtile_geometry(q, N, bits, seg), bits == 4 && q.zero);
-  return s.codes + s.scale + s.zero;
+  return s.codes + s.scale + s.zero + s.wsum;
 }
 
 QTileView build_tiles(const QuantView& q, int64_t N, int bits, int64_t seg, void* buf) {
@@ -84,7 +85,8 @@ QTileView build_tiles(const QuantView& q, int64_t N, int bits, int64_t seg, void
   uint8_t* codes = static_cast<uint8_t*>(buf);
   float* scale = reinterpret_cast<float*>(codes + sz.codes);
   uint8_t* zero = asym ? codes + sz.codes + sz.scale : nullptr;
-  std::memset(buf, 0, sz.codes + sz.scale + sz.zero);  // padding rows / columns: code 0, scale 0
+  int32_t* wsum = sz.wsum ? reinterpret_cast<int32_t*>(codes + sz.codes + sz.scale + sz.zero) : nullptr;
+  std::memset(buf, 0, sz.codes + sz.scale + sz.zero + sz.wsum);  // padding rows / columns: code 0, scale 0
 
   const int64_t epl = 32 / bits;  // elements per 4-byte lane per step
   const int64_t steps = t.seg_pad / epl;
@@ -104,6 +106,7 @@ QTileView build_tiles(const QuantView& q, int64_t N, int bits, int64_t seg, void
           uint8_t* byte = seg_out + step * 64;
           if (bits == 8) {
             byte[lane] = static_cast<const uint8_t*>(q.codes)[n * q.kp + k];
+            wsum[(tile * t.nseg + s) * kQTileRows + r] += 128 * int32_t(int8_t(byte[lane]));
           } else {  // int4: lane elements 0..3 in the low nibbles of bytes 0..3, 4..7 in the high ones
             const uint8_t c = uint8_t(int4_code(q, n, k));
             byte[lane & 3] |= lane < 4 ? c : uint8_t(c << 4);
@@ -112,7 +115,7 @@ QTileView build_tiles(const QuantView& q, int64_t N, int bits, int64_t seg, void
       }
     }
   }
-  t.codes = codes, t.scale = scale, t.zero = zero;
+  t.codes = codes, t.scale = scale, t.zero = zero, t.wsum128 = wsum;
   return t;
 }
 
@@ -220,7 +223,7 @@ QTileView build_nm_qtiles(const WeightView& w, void* buf) {
 }
 
 void quantize_act_scalar(const float* x, int64_t rows, int64_t K, int64_t stride_x, const QTileView& t, int8_t* q,
-                         float* scale, int32_t* sum) {
+                         float* scale, int32_t* sum, uint8_t flip) {
   const int64_t row_q = t.nseg * t.seg_pad;
   for (int64_t m = 0; m < rows; ++m) {
     const float* xr = x + m * stride_x;
@@ -234,7 +237,7 @@ void quantize_act_scalar(const float* x, int64_t rows, int64_t K, int64_t stride
         finite = finite && v <= 3.4028235e38f;  // false for inf and NaN
         amax = v > amax ? v : amax;
       }
-      std::memset(qs, 0, size_t(t.seg_pad));
+      std::memset(qs, flip, size_t(t.seg_pad));
       int32_t total = 0;
       if (!finite) {
         // inf / NaN: the whole segment's contribution becomes NaN (0 * NaN), as it would in fp32
@@ -247,7 +250,7 @@ void quantize_act_scalar(const float* x, int64_t rows, int64_t K, int64_t stride
           float v = xr[k] * inv;
           v = v < -127.f ? -127.f : (v > 127.f ? 127.f : v);  // inv may overflow for tiny amax
           const int32_t c = int32_t(std::nearbyint(v));        // round to nearest even, as cvtps2dq
-          qs[k - k0] = int8_t(c);
+          qs[k - k0] = int8_t(uint8_t(c) ^ flip);
           total += c;
         }
         scale[m * t.nseg + s] = amax / 127.f;

@@ -658,17 +658,22 @@ void run_quantizer_checks(const std::vector<Isa>& isas, bool verbose, Counts& co
             default: row[k] = k == k1 - 1 ? 3e5f : row[k]; break;
           }
       }
-      std::vector<int8_t> q0(size_t(cells * t.seg_pad), 99), q1(q0);
-      std::vector<float> s0(static_cast<size_t>(cells)), s1(static_cast<size_t>(cells));
-      std::vector<int32_t> u0(static_cast<size_t>(cells)), u1(static_cast<size_t>(cells));
-      quantize_act_scalar(x.data(), M, K, sx, t, q0.data(), s0.data(), u0.data());
-      quantize_act_avx2(x.data(), M, K, sx, t, q1.data(), s1.data(), u1.data());
-      bool ok = q0 == q1 && u0 == u1;
-      for (int64_t i = 0; i < cells; ++i)
-        ok = ok && (std::memcmp(&s0[size_t(i)], &s1[size_t(i)], 4) == 0 ||
-                    (std::isnan(s0[size_t(i)]) && std::isnan(s1[size_t(i)])));
-      report(counts, ok, verbose,
-             "quantize_act_avx2 K=" + std::to_string(K) + " M=" + std::to_string(M) + " bit-exact=scalar");
+      for (const uint8_t flip : {uint8_t(0), uint8_t(0x80)}) {  // x as it is, and x + 128 (QActView::qu)
+        std::vector<int8_t> q0(size_t(cells * t.seg_pad), 99), q1(q0), qs(q0);
+        std::vector<float> s0(static_cast<size_t>(cells)), s1(static_cast<size_t>(cells));
+        std::vector<int32_t> u0(static_cast<size_t>(cells)), u1(static_cast<size_t>(cells));
+        quantize_act_scalar(x.data(), M, K, sx, t, q0.data(), s0.data(), u0.data(), flip);
+        quantize_act_avx2(x.data(), M, K, sx, t, q1.data(), s1.data(), u1.data(), flip);
+        quantize_act_scalar(x.data(), M, K, sx, t, qs.data(), s1.data(), u1.data(), 0);
+        bool ok = q0 == q1 && u0 == u1;
+        for (size_t i = 0; i < qs.size(); ++i) ok = ok && uint8_t(q0[i]) == (uint8_t(qs[i]) ^ flip);
+        for (int64_t i = 0; i < cells; ++i)
+          ok = ok && (std::memcmp(&s0[size_t(i)], &s1[size_t(i)], 4) == 0 ||
+                      (std::isnan(s0[size_t(i)]) && std::isnan(s1[size_t(i)])));
+        report(counts, ok, verbose,
+               "quantize_act_avx2 K=" + std::to_string(K) + " M=" + std::to_string(M) + " flip=" +
+                   std::to_string(flip) + " bit-exact=scalar");
+      }
     }
 #else
   (void)isas, (void)verbose, (void)counts;

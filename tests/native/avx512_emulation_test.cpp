@@ -86,12 +86,15 @@ void run_case(const Case& c, std::mt19937& rng) {
   std::vector<int8_t> xq(size_t(cells * w.qt.seg_pad));
   std::vector<float> xs(static_cast<size_t>(cells));
   std::vector<int32_t> xsum(static_cast<size_t>(cells));
-  quantize_act_scalar(x.data(), c.M, c.K, sx, w.qt, xq.data(), xs.data(), xsum.data());
+  quantize_act_scalar(x.data(), c.M, c.K, sx, w.qt, xq.data(), xs.data(), xsum.data(), 0);
+  std::vector<int8_t> xqu(xq.size());  // x + 128: the int8 kernels' unsigned operand (QActView::qu)
+  quantize_act_scalar(x.data(), c.M, c.K, sx, w.qt, xqu.data(), xs.data(), xsum.data(), 0x80);
 
   GemmArgs a;
   a.M = c.M, a.N = c.N, a.K = c.K, a.x = x.data(), a.stride_xm = sx, a.bias = c.bias ? bias.data() : nullptr;
   a.y_dtype = c.ydt, a.stride_ym = c.N + 5;
   a.qx.q = xq.data(), a.qx.scale = xs.data(), a.qx.sum = xsum.data(), a.qx.stride_m = w.qt.nseg * w.qt.seg_pad;
+  a.qx.qu = reinterpret_cast<const uint8_t*>(xqu.data());
   const size_t ysize = size_t(c.M * a.stride_ym);
 
   // Column splits: the whole range, the driver's 16-aligned chunks, and an unaligned range.
@@ -156,6 +159,12 @@ void run_case(const Case& c, std::mt19937& rng) {
     WeightView ws = w;
     ws.id = KernelId::nm_int8;
     ws.qt.codes = sparse.data();
+    std::vector<int32_t> wsum(size_t(w.qt.tiles * w.qt.nseg * kQTileRows), 0);  // the sparse codes' sums
+    const int64_t steps = w.qt.seg_pad / 4;
+    for (int64_t ts = 0; ts < w.qt.tiles * w.qt.nseg; ++ts)
+      for (int64_t j = 0; j < steps * 64; ++j)
+        wsum[size_t(ts * kQTileRows + (j % 64) / 4)] += 128 * int32_t(int8_t(sparse[size_t(ts * steps * 64 + j)]));
+    ws.qt.wsum128 = wsum.data();
     std::vector<uint8_t> packed(qtile_compact_bytes(ws.qt));
     if (!build_qtile_compact(ws.qt, packed.data())) {
       fail(c, "build_qtile_compact refused 2:4 tiles", -1, -1, 0, 0);

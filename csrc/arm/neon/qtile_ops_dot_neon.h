@@ -2,7 +2,7 @@
 // 4 output rows, integer dot products with sdot (vdotq_s32: per 32-bit lane, the sum of 4 int8 x
 // int8 products added to an int32). A row tile step is [16 rows][4 bytes], so one 16-byte load
 // holds 4 rows x 4 codes and meets a broadcast 4-byte activation group lane for lane:
-//   int8: the codes are signed, as sdot wants them: no offset (kInt8Offset = 0);
+//   int8: the codes are signed, as sdot wants them: no offset;
 //   int4: the low / high nibbles (elements k..k+3 / k+4..k+7) are 0..15, i.e. non-negative int8;
 //         the zero point is subtracted in the segment epilogue (qtile_gemm.h).
 // Products and sums are exact int32; the epilogue (sub, convert, sw * sx, one FMA) is the scalar
@@ -29,6 +29,7 @@ namespace neonq {
 
 struct OpsBase {
   static constexpr bool kCompact = false;  // QTileView::codes (qtile_gemm.h)
+  static constexpr bool kOffsetX = false;  // x as it is (QActView::q)
   static constexpr int L = 4;
   using VI = int32x4_t;
   using VF = float32x4_t;
@@ -72,7 +73,6 @@ struct OpsBase {
 // tiles: 2 x 2 for int8 (16 + 8 + 1), 1 x 2 for int4 (8 + 16 + 2).
 struct OpsInt8 : OpsBase {
   static constexpr int kBits = 8;
-  static constexpr int32_t kInt8Offset = 0;  // sdot is signed x signed: codes as they are
   static constexpr int kMaxMR = 4;
   static constexpr int kMaxR = 2;
   static int tiles_for(int64_t M) { return M <= 2 ? 2 : 1; }
@@ -85,7 +85,6 @@ struct OpsInt8 : OpsBase {
 
 struct OpsInt4 : OpsBase {
   static constexpr int kBits = 4;
-  static constexpr int32_t kInt8Offset = 0;
   static constexpr int kMaxMR = 4;
   static constexpr int kMaxR = 2;
   static int tiles_for(int64_t M) { return M <= 1 ? 2 : 1; }

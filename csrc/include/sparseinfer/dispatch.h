@@ -114,7 +114,7 @@ struct RowCall {
   const WeightView* w = nullptr;
   GemmArgs args;
   QuantizeActFn quantize_fn = nullptr;  // nullptr: the kernel reads x as it is
-  std::vector<int8_t> q;
+  std::vector<int8_t> q;  // x + 128 where the kernel takes it so (args.qx.qu points here then)
   std::vector<float> scale;
   std::vector<int32_t> sum;
   void quantize();                             // after x is written, before any columns

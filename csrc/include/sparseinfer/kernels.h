@@ -170,6 +170,9 @@ struct QTileView {
   // kCompactStepBytes = a mask (u64, little-endian: bit b set = byte b of the 64-byte step is kept,
   // 2 per lane) + the 32 kept codes in byte order; a kernel rebuilds the step with vpexpandb.
   const uint8_t* compact = nullptr;
+  // int8: 128 x the sum of each row's codes over each segment, [tiles][nseg][16]: the correction of the
+  // AVX-512 VNNI kernels, which take x + 128 as vpdpbusd's unsigned operand (QActView::qu).
+  const int32_t* wsum128 = nullptr;
 };
 constexpr int64_t kQTileRows = 16;
 constexpr int64_t kCompactStepBytes = 40;
@@ -196,6 +199,8 @@ struct QActView {
   const float* scale = nullptr;    // [M][nseg]; 0 for an all-zero segment
   const int32_t* sum = nullptr;    // [M][nseg]
   int64_t stride_m = 0;            // elements between rows of q = nseg * seg_pad
+  const uint8_t* qu = nullptr;     // instead of q: the codes + 128 as unsigned bytes (quantized with flip
+                                   // 0x80), for the AVX-512 VNNI int8 kernels (their unsigned operand)
 };
 
 struct GemmArgs {
@@ -218,9 +223,11 @@ using ConvertFn = void (*)(const void* src, DType dtype, int64_t rows, int64_t c
                            float* dst);
 
 // Activation quantization: fp32 x [rows, K] (row stride stride_x) -> QActView buffers, segments
-// as in `t` (symmetric, round to nearest even, scale = max|x| / 127 per segment).
+// as in `t` (symmetric, round to nearest even, scale = max|x| / 127 per segment). Every byte of q
+// (padding included) is stored XOR `flip`: 0x80 writes x + 128 as unsigned bytes (QActView::qu);
+// sum is of the signed codes either way.
 using QuantizeActFn = void (*)(const float* x, int64_t rows, int64_t K, int64_t stride_x, const QTileView& t,
-                               int8_t* q, float* scale, int32_t* sum);
+                               int8_t* q, float* scale, int32_t* sum, uint8_t flip);
 
 // Row tiles (ref/qtile_ref.cpp, ISA-free): the bytes build_qtiles needs, and the build itself into
 // `buf` (64-byte aligned, qtile_bytes(q, N, bits) long). bits = 8 or 4.
@@ -243,7 +250,8 @@ void convert_to_f32_scalar(const void*, DType, int64_t, int64_t, int64_t, float*
 // int8 activations (kCallInt8Act): the plain integer math the SIMD versions must reproduce bit for bit.
 Status int8_q8_gemm_scalar(const GemmArgs&, const WeightView&, int64_t, int64_t);
 Status int4_q8_gemm_scalar(const GemmArgs&, const WeightView&, int64_t, int64_t);
-void quantize_act_scalar(const float*, int64_t, int64_t, int64_t, const QTileView&, int8_t*, float*, int32_t*);
+void quantize_act_scalar(const float*, int64_t, int64_t, int64_t, const QTileView&, int8_t*, float*, int32_t*,
+                         uint8_t);
 // ref/nm_q8_prepack_ref.cpp: the NMView::Q8 copy of a 2:4 + int8 / int4 weight (0 bytes: a layout the
 // int8-activation N:M kernels do not take; the exact kernels serve it).
 size_t nm_q8_prepack_bytes(const WeightView&);
@@ -283,7 +291,7 @@ void convert_to_f32_avx2(const void*, DType, int64_t, int64_t, int64_t, float*);
 // int8 activations on row tiles, pmaddubsw + pmaddwd (no VNNI), every batch size.
 Status int8_q8_gemm_avx2(const GemmArgs&, const WeightView&, int64_t, int64_t);
 Status int4_q8_gemm_avx2(const GemmArgs&, const WeightView&, int64_t, int64_t);
-void quantize_act_avx2(const float*, int64_t, int64_t, int64_t, const QTileView&, int8_t*, float*, int32_t*);
+void quantize_act_avx2(const float*, int64_t, int64_t, int64_t, const QTileView&, int8_t*, float*, int32_t*, uint8_t);
 #endif
 #ifdef SPARSEINFER_HAVE_AVX512
 // int8 activations on row tiles, vpdpbusd (files built with -mavx512vnni: rows require kFeatAvx512Vnni).

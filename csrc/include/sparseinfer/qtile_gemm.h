@@ -17,11 +17,11 @@
 //
 // The Ops policy supplies (see the ISA files):
 //   kCompact (false: the 64-byte steps of QTileView::codes; true: int8's compact steps,
-//   QTileView::compact, which decode rebuilds: L = 16 only), L, kBits (8 / 4), kInt8Offset (what
-//   decode adds to int8 codes: 128 for vpdpbusd's u8 operand),
+//   QTileView::compact, which decode rebuilds: L = 16 only), kOffsetX (int8: x read as x + 128 from
+//   QActView::qu, corrected by QTileView::wsum128 through sub_lanes), L, kBits (8 / 4),
 //   kMaxMR, kMaxR (largest register tile), tiles_for(M) (R for a batch), VI / VF (int32 / fp32
 //   vectors), XB (broadcast), Dec, zero_i, zero_f, decode, bcast, dot (one K step, every part),
-//   sub_uniform, sub_rows, loadf, storef, fma_seg (facc + float(acc) * (sw * sx)), store (lanes
+//   sub_uniform, sub_rows, sub_lanes (kOffsetX only), loadf, storef, fma_seg (facc + float(acc) * (sw * sx)), store (lanes
 //   [first, last) of one row of y).
 #pragma once
 
@@ -77,7 +77,8 @@ inline void block(const GemmArgs& a, const QTileView& t, int64_t tile0, int64_t 
   const uint8_t* wp[R];
   for (int r = 0; r < R; ++r) wp[r] = steps_of<Ops>(t) + (tile0 + r) * tile_stride;
   const int8_t* xp[MR];
-  for (int i = 0; i < MR; ++i) xp[i] = a.qx.q + (m0 + i) * a.qx.stride_m;
+  const int8_t* xq = Ops::kOffsetX ? reinterpret_cast<const int8_t*>(a.qx.qu) : a.qx.q;
+  for (int i = 0; i < MR; ++i) xp[i] = xq + (m0 + i) * a.qx.stride_m;
 
   // The fp32 sums wait in memory, touched once per segment, so that the K loop's registers hold
   // the int32 sums, the decoded codes and the broadcasts only (spilling, 4 x 4 int4 ran 1.2x slower).
@@ -119,8 +120,10 @@ inline void block(const GemmArgs& a, const QTileView& t, int64_t tile0, int64_t 
         for (int v = 0; v < VPT; ++v) {
           const int nv = r * VPT + v;
           typename Ops::VI c;
-          if constexpr (Ops::kBits == 8) {
-            c = Ops::kInt8Offset ? Ops::sub_uniform(acc[i][nv], Ops::kInt8Offset * sum) : acc[i][nv];
+          if constexpr (Ops::kOffsetX) {
+            c = Ops::sub_lanes(acc[i][nv], t.wsum128 + ((tile0 + r) * t.nseg + s) * kQTileRows + v * L);
+          } else if constexpr (Ops::kBits == 8) {
+            c = acc[i][nv];
           } else if (t.zero) {
             c = Ops::sub_rows(acc[i][nv], t.zero + ((tile0 + r) * t.n_groups + g) * kQTileRows + v * L, sum);
           } else {
@@ -187,7 +190,8 @@ constexpr int64_t kCodeBlockBytes = 512 << 10;
 template <class Ops>
 inline Status gemm(const GemmArgs& a, const WeightView& w, int64_t n_begin, int64_t n_end) {
   const QTileView& t = w.qt;
-  if (t.bits != Ops::kBits || !steps_of<Ops>(t) || !a.qx.q || a.qx.stride_m != t.nseg * t.seg_pad ||
+  if (t.bits != Ops::kBits || !steps_of<Ops>(t) || !(Ops::kOffsetX ? a.qx.qu && t.wsum128 : a.qx.q != nullptr) ||
+      a.qx.stride_m != t.nseg * t.seg_pad ||
       t.seg_pad % 8 || n_begin < 0 || n_end > a.N || t.tiles * kQTileRows < a.N)
     return Status::invalid_argument;
   if (n_begin >= n_end) return Status::ok;

@@ -21,6 +21,7 @@ namespace avx2q {
 
 struct OpsBase {
   static constexpr bool kCompact = false;  // QTileView::codes (qtile_gemm.h)
+  static constexpr bool kOffsetX = false;  // x as it is (QActView::q)
   static constexpr int L = 8;
   using VI = __m256i;
   using VF = __m256;
@@ -58,7 +59,6 @@ struct OpsBase {
 
 struct OpsInt4 : OpsBase {
   static constexpr int kBits = 4;
-  static constexpr int32_t kInt8Offset = 0;
   static constexpr int kMaxMR = 4;  // 4 x 2 int32 accumulators + 4 decoded + 2 broadcasts + 2 constants
   static constexpr int kMaxR = 2;
   static int tiles_for(int64_t M) { return M <= 2 ? 2 : 1; }
@@ -78,7 +78,6 @@ struct OpsInt4 : OpsBase {
 
 struct OpsInt8 : OpsBase {
   static constexpr int kBits = 8;
-  static constexpr int32_t kInt8Offset = 0;  // signed codes, no offset
   static constexpr int kMaxMR = 4;
   static constexpr int kMaxR = 2;
   static int tiles_for(int64_t M) { return M <= 2 ? 2 : 1; }

@@ -517,7 +517,7 @@ inline Status prepare(const GemmArgs& a, const WeightView& w, Call& c) {
   int32_t* sums = scratch<int32_t, 0>(size_t(a.M * pre.nseg));
   float* xsT = scratch<float, 1>(size_t(pre.nseg * sstride));
   if (!xq || !xs || !sums || !xsT) return Status::out_of_memory;
-  quantize_act_avx2(a.x, a.M, a.K, a.stride_xm, seg, xq, xs, sums);
+  quantize_act_avx2(a.x, a.M, a.K, a.stride_xm, seg, xq, xs, sums, 0);
   // gather layout: the second 32 bytes of every block 4x4-transposed per 16-byte lane; int4
   // multiplies x + 128 (unsigned) by code - zero
   const __m256i tr = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,  //

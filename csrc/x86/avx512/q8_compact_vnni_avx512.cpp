@@ -22,7 +22,7 @@ struct OpsInt8Compact : OpsInt8 {
     __mmask64 k;
     std::memcpy(&k, p, 8);
     const __m512i kept = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 8)));
-    d.u = _mm512_xor_si512(_mm512_maskz_expand_epi8(k, kept), _mm512_set1_epi8(char(0x80)));
+    d.s = _mm512_maskz_expand_epi8(k, kept);
   }
 };
 

@@ -3,8 +3,9 @@
 // bytes (its second operand) by signed bytes (its third) and adds each lane's 4 products to an
 // int32 without intermediate saturation, so:
 //   int4: the codes 0..15 are the unsigned operand as they are; the activations the signed one;
-//   int8: codes are signed, so decode flips their sign bit (u = code + 128) and the kernel
-//         subtracts 128 * sum(q) per segment (kInt8Offset), exactly, in int32.
+//   int8: codes are signed, so the activations take the unsigned side as x + 128 (QActView::qu)
+//         and the segment epilogue subtracts 128 * sum(code) per row (QTileView::wsum128), exactly,
+//         in int32 (kOffsetX).
 // Include only from files built with -mavx512vnni.
 #pragma once
 
@@ -30,6 +31,7 @@ inline __m512i dpbusd(__m512i acc, __m512i u, __m512i s) {
 
 struct OpsBase {
   static constexpr bool kCompact = false;  // QTileView::codes (qtile_gemm.h)
+  static constexpr bool kOffsetX = false;  // x as it is (QActView::q)
   static constexpr int L = 16;
   using VI = __m512i;
   using VF = __m512;
@@ -42,6 +44,7 @@ struct OpsBase {
     return _mm512_set1_epi32(v);
   }
   static VI sub_uniform(VI acc, int32_t v) { return _mm512_sub_epi32(acc, _mm512_set1_epi32(v)); }
+  static VI sub_lanes(VI acc, const int32_t* v) { return _mm512_sub_epi32(acc, _mm512_loadu_si512(v)); }
   static VI sub_rows(VI acc, const uint8_t* zero, int32_t sum) {
     const __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zero)));
     return _mm512_sub_epi32(acc, _mm512_mullo_epi32(z, _mm512_set1_epi32(sum)));
@@ -59,7 +62,6 @@ struct OpsBase {
 
 struct OpsInt4 : OpsBase {
   static constexpr int kBits = 4;
-  static constexpr int32_t kInt8Offset = 0;
   struct Dec {
     __m512i lo, hi;  // codes of elements k..k+3 / k+4..k+7 of the 16 rows
   };
@@ -73,14 +75,16 @@ struct OpsInt4 : OpsBase {
 
 struct OpsInt8 : OpsBase {
   static constexpr int kBits = 8;
-  static constexpr int32_t kInt8Offset = 128;
+  // vpdpbusd multiplies unsigned by signed bytes: the activations take the unsigned side as x + 128
+  // (QActView::qu, made by the driver), the codes the signed side as they are, and the segment
+  // epilogue subtracts 128 x the row's code sum (QTileView::wsum128). Offsetting the codes instead
+  // cost a vpxord per row tile per step on vpdpbusd's ports: 1.07-1.13x slower on one Xeon core.
+  static constexpr bool kOffsetX = true;
   struct Dec {
-    __m512i u;  // code + 128 of elements k..k+3 of the 16 rows
+    __m512i s;  // codes of elements k..k+3 of the 16 rows
   };
-  static void decode(const uint8_t* p, Dec& d) {
-    d.u = _mm512_xor_si512(_mm512_loadu_si512(p), _mm512_set1_epi8(char(0x80)));
-  }
-  static VI dot(VI acc, const Dec& d, const XB* xb) { return dpbusd(acc, d.u, xb[0]); }
+  static void decode(const uint8_t* p, Dec& d) { d.s = _mm512_loadu_si512(p); }
+  static VI dot(VI acc, const Dec& d, const XB* xb) { return dpbusd(acc, xb[0], d.s); }
 };
 
 // The register tile (qtile_gemm.h: kMaxMR batch rows x R row tiles of 16 outputs) for batches of 3
