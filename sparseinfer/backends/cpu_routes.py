@@ -205,12 +205,15 @@ def _dequantized(w: PackedWeight) -> torch.Tensor:
     return dense
 
 
-def _dense_copy(w: PackedWeight) -> torch.Tensor | None:
-    """The whole weight in fp32 if it is SMALL_BYTES or less or was granted a budgeted copy (made
-    once, kept with ``w``), else None."""
+def _has_copy(w: PackedWeight) -> bool:
+    """Whether ``w`` keeps an fp32 copy: it is SMALL_BYTES or less, or was granted a budgeted one."""
     n, k = w.shape
-    granted = w._prepacked.get(_COPY_GRANT_KEY, (None, False))[1]
-    return _dequantized(w) if n * k * 4 <= SMALL_BYTES or granted else None
+    return n * k * 4 <= SMALL_BYTES or w._prepacked.get(_COPY_GRANT_KEY, (None, False))[1]
+
+
+def _dense_copy(w: PackedWeight) -> torch.Tensor | None:
+    """The whole weight in fp32 if it keeps a copy (``_has_copy``; made once, kept with ``w``), else None."""
+    return _dequantized(w) if _has_copy(w) else None
 
 
 @functools.lru_cache(maxsize=1)
@@ -249,9 +252,7 @@ def dense_runs_from_copy(w: PackedWeight) -> bool:
     """Whether the dense route of ``w`` runs (or would run) from an fp32 copy: a small weight, a
     copy already granted, or one the budget has room for. Then dense is torch's GEMM on the very
     values the kernels compute with, and takes ties."""
-    n, k = w.shape
-    granted = w._prepacked.get(_COPY_GRANT_KEY, (None, False))[1]
-    return n * k * 4 <= SMALL_BYTES or granted or copy_affordable(w)
+    return _has_copy(w) or copy_affordable(w)
 
 
 def _release(nbytes: int) -> None:

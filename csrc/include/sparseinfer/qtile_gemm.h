@@ -21,8 +21,8 @@
 //   QActView::qu, corrected by QTileView::wsum128 through sub_lanes), L, kBits (8 / 4),
 //   kMaxMR, kMaxR (largest register tile), tiles_for(M) (R for a batch), VI / VF (int32 / fp32
 //   vectors), XB (broadcast), Dec, zero_i, zero_f, decode, bcast, dot (one K step, every part),
-//   sub_uniform, sub_rows, sub_lanes (kOffsetX only), loadf, storef, fma_seg (facc + float(acc) * (sw * sx)), store (lanes
-//   [first, last) of one row of y).
+//   sub_uniform, sub_rows, sub_lanes (kOffsetX only), loadf, storef, fma_seg (facc + float(acc) *
+//   (sw * sx)), store (lanes [first, last) of one row of y).
 #pragma once
 
 #include <cstdint>
