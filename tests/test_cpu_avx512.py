@@ -163,21 +163,23 @@ def test_nonfinite_activations_give_nan_rows(rng):
 
 
 def test_tiny_and_zero_segments_quantize_to_zero_on_every_isa(rng):
-    """A segment of x whose max |x| is 0 or subnormal (127 / max would overflow to inf, and 0 * inf is
-    NaN) gives codes 0 and scale 0, on every ISA the scalar kernel's bits; the row's other segments
-    are quantized as usual: its output is the reference's on them, to the int8 mode's error."""
+    """A segment of x whose max |x| is 0 or below 127 / FLT_MAX (127 / max would overflow to inf, and
+    0 * inf is NaN) gives codes 0 and scale 0, on every ISA the scalar kernel's bits; the row's other
+    segments are quantized as usual: its output is the reference's on them, to the int8 mode's error."""
     w = si.pack(torch.randn(24, 300, generator=rng), "int8")
     handle = build_native_weight(w)
-    x = torch.randn(4, 300, generator=rng)
+    x = torch.randn(5, 300, generator=rng)
     x[1, :128] = 0.0
     x[2, 128:256] = torch.randn(128, generator=rng) * 1e-40  # subnormal
     x[2, 128:256:3] = 0.0
     x[3, 256:] = 1e-39
+    x[4, :128] = torch.randn(128, generator=rng) * 1e-37  # normal, but 127 / max overflows
+    x[4, :128:3] = 0.0
     ref = run(x, handle, 24, isa="scalar")
     assert torch.isfinite(ref).all()
     for isa in ISAS:
         assert torch.equal(run(x, handle, 24, isa=isa), ref), isa
-    tiny = x.abs() < 1.2e-38
+    tiny = x.abs() < 4e-37
     want = reference_linear(torch.where(tiny, 0.0, x), w)
     assert ((ref - want).norm(dim=1) / want.norm(dim=1)).max() < 2e-2
 

@@ -242,13 +242,13 @@ void quantize_act_scalar(const float* x, int64_t rows, int64_t K, int64_t stride
       if (!finite) {
         // inf / NaN: the whole segment's contribution becomes NaN (0 * NaN), as it would in fp32
         scale[m * t.nseg + s] = std::nanf("");
-      } else if (amax < 1.17549435e-38f) {  // zero, or subnormal (127 / amax would overflow): codes 0
+      } else if (!(127.f / amax <= 3.4028235e38f)) {  // zero, or below 127 / FLT_MAX (0 * inf is NaN): codes 0
         scale[m * t.nseg + s] = 0.f;
       } else {
         const float inv = 127.f / amax;
         for (int64_t k = k0; k < k1; ++k) {
           float v = xr[k] * inv;
-          v = v < -127.f ? -127.f : (v > 127.f ? 127.f : v);  // inv may overflow for tiny amax
+          v = v < -127.f ? -127.f : (v > 127.f ? 127.f : v);  // the product may round past 127
           const int32_t c = int32_t(std::nearbyint(v));        // round to nearest even, as cvtps2dq
           qs[k - k0] = int8_t(uint8_t(c) ^ flip);
           total += c;

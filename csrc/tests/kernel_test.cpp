@@ -627,8 +627,9 @@ void run_attend_checks(const std::vector<Isa>& isas, bool verbose, Counts& count
 // The SIMD activation quantizers (x86: quantize_act_avx2, which the AVX2 and AVX-512 levels use)
 // against quantize_act_scalar, bit for bit (codes with their padding, scales, sums), on segments of
 // 128 over K = 1 .. 1000, rows strided past K: Gaussian x with one segment all zero, one holding an
-// inf or NaN, one of subnormals and zeros (codes 0, scale 0: 127 / amax would overflow), a large
-// outlier. run_linear's outputs cannot tell these codes apart (a subnormal scale multiplies them).
+// inf or NaN, one of zeros and subnormals or normals below 127 / FLT_MAX (codes 0, scale 0: 127 / amax
+// would overflow), a large outlier. run_linear's outputs cannot tell these codes apart (a scale below
+// 3e-39 multiplies them).
 void run_quantizer_checks(const std::vector<Isa>& isas, bool verbose, Counts& counts) {
 #ifdef SPARSEINFER_HAVE_AVX2
   bool avx2 = false;
@@ -654,7 +655,7 @@ void run_quantizer_checks(const std::vector<Isa>& isas, bool verbose, Counts& co
           switch (m % 4) {
             case 0: row[k] = 0.f; break;
             case 1: row[k] = k == (k0 + k1) / 2 ? (m % 8 == 1 ? INFINITY : std::nanf("")) : row[k]; break;
-            case 2: row[k] = k % 3 ? 1e-40f * row[k] : 0.f; break;
+            case 2: row[k] = k % 3 ? (m % 8 == 2 ? 1e-40f : 1e-37f) * row[k] : 0.f; break;
             default: row[k] = k == k1 - 1 ? 3e5f : row[k]; break;
           }
       }

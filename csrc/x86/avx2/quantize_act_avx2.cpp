@@ -1,7 +1,7 @@
 // Activation quantization for ActMode::int8, AVX2: the bits of quantize_act_scalar
 // (ref/qtile_ref.cpp), 32 elements at a time. Per segment: amax = max |x|, q = round-to-nearest-
 // even(clamp(x * (127 / amax), -127, 127)), scale = amax / 127, sum = sum of q; a segment with an
-// inf or NaN gets scale NaN and q = 0, one whose amax is 0 or subnormal scale 0 and q = 0. Exact
+// inf or NaN gets scale NaN and q = 0, one whose 127 / amax overflows scale 0 and q = 0. Exact
 // max, one rounding per product and the same clamp make every step identical to the scalar one.
 #include <immintrin.h>
 
@@ -88,14 +88,13 @@ void quantize_act_avx2(const float* x, int64_t rows, int64_t K, int64_t stride_x
       int8_t* qs = q + m * row_q + s * t.seg_pad;
       const float* xs = xr + s * t.seg;
       const int64_t len = (s * t.seg + t.seg < K ? t.seg : K - s * t.seg);
-      const float amax = amaxes[s];
-      if (!(amax >= 1.17549435e-38f)) {  // zero or subnormal (scale 0), or not finite (scale NaN)
+      const float amax = amaxes[s], inv = 127.f / amax;
+      if (!(inv <= 3.4028235e38f)) {  // amax 0 or below 127 / FLT_MAX (scale 0), or not finite (scale NaN)
         std::memset(qs, flip, size_t(t.seg_pad));
         scale[m * t.nseg + s] = amax >= 0.f ? 0.f : amax;
         sum[m * t.nseg + s] = 0;
         continue;
       }
-      const float inv = 127.f / amax;
       const __m256 vinv = _mm256_set1_ps(inv);
       __m256i vsum = _mm256_setzero_si256();
       int64_t k = 0;
