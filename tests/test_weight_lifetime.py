@@ -132,6 +132,49 @@ def test_deepcopy_of_a_layer_that_has_run(fmt, params):
         assert torch.equal(layer(x), want)
 
 
+@pytest.mark.parametrize("fmt,params,csr_path", [("csr", {}, "dense"), ("csr", {}, "csr"), ("2:4+int8", {}, None)])
+def test_inference_tensors_and_copies_of_them(fmt, params, csr_path, monkeypatch):
+    """Packed tensors made under torch.inference_mode have no version counter: the per-call stamp
+    asks instead of reading it (an exception per tensor and call made such a model 0.72x dense) and
+    the layer gives the same bits as one of ordinary tensors. A deep copy made outside inference
+    mode holds ordinary tensors again, and must see its in-place writes (its stamp is its own)."""
+    monkeypatch.setattr(cpu_routes, "_by_rules", lambda w, family, isa, m, act, paths: (
+        "kernel" if csr_path in (None, "csr") else "dense", "pinned by the test"))
+    monkeypatch.setenv("SPARSEINFER_MEASURE", "0")
+    plain = _pair(fmt, params, seed=3)[0]
+    with torch.inference_mode():
+        frozen = copy.deepcopy(plain)
+    assert all(t.is_inference() for t in frozen.packed.tensors().values())
+    assert all(version is None for _, version in frozen.packed._stamp())
+    x = torch.randn(40, 256)
+    with torch.inference_mode():
+        want = plain(x)
+        assert torch.equal(frozen(x), want) and torch.equal(frozen(x), want)  # planned, then memoised
+    twin = copy.deepcopy(frozen)
+    assert not any(t.is_inference() for t in twin.packed.tensors().values())
+    with torch.no_grad():
+        assert torch.equal(twin(x), want)
+        name = "values.qweight" if fmt == "2:4+int8" else "values"
+        getattr(twin, "packed_" + name.replace(".", "__")).neg_()  # written in place
+        fresh = si.linear(x, copy.deepcopy(twin.packed), twin.bias, backend="cpu")
+        assert not torch.equal(fresh, want) and torch.equal(twin(x), fresh)
+
+
+def test_pickle_of_a_weight_that_has_run():
+    """A pickled packed weight leaves its native layouts and tensor stamps behind, like a deep copy:
+    the copy runs on its own tensors and sees their writes."""
+    import pickle
+
+    layer = _pair("2:4+int8", {}, seed=4)[0]
+    x = torch.randn(3, 256)
+    with torch.no_grad():
+        want = layer(x)
+        w = pickle.loads(pickle.dumps(layer.packed))
+        assert w.equal(layer.packed) and torch.equal(si.linear(x, w, layer.bias, backend="cpu", act=layer.act), want)
+        w.values.qweight.neg_()
+        assert not torch.equal(si.linear(x, w, layer.bias, backend="cpu", act=layer.act), want)
+
+
 def test_a_write_that_breaks_the_format_is_refused():
     """The rebuilt view is validated again, as at pack time: a column index out of range written in
     place is refused, never read out of bounds."""

@@ -41,7 +41,8 @@ def configured_threads() -> int | None:
 
 def threads() -> int:
     """The CPU kernels' thread count: configured_threads(), else torch.get_num_threads()."""
-    return configured_threads() or torch.get_num_threads()
+    n = _threads  # set: no call (every layer's per-call plan key asks)
+    return (configured_threads() if n is _UNSET else n) or torch.get_num_threads()
 
 
 def contig(t: torch.Tensor) -> torch.Tensor:

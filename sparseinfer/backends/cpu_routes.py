@@ -336,7 +336,7 @@ def dense_call(w: PackedWeight, x: torch.Tensor, threads: int):
     dense = w.prepacked(_DENSE_COPY_KEY, _dense_copy)
     if dense is None or x.dtype != torch.float32:
         return None
-    linear = torch.nn.functional.linear
+    linear, torch_count = torch.nn.functional.linear, torch.get_num_threads
 
     def current_copy() -> torch.Tensor:
         """The fp32 copy of the packed tensors as they are now (made again if one was written in
@@ -344,6 +344,10 @@ def dense_call(w: PackedWeight, x: torch.Tensor, threads: int):
         return w.prepacked(_DENSE_COPY_KEY, _dense_copy)
 
     def call(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # every step here costs 2-3x its tight-loop time inside a model (cold caches between layers),
+        # and a one-sentence MiniLM makes 37 such calls: the thread guard only where it is needed
+        if torch_count() >= threads:
+            return linear(x, current_copy(), bias)
         with torch_threads(threads):
             return linear(x, current_copy(), bias)
 
