@@ -129,6 +129,38 @@ def test_loaded_model_has_compressed_modules_and_is_prepacked(saved, monkeypatch
         loaded.train()
 
 
+def test_loaded_program_calls_its_layers_and_a_deep_copy_calls_its_own(saved):
+    """The loaded graph calls each CompressedLinear directly (program.LayerCall: no dotted lookup per
+    call); a deep copy of the model calls the copy's layers, so changing one copy leaves the other
+    as it was, and forward hooks on a layer still run."""
+    import copy
+    import warnings
+
+    from sparseinfer.runtime.program import LayerCall
+
+    loaded = si.load(saved[1])
+    calls = [n.target for n in loaded.graph.nodes if isinstance(n.target, LayerCall)]
+    assert {c.path for c in calls} == {"fc1", "fc2", "conv.linear"}
+    assert all(c.layer is loaded.get_submodule(c.path) for c in calls)
+    with warnings.catch_warnings():  # torch's own pytree deprecation, inside GraphModule.__deepcopy__
+        warnings.simplefilter("ignore", FutureWarning)
+        twin = copy.deepcopy(loaded)
+    twin_calls = [n.target for n in twin.graph.nodes if isinstance(n.target, LayerCall)]
+    assert all(c.layer is twin.get_submodule(c.path) and c.layer is not loaded.get_submodule(c.path)
+               for c in twin_calls)
+    x = _inputs()
+    with torch.no_grad():
+        want = loaded(*x)
+        _assert_same(twin(*x), want)
+        twin.get_submodule("fc1").packed_qweight.zero_()  # the copy's weights only
+        assert not torch.equal(twin(*x)["logits"], want["logits"])
+        _assert_same(loaded(*x), want)
+        seen = []
+        loaded.get_submodule("fc2").register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        loaded(*x)
+    assert seen == [torch.Size([2, 5, 32])]
+
+
 FRESH = textwrap.dedent("""
     import pickle, sys, torch
     def refuse(*a, **k):

@@ -291,13 +291,40 @@ def _train_refused(self, mode: bool = True):
     return self
 
 
+class LayerCall:
+    """A loaded program's call of one of its CompressedLinear submodules, bound at load. A
+    ``call_module`` node looks its target up by the dotted path on every call: four
+    ``Module.__getattr__`` hops for ``encoder.layer.0.attention.self.query``, a few microseconds each
+    inside a model (cold caches between layers), which put a MiniLM loaded from its artifact 4-7 %
+    behind the same model compressed in memory for one sentence. The module stays registered at
+    ``path`` (state_dict, named_modules, ``si.explain``, ``.to``); a deep copy of the program is
+    rebound to its own modules (``_rebind``); replacing a module in the tree later does not rewire
+    the graph (build the model yourself and ``load(path, model=skeleton)`` for that)."""
+
+    def __init__(self, layer: CompressedLinear, path: str):
+        self.layer, self.path = layer, path
+        self.__name__ = "compressed_linear"  # the name torch.fx's code generator gives the global
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)  # through Module.__call__: hooks still run
+
+    @staticmethod
+    def bind_all(gm) -> None:
+        """Point every LayerCall in ``gm``'s graph at ``gm``'s own module at its path."""
+        for node in gm.graph.nodes:
+            if isinstance(node.target, LayerCall):
+                node.target = LayerCall(gm.get_submodule(node.target.path), node.target.path)
+        gm.recompile()
+
+
 def swap_packed_calls(gm, layers: dict, backend: str | None) -> None:
     """Replace each ``sparseinfer.packed_linear`` call by a call to a CompressedLinear submodule,
-    placed where the exported layer lived (its buffers' prefix)."""
+    placed where the exported layer lived (its buffers' prefix), made through a ``LayerCall``."""
     by_prefix = {}
     for name, (packed, bias, e) in layers.items():
         by_prefix[f"{name}.linear" if e["module"] == "CompressedConv2d" else name] = (name, packed, bias, e["bias"])
     graph, built = gm.graph, {}
+    bound = hasattr(gm, "_register_deepcopy_hook")  # torch.fx rebinds a deep copy through it (below)
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not torch.ops.sparseinfer.packed_linear.default:
             continue
@@ -323,9 +350,12 @@ def swap_packed_calls(gm, layers: dict, backend: str | None) -> None:
             built[prefix] = CompressedLinear(packed, bias, backend)
             set_submodule(gm, prefix, built[prefix])
         with graph.inserting_before(node):
-            call = graph.call_module(prefix, (x,))
+            call = (graph.call_function(LayerCall(built[prefix], prefix), (x,)) if bound
+                    else graph.call_module(prefix, (x,)))
         call.meta = dict(node.meta)
         node.replace_all_uses_with(call)
         graph.erase_node(node)
     graph.eliminate_dead_code()
     gm.recompile()
+    if bound:  # torch.fx copies a graph's nodes with their targets: a deep copy would call these layers
+        gm._register_deepcopy_hook(LayerCall.bind_all)
