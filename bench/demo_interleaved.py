@@ -11,6 +11,9 @@ longest) and one sentence; default act (SPARSEINFER_ACT, else auto). Each model 
 first, with no first-use measuring budget (so route measurements, if this machine's cache lacks them, happen there), then
 --rounds rounds; speed = dense time / recipe time of the median round (and of the best one).
 
+--load adds a row per recipe for its model saved and loaded back (``si.save`` with the batch as the
+example input, ``si.load``: the exported program, as a deployment runs it).
+
 --force pick,last,dense adds rows for each recipe with every layer's route replaced (a what-if, by
 replacing cpu_routes.decide): "pick" the table's kernel, "last" the last of _C.kernel_candidates
 (e.g. a measured-only kernel), "dense" the dense fallback (with its fp32 copy where it would keep one).
@@ -20,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
+import tempfile
 import time
 
 import torch
@@ -52,6 +57,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--batch", type=int, default=16, help="sentences in the batched input (the demo's 16)")
     ap.add_argument("--act", default=None)
+    ap.add_argument("--load", action="store_true", help="add rows for each recipe saved and loaded back")
     ap.add_argument("--force", default="", help="comma-separated: pick, last, dense (rows with every route forced)")
     args = ap.parse_args()
     model, tokenizer, _ = models.load_hf(models.MINILM)
@@ -61,6 +67,12 @@ def main() -> None:
     nets = {"dense": model}
     for r in args.recipes:
         nets[r] = si.set_act(si.compress(model, r, calib=calib, progress=False), args.act)
+    if args.load:
+        saved = tempfile.TemporaryDirectory()  # removed when main() returns
+        for r in args.recipes:
+            path = os.path.join(saved.name, f"{len(nets)}.sinf")
+            si.save(nets[r], path, example_inputs=dict(inputs["batch"]))
+            nets[f"{r} [load]"] = si.load(path, act=args.act)
     forces = [f for f in args.force.split(",") if f]
     variants = {name: (net, None) for name, net in nets.items()}
     variants.update({f"{r} [{f}]": (nets[r], f) for r in args.recipes for f in forces})
