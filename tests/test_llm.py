@@ -4,6 +4,7 @@ greedy tokens; the checks load makes on the architecture, config, sizes and toke
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -261,13 +262,16 @@ def test_compiled_model_gives_eager_tokens(monkeypatch):
     from sparseinfer.runtime.fused import SharedInput
 
     c = si.set_act(si.compress(_llama(), RECIPE, progress=False), "auto")
+    e = copy.deepcopy(c)  # eager reference: a copy runs its layers apart (it leaves the groups behind)
     seen = []
     run, group_run = si.CompressedLinear.run, SharedInput.run
     monkeypatch.setattr(si.CompressedLinear, "run", lambda self, x: seen.append((self, x.clone())) or run(self, x))
     monkeypatch.setattr(SharedInput, "run", lambda self, x: seen.append((self, x.clone())) or group_run(self, x))
-    ref = greedy(c, torch.tensor(PROMPT), 8, decoder="transformers").tokens  # the compiled model runs that forward
+    ref = greedy(e, torch.tensor(PROMPT), 8, decoder="transformers").tokens  # the compiled model runs that forward
+    eager = {name: [x for who, x in seen if who is m] for name, m in e.named_modules()
+             if isinstance(m, si.CompressedLinear)}
     layers = [m for m in c.modules() if isinstance(m, si.CompressedLinear)]
-    eager = {id(m): [x for who, x in seen if who is m] for m in layers}
+    name_of = {id(m): name for name, m in c.named_modules() if isinstance(m, si.CompressedLinear)}
     torch._dynamo.reset()
     try:
         compile_model(c, backend="aot_eager")  # joins q/k/v and gate/up first
@@ -282,7 +286,13 @@ def test_compiled_model_gives_eager_tokens(monkeypatch):
     assert len(ops) == 8 * (len(layers) - 6)  # per token one op per layer or group (2 x 3 of 7 joined)
     for m in {id(who): who for who, _ in ops}.values():
         got = [x for who, x in ops if who is m]
-        assert len(got) == len(eager[id(m)]) and all(torch.equal(a, b) for a, b in zip(got, eager[id(m)]))
+        want = eager[name_of[id(m)]]
+        assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def _groups(model) -> int:
+    """Distinct shared-input groups (runtime/fused.py) among ``model``'s compressed layers."""
+    return len({id(m._group) for m in model.modules() if isinstance(m, si.CompressedLinear) and m._group is not None})
 
 
 @pytest.mark.parametrize("recipe", ["int8", "int4-g32", "2:4+int4"])
@@ -294,9 +304,10 @@ def test_shared_input_projections_give_the_same_numbers(recipe, act):
 
     from sparseinfer.runtime.fused import fuse_shared_inputs
 
-    alone = si.set_act(si.compress(_llama(), {"default": recipe, "layers": {"lm_head": "int8"}}, progress=False), act)
-    joint = copy.deepcopy(alone)
-    assert fuse_shared_inputs(joint) == 4 and fuse_shared_inputs(joint) == 0  # 2 layers x (q/k/v, gate/up)
+    joint = si.set_act(si.compress(_llama(), {"default": recipe, "layers": {"lm_head": "int8"}}, progress=False), act)
+    alone = copy.deepcopy(joint)  # a copy leaves the groups behind: each member runs its own call
+    assert _groups(joint) == 4 and _groups(alone) == 0  # compress joined 2 layers x (q/k/v, gate/up)
+    assert fuse_shared_inputs(joint) == 0  # idempotent
     torch.manual_seed(1)
     with torch.inference_mode():
         for rows in (1, 3, 17):
@@ -436,7 +447,6 @@ def test_lean_decoder_matches_transformers(case, recipe, act):
     step's logits equal, bit for bit -- also with int8 activations (act auto), where a differing last
     bit would become another greedy token within a few steps -- and the same greedy tokens."""
     from sparseinfer.llm import greedy
-    from sparseinfer.runtime.fused import fuse_shared_inputs
 
     kw = {"tied-gqa": {}, "untied-mha": {"tied": False, "kv_heads": 4}, "llama3-rope": {"rope": LLAMA3_ROPE},
           "untied-gqa-bias": {"tied": False, "attention_bias": True}}[case]
@@ -444,7 +454,7 @@ def test_lean_decoder_matches_transformers(case, recipe, act):
     if recipe is not None:
         model = si.set_act(si.compress(model, {"default": recipe, "layers": {"lm_head": "int8"}}, progress=False),
                            act)
-        assert fuse_shared_inputs(model) == 4  # q/k/v and gate/up joined: the lean path runs the joint call
+        assert _groups(model) == 4  # q/k/v and gate/up joined by compress: the lean path runs the joint call
     if case == "llama3-rope":
         assert model.model.rotary_emb.rope_type == "llama3"
     hf = greedy(model, torch.tensor(PROMPT), LEAN_TOKENS, decoder="transformers")
@@ -623,15 +633,15 @@ def test_native_steps_match_the_python_steps(case, recipe, act):
     tokens: every step's logits within NATIVE_TOL of their scale, on every ISA this machine runs
     (None: the active one with the routes' kernels), with q/k/v and gate/up joined or not; dense
     layers (recipe None: the whole model and its head) through the native gemv."""
-    from sparseinfer.runtime.fused import fuse_shared_inputs
 
     kw = {"tied-gqa": {}, "untied-mha": {"tied": False, "kv_heads": 4}, "llama3-rope": {"rope": LLAMA3_ROPE},
           "untied-gqa-bias": {"tied": False, "attention_bias": True}}[case]
     model = _llama_cfg(**kw)
     if recipe is not None:
         model = si.set_act(si.compress(model, {"default": recipe, "layers": {"lm_head": "int8"}}, progress=False), act)
-        if case != "untied-mha":  # the other cases run the joint calls
-            assert fuse_shared_inputs(model) == 4
+        if case == "untied-mha":  # this case runs the members apart (a copy leaves the groups behind)
+            model = copy.deepcopy(model)
+        assert _groups(model) == (0 if case == "untied-mha" else 4)
     tokens = PROMPT[0] + [7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67, 71, 73, 79, 83]
     want, _ = _lean_logits(model, tokens)
     tol = NATIVE_TOL

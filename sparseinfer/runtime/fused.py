@@ -6,7 +6,8 @@ kernel each, as much again of call overhead. ``fuse_shared_inputs(model)`` conca
 packed tensors once (the members' buffers become row views of the joint ones: no second copy) and
 hands the members a ``SharedInput``: the first member called with ``x`` runs the joint weight on
 it and keeps the result; a sibling called with the same tensor object takes its rows of it. The
-model's own code (transformers' forward) is unchanged.
+model's own code (transformers' forward) is unchanged. ``compress`` and ``load`` apply it (an
+int8 MiniLM at the batch of 16: 1.78-1.79x -> 1.83x dense in memory, 1.72-1.81x -> 1.90-1.91x loaded).
 
 Same outputs as separate calls: each output row of a packed kernel depends only on x and that row's
 weights (int8 activations are quantized per row of x, whatever N is), so a member's rows of the

@@ -17,6 +17,7 @@ from torch import nn
 
 from . import ops  # noqa: F401  (registers torch.ops.sparseinfer.packed_linear for the deserializer)
 from .errors import ArtifactError, ExportError
+from .fused import fuse_shared_inputs
 from .layers import set_submodule
 from .manifest import CONSTANT_PREFIX, PROGRAM, check_file, dtype_name, parse_json
 from .modules import CompressedLinear, _buffer_name
@@ -270,6 +271,7 @@ def load_program(path: Path, manifest: dict, tensors: dict, layers: dict, device
                             f"{err}; load the tensors into a model you build with load(path, model=skeleton)") from None
     try:
         swap_packed_calls(gm, layers, backend)
+        fuse_shared_inputs(gm)  # q / k / v, gate / up: one call each, as in the model that was saved
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         if isinstance(err, ArtifactError):
             raise
