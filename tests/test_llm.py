@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import sparseinfer as si
+from sparseinfer.backends import BACKENDS
 from sparseinfer.runtime.errors import ArtifactError
 
 transformers = pytest.importorskip("transformers")
@@ -326,6 +327,24 @@ def test_shared_input_projections_give_the_same_numbers(recipe, act):
     assert greedy(joint, torch.tensor(PROMPT), 12).tokens == greedy(alone, torch.tensor(PROMPT), 12).tokens
     joint.to(torch.float32)  # a move leaves the group: each member runs alone again
     assert q._group is None
+
+
+def test_explain_reports_the_joint_call_of_a_group():
+    """A layer joined with its siblings runs as one call on the joint weight: explain says so and
+    reports that call's kernel and route; a deep copy (members apart) reports each layer's own."""
+    model = si.compress(_llama(), "int8", progress=False)
+    q = model.model.layers[0].self_attn.q_proj
+    for batch in (1, 17):
+        rows = {r["layer"]: r for r in si.explain(model, batch=batch)}
+        row = rows["model.layers.0.self_attn.q_proj"]
+        joint = q._group.joint
+        want = BACKENDS[row["backend"]].describe(joint.packed, batch, joint.act)
+        assert row["why"] == f"one 128x64 call joined with its siblings (q_proj, k_proj, v_proj); {want['why']}"
+        assert (row["kernel"], row["path"], row["act"]) == (want["kernel"], want["path"], want["act"])
+        assert "(gate_proj, up_proj)" in rows["model.layers.1.mlp.up_proj"]["why"]
+        assert "joined" not in rows["model.layers.0.self_attn.o_proj"]["why"]
+    apart = {r["layer"]: r for r in si.explain(copy.deepcopy(model), batch=1)}
+    assert "joined" not in apart["model.layers.0.self_attn.q_proj"]["why"]
 
 
 def test_shared_input_group_follows_set_act_back_and_forth():

@@ -71,20 +71,30 @@ def explain(model: nn.Module, batch: int = 1, dtype: torch.dtype = torch.float32
     """Per compressed layer: format, packed vs fp32 bytes, and what a call with ``batch`` rows of
     ``dtype`` activations would run on the layer's device: backend, kernel, path ("kernel", or the
     "dense" fallback / "dense_int8" where that was measured faster), the activation precision that
-    runs (act) and why (measured times or the table and rule that decided, and the act mode).
+    runs (act) and why (measured times or the table and rule that decided, and the act mode); a
+    layer joined with its siblings (q / k / v, gate / up) reports the joint call it runs as.
     ``.dense`` (printed below the table) lists the weight layers that stayed dense and why, ``.notes``
     process-wide settings that apply (the CPU allocator's: backends/cpu_heap.py)."""
     rows = Explanation(dense=_dense_layers(model))
+    names = {id(m): name for name, m in model.named_modules()}
     for name, module in model.named_modules():
         if not isinstance(module, CompressedLinear):
             continue
         w = module.packed
         x = torch.empty(batch, w.shape[1], dtype=dtype, device=w.device)
-        b = resolve(w, x, module.backend)
+        # a member of a shared-input group (runtime/fused.py) runs as the group's joint call, whose
+        # route is the joint weight's
+        group = module._group
+        runs = group.joint if group is not None and group.runs_jointly(x) else module
+        b = resolve(runs.packed, x, runs.backend)
+        about = b.describe(runs.packed, batch, runs.act)
+        if runs is not module:
+            n, k = runs.packed.shape
+            siblings = ", ".join(names.get(id(m), "?").rpartition(".")[2] for m in group.members)
+            about["why"] = f"one {n}x{k} call joined with its siblings ({siblings}); {about['why']}"
         rows.append({"layer": name, "format": w.fmt, "shape": f"{w.shape[0]}x{w.shape[1]}",
                      "packed_bytes": w.nbytes, "dense_bytes": w.dense_nbytes,
-                     "ratio": f"{w.dense_nbytes / w.nbytes:.2f}x", "backend": b.name,
-                     **b.describe(w, batch, module.act)})
+                     "ratio": f"{w.dense_nbytes / w.nbytes:.2f}x", "backend": b.name, **about})
     if any(r["backend"] == "cpu" for r in rows):
         rows.notes.append(f"cpu allocator: {cpu_heap.setting()}")
     return rows
