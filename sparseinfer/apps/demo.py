@@ -149,6 +149,7 @@ def measuring_every_route():
         cpu_routes.MEASURE_BUDGET_S = before
 
 
+@measuring_every_route()
 def run(n_sentences: int = 256, recipes=DEFAULT_RECIPES, batch_size: int = 64, repeats: int | None = None,
         save_load: str | None = "2:4+int8", out=print, progress: bool | None = None, latency_batch: int = 16,
         act: str | None = None) -> dict:
@@ -160,11 +161,6 @@ def run(n_sentences: int = 256, recipes=DEFAULT_RECIPES, batch_size: int = 64, r
     loaded back (None: skip; a recipe not in ``recipes`` falls back to the first one). act: the
     activation precision the compressed models may use (``sparseinfer.set_act``). Every layer's
     kernel-or-dense route is measured on first use (``measuring_every_route``)."""
-    with measuring_every_route():
-        return _run(n_sentences, recipes, batch_size, repeats, save_load, out, progress, latency_batch, act)
-
-
-def _run(n_sentences, recipes, batch_size, repeats, save_load, out, progress, latency_batch, act) -> dict:
     if n_sentences < 1:
         raise ValueError(f"demo: --sentences must be at least 1, got {n_sentences}")
     repeats = REPEATS if repeats is None else repeats

@@ -97,21 +97,20 @@ class PackedWeight:
         # Which backend ran which kind of call (``sparseinfer.backends.resolve``'s memo).
         self._routes: dict[tuple, Any] = {}
 
-    def __deepcopy__(self, memo):
-        """A copy with its own tensors; the per-backend caches stay behind (a native prepacked
-        layout cannot be copied, and the copy rebuilds its own on first use), and so does
-        ``_sources`` (the copies' tensors may be inference tensors where the originals were not)."""
-        new = type(self).__new__(type(self))
-        memo[id(self)] = new
-        for name, value in self.__dict__.items():
-            if name != "_sources":
-                setattr(new, name, {} if name in ("_prepacked", "_routes") else copy.deepcopy(value, memo))
-        return new
-
-    def __getstate__(self):  # pickle: the same, and a native layout cannot be pickled
+    def __getstate__(self):
+        """What a copy (deepcopy, pickle) takes: its own tensors; the per-backend caches stay behind (a
+        native prepacked layout cannot be copied, and the copy rebuilds its own on first use), and so
+        does ``_sources`` (the copy's tensors may be inference tensors where the originals were not)."""
         state = {n: v for n, v in self.__dict__.items() if n != "_sources"}
         state.update(_prepacked={}, _routes={})
         return state
+
+    def __deepcopy__(self, memo):
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for name, value in self.__getstate__().items():
+            setattr(new, name, copy.deepcopy(value, memo))
+        return new
 
     # -- interface every format implements --------------------------------------------------
     dense_dtype: torch.dtype = torch.float32  # what to_dense() returns by default

@@ -300,7 +300,7 @@ class LayerCall:
     inside a model (cold caches between layers), which put a MiniLM loaded from its artifact 4-7 %
     behind the same model compressed in memory for one sentence. The module stays registered at
     ``path`` (state_dict, named_modules, ``si.explain``, ``.to``); a deep copy of the program is
-    rebound to its own modules (``_rebind``); replacing a module in the tree later does not rewire
+    rebound to its own modules (``bind_all``, torch.fx's deepcopy hook); replacing a module in the tree later does not rewire
     the graph (build the model yourself and ``load(path, model=skeleton)`` for that)."""
 
     def __init__(self, layer: CompressedLinear, path: str):
