@@ -382,6 +382,33 @@ def test_calibrate_rules_from_injected_times(monkeypatch):
     assert len(rules["routes"]) >= 5
 
 
+def test_calibrate_rules_times_an_extrapolated_csr_crossing(monkeypatch):
+    """A crossing past the measured densities is timed where it lands and fitted again there: a CSR
+    time that bends upward above 0.3 (true crossing 7/22) put the line's estimate at 0.5."""
+    timed = []
+
+    def fake(w, m, act, paths):
+        d = w.density
+        timed.append(round(d, 1))
+        t = {"kernel": 1.0 + 2.0 * d + 20.0 * max(0.0, d - 0.3), "dense": 2.0}
+        return {"times": {p: t[p] for p in paths}, "m": m, "rows": w.shape[0], "n": w.shape[0], "when": "t"}
+
+    monkeypatch.setattr(cpu_routes, "measure_point", fake)
+    monkeypatch.setattr(cpu_tuning, "_FAMILY_FORMATS", {"csr_float": ("csr", {})})
+    rules = cpu_routes.calibrate_rules(64, 128, batches=(1, 16))
+    assert rules["csr_crossover"]["csr_float/fp32"] == {"1": pytest.approx(7 / 22, abs=0.01),
+                                                       "16": pytest.approx(7 / 22, abs=0.01)}
+    assert timed.count(0.5) == 2  # once per batch, and nowhere else: the bracket closes there
+    assert len(timed) == 6
+
+
+def test_crossing_interpolates_between_the_nearest_densities():
+    assert cpu_routes.crossing({0.05: 0.5, 0.3: 1.5}) == pytest.approx(0.175)
+    assert cpu_routes.crossing({0.05: 2.0, 0.3: 4.0}) == 0.0  # dense beats even the sparsest
+    assert cpu_routes.crossing({0.05: 0.1, 0.3: 0.11}) == 1.0  # CSR wins at every density
+    assert cpu_routes.crossing({0.05: 0.3, 0.3: 0.6, 0.5: 2.0}) == pytest.approx(0.3 + 0.4 / 1.4 * 0.2)
+
+
 def test_explain_says_path_act_and_why(rng, monkeypatch):
     monkeypatch.setattr(cpu_routes, "measure_point", FakeTimer(kernel=1.0, dense=0.25))
     model = si.compress(torch.nn.Sequential(torch.nn.Linear(128, 32)), "int8", progress=False)

@@ -118,6 +118,7 @@ SMALL_BYTES = 1 << 20  # a weight whose fp32 copy is at most this keeps one (mad
 DENSE_COPY_MB = 256
 DENSE_COPY_RAM_FRACTION = 0.25
 CSR_DENSITIES = (0.05, 0.3)  # calibrate: CSR time is affine in density, two points give the line
+CSR_REFINE = 3  # ... and a crossing beyond them is timed where it lands, at most this many times
 
 _DENSE_COPY_KEY = "cpu:dense-copy"
 _COPY_GRANT_KEY = "cpu:dense-copy-granted"
@@ -694,11 +695,26 @@ def _random_weight(fmt: str, params: dict, n: int, k: int, density: float, g: to
     return pack(w, fmt, **params)
 
 
+def _csr_ratio(record: dict) -> float:
+    times = record["times"]
+    return times["kernel"] / min(t for p, t in times.items() if p != "kernel")
+
+
+def crossing(ratio: dict[float, float]) -> float:
+    """Density (clamped to 0 ... 1) at which the CSR kernel's time over dense's ({density: ratio}),
+    affine between the two measured densities nearest the crossing, reaches 1."""
+    pts = sorted(ratio.items())
+    i = next((i for i in range(len(pts) - 1) if pts[i + 1][1] >= 1.0), len(pts) - 2)
+    (d0, r0), (d1, r1) = pts[i], pts[i + 1]
+    slope = max((r1 - r0) / (d1 - d0), 1e-12)
+    return min(1.0, max(0.0, d0 + (1.0 - r0) / slope))
+
+
 def calibrate_rules(n: int = 1024, k: int = 1024, batches=(1, 4, 16, 64, 256, 1024), progress=None) -> dict:
     """Measure this machine's rules: per family and act class the batch from which the dense
     fallback wins (the smallest measured batch where it wins at every batch from there on), and for
     CSR the crossover density per batch (CSR timed at CSR_DENSITIES, affine in the density, against
-    the dense paths). Returns {"dense_from", "csr_crossover", "routes": raw measurements}."""
+    the dense paths; a crossing beyond them is timed where it lands and fitted again). Returns {"dense_from", "csr_crossover", "routes": raw measurements}."""
     C = _native.require_native()
     g = torch.Generator().manual_seed(0)
     rules = {"dense_from": {}, "csr_crossover": {}, "routes": {}}
@@ -720,11 +736,21 @@ def calibrate_rules(n: int = 1024, k: int = 1024, batches=(1, 4, 16, 64, 256, 10
                 for d, w in ws.items():
                     rules["routes"][route_key(w, m, act)] = recs[d]
                 if csr:
-                    (d0, r0), (d1, r1) = sorted(recs.items())
-                    t0, t1 = r0["times"]["kernel"], r1["times"]["kernel"]
-                    t_dense = min(t for p, t in r0["times"].items() if p != "kernel")
-                    slope = max((t1 - t0) / (d1 - d0), 1e-12)
-                    points[str(m)] = round(min(1.0, max(0.0, d0 + (t_dense - t0) / slope)), 4)
+                    # kernel / dense per measurement (dense does not depend on the density, and a ratio
+                    # from one interleaved measurement does not drift with the host's load)
+                    ratio = {d: _csr_ratio(r) for d, r in recs.items()}
+                    d = crossing(ratio)
+                    for _ in range(CSR_REFINE):
+                        if not max(ratio) < d < 1:
+                            break
+                        # extrapolated: time it where it lands (a noisy, flat line put the 16-row point
+                        # of the avx512 table at 0.81 between 0.23 and 0.32)
+                        w = _random_weight(fmt, params, n, k, round(d, 2), g)
+                        rec = measure_point(w, m, act, candidates(w))
+                        rules["routes"][route_key(w, m, act)] = rec
+                        ratio[w.density] = _csr_ratio(rec)
+                        d = crossing(ratio)
+                    points[str(m)] = round(d, 4)
                 else:
                     wins.append((m, choose(recs[1.0]["times"]) == "dense"))
             if csr:
