@@ -402,6 +402,25 @@ def test_calibrate_rules_times_an_extrapolated_csr_crossing(monkeypatch):
     assert len(timed) == 6
 
 
+def test_calibrate_rules_stops_refining_near_a_measured_density(monkeypatch):
+    """A crossing estimated next to a measured density is kept: a slope between two nearly equal
+    densities is the noise's (in AVX2 mode a 0.44 / 0.439 pair sent a 256-row point to 1.0)."""
+    timed = []
+
+    def fake(w, m, act, paths):
+        d = w.density
+        timed.append(d)
+        ratio = 0.99 if 0.4 <= d <= 0.5 else d / 0.45  # a plateau just under dense: noise near the crossing
+        t = {"kernel": ratio, "dense": 1.0}
+        return {"times": {p: t[p] for p in paths}, "m": m, "rows": w.shape[0], "n": w.shape[0], "when": "t"}
+
+    monkeypatch.setattr(cpu_routes, "measure_point", fake)
+    monkeypatch.setattr(cpu_tuning, "_FAMILY_FORMATS", {"csr_float": ("csr", {})})
+    rules = cpu_routes.calibrate_rules(64, 128, batches=(16,))
+    assert len(timed) == 3, timed  # 0.05, 0.3 and one more near 0.45
+    assert 0.44 <= rules["csr_crossover"]["csr_float/fp32"]["16"] <= 0.5
+
+
 def test_crossing_interpolates_between_the_nearest_densities():
     assert cpu_routes.crossing({0.05: 0.5, 0.3: 1.5}) == pytest.approx(0.175)
     assert cpu_routes.crossing({0.05: 2.0, 0.3: 4.0}) == 0.0  # dense beats even the sparsest

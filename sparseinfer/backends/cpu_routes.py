@@ -118,7 +118,8 @@ SMALL_BYTES = 1 << 20  # a weight whose fp32 copy is at most this keeps one (mad
 DENSE_COPY_MB = 256
 DENSE_COPY_RAM_FRACTION = 0.25
 CSR_DENSITIES = (0.05, 0.3)  # calibrate: CSR time is affine in density, two points give the line
-CSR_REFINE = 3  # ... and a crossing beyond them is timed where it lands, at most this many times
+CSR_REFINE = 3  # ... and a crossing beyond them is timed where it lands, at most this many times,
+CSR_RESOLUTION = 0.05  # unless it is this close to a measured density
 
 _DENSE_COPY_KEY = "cpu:dense-copy"
 _COPY_GRANT_KEY = "cpu:dense-copy-granted"
@@ -741,10 +742,11 @@ def calibrate_rules(n: int = 1024, k: int = 1024, batches=(1, 4, 16, 64, 256, 10
                     ratio = {d: _csr_ratio(r) for d, r in recs.items()}
                     d = crossing(ratio)
                     for _ in range(CSR_REFINE):
-                        if not max(ratio) < d < 1:
+                        if not max(ratio) < d < 1 or min(abs(d - x) for x in ratio) < CSR_RESOLUTION:
                             break
                         # extrapolated: time it where it lands (a noisy, flat line put the 16-row point
-                        # of the avx512 table at 0.81 between 0.23 and 0.32)
+                        # of the avx512 table at 0.81 between 0.23 and 0.32); not closer than
+                        # CSR_RESOLUTION to a measured density, where the slope would be the noise's
                         w = _random_weight(fmt, params, n, k, round(d, 2), g)
                         rec = measure_point(w, m, act, candidates(w))
                         rules["routes"][route_key(w, m, act)] = rec
