@@ -105,6 +105,25 @@ def test_rows_views_share_storage():
         w.rows(30, 41)
 
 
+@pytest.mark.parametrize("fmt, params", [("int4", {"group_size": 32}), ("2:4+int8", {}), ("csr", {}), ("csr+int8", {})])
+def test_concat_rows_is_the_inverse_of_rows(fmt, params, rng):
+    """Weights joined by rows (q / k / v: runtime/fused.py) give the rows of each, and rows() of the
+    joint gives each back, tensor for tensor; CSR's row starts are shifted, its entries shared."""
+    dense = [torch.randn(n, 128, generator=rng) * (torch.rand(n, 128, generator=rng) < 0.5) for n in (24, 8, 40)]
+    parts = [si.pack(d, fmt, **params) for d in dense]
+    joint = type(parts[0]).concat_rows(parts)
+    assert joint.shape == (72, 128) and joint.fmt == parts[0].fmt
+    assert torch.equal(joint.to_dense(), torch.cat([p.to_dense() for p in parts]))
+    start = 0
+    for p in parts:
+        back = joint.rows(start, start + p.shape[0])
+        assert back.tensors().keys() == p.tensors().keys()
+        assert all(torch.equal(back.tensors()[k], t) for k, t in p.tensors().items()), fmt
+        start += p.shape[0]
+    if fmt.startswith("csr"):
+        assert back.values.data_ptr() == joint.values[joint.nnz - parts[-1].nnz:].data_ptr()
+
+
 # -- deciding --------------------------------------------------------------------------------------
 
 def test_bucket_and_key():

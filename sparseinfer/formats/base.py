@@ -139,6 +139,15 @@ class PackedWeight:
         return type(self).from_parts({name: t[start:stop] for name, t in self.tensors().items()},
                                      (stop - start, k), self.params(), self.fmt)
 
+    @classmethod
+    def concat_rows(cls, weights: list["PackedWeight"]) -> "PackedWeight":
+        """One weight of ``weights``' rows in order, the inverse of ``rows`` (the caller checks that they
+        match: format, parameters, K, tensor dtypes and device). Here: every tensor holds one entry per
+        output row along dim 0; CSR overrides it."""
+        first = weights[0]
+        joint = {name: torch.cat([w.tensors()[name] for w in weights]) for name in first.tensors()}
+        return cls.from_parts(joint, (sum(w.shape[0] for w in weights), first.shape[1]), first.params(), first.fmt)
+
     # -- shared behaviour ------------------------------------------------------------------
     @property
     def nbytes(self) -> int:

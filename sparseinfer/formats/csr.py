@@ -105,6 +105,19 @@ class CSRWeight(PackedWeight):
         scale = None if self.scale is None else self.scale[start:stop]
         return CSRWeight(self.crow[start:stop + 1] - lo, self.col[lo:hi], self.values[lo:hi], scale, k)
 
+    @classmethod
+    def concat_rows(cls, weights: list["CSRWeight"]) -> "CSRWeight":
+        crow, offset = [weights[0].crow[:1]], 0
+        for w in weights:  # each weight's row starts, shifted past the entries of those before it
+            crow.append(w.crow[1:] + offset)
+            offset += w.nnz
+        joint = {"crow": torch.cat(crow), "col": torch.cat([w.col for w in weights]),
+                 "values": torch.cat([w.values for w in weights])}
+        if weights[0].quantized:
+            joint["scale"] = torch.cat([w.scale for w in weights])
+        first = weights[0]
+        return cls.from_parts(joint, (sum(w.shape[0] for w in weights), first.shape[1]), first.params(), first.fmt)
+
     def to_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         dtype = dtype or self.dense_dtype
         rows = torch.repeat_interleave(torch.arange(self.shape[0], device=self.crow.device), self.crow.diff())

@@ -10,12 +10,16 @@ model's own code (transformers' forward) is unchanged. ``compress`` and ``load``
 int8 MiniLM at the batch of 16: 1.78-1.79x -> 1.83x dense in memory, 1.72-1.81x -> 1.90-1.91x loaded).
 
 Same outputs as separate calls: each output row of a packed kernel depends only on x and that row's
-weights (int8 activations are quantized per row of x, whatever N is), so a member's rows of the
-joint call are the numbers its own call gives -- as long as the joint call and every member's own
-call take the same path. The CPU backend picks kernel or dense fallback per N x K and batch
-(cpu_routes.py), so a group runs jointly only at batches where the joint weight and every member
-take the packed kernel through a direct call (``Backend.direct_call``); elsewhere each member runs
-its own call. tests/test_llm.py checks equality bit for bit.
+weights (int8 activations are quantized per row of x, whatever N is), and so does a row of torch's
+GEMM on a kept fp32 copy (MKL: checked bit for bit at 1-736 rows on this project's machines), so a
+member's rows of the joint call are the numbers its own call gives -- where the joint call takes the
+member's path. A group runs jointly at batches where the joint weight and every member have a direct
+call (``Backend.direct_call``: the packed kernel, or the dense route on a kept copy), on the joint
+weight's route (cpu_routes.py, measured for its N x K); elsewhere each member runs its own call. Where
+the joint's route differs from a member's, the two differ by that path's rounding (fp32 sums in
+another order). CSR joins too (``CSRWeight.concat_rows``): a 50 %-sparse MiniLM runs its q / k / v as
+one dense GEMM on the joint copy at one sentence, as dense runs three. tests/test_llm.py checks
+equality bit for bit.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ def concat_rows(weights: list[PackedWeight]) -> PackedWeight | None:
     """One packed weight holding ``weights``' rows in order (same format, parameters, K, dtype and
     device), or None when they cannot be joined."""
     first = weights[0]
-    if not all(gathers_rows(w) for w in weights):
+    if first.kind != "csr" and not all(gathers_rows(w) for w in weights):
         return None
     t0 = first.tensors()
     for w in weights[1:]:
@@ -50,9 +54,7 @@ def concat_rows(weights: list[PackedWeight]) -> PackedWeight | None:
                 or any(t[k].dtype != t0[k].dtype or t[k].device != t0[k].device or t[k].shape[1:] != t0[k].shape[1:]
                        for k in t0)):
             return None
-    joint = {k: torch.cat([w.tensors()[k] for w in weights]) for k in t0}
-    return type(first).from_parts(joint, (sum(w.shape[0] for w in weights), first.shape[1]), first.params(),
-                                  first.fmt)
+    return type(first).concat_rows(weights)
 
 
 class SharedInput:
@@ -61,13 +63,10 @@ class SharedInput:
     def __init__(self, members: list[CompressedLinear], joint: PackedWeight, bias: torch.Tensor | None):
         self.members = members
         self.joint = CompressedLinear(joint, bias, members[0].backend, members[0].act)
-        self.rows = {}
-        start = 0
-        for m in members:
-            self.rows[id(m)] = (start, m.out_features)
-            start += m.out_features
+        self.index = {id(m): i for i, m in enumerate(members)}
+        self.sizes = [m.out_features for m in members]
         self._plans: dict[tuple, bool] = {}
-        self._x = self._out = None  # the last joint call's input and output
+        self._x = self._parts = None  # the last joint call's input, and its output split by member
         self._left = 0  # members yet to take their rows of it
         self._compile_handle = None  # set by prepare_compile (ops.layer_linear runs ``run``)
 
@@ -81,13 +80,14 @@ class SharedInput:
                 return member.run(x)
             else:
                 out = self.joint.run(x)
-            self._x, self._out, self._left = x, out, len(self.members)
-        start, length = self.rows[id(member)]
-        out = self._out.narrow(-1, start, length)
+            # one split for all members: three narrow()s cost 5-10 us, a quarter of a one-sentence
+            # MiniLM q / k / v call's saving
+            self._x, self._parts, self._left = x, out.split_with_sizes(self.sizes, -1), len(self.members)
+        part = self._parts[self.index[id(member)]]
         self._left -= 1
         if self._left <= 0:  # every member has its rows: keep nothing alive
-            self._x = self._out = None
-        return out
+            self._x = self._parts = None
+        return part
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
         """Every member's output for ``x``, side by side (what ``sparseinfer::layer_linear`` runs for
@@ -97,19 +97,25 @@ class SharedInput:
         return torch.cat([m.run(x) for m in self.members], dim=-1)
 
     def runs_jointly(self, x: torch.Tensor) -> bool:
-        """Whether calls like ``x`` take the same path jointly and apart (a direct packed-kernel call)."""
-        acts = tuple(m.act for m in self.members)
-        key = (x.shape, x.dtype, x.is_cpu, x.requires_grad and torch.is_grad_enabled(), acts, default_act(),
-               tuple(m.backend for m in self.members), threads(), generation())
-        same = len(set(acts)) == 1 and len({m.backend for m in self.members}) == 1
-        if same:  # on every call: set_act may have changed the members since a memoised decision
-            self.joint.act, self.joint.backend = acts[0], self.members[0].backend
+        """Whether calls like ``x`` run as the joint call: the members share activation mode and
+        backend, and the joint weight and every member have a direct call (``Backend.direct_call``)."""
+        settings = [(m.act, m.backend) for m in self.members]
+        key = (x.shape, x.dtype, x.is_cpu, x.requires_grad and torch.is_grad_enabled(), *settings, default_act(),
+               threads(), generation())
+        joint = self.joint
         found = self._plans.get(key)
         if found is None:
-            found = same and self.joint.plan(x) is not None and all(m.plan(x) is not None for m in self.members)
+            found = len(set(settings)) == 1
+            if found:
+                joint.act, joint.backend = settings[0]
+                found = joint.plan(x) is not None and all(m.plan(x) is not None for m in self.members)
             if len(self._plans) >= 64:
                 self._plans.clear()
             self._plans[key] = found
+        elif found and (joint.act, joint.backend) != settings[0]:
+            # set_act changed the members since the joint call last ran (compared, not assigned, on
+            # every call: assigning a Module attribute costs 2 us)
+            joint.act, joint.backend = settings[0]
         return found
 
 
@@ -134,12 +140,13 @@ def fuse_shared_inputs(model: nn.Module) -> int:
             bias = None if members[0].bias is None else torch.cat([m.bias for m in members])
             group = SharedInput(members, joint, bias)
             start = 0
-            for m in members:  # the members' tensors become row views of the joint ones (stored once)
-                n = m.out_features
-                for name, t in joint.tensors().items():
-                    setattr(m, _buffer_name(name), t[start:start + n])
+            for m in members:  # the members' tensors become row views of the joint ones (stored once;
+                n = m.out_features  # a CSR member's row starts are its own, shifted back to 0)
+                part = joint.rows(start, start + n)
+                for name, t in part.tensors().items():
+                    setattr(m, _buffer_name(name), t)
+                m.packed = part  # (whose tensors the buffers now are)
                 start += n
-                m._rebuild()
                 m._plans.clear()
                 m._group = group
             formed += 1
