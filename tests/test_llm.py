@@ -330,6 +330,36 @@ def test_shared_input_projections_give_the_same_numbers(recipe, act):
     assert q._group is None
 
 
+def test_a_dense_routed_group_keeps_one_fp32_copy(monkeypatch):
+    """On the dense route a joined group multiplies the joint weight's fp32 copy; its members make no
+    copy of their own (and their shapes are not measured): a 50 %-sparse model kept both, twice the
+    fp32 bytes of q / k / v and gate / up, against the dense-copy budget."""
+    from sparseinfer.backends import cpu_routes
+
+    timed = []
+
+    def dense_wins(w, m, act, paths):
+        timed.append(w.shape)
+        return {"times": {p: 2.0 if p.startswith("kernel") else 1.0 for p in paths}, "m": m, "rows": w.shape[0],
+                "n": w.shape[0], "when": "test", "dense_threads": 2, "dense_copy": cpu_routes.copy_affordable(w)}
+
+    monkeypatch.setattr(cpu_routes, "measure_point", dense_wins)
+    model = si.set_act(si.compress(_llama(), {"default": "sparse50", "layers": {"lm_head": "int8"}}, progress=False),
+                       "fp32")
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(1, 5, 64)
+    with torch.inference_mode():
+        want = torch.cat([torch.nn.functional.linear(x, m.packed.to_dense(), m.bias)
+                          for m in (attn.q_proj, attn.k_proj, attn.v_proj)], -1)
+        got = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert BACKENDS["cpu"].route(attn.q_proj._group.joint.packed, 5, "fp32").path == "dense"
+    has_copy = lambda layer: layer.packed._prepacked.get(cpu_routes._DENSE_COPY_KEY, (None, None))[1] is not None
+    assert has_copy(attn.q_proj._group.joint)
+    assert not any(has_copy(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj))
+    assert (64, 64) not in timed  # q's own shape was never measured (k / v: 32 x 64; the joint 128 x 64)
+
+
 def test_explain_reports_the_joint_call_of_a_group():
     """A layer joined with its siblings runs as one call on the joint weight: explain says so and
     reports that call's kernel and route; a deep copy (members apart) reports each layer's own."""

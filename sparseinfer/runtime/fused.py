@@ -13,11 +13,11 @@ Same outputs as separate calls: each output row of a packed kernel depends only 
 weights (int8 activations are quantized per row of x, whatever N is), and so does a row of torch's
 GEMM on a kept fp32 copy (MKL: checked bit for bit at 1-736 rows on this project's machines), so a
 member's rows of the joint call are the numbers its own call gives -- where the joint call takes the
-member's path. A group runs jointly at batches where the joint weight and every member have a direct
-call (``Backend.direct_call``: the packed kernel, or the dense route on a kept copy), on the joint
-weight's route (cpu_routes.py, measured for its N x K); elsewhere each member runs its own call. Where
-the joint's route differs from a member's, the two differ by that path's rounding (fp32 sums in
-another order). CSR joins too (``CSRWeight.concat_rows``): a 50 %-sparse MiniLM runs its q / k / v as
+member's path. A group runs jointly at batches where the joint weight has a direct call
+(``Backend.direct_call``: the packed kernel, or the dense route on a kept copy), on the joint weight's
+route (cpu_routes.py, measured for its N x K); elsewhere each member runs its own call. Where the
+joint's route differs from the one a member would take alone, the two differ by that path's rounding
+(fp32 sums in another order). CSR joins too (``CSRWeight.concat_rows``): a 50 %-sparse MiniLM runs its q / k / v as
 one dense GEMM on the joint copy at one sentence, as dense runs three. tests/test_llm.py checks
 equality bit for bit.
 """
@@ -98,7 +98,7 @@ class SharedInput:
 
     def runs_jointly(self, x: torch.Tensor) -> bool:
         """Whether calls like ``x`` run as the joint call: the members share activation mode and
-        backend, and the joint weight and every member have a direct call (``Backend.direct_call``)."""
+        backend, and the joint weight has a direct call (``Backend.direct_call``)."""
         settings = [(m.act, m.backend) for m in self.members]
         key = (x.shape, x.dtype, x.is_cpu, x.requires_grad and torch.is_grad_enabled(), *settings, default_act(),
                threads(), generation())
@@ -108,7 +108,9 @@ class SharedInput:
             found = len(set(settings)) == 1
             if found:
                 joint.act, joint.backend = settings[0]
-                found = joint.plan(x) is not None and all(m.plan(x) is not None for m in self.members)
+                # (the members' own plans are not made: on the dense route each would keep an fp32
+                # copy of its rows beside the joint's, and first use would measure their shapes too)
+                found = joint.plan(x) is not None
             if len(self._plans) >= 64:
                 self._plans.clear()
             self._plans[key] = found
