@@ -360,6 +360,38 @@ def test_a_dense_routed_group_keeps_one_fp32_copy(monkeypatch):
     assert (64, 64) not in timed  # q's own shape was never measured (k / v: 32 x 64; the joint 128 x 64)
 
 
+def test_siblings_that_read_different_inputs_part():
+    """q / k / v named as siblings but called on different inputs (a decoder's cross-attention: q on
+    the decoder's states, k / v on the encoder's, then q alone once k / v are cached) computed every
+    member's rows on each call; after PART_AFTER such calls in a row the group parts, with the same
+    numbers all along. Siblings that share their input keep theirs."""
+    from sparseinfer.runtime.fused import PART_AFTER
+
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj = (torch.nn.Linear(64, 64) for _ in range(3))
+
+        def forward(self, x, enc):
+            return self.q_proj(x), self.k_proj(enc), self.v_proj(enc)
+
+    torch.manual_seed(0)
+    dense = torch.nn.ModuleDict({"cross": Attention(), "own": Attention()})
+    model = si.compress(dense, "int8", progress=False)
+    cross, own = model["cross"], model["own"]
+    assert cross.q_proj._group is not None and own.q_proj._group is not None
+    apart = copy.deepcopy(model)  # members apart: the reference
+    with torch.inference_mode():
+        for step in range(PART_AFTER + 2):
+            x, enc = torch.randn(1, 3, 64), torch.randn(1, 7, 64)
+            for got, want in zip(cross(x, enc), apart["cross"](x, enc)):
+                assert torch.equal(got, want), step
+            for got, want in zip(own(x, x), apart["own"](x, x)):
+                assert torch.equal(got, want), step
+            assert (cross.q_proj._group is None) == (step >= PART_AFTER - 1), step
+        assert own.q_proj._group is not None and own.k_proj._group is own.v_proj._group
+
+
 def test_explain_reports_the_joint_call_of_a_group():
     """A layer joined with its siblings runs as one call on the joint weight: explain says so and
     reports that call's kernel and route; a deep copy (members apart) reports each layer's own."""

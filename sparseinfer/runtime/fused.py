@@ -35,8 +35,9 @@ from .embedding import gathers_rows
 from .modules import CompressedLinear, _buffer_name
 
 # Sibling names whose layers read one input, per parent module (Llama / Mistral / Qwen / Gemma / Phi-3
-# style attention and MLP, BERT-style self-attention). A wrong guess costs speed, never correctness:
-# a member called with another input than its siblings' runs on its own rows.
+# style attention and MLP, BERT-style self-attention). A wrong guess never costs correctness (a member
+# called with another input than its siblings' takes its rows of a joint call on that input), and its
+# speed only until the group parts (PART_AFTER).
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"))
 
 
@@ -57,6 +58,13 @@ def concat_rows(weights: list[PackedWeight]) -> PackedWeight | None:
     return type(first).concat_rows(weights)
 
 
+# Joint calls in a row whose rows not every member took before the next input came: the siblings read
+# different inputs (a decoder's cross-attention: q_proj the decoder's states, k_proj / v_proj the
+# encoder's, or only q_proj once k / v are cached), where every call computed every member's rows --
+# the group parts for good.
+PART_AFTER = 2
+
+
 class SharedInput:
     """The joint call of sibling layers (see the module docstring). Held by each member as ``_group``."""
 
@@ -68,10 +76,22 @@ class SharedInput:
         self._plans: dict[tuple, bool] = {}
         self._x = self._parts = None  # the last joint call's input, and its output split by member
         self._left = 0  # members yet to take their rows of it
+        self._missed = 0  # joint calls in a row that not every member took rows of (PART_AFTER)
         self._compile_handle = None  # set by prepare_compile (ops.layer_linear runs ``run``)
+
+    def part(self) -> None:
+        """Leave each member to run its own call from now on."""
+        for m in self.members:
+            m._group = None
+        self._x = self._parts = None
 
     def output(self, member: CompressedLinear, x: torch.Tensor) -> torch.Tensor:
         if x is not self._x:
+            if self._left > 0 and not torch.compiler.is_compiling():  # the last joint call's rows, not all taken
+                self._missed += 1
+                if self._missed >= PART_AFTER:
+                    self.part()
+                    return member.run(x)
             if self._compile_handle is not None and torch.compiler.is_compiling():
                 # traced by torch.compile: one op for the group, its rows handed out as in eager; the op
                 # decides joint or apart at run time (run_all)
@@ -87,6 +107,7 @@ class SharedInput:
         self._left -= 1
         if self._left <= 0:  # every member has its rows: keep nothing alive
             self._x = self._parts = None
+            self._missed = 0
         return part
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
