@@ -807,7 +807,7 @@ def run_sweep_case(benchmark, case: SweepCase, smoke: bool) -> dict:
     # memory, as the route measurement assumes (cpu_routes.ROTATE_BYTES); one weight called again and
     # again sits in L2, where dense wins some small calls that the bandwidth of the packed bytes wins in
     # a model. Both are timed; the rotation is the point's verdict.
-    count = 1 if smoke else min(cpu_routes.ROTATE_COPIES, -(-cpu_routes.ROTATE_BYTES // (n * k * 4)))
+    count = 1 if smoke else cpu_routes.rotation_copies(n * k * 4)  # fp32 bytes: as many copies on both sides
     ours_all = [layer] + [copy.deepcopy(layer) for _ in range(count - 1)]
     dense_all = [dense_layer] + [copy.deepcopy(dense_layer) for _ in range(count - 1)]
     with torch.no_grad():

@@ -23,7 +23,8 @@ def compress(model: nn.Module, recipe=None, calib=None, *, inplace: bool = False
     ``passes.calibration.text_batches``). The model is copied first unless ``inplace``. ``backend``
     pins every layer to one backend (default: best available per call). Sibling layers that read one
     input (q / k / v, gate / up) are joined into one packed call each (``runtime/fused.py``: the same
-    bits as apart); a deep copy of the result runs them apart.
+    bits as apart where the joint call takes a member's own path); a deep copy of the result runs
+    them apart.
     target: instead of a recipe, an allowed quality drop (e.g. 0.01), or {"max_drop", "minimize":
     "latency"|"size", "candidates"}: a per-layer recipe is searched on ``data`` (evaluation
     batches) and measured on this machine (see ``sparseinfer.eval.autotune``).

@@ -411,10 +411,15 @@ def time_interleaved(runs: dict, rounds: int, budget: float) -> dict:
     return best
 
 
+def rotation_copies(nbytes: int) -> int:
+    """How many copies of a weight of ``nbytes`` make ROTATE_BYTES (at least 1, at most ROTATE_COPIES)."""
+    return min(ROTATE_COPIES, max(1, -(-ROTATE_BYTES // max(1, nbytes))))
+
+
 def _copies(w: PackedWeight) -> list[PackedWeight]:
     """``w`` and clones of it, ROTATE_BYTES in all (at most ROTATE_COPIES)."""
-    count = min(ROTATE_COPIES, max(1, -(-ROTATE_BYTES // max(1, w.nbytes))))
-    return [w] + [copy.deepcopy(w) for _ in range(count - 1)]  # (from_parts would validate each again: 6x slower)
+    # (deepcopy: from_parts would validate each again, 6x slower)
+    return [w] + [copy.deepcopy(w) for _ in range(rotation_copies(w.nbytes) - 1)]
 
 
 def measure_point(w: PackedWeight, m: int, act: str, paths) -> dict:
@@ -715,7 +720,8 @@ def calibrate_rules(n: int = 1024, k: int = 1024, batches=(1, 4, 16, 64, 256, 10
     """Measure this machine's rules: per family and act class the batch from which the dense
     fallback wins (the smallest measured batch where it wins at every batch from there on), and for
     CSR the crossover density per batch (CSR timed at CSR_DENSITIES, affine in the density, against
-    the dense paths; a crossing beyond them is timed where it lands and fitted again). Returns {"dense_from", "csr_crossover", "routes": raw measurements}."""
+    the dense paths; a crossing beyond them is timed where it lands and fitted again). Returns
+    {"dense_from", "csr_crossover", "routes": raw measurements}."""
     C = _native.require_native()
     g = torch.Generator().manual_seed(0)
     rules = {"dense_from": {}, "csr_crossover": {}, "routes": {}}

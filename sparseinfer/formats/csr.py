@@ -107,15 +107,15 @@ class CSRWeight(PackedWeight):
 
     @classmethod
     def concat_rows(cls, weights: list["CSRWeight"]) -> "CSRWeight":
-        crow, offset = [weights[0].crow[:1]], 0
+        first = weights[0]
+        crow, offset = [first.crow[:1]], 0
         for w in weights:  # each weight's row starts, shifted past the entries of those before it
             crow.append(w.crow[1:] + offset)
             offset += w.nnz
         joint = {"crow": torch.cat(crow), "col": torch.cat([w.col for w in weights]),
                  "values": torch.cat([w.values for w in weights])}
-        if weights[0].quantized:
+        if first.quantized:
             joint["scale"] = torch.cat([w.scale for w in weights])
-        first = weights[0]
         return cls.from_parts(joint, (sum(w.shape[0] for w in weights), first.shape[1]), first.params(), first.fmt)
 
     def to_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -17,9 +17,9 @@ member's path. A group runs jointly at batches where the joint weight has a dire
 (``Backend.direct_call``: the packed kernel, or the dense route on a kept copy), on the joint weight's
 route (cpu_routes.py, measured for its N x K); elsewhere each member runs its own call. Where the
 joint's route differs from the one a member would take alone, the two differ by that path's rounding
-(fp32 sums in another order). CSR joins too (``CSRWeight.concat_rows``): a 50 %-sparse MiniLM runs its q / k / v as
-one dense GEMM on the joint copy at one sentence, as dense runs three. tests/test_llm.py checks
-equality bit for bit.
+(fp32 sums in another order). CSR joins too (``CSRWeight.concat_rows``): a 50 %-sparse MiniLM runs
+its q / k / v as one dense GEMM on the joint copy at one sentence, as dense runs three.
+tests/test_llm.py checks equality bit for bit.
 """
 
 from __future__ import annotations
