@@ -638,3 +638,45 @@ def test_csr_int8_on_the_dense_int8_route_has_a_direct_call(rng, monkeypatch):
         w.values.copy_(w.values.flip(0))  # written in place: the dense int8 form is made again
         fresh = si.linear(x, copy.deepcopy(w), None, backend="cpu", act="int8")
         assert not torch.equal(fresh, want) and torch.equal(layer(x), fresh)
+
+
+def test_a_layer_plans_again_whenever_its_kind_of_call_changes(rng, monkeypatch):
+    """CompressedLinear.run reuses its last call's plan only for a call of the same kind: another
+    shape, act, backend, thread count or a gradient-recording call is planned (and served) as its
+    own, and calls of a kind seen before return to their plan; every output is that kind's."""
+    from sparseinfer.backends import cpu_native
+
+    monkeypatch.setattr(cpu_routes, "SMALL_BYTES", 0)
+    monkeypatch.setattr(cpu_routes, "measure_point", FakeTimer(kernel=1.0, dense=2.0))  # the kernels' routes
+    planned = []
+    real_plan = si.CompressedLinear.plan
+    monkeypatch.setattr(si.CompressedLinear, "plan", lambda self, x: planned.append(tuple(x.shape)) or real_plan(self, x))
+    w = _weight("int8", {}, 40, 96, rng)
+    bias = torch.randn(40, generator=rng)
+    layer = si.CompressedLinear(w, bias, backend="cpu", act="int8")
+    a, b = torch.randn(3, 96, generator=rng), torch.randn(2, 5, 96, generator=rng)
+
+    def expect(x, **kw):
+        return si.linear(x, w, bias, **{"backend": "cpu", "act": "int8", **kw})
+
+    with torch.no_grad():
+        assert torch.equal(layer(a), expect(a)) and torch.equal(layer(a), expect(a))
+        assert planned == [(3, 96)]  # the second call took the last plan
+        assert torch.equal(layer(b), expect(b)) and torch.equal(layer(a), expect(a))
+        assert planned == [(3, 96), (2, 5, 96), (3, 96)]
+        layer.act = "fp32"
+        assert torch.equal(layer(a), expect(a, act="fp32")) and not torch.equal(expect(a), expect(a, act="fp32"))
+        layer.act = "int8"
+        assert torch.equal(layer(a), expect(a))
+        layer.backend = "reference"  # exact whatever act says
+        assert torch.equal(layer(a), expect(a, backend="reference")) and not torch.equal(layer(a), expect(a))
+        layer.backend = "cpu"
+        monkeypatch.setattr(cpu_native, "_threads", 1)
+        assert torch.equal(layer(a), expect(a))
+        assert len(planned) == 7
+    layer.backend = None  # the kernels record no history: a gradient-recording call takes the reference
+    grad = a.clone().requires_grad_()
+    out = layer(grad)
+    assert out.requires_grad and torch.equal(out.detach(), expect(a, backend="reference"))
+    assert len(planned) == 8 and layer(grad).requires_grad
+    assert len(planned) == 9  # a gradient-recording call is never taken from the last plan

@@ -74,6 +74,7 @@ class SharedInput:
         self.index = {id(m): i for i, m in enumerate(members)}
         self.sizes = [m.out_features for m in members]
         self._plans: dict[tuple, bool] = {}
+        self._hot = None  # see runs_jointly
         self._x = self._parts = None  # the last joint call's input, and its output split by member
         self._left = 0  # members yet to take their rows of it
         self._missed = 0  # joint calls in a row that not every member took rows of (PART_AFTER)
@@ -121,21 +122,28 @@ class SharedInput:
         """Whether calls like ``x`` run as the joint call: the members share activation mode and
         backend, and the joint weight has a direct call (``Backend.direct_call``)."""
         settings = [(m.act, m.backend) for m in self.members]
-        key = (x.shape, x.dtype, x.is_cpu, x.requires_grad and torch.is_grad_enabled(), *settings, default_act(),
-               threads(), generation())
+        hot = self._hot  # the last call's kind and answer, compared before the key is built (as CompressedLinear.run)
+        if (hot is not None and hot[0] is x.dtype and hot[1] == x.shape and hot[2] is x.is_cpu and not x.requires_grad
+                and hot[3] == settings and hot[4] == default_act() and hot[5] == threads() and hot[6] == generation()):
+            found = hot[7]
+        else:
+            key = (x.shape, x.dtype, x.is_cpu, x.requires_grad and torch.is_grad_enabled(), *settings, default_act(),
+                   threads(), generation())
+            found = self._plans.get(key)
+            if found is None:
+                found = len(set(settings)) == 1
+                if found:
+                    self.joint.act, self.joint.backend = settings[0]
+                    # (the members' own plans are not made: on the dense route each would keep an fp32
+                    # copy of its rows beside the joint's, and first use would measure their shapes too)
+                    found = self.joint.plan(x) is not None
+                if len(self._plans) >= 64:
+                    self._plans.clear()
+                self._plans[key] = found
+            if not x.requires_grad:
+                self._hot = (x.dtype, x.shape, x.is_cpu, settings, key[-3], key[-2], key[-1], found)
         joint = self.joint
-        found = self._plans.get(key)
-        if found is None:
-            found = len(set(settings)) == 1
-            if found:
-                joint.act, joint.backend = settings[0]
-                # (the members' own plans are not made: on the dense route each would keep an fp32
-                # copy of its rows beside the joint's, and first use would measure their shapes too)
-                found = joint.plan(x) is not None
-            if len(self._plans) >= 64:
-                self._plans.clear()
-            self._plans[key] = found
-        elif found and (joint.act, joint.backend) != settings[0]:
+        if found and (joint.act, joint.backend) != settings[0]:
             # set_act changed the members since the joint call last ran (compared, not assigned, on
             # every call: assigning a Module attribute costs 2 us)
             joint.act, joint.backend = settings[0]

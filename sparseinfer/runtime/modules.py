@@ -40,6 +40,7 @@ class CompressedLinear(nn.Module):
         self.packed = packed
         self._compile_handle = None  # set by prepare_compile (ops.layer_linear)
         self._plans: dict[tuple, object] = {}  # per kind of call: the backend's direct call, or None
+        self._hot = None  # the last call's kind and plan, checked before _plans (see run)
         self._group = None  # a SharedInput (fused.py) when this layer's input feeds siblings too
 
     def _rebuild(self) -> None:
@@ -74,12 +75,13 @@ class CompressedLinear(nn.Module):
         state = self.__dict__.copy()
         # the plans call this layer's _C handles and the compile handle names this layer: a copy makes
         # its own; a copy runs alone (its tensors are not a shared-input group's)
-        state.update(_plans={}, _group=None, _compile_handle=None)
+        state.update(_plans={}, _hot=None, _group=None, _compile_handle=None)
         return state
 
     def _forget_plans(self) -> None:
         # the tensors may no longer be what the plans or a shared-input group point into
         self._plans.clear()
+        self._hot = None
         self._group = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,7 +102,17 @@ class CompressedLinear(nn.Module):
         """``linear(x, packed, bias, backend, act)``, through the backend's direct call when it has one
         for this kind of call (memoised per layer: a decode step makes ~200 calls of a few microseconds
         of kernel each, where the lookups in ``linear`` cost as much again)."""
-        call = self.plan(x)
+        # The last call's plan, compared field by field before plan() builds and hashes its key (a
+        # model repeats each layer's kind of call): ~4,300 instructions fewer a call of a dense-routed
+        # 50 %-sparse layer, 66,600 -> 62,300 (callgrind). Every part of the key is compared; a call
+        # that requires grad takes plan() (it keys on grad mode too).
+        hot = self._hot
+        if (hot is not None and hot[0] is x.dtype and hot[1] == x.shape and hot[2] is x.is_cpu
+                and not x.requires_grad and hot[3] == (self.act or default_act()) and hot[4] == self.backend
+                and hot[5] == threads() and hot[6] == generation()):
+            call = hot[7]
+        else:
+            call = self.plan(x)
         if call is None:
             return linear(x, self.packed, self.bias, self.backend, self.act)
         # self.bias without Module.__getattr__ (0.7 us a call, a Python frame): a bias given at
@@ -110,20 +122,22 @@ class CompressedLinear(nn.Module):
     def plan(self, x: torch.Tensor):
         """The memoised direct call for calls like ``x`` (see ``Backend.direct_call``), or None."""
         act = self.act or default_act()
-        key = (x.shape, x.dtype, x.is_cpu, x.requires_grad and torch.is_grad_enabled(), act, threads(), generation())
+        key = (x.shape, x.dtype, x.is_cpu, x.requires_grad and torch.is_grad_enabled(), act, self.backend, threads(),
+               generation())
         try:
-            return self._plans[key]
+            call = self._plans[key]
         except KeyError:
-            pass
-        check_linear_args(x, self.packed, self.bias)
-        check_act(self.act, "CompressedLinear")
-        bias = self.bias
-        call = None
-        if bias is None or (bias.dtype in FLOAT_DTYPES and bias.is_contiguous() and not bias.requires_grad):
-            call = resolve(self.packed, x, self.backend).direct_call(self.packed, x, act)
-        if len(self._plans) >= 64:  # many distinct row counts (prompt lengths): keep it bounded
-            self._plans.clear()
-        self._plans[key] = call
+            check_linear_args(x, self.packed, self.bias)
+            check_act(self.act, "CompressedLinear")
+            bias = self.bias
+            call = None
+            if bias is None or (bias.dtype in FLOAT_DTYPES and bias.is_contiguous() and not bias.requires_grad):
+                call = resolve(self.packed, x, self.backend).direct_call(self.packed, x, act)
+            if len(self._plans) >= 64:  # many distinct row counts (prompt lengths): keep it bounded
+                self._plans.clear()
+            self._plans[key] = call
+        if not x.requires_grad:  # the fields run() compares (set in __dict__: Module.__setattr__ costs 2 us)
+            self.__dict__["_hot"] = (x.dtype, x.shape, x.is_cpu, act, self.backend, key[6], key[7], call)
         return call
 
     def extra_repr(self) -> str:
