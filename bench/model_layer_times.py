@@ -2,6 +2,7 @@
 
     python bench/model_layer_times.py --recipe 2:4                 # one sentence, 40 rounds
     python bench/model_layer_times.py --recipe sparse50 --batch --apart
+    python bench/model_layer_times.py --recipe copy               # the method's check: a deep copy of dense
 
 Every linear layer of the encoder (nn.Linear in the dense model, CompressedLinear in the compressed
 one) gets a clock around its forward; the two models run alternately, round by round, and each
@@ -15,6 +16,7 @@ the same ~0.2 us to every call of both models.
 from __future__ import annotations
 
 import argparse
+import copy
 import re
 import statistics
 import time
@@ -55,7 +57,9 @@ def main() -> None:
     texts = sentences(16 + demo.CALIB_SENTENCES)
     calib = [models.tokenize(tokenizer, texts[16:][i:i + 16]) for i in range(0, demo.CALIB_SENTENCES, 16)]
     x = models.tokenize(tokenizer, texts[:16] if args.batch else texts[:1])
-    compressed = si.compress(model, args.recipe, calib=calib, progress=False)
+    # "copy": dense against its deep copy, which should read 1.00x on every kind (the method's check)
+    compressed = copy.deepcopy(model) if args.recipe == "copy" else si.compress(model, args.recipe, calib=calib,
+                                                                                  progress=False)
     if args.apart:
         for m in compressed.modules():
             if isinstance(m, si.CompressedLinear) and m._group is not None:
@@ -70,7 +74,7 @@ def main() -> None:
 
     sums = {"dense": {}, args.recipe: {}}
     clocked(model, kind_of(torch.nn.Linear), sums["dense"])
-    clocked(compressed, kind_of(si.CompressedLinear), sums[args.recipe])
+    clocked(compressed, kind_of(torch.nn.Linear if args.recipe == "copy" else si.CompressedLinear), sums[args.recipe])
     nets = {"dense": model, args.recipe: compressed}
     whole = {tag: [] for tag in nets}
     kinds = {tag: {k: [] for k in sums[tag]} for tag in nets}
