@@ -342,30 +342,23 @@ def dense_call(w: PackedWeight, x: torch.Tensor, threads: int):
     if dense is None or x.dtype != torch.float32:
         return None
     linear, torch_count = torch.nn.functional.linear, torch.get_num_threads
-    copy = dense
+    copy, sources, stamp = dense, w._sources, w._stamp()
 
     def current_copy() -> torch.Tensor:
         """The fp32 copy of the packed tensors as they are now (made again if one was written in
         place or moved since: the check costs ~1 us)."""
         return w.prepacked(_DENSE_COPY_KEY, _dense_copy)
 
-    def seen_now() -> list:
-        """(tensor, data pointer, version) of each packed tensor; an inference tensor has no
-        version (PackedWeight._stamp): only its moves are seen."""
-        return [(t, t.data_ptr(), t._version if counted else None) for t, counted in w._sources]
-
-    seen = seen_now()
-
     def call(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # Each step here costs several times its tight-loop time inside a model (cold caches between
         # layers), and a one-sentence MiniLM makes 37 such calls: the copy is held here, the packed
-        # tensors are compared with what they were in a plain loop (w._stamp(), a method and a
-        # comprehension building tuples: ~1,500 instructions more a call, callgrind), and the
+        # tensors are compared with their stamp in a plain loop (w._stamp() on every call, a method and
+        # a comprehension building tuples: ~1,500 instructions more a call, callgrind), and the
         # thread guard is entered only where it is needed.
-        nonlocal copy, seen
-        for t, ptr, version in seen:
-            if t.data_ptr() != ptr or (version is not None and t._version != version):
-                copy, seen = current_copy(), seen_now()  # written in place or moved since the copy
+        nonlocal copy, stamp
+        for (t, counted), (ptr, version) in zip(sources, stamp):
+            if t.data_ptr() != ptr or (counted and t._version != version):
+                copy, stamp = current_copy(), w._stamp()  # written in place or moved since the copy
                 break
         if torch_count() >= threads:
             return linear(x, copy, bias)
