@@ -3,6 +3,7 @@
     python bench/model_layer_times.py --recipe 2:4                 # one sentence, 40 rounds
     python bench/model_layer_times.py --recipe sparse50 --batch --apart
     python bench/model_layer_times.py --recipe copy               # the method's check: a deep copy of dense
+    python bench/model_layer_times.py --recipe sparse50 --apart --plain-copy   # the floor of the Python path
 
 Every linear layer of the encoder (nn.Linear in the dense model, CompressedLinear in the compressed
 one) gets a clock around its forward; the two models run alternately, round by round, and each
@@ -10,13 +11,16 @@ round sums the time of each kind of layer (query, key, value, attention output, 
 output: six layers each). Printed: the whole forward and each kind, dense and compressed (medians),
 and the median of the per-round ratios. A joined group (q / k / v) runs as one call, counted
 where the first member is called (query); ``--apart`` parts the groups first. The clocks add
-the same ~0.2 us to every call of both models.
+the same ~0.2 us to every call of both models. ``--plain-copy`` replaces the forward of every
+compressed layer that keeps an fp32 copy with a bare ``F.linear`` on it (the groups parted): what a
+dense-routed layer would cost with no Python path of its own, the floor its own path is held to.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import re
 import statistics
 import time
@@ -25,6 +29,7 @@ import torch
 
 import sparseinfer as si
 from sparseinfer.apps import demo, models
+from sparseinfer.backends import cpu_routes
 from sparseinfer.eval.data import sentences
 
 
@@ -52,6 +57,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--batch", action="store_true", help="the demo's batch of 16 sentences instead of one")
     ap.add_argument("--apart", action="store_true", help="part joined groups (q / k / v) before timing")
+    ap.add_argument("--plain-copy", action="store_true",
+                    help="compressed layers with an fp32 copy run a bare F.linear on it (implies --apart)")
     args = ap.parse_args()
     model, tokenizer, _ = models.load_hf(models.MINILM)
     texts = sentences(16 + demo.CALIB_SENTENCES)
@@ -60,10 +67,16 @@ def main() -> None:
     # "copy": dense against its deep copy, which should read 1.00x on every kind (the method's check)
     compressed = copy.deepcopy(model) if args.recipe == "copy" else si.compress(model, args.recipe, calib=calib,
                                                                                   progress=False)
-    if args.apart:
+    if args.apart or args.plain_copy:
         for m in compressed.modules():
             if isinstance(m, si.CompressedLinear) and m._group is not None:
                 m._group.part()
+    if args.plain_copy:
+        for m in compressed.modules():
+            if isinstance(m, si.CompressedLinear):
+                fp32 = m.packed.prepacked(cpu_routes._DENSE_COPY_KEY, cpu_routes._dense_copy)
+                if fp32 is not None:
+                    m.forward = functools.partial(torch.nn.functional.linear, weight=fp32, bias=m.bias)
 
     def kind_of(layer_type):
         def kind(name, module):
@@ -98,7 +111,8 @@ def main() -> None:
 
     size = "the batch of 16" if args.batch else "one sentence"
     print(f"MiniLM-L6, {size}, {args.rounds} alternated rounds, {torch.get_num_threads()} threads, "
-          f"recipe {args.recipe}{' (groups parted)' if args.apart else ''}; us per forward\n")
+          f"recipe {args.recipe}{' (groups parted)' if args.apart or args.plain_copy else ''}"
+          f"{', bare F.linear on the fp32 copies' if args.plain_copy else ''}; us per forward\n")
     print(f"| layers | dense | {args.recipe} | speed (median of per-round ratios) |\n| --- | ---: | ---: | ---: |")
     row("whole forward", whole["dense"], whole[args.recipe])
     for k in sorted(kinds["dense"]):

@@ -642,8 +642,9 @@ def test_csr_int8_on_the_dense_int8_route_has_a_direct_call(rng, monkeypatch):
 
 def test_a_layer_plans_again_whenever_its_kind_of_call_changes(rng, monkeypatch):
     """CompressedLinear.run reuses its last call's plan only for a call of the same kind: another
-    shape, act, backend, thread count or a gradient-recording call is planned (and served) as its
-    own, and calls of a kind seen before return to their plan; every output is that kind's."""
+    shape, act, backend, thread count (configured or torch's), a routes reset or a gradient-recording
+    call is planned (and served) as its own, and calls of a kind seen before return to their plan;
+    every output is that kind's."""
     from sparseinfer.backends import cpu_native
 
     monkeypatch.setattr(cpu_routes, "SMALL_BYTES", 0)
@@ -671,12 +672,26 @@ def test_a_layer_plans_again_whenever_its_kind_of_call_changes(rng, monkeypatch)
         layer.backend = "reference"  # exact whatever act says
         assert torch.equal(layer(a), expect(a, backend="reference")) and not torch.equal(layer(a), expect(a))
         layer.backend = "cpu"
-        monkeypatch.setattr(cpu_native, "_threads", 1)
-        assert torch.equal(layer(a), expect(a))
-        assert len(planned) == 7
+        assert torch.equal(layer(a), expect(a)) and len(planned) == 7
+        # what the process changes under the plan: the configured thread count, torch's (followed
+        # when none is configured), the routes (calibration)
+        monkeypatch.setattr(cpu_native, "_threads", cpu_native._threads)  # restored after the test
+        si.set_threads(1)
+        assert torch.equal(layer(a), expect(a)) and len(planned) == 8
+        si.set_threads(None)
+        assert torch.equal(layer(a), expect(a)) and len(planned) == 9
+        torch_count = torch.get_num_threads()
+        try:
+            torch.set_num_threads(torch_count + 1)
+            assert torch.equal(layer(a), expect(a)) and len(planned) == 10
+        finally:
+            torch.set_num_threads(torch_count)
+        assert torch.equal(layer(a), expect(a)) and len(planned) == 11
+        cpu_routes.reset()
+        assert torch.equal(layer(a), expect(a)) and torch.equal(layer(a), expect(a)) and len(planned) == 12
     layer.backend = None  # the kernels record no history: a gradient-recording call takes the reference
     grad = a.clone().requires_grad_()
     out = layer(grad)
     assert out.requires_grad and torch.equal(out.detach(), expect(a, backend="reference"))
-    assert len(planned) == 8 and layer(grad).requires_grad
-    assert len(planned) == 9  # a gradient-recording call is never taken from the last plan
+    assert len(planned) == 13 and layer(grad).requires_grad
+    assert len(planned) == 14  # a gradient-recording call is never taken from the last plan

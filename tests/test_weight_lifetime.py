@@ -158,6 +158,10 @@ def test_inference_tensors_and_copies_of_them(fmt, params, csr_path, monkeypatch
         getattr(twin, "packed_" + name.replace(".", "__")).neg_()  # written in place
         fresh = si.linear(x, copy.deepcopy(twin.packed), twin.bias, backend="cpu")
         assert not torch.equal(fresh, want) and torch.equal(twin(x), fresh)
+    with torch.inference_mode():  # an inference tensor counts no writes, but a move shows
+        frozen_values = getattr(frozen, "packed_" + name.replace(".", "__"))
+        frozen_values.set_(frozen_values.neg())
+        assert torch.equal(frozen(x), fresh)
 
 
 def test_pickle_of_a_weight_that_has_run():

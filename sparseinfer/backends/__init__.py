@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..formats import PackedWeight
+from . import epoch
 from .base import Backend, BackendUnavailable
 from .reference import ReferenceBackend, reference_linear
 
@@ -12,23 +13,18 @@ BACKENDS: dict[str, Backend] = {}
 _BY_PRIORITY: list[Backend] = []  # BACKENDS sorted for automatic choice, kept by register()
 
 
-_generation = 0  # bumped by register(): routes memoised before it are stale
-
-
 def register(backend: Backend) -> Backend:
-    global _generation
     BACKENDS[backend.name] = backend
     _BY_PRIORITY[:] = sorted(BACKENDS.values(), key=lambda b: -b.priority)
-    _generation += 1
+    epoch.bump()  # routes memoised before it are stale
     return backend
 
 
 def unregister(name: str) -> None:
     """Forget a backend added with ``register`` (a plugin's or a test's)."""
-    global _generation
     del BACKENDS[name]
     _BY_PRIORITY[:] = sorted(BACKENDS.values(), key=lambda b: -b.priority)
-    _generation += 1
+    epoch.bump()
 
 
 register(ReferenceBackend())
@@ -57,7 +53,7 @@ def resolve(w: PackedWeight, x: torch.Tensor, backend: str | None = None) -> Bac
     a model's layers pay the search once per kind of call, not on every call."""
     k = w.shape[1]
     rows = x.numel() // k if k else 0
-    key = (_generation, backend, x.dtype, x.device, x.requires_grad and torch.is_grad_enabled(), rows)
+    key = (epoch.count, backend, x.dtype, x.device, x.requires_grad and torch.is_grad_enabled(), rows)
     routes = w._routes
     found = routes.get(key)
     if found is None:
@@ -66,12 +62,6 @@ def resolve(w: PackedWeight, x: torch.Tensor, backend: str | None = None) -> Bac
             routes.clear()
         routes[key] = found
     return found
-
-
-def generation() -> tuple[int, int]:
-    """Changes whenever a memoised choice may be stale: a backend registered or removed, the CPU
-    routes reset (calibration). Layers key their per-call plans on it (runtime/modules.py)."""
-    return _generation, _cpu.cpu_routes._generation
 
 
 def _search(w: PackedWeight, x: torch.Tensor, backend: str | None) -> Backend:
@@ -95,5 +85,5 @@ def _search(w: PackedWeight, x: torch.Tensor, backend: str | None) -> Backend:
     return BACKENDS["reference"]
 
 
-__all__ = ["Backend", "BackendUnavailable", "BACKENDS", "backends", "generation", "register", "unregister",
+__all__ = ["Backend", "BackendUnavailable", "BACKENDS", "backends", "register", "unregister",
            "resolve", "reference_linear"]

@@ -11,7 +11,7 @@ import torch
 from .. import _native
 from ..formats import CSRWeight, Int4Weight, Int8Weight, NMWeight, PackedWeight
 from ..formats.base import FLOAT_DTYPES
-from . import cpu_heap
+from . import cpu_heap, epoch
 from .base import FormatImpl, FormatTable
 
 _PREPACK_KEY = "cpu"
@@ -25,6 +25,7 @@ def set_threads(n: int | None) -> None:
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
         raise ValueError(f"set_threads: n must be a positive int or None, got {n!r}")
     _threads = n
+    epoch.bump()  # the layers' plans were made for the old count
 
 
 def configured_threads() -> int | None:

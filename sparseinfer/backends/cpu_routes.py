@@ -50,6 +50,7 @@ import copy
 import functools
 import json
 import math
+import operator
 import os
 import threading
 import time
@@ -61,7 +62,7 @@ import torch
 
 from .. import _native
 from ..formats import CSRWeight, Int8Weight, PackedWeight, pack
-from . import cpu_tuning
+from . import cpu_tuning, epoch
 from .cpu_native import build_native_weight, native_weight
 
 TABLE_PATH = Path(__file__).with_name("cpu_routes.json")
@@ -137,7 +138,6 @@ class Route:
 
 
 _lock = threading.RLock()
-_generation = 0  # bumped by reset(): memoised routes made before are stale
 _spent = 0.0  # seconds of first-use measuring in this process
 _remeasured: set[str] = set()  # unsettled route keys measured again by this process
 _copy_bytes = 0  # fp32 copies kept under the DENSE_COPY_MB budget, live
@@ -152,9 +152,9 @@ def measuring_seconds() -> float:
 
 def reset() -> None:
     """Forget memoised decisions and the stored entry read (after calibrate, or in tests)."""
-    global _generation, _spent
+    global _spent
     with _lock:
-        _generation += 1
+        epoch.bump()  # memoised routes made before are stale
         _spent = 0.0
         _stored.clear()
         _remeasured.clear()
@@ -342,27 +342,28 @@ def dense_call(w: PackedWeight, x: torch.Tensor, threads: int):
     if dense is None or x.dtype != torch.float32:
         return None
     linear, torch_count = torch.nn.functional.linear, torch.get_num_threads
-    copy, sources, stamp = dense, w._sources, w._stamp()
+    # The copy goes stale when a packed tensor is written in place: its _version moves (copy_,
+    # load_state_dict, set_). An inference tensor counts no writes: there a move is all that shows.
+    # Read through map() over C getters, no Python frame: inside a model each Python step costs
+    # several times its tight-loop time (cold caches between layers, bench/README.md).
+    counted = tuple(t for t, c in w._sources if c)
+    uncounted = tuple(t for t, c in w._sources if not c)
+    version, address = operator.attrgetter("_version"), operator.methodcaller("data_ptr")
 
     def current_copy() -> torch.Tensor:
         """The fp32 copy of the packed tensors as they are now (made again if one was written in
         place or moved since: the check costs ~1 us)."""
         return w.prepacked(_DENSE_COPY_KEY, _dense_copy)
 
+    copy, versions, addresses = dense, tuple(map(version, counted)), tuple(map(address, uncounted))
+
     def call(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        # Each step here costs several times its tight-loop time inside a model (cold caches between
-        # layers), and a one-sentence MiniLM makes 37 such calls: the copy is held here, the packed
-        # tensors are compared with their stamp in a plain loop (w._stamp() on every call, a method and
-        # a comprehension building tuples: ~1,500 instructions more a call, callgrind), and the
-        # thread guard is entered only where it is needed.
-        nonlocal copy, stamp
-        for (t, counted), (ptr, version) in zip(sources, stamp):
-            if t.data_ptr() != ptr or (counted and t._version != version):
-                copy, stamp = current_copy(), w._stamp()  # written in place or moved since the copy
-                break
+        nonlocal copy, versions, addresses
+        if tuple(map(version, counted)) != versions or (uncounted and tuple(map(address, uncounted)) != addresses):
+            copy, versions, addresses = current_copy(), tuple(map(version, counted)), tuple(map(address, uncounted))
         if torch_count() >= threads:
             return linear(x, copy, bias)
-        with torch_threads(threads):
+        with torch_threads(threads):  # entered only where needed
             return linear(x, copy, bias)
 
     call.dense_copy = current_copy  # what the native decode step (lean_llama.py) multiplies instead
@@ -684,7 +685,7 @@ def decide(w: PackedWeight, handle, m: int, act: str) -> Route:
 def route(w: PackedWeight, handle, m: int, act: str, threads: int) -> Route:
     """``decide``, memoised on the weight per (rows, act, threads)."""
     memo = w.prepacked(_ROUTES_KEY, lambda w: {})
-    key = (m, act, threads, _generation)
+    key = (m, act, threads, epoch.count)
     found = memo.get(key)
     if found is None:
         found = decide(w, handle, m, act)

@@ -25,10 +25,11 @@ tests/test_llm.py checks equality bit for bit.
 from __future__ import annotations
 
 import torch
+from torch import get_num_threads as torch_threads
 from torch import nn
 
 from ..act import default_act
-from ..backends import generation
+from ..backends import epoch
 from ..backends.cpu_native import threads
 from ..formats import PackedWeight
 from .embedding import gathers_rows
@@ -121,32 +122,29 @@ class SharedInput:
     def runs_jointly(self, x: torch.Tensor) -> bool:
         """Whether calls like ``x`` run as the joint call: the members share activation mode and
         backend, and the joint weight has a direct call (``Backend.direct_call``)."""
-        settings = [(m.act, m.backend) for m in self.members]
-        hot = self._hot  # the last call's kind and answer, compared before the key is built (as CompressedLinear.run)
-        if (hot is not None and hot[0] is x.dtype and hot[1] == x.shape and hot[2] is x.is_cpu and not x.requires_grad
-                and hot[3] == settings and hot[4] == default_act() and hot[5] == threads() and hot[6] == generation()):
-            found = hot[7]
-        else:
-            key = (x.shape, x.dtype, x.is_cpu, x.requires_grad and torch.is_grad_enabled(), *settings, default_act(),
-                   threads(), generation())
-            found = self._plans.get(key)
-            if found is None:
-                found = len(set(settings)) == 1
-                if found:
-                    self.joint.act, self.joint.backend = settings[0]
-                    # (the members' own plans are not made: on the dense route each would keep an fp32
-                    # copy of its rows beside the joint's, and first use would measure their shapes too)
-                    found = self.joint.plan(x) is not None
-                if len(self._plans) >= 64:
-                    self._plans.clear()
-                self._plans[key] = found
-            if not x.requires_grad:
-                self._hot = (x.dtype, x.shape, x.is_cpu, settings, key[-3], key[-2], key[-1], found)
-        joint = self.joint
-        if found and (joint.act, joint.backend) != settings[0]:
-            # set_act changed the members since the joint call last ran (compared, not assigned, on
-            # every call: assigning a Module attribute costs 2 us)
-            joint.act, joint.backend = settings[0]
+        hot = self._hot  # the last call's kind and answer, kept as CompressedLinear.run keeps its plan
+        if (hot is not None and hot[0] == x.shape and hot[1] is x.dtype and hot[2] is x.is_cpu and not x.requires_grad
+                and hot[3] == epoch.count and hot[4] == torch_threads()):
+            return hot[5]
+        settings, n_threads = [(m.act, m.backend) for m in self.members], threads()  # (epoch after threads())
+        now = epoch.count, torch_threads()
+        key = (x.shape, x.dtype, x.is_cpu, x.requires_grad and torch.is_grad_enabled(), *settings, default_act(),
+               n_threads, now[0])
+        found = self._plans.get(key)
+        if found is None:
+            found = len(set(settings)) == 1
+            if found:
+                self.joint.act, self.joint.backend = settings[0]
+                # (the members' own plans are not made: on the dense route each would keep an fp32
+                # copy of its rows beside the joint's, and first use would measure their shapes too)
+                found = self.joint.plan(x) is not None
+            if len(self._plans) >= 64:
+                self._plans.clear()
+            self._plans[key] = found
+        elif found and (self.joint.act, self.joint.backend) != settings[0]:
+            self.joint.act, self.joint.backend = settings[0]  # set_act changed the members since
+        if not x.requires_grad:  # (a member's act or backend setter drops it)
+            self._hot = (x.shape, x.dtype, x.is_cpu, *now, found)
         return found
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import get_num_threads as torch_threads
 from torch import nn
 
 from ..act import check_act, default_act
-from ..backends import generation, resolve
+from ..backends import epoch, resolve
 from ..backends.cpu_native import threads
 from ..formats import PackedWeight, from_parts
 from ..formats.base import FLOAT_DTYPES
@@ -26,9 +27,11 @@ class CompressedLinear(nn.Module):
     def __init__(self, packed: PackedWeight, bias: torch.Tensor | None = None, backend: str | None = None,
                  act: str | None = None):
         super().__init__()
+        self._hot = None  # the last call's kind and plan, checked before _plans (see run)
+        self._group = None  # a SharedInput (fused.py) when this layer's input feeds siblings too
         self.in_features, self.out_features = packed.shape[1], packed.shape[0]
         self.backend = backend
-        self.act = act  # activation precision the kernels may use (sparseinfer.act; None: the process default)
+        self.act = act
         self._fmt, self._params = packed.fmt, packed.params()
         self._names = list(packed.tensors())
         # the custom op's JSON spec, built once: fmt / shape / params never change after packing
@@ -40,8 +43,34 @@ class CompressedLinear(nn.Module):
         self.packed = packed
         self._compile_handle = None  # set by prepare_compile (ops.layer_linear)
         self._plans: dict[tuple, object] = {}  # per kind of call: the backend's direct call, or None
-        self._hot = None  # the last call's kind and plan, checked before _plans (see run)
-        self._group = None  # a SharedInput (fused.py) when this layer's input feeds siblings too
+
+    # act and backend are properties so that setting one drops the last call's plan (and the group's):
+    # run() then compares nothing of them on each call
+    @property
+    def act(self) -> str | None:
+        """Activation precision the kernels may use (``sparseinfer.act``; None: the process default)."""
+        return self._act
+
+    @act.setter
+    def act(self, act: str | None) -> None:
+        check_act(act, "CompressedLinear")
+        self.__dict__["_act"] = act
+        self._drop_hot()
+
+    @property
+    def backend(self) -> str | None:
+        """The backend that runs this layer (None: the first that supports the call, by priority)."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, backend: str | None) -> None:
+        self.__dict__["_backend"] = backend
+        self._drop_hot()
+
+    def _drop_hot(self) -> None:
+        self.__dict__["_hot"] = None
+        if self._group is not None:
+            self._group._hot = None
 
     def _rebuild(self) -> None:
         tensors = {n: getattr(self, _buffer_name(n)) for n in self._names}
@@ -85,7 +114,7 @@ class CompressedLinear(nn.Module):
         self._group = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        if torch.compiler.is_compiling():  # torch.compile, and torch.export (which sets it too)
             if self._compile_handle is not None and not torch.compiler.is_exporting():
                 if self._group is not None and self._group._compile_handle is not None:
                     return self._group.output(self, x)
@@ -102,15 +131,15 @@ class CompressedLinear(nn.Module):
         """``linear(x, packed, bias, backend, act)``, through the backend's direct call when it has one
         for this kind of call (memoised per layer: a decode step makes ~200 calls of a few microseconds
         of kernel each, where the lookups in ``linear`` cost as much again)."""
-        # The last call's plan, compared field by field before plan() builds and hashes its key (a
-        # model repeats each layer's kind of call): ~4,300 instructions fewer a call of a dense-routed
-        # 50 %-sparse layer, 66,600 -> 62,300 (callgrind). Every part of the key is compared; a call
-        # that requires grad takes plan() (it keys on grad mode too).
+        # The last call's plan holds while x is like its input and nothing it was made under changed:
+        # the process-wide epoch (backends, routes, configured threads), torch's thread count (which
+        # threads() follows when none is configured), this layer's act and backend (their setters drop
+        # it). Every Python step here costs several times its tight-loop time inside a model, where
+        # caches go cold between layers (bench/README.md). A call that requires grad takes plan().
         hot = self._hot
-        if (hot is not None and hot[0] is x.dtype and hot[1] == x.shape and hot[2] is x.is_cpu
-                and not x.requires_grad and hot[3] == (self.act or default_act()) and hot[4] == self.backend
-                and hot[5] == threads() and hot[6] == generation()):
-            call = hot[7]
+        if (hot is not None and hot[0] == x.shape and hot[1] is x.dtype and hot[2] is x.is_cpu
+                and not x.requires_grad and hot[3] == epoch.count and hot[4] == torch_threads()):
+            call = hot[5]
         else:
             call = self.plan(x)
         if call is None:
@@ -121,14 +150,14 @@ class CompressedLinear(nn.Module):
 
     def plan(self, x: torch.Tensor):
         """The memoised direct call for calls like ``x`` (see ``Backend.direct_call``), or None."""
-        act = self.act or default_act()
-        key = (x.shape, x.dtype, x.is_cpu, x.requires_grad and torch.is_grad_enabled(), act, self.backend, threads(),
-               generation())
+        act, n_threads = self.act or default_act(), threads()  # (the first threads() may set the count: epoch after)
+        now = epoch.count, torch_threads()
+        key = (x.shape, x.dtype, x.is_cpu, x.requires_grad and torch.is_grad_enabled(), act, self.backend, n_threads,
+               now[0])
         try:
             call = self._plans[key]
         except KeyError:
             check_linear_args(x, self.packed, self.bias)
-            check_act(self.act, "CompressedLinear")
             bias = self.bias
             call = None
             if bias is None or (bias.dtype in FLOAT_DTYPES and bias.is_contiguous() and not bias.requires_grad):
@@ -136,8 +165,8 @@ class CompressedLinear(nn.Module):
             if len(self._plans) >= 64:  # many distinct row counts (prompt lengths): keep it bounded
                 self._plans.clear()
             self._plans[key] = call
-        if not x.requires_grad:  # the fields run() compares (set in __dict__: Module.__setattr__ costs 2 us)
-            self.__dict__["_hot"] = (x.dtype, x.shape, x.is_cpu, act, self.backend, key[6], key[7], call)
+        if not x.requires_grad:  # what run() compares (set in __dict__: Module.__setattr__ costs 2 us)
+            self.__dict__["_hot"] = (x.shape, x.dtype, x.is_cpu, *now, call)
         return call
 
     def extra_repr(self) -> str:
