@@ -727,6 +727,17 @@ bool takes_offset_x(const KernelImpl& k, const WeightView& w) {
   return false;
 }
 
+// Points qx at the quantized x buffers of a call of kernel k ([M][nseg][seg_pad] codes, [M][nseg]
+// scales and sums) and returns the byte the quantizer adds to each code: 0x80 where k reads them as
+// x + 128 through qx.qu (takes_offset_x), else 0. One place for both drivers (run_linear, RowCall).
+uint8_t bind_quantized_x(const KernelImpl& k, const WeightView& w, int8_t* q, float* scale, int32_t* sum,
+                         QActView* qx) {
+  const bool offset = takes_offset_x(k, w);
+  qx->q = offset ? nullptr : q, qx->scale = scale, qx->sum = sum, qx->stride_m = w.qt.nseg * w.qt.seg_pad;
+  qx->qu = offset ? reinterpret_cast<const uint8_t*>(q) : nullptr;
+  return offset ? 0x80 : 0;
+}
+
 }  // namespace
 
 // Multiply-adds per output column and batch row, to size the thread split.
@@ -769,10 +780,7 @@ Status prepare_row_call(const LinearCall& call, const WeightView& w, Isa isa, Ro
     const QTileView& t = w.qt;
     if (!t.codes) return Status::invalid_argument;  // bindings.cpp builds the tiles first
     r.q.resize(size_t(t.nseg * t.seg_pad)), r.scale.resize(size_t(t.nseg)), r.sum.resize(size_t(t.nseg));
-    r.args.qx.q = r.q.data(), r.args.qx.scale = r.scale.data(), r.args.qx.sum = r.sum.data();
-    r.args.qx.stride_m = t.nseg * t.seg_pad;
-    if (takes_offset_x(*r.kernel, w))  // the same buffer, written as x + 128
-      r.args.qx.qu = reinterpret_cast<const uint8_t*>(r.q.data()), r.args.qx.q = nullptr;
+    r.flip = bind_quantized_x(*r.kernel, w, r.q.data(), r.scale.data(), r.sum.data(), &r.args.qx);
     r.quantize_fn = select_quantize(isa);
   }
   return Status::ok;
@@ -780,7 +788,7 @@ Status prepare_row_call(const LinearCall& call, const WeightView& w, Isa isa, Ro
 
 void RowCall::quantize() {
   if (quantize_fn)
-    quantize_fn(args.x, 1, args.K, args.stride_xm, w->qt, q.data(), scale.data(), sum.data(), args.qx.qu ? 0x80 : 0);
+    quantize_fn(args.x, 1, args.K, args.stride_xm, w->qt, q.data(), scale.data(), sum.data(), flip);
 }
 
 Status RowCall::columns(int64_t n0, int64_t n1) const { return kernel->fn(args, *w, n0, n1); }
@@ -825,16 +833,14 @@ Status run_linear(const LinearCall& call, const WeightView& w, Isa isa, int thre
     float* scale = scratch<float, 2>(cells);
     int32_t* sum = scratch<int32_t, 0>(cells);
     if (!q || !scale || !sum) return Status::out_of_memory;
-    const bool offset = takes_offset_x(*k, w);
-    QuantizeContext qc{select_quantize(isa), &a, &t, q, scale, sum, uint8_t(offset ? 0x80 : 0), a.M};
+    const uint8_t flip = bind_quantized_x(*k, w, q, scale, sum, &a.qx);
+    QuantizeContext qc{select_quantize(isa), &a, &t, q, scale, sum, flip, a.M};
     // Rows split over the threads when there are enough (a 256 x 384 x 384 int8 GEMM spent ~15% of
     // its time quantizing x on one thread); the rows' bits do not depend on the split.
     int64_t qt = threads < a.M ? threads : a.M;
     if (a.M * a.K < kMinQuantizeSplit || qt < 1) qt = 1;
     qc.rows = (a.M + qt - 1) / qt;
     parallel_run((a.M + qc.rows - 1) / qc.rows, int(qt), run_quantize_task, &qc);
-    a.qx.q = offset ? nullptr : q, a.qx.scale = scale, a.qx.sum = sum, a.qx.stride_m = t.nseg * t.seg_pad;
-    a.qx.qu = offset ? reinterpret_cast<const uint8_t*>(q) : nullptr;
   }
 
   // Split the N output columns into one chunk per thread.

@@ -114,7 +114,8 @@ struct RowCall {
   const WeightView* w = nullptr;
   GemmArgs args;
   QuantizeActFn quantize_fn = nullptr;  // nullptr: the kernel reads x as it is
-  std::vector<int8_t> q;  // x + 128 where the kernel takes it so (args.qx.qu points here then)
+  uint8_t flip = 0;       // 0x80 where the kernel reads x + 128 (args.qx.qu points into q then)
+  std::vector<int8_t> q;
   std::vector<float> scale;
   std::vector<int32_t> sum;
   void quantize();                             // after x is written, before any columns
