@@ -263,7 +263,7 @@ def test_compiled_model_gives_eager_tokens(monkeypatch):
     from sparseinfer.runtime.fused import SharedInput
 
     c = si.set_act(si.compress(_llama(), RECIPE, progress=False), "auto")
-    e = copy.deepcopy(c)  # eager reference: a copy runs its layers apart (it leaves the groups behind)
+    e = _apart(c)  # eager reference: the layers apart
     seen = []
     run, group_run = si.CompressedLinear.run, SharedInput.run
     monkeypatch.setattr(si.CompressedLinear, "run", lambda self, x: seen.append((self, x.clone())) or run(self, x))
@@ -296,6 +296,41 @@ def _groups(model) -> int:
     return len({id(m._group) for m in model.modules() if isinstance(m, si.CompressedLinear) and m._group is not None})
 
 
+def _apart(model):
+    """A deep copy of ``model`` with its shared-input groups parted: each member runs its own call."""
+    model = copy.deepcopy(model)
+    for m in model.modules():
+        if isinstance(m, si.CompressedLinear) and m._group is not None:
+            m._group.part()
+    return model
+
+
+def test_copies_of_a_whole_group_join_again():
+    """A deep copy (or a pickle) of a model keeps its groups: the members' copies join as a group of
+    their own, give the original's bits and hold none of its tensors; a copy of one member, or a
+    shallow copy, runs alone; a copy of a copy is joined too."""
+    import pickle
+
+    model = si.compress(_llama(), "int8", progress=False)
+    attn = model.model.layers[0].self_attn
+    x = torch.randint(0, 100, (1, 5))
+    with torch.inference_mode():
+        want = model(x).logits
+        for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model)), copy.deepcopy(copy.deepcopy(model))):
+            assert _groups(twin) == _groups(model) == 4
+            q, v = twin.model.layers[0].self_attn.q_proj, twin.model.layers[0].self_attn.v_proj
+            assert q._group is v._group and q._group is not attn.q_proj._group
+            assert not {t.untyped_storage().data_ptr() for t in q._group.joint.packed.tensors().values()} & {
+                t.untyped_storage().data_ptr() for t in attn.q_proj._group.joint.packed.tensors().values()}
+            assert torch.equal(twin(x).logits, want)
+        lone, shallow = copy.deepcopy(attn.q_proj), copy.copy(attn.k_proj)
+        assert lone._group is None and shallow._group is None and not attn.q_proj._group.token.arrived
+        h = torch.randn(2, 64)
+        assert torch.equal(lone(h), attn.q_proj.run(h))
+        part = copy.deepcopy(attn)  # the module holding all three: they join
+        assert part.q_proj._group is not None and part.q_proj._group is part.k_proj._group
+
+
 @pytest.mark.parametrize("recipe", ["int8", "int4-g32", "2:4+int4", "sparse50", "sparse90+int8"])
 @pytest.mark.parametrize("act", ["auto", "fp32"])
 def test_shared_input_projections_give_the_same_numbers(recipe, act):
@@ -306,7 +341,7 @@ def test_shared_input_projections_give_the_same_numbers(recipe, act):
     from sparseinfer.runtime.fused import fuse_shared_inputs
 
     joint = si.set_act(si.compress(_llama(), {"default": recipe, "layers": {"lm_head": "int8"}}, progress=False), act)
-    alone = copy.deepcopy(joint)  # a copy leaves the groups behind: each member runs its own call
+    alone = _apart(joint)  # each member runs its own call
     assert _groups(joint) == 4 and _groups(alone) == 0  # compress joined 2 layers x (q/k/v, gate/up)
     assert fuse_shared_inputs(joint) == 0  # idempotent
     torch.manual_seed(1)
@@ -380,7 +415,7 @@ def test_siblings_that_read_different_inputs_part():
     model = si.compress(dense, "int8", progress=False)
     cross, own = model["cross"], model["own"]
     assert cross.q_proj._group is not None and own.q_proj._group is not None
-    apart = copy.deepcopy(model)  # members apart: the reference
+    apart = _apart(model)  # members apart: the reference
     with torch.inference_mode():
         for step in range(PART_AFTER + 2):
             x, enc = torch.randn(1, 3, 64), torch.randn(1, 7, 64)
@@ -406,7 +441,7 @@ def test_explain_reports_the_joint_call_of_a_group():
         assert (row["kernel"], row["path"], row["act"]) == (want["kernel"], want["path"], want["act"])
         assert "(gate_proj, up_proj)" in rows["model.layers.1.mlp.up_proj"]["why"]
         assert "joined" not in rows["model.layers.0.self_attn.o_proj"]["why"]
-    apart = {r["layer"]: r for r in si.explain(copy.deepcopy(model), batch=1)}
+    apart = {r["layer"]: r for r in si.explain(_apart(model), batch=1)}
     assert "joined" not in apart["model.layers.0.self_attn.q_proj"]["why"]
 
 
@@ -721,8 +756,8 @@ def test_native_steps_match_the_python_steps(case, recipe, act):
     model = _llama_cfg(**kw)
     if recipe is not None:
         model = si.set_act(si.compress(model, {"default": recipe, "layers": {"lm_head": "int8"}}, progress=False), act)
-        if case == "untied-mha":  # this case runs the members apart (a copy leaves the groups behind)
-            model = copy.deepcopy(model)
+        if case == "untied-mha":  # this case runs the members apart
+            model = _apart(model)
         assert _groups(model) == (0 if case == "untied-mha" else 4)
     tokens = PROMPT[0] + [7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67, 71, 73, 79, 83]
     want, _ = _lean_logits(model, tokens)

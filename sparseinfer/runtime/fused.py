@@ -66,11 +66,37 @@ def concat_rows(weights: list[PackedWeight]) -> PackedWeight | None:
 PART_AFTER = 2
 
 
+class CopyToken:
+    """What a group member's copy takes instead of the group (CompressedLinear.__getstate__). One
+    copy.deepcopy call copies the token once (its memo), so the copies of the members it copies all
+    arrive at that one copy, and join again as a group when every member has arrived; a lone layer's
+    copy, or some of the members', runs alone. Pickled members meet the same way."""
+
+    def __init__(self, size: int, copied: bool = False):
+        self.size, self.copied = size, copied
+        self.arrived: dict[int, CompressedLinear] = {}
+
+    def __deepcopy__(self, memo):  # one empty token per copy (deepcopy's memo shares it), never members
+        return CopyToken(self.size, copied=True)
+
+    def __reduce__(self):  # likewise per pickle
+        return CopyToken, (self.size, True)
+
+    def arrive(self, member: CompressedLinear, index: int) -> None:
+        if not self.copied:  # a shallow copy (copy.copy) of a member: it runs alone
+            return
+        self.arrived[index] = member
+        if len(self.arrived) == self.size:
+            members, self.arrived = [self.arrived[i] for i in range(self.size)], {}
+            join(members)
+
+
 class SharedInput:
     """The joint call of sibling layers (see the module docstring). Held by each member as ``_group``."""
 
     def __init__(self, members: list[CompressedLinear], joint: PackedWeight, bias: torch.Tensor | None):
         self.members = members
+        self.token = CopyToken(len(members))
         self.joint = CompressedLinear(joint, bias, members[0].backend, members[0].act)
         self.index = {id(m): i for i, m in enumerate(members)}
         self.sizes = [m.out_features for m in members]
@@ -151,7 +177,7 @@ class SharedInput:
 def fuse_shared_inputs(model: nn.Module) -> int:
     """Give each group of sibling compressed layers that read one input (``GROUPS``) a joint call;
     returns how many groups were formed. Idempotent. A member moved or reloaded later (``.to``,
-    ``load_state_dict``) leaves its group and runs alone."""
+    ``load_state_dict``) leaves its group and runs alone; a deep copy of the whole group is a group."""
     formed = 0
     for parent in model.modules():
         children = dict(parent.named_children())
@@ -161,22 +187,28 @@ def fuse_shared_inputs(model: nn.Module) -> int:
                 continue
             if all(m._group is not None and m._group is members[0]._group for m in members):
                 continue  # already joined
-            if len({(m.backend, m.act) for m in members}) != 1 or len({m.bias is None for m in members}) != 1:
-                continue
-            joint = concat_rows([m.packed for m in members])
-            if joint is None:
-                continue
-            bias = None if members[0].bias is None else torch.cat([m.bias for m in members])
-            group = SharedInput(members, joint, bias)
-            start = 0
-            for m in members:  # the members' tensors become row views of the joint ones (stored once;
-                n = m.out_features  # a CSR member's row starts are its own, shifted back to 0)
-                part = joint.rows(start, start + n)
-                for name, t in part.tensors().items():
-                    setattr(m, _buffer_name(name), t)
-                m.packed = part  # (whose tensors the buffers now are)
-                start += n
-                m._plans.clear()
-                m._group = group
-            formed += 1
+            formed += join(members)
     return formed
+
+
+def join(members: list[CompressedLinear]) -> bool:
+    """Join ``members`` (siblings that read one input, in order) as a SharedInput, where their backend,
+    act and bias presence agree and their weights concatenate; returns whether they were joined."""
+    if len({(m.backend, m.act) for m in members}) != 1 or len({m.bias is None for m in members}) != 1:
+        return False
+    joint = concat_rows([m.packed for m in members])
+    if joint is None:
+        return False
+    bias = None if members[0].bias is None else torch.cat([m.bias for m in members])
+    group = SharedInput(members, joint, bias)
+    start = 0
+    for m in members:  # the members' tensors become row views of the joint ones (stored once;
+        n = m.out_features  # a CSR member's row starts are its own, shifted back to 0)
+        part = joint.rows(start, start + n)
+        for name, t in part.tensors().items():
+            setattr(m, _buffer_name(name), t)
+        m.packed = part  # (whose tensors the buffers now are)
+        start += n
+        m._plans.clear()
+        m._group = group
+    return True

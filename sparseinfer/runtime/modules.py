@@ -103,9 +103,19 @@ class CompressedLinear(nn.Module):
     def __getstate__(self):  # copy.deepcopy, pickle
         state = self.__dict__.copy()
         # the plans call this layer's _C handles and the compile handle names this layer: a copy makes
-        # its own; a copy runs alone (its tensors are not a shared-input group's)
-        state.update(_plans={}, _hot=None, _group=None, _compile_handle=None)
+        # its own. A group member's copy takes the group's token instead of the group (which would drag
+        # the siblings' copies along with a lone layer's): the copies of one deepcopy call meet on the
+        # token's one copy and join again when all have arrived (fused.CopyToken)
+        group = self._group
+        state.update(_plans={}, _hot=None, _group=None, _compile_handle=None,
+                     _copy_token=None if group is None else (group.token, group.index[id(self)]))
         return state
+
+    def __setstate__(self, state):
+        token = state.pop("_copy_token", None)
+        super().__setstate__(state)
+        if token is not None:
+            token[0].arrive(self, token[1])
 
     def _forget_plans(self) -> None:
         # the tensors may no longer be what the plans or a shared-input group point into
