@@ -9,7 +9,8 @@ Every linear layer of the encoder (nn.Linear in the dense model, CompressedLinea
 one) gets a clock around its forward; the two models run alternately, round by round, and each
 round sums the time of each kind of layer (query, key, value, attention output, intermediate,
 output: six layers each). Printed: the whole forward and each kind, dense and compressed (medians),
-and the median of the per-round ratios. A joined group (q / k / v) runs as one call, counted
+and the median of the per-round ratios, and the rest of the forward (attention, norms, activations:
+the whole less the layers, per round). A joined group (q / k / v) runs as one call, counted
 where the first member is called (query); ``--apart`` parts the groups first. The clocks add
 the same ~0.2 us to every call of both models. ``--plain-copy`` replaces the forward of every
 compressed layer that keeps an fp32 copy with a bare ``F.linear`` on it (the groups parted): what a
@@ -115,6 +116,8 @@ def main() -> None:
           f"{', bare F.linear on the fp32 copies' if args.plain_copy else ''}; us per forward\n")
     print(f"| layers | dense | {args.recipe} | speed (median of per-round ratios) |\n| --- | ---: | ---: | ---: |")
     row("whole forward", whole["dense"], whole[args.recipe])
+    rest = {tag: [w - sum(kinds[tag][k][r] for k in kinds[tag]) for r, w in enumerate(whole[tag])] for tag in nets}
+    row("everything but the linear layers", rest["dense"], rest[args.recipe])
     for k in sorted(kinds["dense"]):
         if k in kinds[args.recipe]:
             row(k, kinds["dense"][k], kinds[args.recipe][k])

@@ -57,7 +57,7 @@ from torch import nn
 
 from . import _native
 from .act import default_act
-from .backends import epoch
+from .backends import generation
 from .backends.cpu_native import threads
 from .runtime.modules import CompressedLinear
 
@@ -305,7 +305,7 @@ class LeanLlama:
             raise ValueError(f"LeanLlama.step: the cache holds {self.max_len} positions, all used")
         self.ids[0, 0] = token
         x = self.embed(self.ids)[0]
-        key = (x.dtype, x.requires_grad and torch.is_grad_enabled(), threads(), epoch.count, default_act())
+        key = (x.dtype, x.requires_grad and torch.is_grad_enabled(), threads(), generation(), default_act())
         if key != self._step_key:
             self._native, why = self._native_decoder(x) if self.steps != "python" else (None, None)
             if self._native is None and self.steps == "native":

@@ -640,6 +640,31 @@ def test_csr_int8_on_the_dense_int8_route_has_a_direct_call(rng, monkeypatch):
         assert not torch.equal(fresh, want) and torch.equal(layer(x), fresh)
 
 
+def test_a_thread_count_set_back_and_forth_finds_its_plans_again(rng, monkeypatch):
+    """llm.decode_threads sets the count on entry and back on exit: the layer's next call after each
+    looks its plan up again (the last plan is dropped) but builds no new direct call for a count it
+    has planned before, and setting the count it already has drops nothing."""
+    from sparseinfer.backends import cpu_native
+
+    monkeypatch.setattr(cpu_routes, "SMALL_BYTES", 0)
+    monkeypatch.setattr(cpu_routes, "measure_point", FakeTimer(kernel=1.0, dense=2.0))
+    monkeypatch.setattr(cpu_native, "_threads", cpu_native._threads)  # restored after the test
+    built, planned = [], []
+    real_direct, real_plan = BACKENDS["cpu"].direct_call, si.CompressedLinear.plan
+    monkeypatch.setattr(BACKENDS["cpu"], "direct_call", lambda *a, **kw: built.append(1) or real_direct(*a, **kw))
+    monkeypatch.setattr(si.CompressedLinear, "plan", lambda self, x: planned.append(1) or real_plan(self, x))
+    w = _weight("int8", {}, 40, 96, rng)
+    layer, x = si.CompressedLinear(w, backend="cpu", act="int8"), torch.randn(3, 96, generator=rng)
+    want = si.linear(x, w, backend="cpu", act="int8")
+    with torch.no_grad():
+        other = torch.get_num_threads() + 1  # a count other than the one None follows
+        for n in (None, other, None, other, None):
+            si.set_threads(n)
+            si.set_threads(n)  # the count it has: nothing dropped
+            assert torch.equal(layer(x), want) and torch.equal(layer(x), want)
+    assert len(planned) == 5 and len(built) == 2  # one look-up per change; one direct call per count
+
+
 def test_a_layer_plans_again_whenever_its_kind_of_call_changes(rng, monkeypatch):
     """CompressedLinear.run reuses its last call's plan only for a call of the same kind: another
     shape, act, backend, thread count (configured or torch's), a routes reset or a gradient-recording

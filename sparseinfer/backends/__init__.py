@@ -13,17 +13,24 @@ BACKENDS: dict[str, Backend] = {}
 _BY_PRIORITY: list[Backend] = []  # BACKENDS sorted for automatic choice, kept by register()
 
 
+_generation = 0  # bumped by register() / unregister(): backend choices memoised before are stale
+
+
 def register(backend: Backend) -> Backend:
+    global _generation
     BACKENDS[backend.name] = backend
     _BY_PRIORITY[:] = sorted(BACKENDS.values(), key=lambda b: -b.priority)
-    epoch.bump()  # routes memoised before it are stale
+    _generation += 1
+    epoch.bump()
     return backend
 
 
 def unregister(name: str) -> None:
     """Forget a backend added with ``register`` (a plugin's or a test's)."""
+    global _generation
     del BACKENDS[name]
     _BY_PRIORITY[:] = sorted(BACKENDS.values(), key=lambda b: -b.priority)
+    _generation += 1
     epoch.bump()
 
 
@@ -53,7 +60,7 @@ def resolve(w: PackedWeight, x: torch.Tensor, backend: str | None = None) -> Bac
     a model's layers pay the search once per kind of call, not on every call."""
     k = w.shape[1]
     rows = x.numel() // k if k else 0
-    key = (epoch.count, backend, x.dtype, x.device, x.requires_grad and torch.is_grad_enabled(), rows)
+    key = (_generation, backend, x.dtype, x.device, x.requires_grad and torch.is_grad_enabled(), rows)
     routes = w._routes
     found = routes.get(key)
     if found is None:
@@ -62,6 +69,13 @@ def resolve(w: PackedWeight, x: torch.Tensor, backend: str | None = None) -> Bac
             routes.clear()
         routes[key] = found
     return found
+
+
+def generation() -> tuple[int, int]:
+    """Changes whenever a memoised decision is stale: a backend registered or removed, the CPU routes
+    reset (calibration). Keys the layers' plan memos (runtime/modules.py), which a mere change of
+    ``epoch`` (a thread count set back and forth) then finds again."""
+    return _generation, _cpu.cpu_routes._generation
 
 
 def _search(w: PackedWeight, x: torch.Tensor, backend: str | None) -> Backend:
@@ -85,5 +99,5 @@ def _search(w: PackedWeight, x: torch.Tensor, backend: str | None) -> Backend:
     return BACKENDS["reference"]
 
 
-__all__ = ["Backend", "BackendUnavailable", "BACKENDS", "backends", "register", "unregister",
+__all__ = ["Backend", "BackendUnavailable", "BACKENDS", "backends", "generation", "register", "unregister",
            "resolve", "reference_linear"]

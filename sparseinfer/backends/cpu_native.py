@@ -24,8 +24,9 @@ def set_threads(n: int | None) -> None:
     global _threads
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
         raise ValueError(f"set_threads: n must be a positive int or None, got {n!r}")
-    _threads = n
-    epoch.bump()  # the layers' plans were made for the old count
+    if n != _threads:
+        _threads = n
+        epoch.bump()  # the layers' last plans were made for the old count
 
 
 def configured_threads() -> int | None:

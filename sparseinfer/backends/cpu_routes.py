@@ -138,6 +138,7 @@ class Route:
 
 
 _lock = threading.RLock()
+_generation = 0  # bumped by reset(): memoised routes made before are stale (another thread count is its own key)
 _spent = 0.0  # seconds of first-use measuring in this process
 _remeasured: set[str] = set()  # unsettled route keys measured again by this process
 _copy_bytes = 0  # fp32 copies kept under the DENSE_COPY_MB budget, live
@@ -152,9 +153,10 @@ def measuring_seconds() -> float:
 
 def reset() -> None:
     """Forget memoised decisions and the stored entry read (after calibrate, or in tests)."""
-    global _spent
+    global _generation, _spent
     with _lock:
-        epoch.bump()  # memoised routes made before are stale
+        _generation += 1
+        epoch.bump()  # and the layers' plans made on them
         _spent = 0.0
         _stored.clear()
         _remeasured.clear()
@@ -685,7 +687,7 @@ def decide(w: PackedWeight, handle, m: int, act: str) -> Route:
 def route(w: PackedWeight, handle, m: int, act: str, threads: int) -> Route:
     """``decide``, memoised on the weight per (rows, act, threads)."""
     memo = w.prepacked(_ROUTES_KEY, lambda w: {})
-    key = (m, act, threads, epoch.count)
+    key = (m, act, threads, _generation)
     found = memo.get(key)
     if found is None:
         found = decide(w, handle, m, act)

@@ -1,12 +1,13 @@
-"""One process-wide count of the changes that can make a memoised choice stale: a backend registered
-or removed, the CPU routes reset (calibration), the CPU kernels' thread count set. The backend
-routes memoised on a weight and each layer's last plan (runtime/modules.py) key on it, so a call
-compares one integer instead of asking every source."""
+"""One process-wide count of the changes that can make a layer's last plan stale: a backend registered
+or removed, the CPU routes reset (calibration), the CPU kernels' thread count set. Each layer keeps its
+last call's plan while this count is the one the plan was made under (runtime/modules.py), so a call
+compares one integer instead of asking every source; a change sends each layer once through its plan
+memo, keyed on what the plan depends on (``backends.generation()``, the thread count)."""
 
 count = 0
 
 
 def bump() -> None:
-    """Make every choice memoised before now stale."""
+    """Make every layer's last plan stale."""
     global count
     count += 1

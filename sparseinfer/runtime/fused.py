@@ -29,7 +29,7 @@ from torch import get_num_threads as torch_threads
 from torch import nn
 
 from ..act import default_act
-from ..backends import epoch
+from ..backends import epoch, generation
 from ..backends.cpu_native import threads
 from ..formats import PackedWeight
 from .embedding import gathers_rows
@@ -155,7 +155,7 @@ class SharedInput:
         settings, n_threads = [(m.act, m.backend) for m in self.members], threads()  # (epoch after threads())
         now = epoch.count, torch_threads()
         key = (x.shape, x.dtype, x.is_cpu, x.requires_grad and torch.is_grad_enabled(), *settings, default_act(),
-               n_threads, now[0])
+               n_threads, generation())
         found = self._plans.get(key)
         if found is None:
             found = len(set(settings)) == 1

@@ -8,7 +8,7 @@ from torch import get_num_threads as torch_threads
 from torch import nn
 
 from ..act import check_act, default_act
-from ..backends import epoch, resolve
+from ..backends import epoch, generation, resolve
 from ..backends.cpu_native import threads
 from ..formats import PackedWeight, from_parts
 from ..formats.base import FLOAT_DTYPES
@@ -163,7 +163,7 @@ class CompressedLinear(nn.Module):
         act, n_threads = self.act or default_act(), threads()  # (the first threads() may set the count: epoch after)
         now = epoch.count, torch_threads()
         key = (x.shape, x.dtype, x.is_cpu, x.requires_grad and torch.is_grad_enabled(), act, self.backend, n_threads,
-               now[0])
+               generation())
         try:
             call = self._plans[key]
         except KeyError:
