@@ -357,12 +357,15 @@ def dense_call(w: PackedWeight, x: torch.Tensor, threads: int):
         place or moved since: the check costs ~1 us)."""
         return w.prepacked(_DENSE_COPY_KEY, _dense_copy)
 
-    copy, versions, addresses = dense, tuple(map(version, counted)), tuple(map(address, uncounted))
+    def marks() -> tuple[tuple, tuple]:  # what call() compares, inline, on every call
+        return tuple(map(version, counted)), tuple(map(address, uncounted))
+
+    copy, (versions, addresses) = dense, marks()
 
     def call(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         nonlocal copy, versions, addresses
         if tuple(map(version, counted)) != versions or (uncounted and tuple(map(address, uncounted)) != addresses):
-            copy, versions, addresses = current_copy(), tuple(map(version, counted)), tuple(map(address, uncounted))
+            copy, (versions, addresses) = current_copy(), marks()
         if torch_count() >= threads:
             return linear(x, copy, bias)
         with torch_threads(threads):  # entered only where needed

@@ -25,7 +25,7 @@ tests/test_llm.py checks equality bit for bit.
 from __future__ import annotations
 
 import torch
-from torch import get_num_threads as torch_threads
+from torch import get_num_threads as torch_thread_count
 from torch import nn
 
 from ..act import default_act
@@ -150,10 +150,10 @@ class SharedInput:
         backend, and the joint weight has a direct call (``Backend.direct_call``)."""
         hot = self._hot  # the last call's kind and answer, kept as CompressedLinear.run keeps its plan
         if (hot is not None and hot[0] == x.shape and hot[1] is x.dtype and hot[2] is x.is_cpu and not x.requires_grad
-                and hot[3] == epoch.count and hot[4] == torch_threads()):
+                and hot[3] == epoch.count and hot[4] == torch_thread_count()):
             return hot[5]
         settings, n_threads = [(m.act, m.backend) for m in self.members], threads()  # (epoch after threads())
-        now = epoch.count, torch_threads()
+        now = epoch.count, torch_thread_count()
         key = (x.shape, x.dtype, x.is_cpu, x.requires_grad and torch.is_grad_enabled(), *settings, default_act(),
                n_threads, generation())
         found = self._plans.get(key)

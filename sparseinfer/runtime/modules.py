@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import get_num_threads as torch_threads
+from torch import get_num_threads as torch_thread_count
 from torch import nn
 
 from ..act import check_act, default_act
@@ -148,7 +148,7 @@ class CompressedLinear(nn.Module):
         # caches go cold between layers (bench/README.md). A call that requires grad takes plan().
         hot = self._hot
         if (hot is not None and hot[0] == x.shape and hot[1] is x.dtype and hot[2] is x.is_cpu
-                and not x.requires_grad and hot[3] == epoch.count and hot[4] == torch_threads()):
+                and not x.requires_grad and hot[3] == epoch.count and hot[4] == torch_thread_count()):
             call = hot[5]
         else:
             call = self.plan(x)
@@ -161,7 +161,7 @@ class CompressedLinear(nn.Module):
     def plan(self, x: torch.Tensor):
         """The memoised direct call for calls like ``x`` (see ``Backend.direct_call``), or None."""
         act, n_threads = self.act or default_act(), threads()  # (the first threads() may set the count: epoch after)
-        now = epoch.count, torch_threads()
+        now = epoch.count, torch_thread_count()
         key = (x.shape, x.dtype, x.is_cpu, x.requires_grad and torch.is_grad_enabled(), act, self.backend, n_threads,
                generation())
         try:
