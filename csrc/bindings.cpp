@@ -678,6 +678,63 @@ py::object linear(py::handle x_obj, Weight& w, py::handle out_obj, py::handle bi
   return py::reinterpret_borrow<py::object>(out_obj);
 }
 
+// -- attention over whole sequences ------------------------------------------------------------------
+
+// out[B, Lq, H, D] = attention of q [B, H, Lq, D] over k, v [B, Hkv, Lk, D] (dispatch.h, AttentionCall).
+bool attention(py::handle q_obj, py::handle k_obj, py::handle v_obj, py::handle out_obj, py::handle mask_obj,
+               double scale, bool causal, int64_t num_threads, const py::object& isa_obj) {
+  Tensor q = inspect(q_obj, "q"), k = inspect(k_obj, "k"), v = inspect(v_obj, "v"), out = inspect(out_obj, "out");
+  for (const Tensor* t : {&q, &k, &v, &out}) {
+    check_dtype(*t, {DType::f32});
+    check_dim(*t, 4);
+  }
+  const int64_t B = q.shape[0], H = q.shape[1], Lq = q.shape[2], D = q.shape[3], Hkv = k.shape[1], Lk = k.shape[2];
+  check_shape(k, {B, Hkv, Lk, D}, "batch and head size of q");
+  check_shape(v, {B, Hkv, Lk, D}, "the shape of k");
+  if (Hkv < 1 || H % Hkv)
+    value_error("q's " + std::to_string(H) + " heads must be a multiple of k's " + std::to_string(Hkv) + " (grouped-query)");
+  if (D < 1) value_error("the head size must be >= 1, got q " + q.shape_str());
+  for (const Tensor* t : {&q, &k, &v})
+    if (t->shape[3] > 1 && t->strides[3] != 1)
+      value_error(t->name + " must have unit stride along its last dim (head size), got strides " + t->strides_str());
+  check_shape(out, {B, Lq, H, D}, "batch, query rows, heads and head size of q");
+  check_contiguous(out);
+  for (const Tensor* t : {&q, &k, &v})
+    if (overlaps(out, *t)) value_error("out must not overlap " + t->name);
+  for (int64_t n : {B * H * Lq, B * Hkv * Lk, Lk, D}) check_int32(n, "an attention size");
+  AttentionCall c;
+  if (!mask_obj.is_none()) {
+    Tensor mask = inspect(mask_obj, "mask");
+    check_dtype(mask, {DType::u8});
+    check_dim(mask, 4);
+    const int64_t mb = mask.shape[0], mh = mask.shape[1], mr = mask.shape[2];
+    if ((mb != 1 && mb != B) || mh != 1 || (mr != 1 && mr != Lq) || mask.shape[3] != Lk)
+      value_error("mask must have shape (" + std::to_string(B) + " or 1, 1, " + std::to_string(Lq) + " or 1, " +
+                  std::to_string(Lk) + ") for q " + q.shape_str() + " and k " + k.shape_str() + ", got " + mask.shape_str());
+    c.mask = data<uint8_t>(mask), c.mask_rows = mr;
+    c.mask_stride[0] = mb == 1 ? 0 : mask.strides[0], c.mask_stride[1] = mask.strides[2], c.mask_stride[2] = mask.strides[3];
+  }
+  if (!(scale == scale) || scale > 3.0e38 || scale < -3.0e38) value_error("scale must be a finite float");
+  if (num_threads < 1) value_error("num_threads must be >= 1, got " + std::to_string(num_threads));
+  c.q = data<float>(q), c.k = data<float>(k), c.v = data<float>(v), c.out = reinterpret_cast<float*>(out.ptr);
+  c.B = B, c.H = H, c.Hkv = Hkv, c.Lq = Lq, c.Lk = Lk, c.D = D;
+  for (int i = 0; i < 3; ++i) c.q_stride[i] = q.strides[i], c.k_stride[i] = k.strides[i], c.v_stride[i] = v.strides[i];
+  c.scale = float(scale), c.causal = causal;
+  const Isa isa = resolve_isa(isa_obj);
+  Status s = Status::ok;
+  bool keys_only;
+  {
+    py::gil_scoped_release release;
+    keys_only = mask_hides_keys_only(c);
+    if (keys_only) s = run_attention(c, isa, int(num_threads < 4096 ? num_threads : 4096));
+  }
+  if (s == Status::out_of_memory) throw std::bad_alloc();
+  if (s != Status::ok)
+    throw std::runtime_error(std::string("sparseinfer._C.attention: ") + status_message(s) + " for q " + q.shape_str() +
+                             " and k " + k.shape_str());
+  return keys_only;
+}
+
 // out[r - row_begin, :] = row r of w dequantized, r in [row_begin, row_end): the dense fallback's tiles.
 py::object dequantize(Weight& w, int64_t row_begin, int64_t row_end, py::handle out_obj, int64_t num_threads) {
   if (row_begin < 0 || row_end > w.view.N || row_begin >= row_end)
@@ -1275,6 +1332,15 @@ PYBIND11_MODULE(_C, m) {
         "the table's first matching row takes them). kernel: run the kernel of this name (one of "
         "kernel_candidates, or any row of the weight's family this CPU and act allow) instead of the table's pick. "
         "Returns out.");
+  m.def("attention", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
+        py::arg("mask") = py::none(), py::arg("scale") = 1.0, py::arg("causal") = false, py::arg("num_threads") = 1,
+        py::arg("isa") = py::none(),
+        "out[B, Lq, H, D] (float32, contiguous) = softmax(scale * q k^T) v per head, q [B, H, Lq, D], k and v "
+        "[B, Hkv, Lk, D] float32 with unit stride along D (H a multiple of Hkv: grouped-query heads). mask: uint8 "
+        "(B or 1, 1, Lq or 1, Lk), any strides (a bool mask viewed as uint8), nonzero where a key may be seen, "
+        "or None; causal: row i also sees only keys j <= i. A row that may see no key gets zeros. Returns False "
+        "(out untouched) when the mask shows different keys to different rows, the only masks it does not take; "
+        "else True. Runs on the active ISA unless isa names another available one.");
   m.def("dequantize", &dequantize, py::arg("weight"), py::arg("row_begin"), py::arg("row_end"), py::arg("out"),
         py::arg("num_threads") = 1,
         "out[row_end - row_begin, K] (float32, contiguous) = rows row_begin:row_end of the weight dequantized: "

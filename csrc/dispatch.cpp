@@ -854,4 +854,114 @@ Status run_linear(const LinearCall& call, const WeightView& w, Isa isa, int thre
   return Status(ctx.status.load());
 }
 
+
+// -- attention over whole sequences (dispatch.h, AttentionCall) --------------------------------------
+
+namespace {
+
+// Query rows per task: enough to share each pass over the values (attend_part reads a value row once
+// per Simd::kHeads rows), few enough that the scores stay in L1 / L2 (64 rows x 2K keys: 512 KB).
+constexpr int64_t kAttendRows = 64;
+
+struct AttendContext {
+  const AttentionCall* c;
+  DecodeOps ops;
+  const int32_t* keys;   // [B][Lk]: the keys batch row b may see, in order (all, where there is no mask)
+  const int32_t* count;  // [B]: how many
+  int64_t blocks, rows;  // query row blocks per (b, h), rows per block
+  std::atomic<bool> out_of_memory{false};
+};
+
+void attend_task(void* p, int64_t task) {
+  AttendContext& x = *static_cast<AttendContext*>(p);
+  const AttentionCall& c = *x.c;
+  const int64_t blk = task % x.blocks, bh = task / x.blocks, h = bh % c.H, b = bh / c.H;
+  const int64_t hk = h / (c.H / c.Hkv), d = c.D;
+  const int64_t r0 = blk * x.rows, r1 = r0 + x.rows < c.Lq ? r0 + x.rows : c.Lq, g = r1 - r0;
+  const int32_t* keys = x.keys + b * c.Lk;
+  // the keys the block's rows may see, and how many of them each row sees (causal: a prefix)
+  int64_t n = x.count[b];
+  if (c.causal)
+    while (n > 0 && keys[n - 1] > r1 - 1) --n;
+  const int64_t np = (n + kAttendPad - 1) / kAttendPad * kAttendPad;
+  float* kt = scratch<float, 3>(size_t(d * np + g * np));  // keys transposed [d][np], scores [g][np]
+  int64_t* nk = scratch<int64_t, 0>(size_t(g));
+  if (!kt || !nk) return x.out_of_memory.store(true);
+  x.ops.keys_transposed(c.k + b * c.k_stride[0] + hk * c.k_stride[1], c.k_stride[2], keys, n, d, kt, np);
+  for (int64_t i = 0, seen = 0; i < g; ++i) {
+    if (c.causal)
+      while (seen < n && keys[seen] <= r0 + i) ++seen;
+    nk[i] = c.causal ? seen : n;
+  }
+  AttendRows a;
+  a.q = c.q + b * c.q_stride[0] + h * c.q_stride[1] + r0 * c.q_stride[2], a.q_stride = c.q_stride[2];
+  a.kt = kt, a.np = np;
+  a.v = c.v + b * c.v_stride[0] + hk * c.v_stride[1], a.v_stride = c.v_stride[2], a.idx = keys;
+  a.d = d, a.scale = c.scale, a.scores = kt + d * np;
+  a.out = c.out + ((b * c.Lq + r0) * c.H + h) * d, a.out_stride = c.H * d;  // out[b, r0 + i, h, :]
+  for (int64_t i = 0; i < g;) {  // runs of rows that see some key go to attend_rows; the others get zeros
+    if (nk[i] == 0) {
+      std::memset(a.out + i * a.out_stride, 0, size_t(d) * sizeof(float));
+      ++i;
+      continue;
+    }
+    int64_t j = i + 1;
+    while (j < g && nk[j] > 0) ++j;
+    AttendRows run = a;
+    run.q += i * a.q_stride, run.g = j - i, run.nk = nk + i, run.out += i * a.out_stride;
+    x.ops.attend_rows(run);
+    i = j;
+  }
+}
+
+}  // namespace
+
+bool mask_hides_keys_only(const AttentionCall& c) {
+  if (!c.mask) return true;
+  for (int64_t b = 0; b < c.B; ++b) {
+    const uint8_t* first = c.mask + b * c.mask_stride[0];
+    for (int64_t i = 1; i < c.mask_rows; ++i) {
+      const uint8_t* row = first + i * c.mask_stride[1];
+      for (int64_t j = 0; j < c.Lk; ++j)
+        if ((row[j * c.mask_stride[2]] != 0) != (first[j * c.mask_stride[2]] != 0)) return false;
+    }
+  }
+  return true;
+}
+
+Status run_attention(const AttentionCall& c, Isa isa, int threads) {
+  if (c.B < 0 || c.H <= 0 || c.Hkv <= 0 || c.H % c.Hkv || c.Lq < 0 || c.Lk < 0 || c.D <= 0)
+    return Status::invalid_argument;
+  if (c.B == 0 || c.Lq == 0) return Status::ok;
+  AttendContext x;
+  x.c = &c, x.ops = decode_ops(isa);
+  if (!x.ops.attend_rows || !x.ops.keys_transposed) return Status::internal_error;
+  // the keys each batch row may see (row 0 of its mask), gathered once for every head
+  int32_t* keys = scratch<int32_t, 1>(size_t(c.B * c.Lk + c.B));
+  if (!keys) return Status::out_of_memory;
+  int32_t* count = keys + c.B * c.Lk;
+  for (int64_t b = 0; b < c.B; ++b) {
+    const uint8_t* row = c.mask ? c.mask + b * c.mask_stride[0] : nullptr;
+    int32_t n = 0;
+    for (int64_t j = 0; j < c.Lk; ++j)
+      if (!row || row[j * c.mask_stride[2]]) keys[b * c.Lk + n++] = int32_t(j);
+    count[b] = n;
+  }
+  x.keys = keys, x.count = count;
+  // row blocks: at most kAttendRows rows, and at least 4 tasks a thread where the heads are fewer
+  const int64_t heads = c.B * c.H;
+  int64_t blocks = (c.Lq + kAttendRows - 1) / kAttendRows;
+  const int64_t want = (4 * int64_t(threads) + heads - 1) / heads;
+  if (blocks < want) blocks = want < c.Lq ? want : c.Lq;
+  x.rows = (c.Lq + blocks - 1) / blocks;
+  x.blocks = (c.Lq + x.rows - 1) / x.rows;
+  // one thread below kMinWorkPerThread multiply-adds a thread (a one-sentence MiniLM layer: ~0.8M)
+  const int64_t work = heads * c.Lq * c.Lk * c.D * 2;
+  int64_t nt = work / kMinWorkPerThread;
+  if (nt > threads) nt = threads;
+  if (nt < 1) nt = 1;
+  parallel_run(heads * x.blocks, int(nt), attend_task, &x);
+  return x.out_of_memory.load() ? Status::out_of_memory : Status::ok;
+}
+
 }  // namespace sparseinfer

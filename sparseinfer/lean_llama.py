@@ -12,8 +12,9 @@ computation with only the math left:
   gives transformers' values), and ``rotate_half(x) * sin`` as ``swap_halves(x) * sin_signed``
   (the sign moved into the table: the same products);
 - a static KV cache [layers, kv_heads, prompt + max_new_tokens, head_dim] written in place;
-- attention through ``scaled_dot_product_attention`` called as transformers' SDPA attention calls it
-  (``enable_gqa``, causal for the prompt, no mask), over views of the cache: no repeat of K / V;
+- attention through ``scaled_dot_product_attention`` (or, where the model runs it, sparseinfer's
+  kernel: runtime/attention.py) called as transformers' attention calls it (``enable_gqa``, causal
+  for the prompt, no mask), over views of the cache: no repeat of K / V;
 - the q / k / v and gate / up projections as one call where runtime/fused.py joined them, every
   compressed layer through its memoised direct kernel call (``CompressedLinear.run``), dense layers
   through ``F.linear``; for decode steps those calls are bound once (``_bind``: the memo lookups cost
@@ -59,6 +60,7 @@ from . import _native
 from .act import default_act
 from .backends import generation
 from .backends.cpu_native import threads
+from .runtime import attention
 from .runtime.modules import CompressedLinear
 
 # rope types whose inv_freq the rotary module fixes at construction (no per-sequence-length update)
@@ -265,6 +267,10 @@ class LeanLlama:
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scale = base.layers[0].self_attn.scaling
+        # the attention the model's own forward runs: torch's, or sparseinfer's kernel where si.compress /
+        # si.load installed it (the same function on the same values: the same numbers)
+        uses_kernel = getattr(cfg, "_attn_implementation", None) == attention.NAME
+        self.attend = attention.sdpa if uses_kernel else F.scaled_dot_product_attention
         self.embed = base.embed_tokens
         self.layers = [_Layer(layer) for layer in base.layers[:cfg.num_hidden_layers]]
         self.norm, self.eps = base.norm.weight, base.norm.variance_epsilon
@@ -375,8 +381,8 @@ class LeanLlama:
             # position 0, no mask): the same numbers. Packing each KV head's query heads into one
             # query block would halve this call's time but rounds differently, and int8 activations
             # turn such last bits into other tokens after a few steps.
-            att = F.scaled_dot_product_attention(rotated[:, :heads].transpose(0, 1)[None], keys, values, is_causal=s > 1,
-                                                 scale=self.scale, enable_gqa=kv != heads)
+            att = self.attend(rotated[:, :heads].transpose(0, 1)[None], keys, values, is_causal=s > 1,
+                              scale=self.scale, enable_gqa=kv != heads)
             att = att[0].transpose(0, 1).reshape(s, nq)
             x = x + layer.o(att)
             gate_up = layer.gate_up(rms_norm(x, layer.norm2, layer.eps2))  # [S, 2 I], ours to overwrite

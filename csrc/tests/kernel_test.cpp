@@ -23,7 +23,8 @@
 //      activation-quantization bound below of the reference.
 //
 // Also run_stages' ordering (run_stage_checks), the native decode step's attention on every ISA
-// (run_attend_checks: decode.h attend_part over fp32 and fp16 caches, and attend_merge), and the
+// (run_attend_checks: decode.h attend_part over fp32 and fp16 caches, and attend_merge), attention over
+// whole sequences (run_attend_rows_checks: attend_rows and keys_transposed, then run_attention), and the
 // SIMD activation quantizer against the scalar one on adversarial segments (run_quantizer_checks).
 //
 // Output, one line each: "FEATURES ...", "ISAS ...", "PASS|FAIL <case> isa=.. kernel=.. ...", and
@@ -624,6 +625,143 @@ void run_attend_checks(const std::vector<Isa>& isas, bool verbose, Counts& count
   }
 }
 
+// decode_ops(isa).attend_rows over keys_transposed, against a double-precision reference: head sizes
+// 1-128 (multiples of every vector width and not), 1-9 rows (whole kHeads groups and a remainder), every
+// row seeing the same n keys or each a different prefix (as causal rows do), n from 1 to 130 (not
+// multiples of 16), keys gathered through an index (every other key of a longer sequence), q, v and out
+// rows strided. out is poisoned (NaN) and the gaps between its rows hold a guard that must stay; each
+// output within 1e-5 of its accumulation sum_t p_t |v_t| / sum_t p_t (float scores and exp_approx:
+// ~1e-6 there; a dropped key is ~1 / n of it). Then run_attention end to end on one ISA-independent
+// shape set: a padding mask (two rows hiding different keys), causal rows, grouped-query heads, 1 and 3
+// threads, against the same reference, and a row that sees no key reads zeros.
+void run_attend_rows_checks(const std::vector<Isa>& isas, bool verbose, Counts& counts) {
+  const int64_t dims[] = {1, 5, 8, 24, 32, 48, 64, 80, 128};
+  const int64_t rows_list[] = {1, 3, 4, 5, 9};
+  const int64_t ns[] = {1, 15, 16, 17, 46, 130};
+  const float nan = std::nanf(""), guard = 12345.0f;
+  uint32_t state = 777;
+  const auto uniform = [&state]() {  // U(-1, 1), xorshift
+    state ^= state << 13, state ^= state >> 17, state ^= state << 5;
+    return float(state >> 8) / float(1u << 23) - 1.0f;
+  };
+  // reference of one row: keys idx[0 .. n) of k / v rows (stride), q row; out err bound via |v|
+  const auto reference = [](const float* q, const float* k, const float* v, int64_t stride, const int32_t* idx,
+                            int64_t n, int64_t d, float scale, std::vector<double>& o, std::vector<double>& mag) {
+    std::vector<double> sc(static_cast<size_t>(n));
+    double top = -1e300;
+    for (int64_t t = 0; t < n; ++t) {
+      double dot = 0;
+      for (int64_t e = 0; e < d; ++e) dot += double(q[e]) * k[idx[t] * stride + e];
+      sc[size_t(t)] = dot * scale;
+      top = sc[size_t(t)] > top ? sc[size_t(t)] : top;
+    }
+    double l = 0;
+    o.assign(size_t(d), 0.0), mag.assign(size_t(d), 0.0);
+    for (int64_t t = 0; t < n; ++t) {
+      const double p = std::exp(sc[size_t(t)] - top);
+      l += p;
+      for (int64_t e = 0; e < d; ++e) {
+        o[size_t(e)] += p * v[idx[t] * stride + e];
+        mag[size_t(e)] += p * std::fabs(v[idx[t] * stride + e]);
+      }
+    }
+    for (int64_t e = 0; e < d; ++e) o[size_t(e)] /= l, mag[size_t(e)] /= l;
+  };
+  for (Isa isa : isas) {
+    const DecodeOps ops = decode_ops(isa);
+    for (const int64_t d : dims) {
+      std::string bad;
+      double worst = 0;
+      for (const int64_t g : rows_list)
+        for (const int64_t n : ns)
+          for (const bool prefixes : {false, true}) {
+            const int64_t stride = d + 3, total = 2 * n + 1, np = (n + kAttendPad - 1) / kAttendPad * kAttendPad;
+            std::vector<float> q(size_t(g * stride)), k(size_t(total * stride)), v(size_t(total * stride));
+            for (float& x : q) x = uniform();
+            for (size_t i = 0; i < k.size(); ++i) k[i] = 2 * uniform(), v[i] = uniform();
+            std::vector<int32_t> idx(static_cast<size_t>(n));
+            for (int64_t t = 0; t < n; ++t) idx[size_t(t)] = int32_t(2 * t + 1);
+            std::vector<int64_t> nk(static_cast<size_t>(g));
+            for (int64_t i = 0; i < g; ++i) nk[size_t(i)] = prefixes ? 1 + (i * (n - 1)) / (g > 1 ? g - 1 : 1) : n;
+            std::vector<float> kt(size_t(d * np), nan), scores(size_t(g * np), nan);
+            std::vector<float> out(size_t(g * stride), guard);
+            for (int64_t i = 0; i < g; ++i)
+              for (int64_t e = 0; e < d; ++e) out[size_t(i * stride + e)] = nan;
+            const float scale = 1.0f / std::sqrt(float(d));
+            ops.keys_transposed(k.data(), stride, idx.data(), n, d, kt.data(), np);
+            AttendRows a;
+            a.q = q.data(), a.q_stride = stride, a.g = g, a.kt = kt.data(), a.np = np;
+            a.v = v.data(), a.v_stride = stride, a.idx = idx.data(), a.d = d, a.nk = nk.data(), a.scale = scale;
+            a.scores = scores.data(), a.out = out.data(), a.out_stride = stride;
+            ops.attend_rows(a);
+            for (int64_t i = 0; i < g; ++i) {
+              for (int64_t e = d; e < stride; ++e)
+                if (out[size_t(i * stride + e)] != guard) bad += " wrote-between-rows";
+              std::vector<double> o, mag;
+              reference(q.data() + i * stride, k.data(), v.data(), stride, idx.data(), nk[size_t(i)], d, scale, o, mag);
+              for (int64_t e = 0; e < d; ++e) {
+                const double err = std::fabs(out[size_t(i * stride + e)] - o[size_t(e)]) / (1e-5 * mag[size_t(e)] + 1e-30);
+                worst = err > worst ? err : worst;
+                if (!(err <= 1.0)) bad += " g=" + std::to_string(g) + ",n=" + std::to_string(n) + (prefixes ? ",prefixes" : "");
+              }
+            }
+          }
+      char line[160];
+      std::snprintf(line, sizeof line, "attend_rows isa=%s d=%lld err/bound=%.2f", isa_name(isa), (long long)d, worst);
+      report(counts, bad.empty(), verbose, std::string(line) + (bad.empty() ? "" : ":" + bad.substr(0, 200)));
+    }
+    // run_attention: B = 3 (batch rows 1 and 2 hide different keys: 4 of 37, every other one), H = 6
+    // heads over Hkv = 2 or 6, Lq = Lk = 37, D = 24, q / k / v interleaved in one [B][L][3 * H * D] buffer
+    for (const bool causal : {false, true})
+      for (const int64_t hkv : {int64_t(2), int64_t(6)})
+        for (const int threads : {1, 3}) {
+          const int64_t B = 3, H = 6, L = 37, D = 24, row = 3 * H * D;
+          std::vector<float> qkv(size_t(B * L * row));
+          for (float& x : qkv) x = uniform();
+          std::vector<uint8_t> mask(size_t(B * L), 1);
+          for (int64_t j = L - 4; j < L; ++j) mask[size_t(1 * L + j)] = 0;
+          for (int64_t j = 0; j < L; j += 2) mask[size_t(2 * L + j)] = 0;
+          std::vector<float> out(size_t(B * L * H * D), nan);
+          AttentionCall c;
+          c.q = qkv.data(), c.k = qkv.data() + H * D, c.v = qkv.data() + 2 * H * D, c.out = out.data();
+          c.B = B, c.H = H, c.Hkv = hkv, c.Lq = L, c.Lk = L, c.D = D;
+          c.q_stride[0] = L * row, c.q_stride[1] = D, c.q_stride[2] = row;
+          for (int i = 0; i < 3; ++i) c.k_stride[i] = c.v_stride[i] = c.q_stride[i];
+          c.mask = mask.data(), c.mask_rows = 1, c.mask_stride[0] = L, c.mask_stride[1] = 0, c.mask_stride[2] = 1;
+          c.scale = 1.0f / std::sqrt(float(D)), c.causal = causal;
+          std::string bad;
+          double worst = 0;
+          if (!mask_hides_keys_only(c) || run_attention(c, isa, threads) != Status::ok) bad += " refused";
+          for (int64_t b = 0; b < B && bad.empty(); ++b)
+            for (int64_t h = 0; h < H; ++h)
+              for (int64_t i = 0; i < L; ++i) {
+                std::vector<int32_t> idx;
+                for (int64_t j = 0; j < L; ++j)
+                  if (mask[size_t(b * L + j)] && (!causal || j <= i)) idx.push_back(int32_t(j));
+                const float* got = out.data() + ((b * L + i) * H + h) * D;
+                if (idx.empty()) {  // batch row 2, causal, row 0: key 0 is hidden
+                  for (int64_t e = 0; e < D; ++e)
+                    if (got[e] != 0.0f) bad += " not-zero";
+                  continue;
+                }
+                const int64_t hk = h / (H / hkv);
+                std::vector<double> o, mag;
+                reference(c.q + b * c.q_stride[0] + h * D + i * row, c.k + b * c.k_stride[0] + hk * D,
+                          c.v + b * c.v_stride[0] + hk * D, row, idx.data(), int64_t(idx.size()), D, c.scale, o, mag);
+                for (int64_t e = 0; e < D; ++e) {
+                  const double err = std::fabs(got[e] - o[size_t(e)]) / (1e-5 * mag[size_t(e)] + 1e-30);
+                  worst = err > worst ? err : worst;
+                  if (!(err <= 1.0)) bad += " b=" + std::to_string(b) + ",h=" + std::to_string(h) + ",i=" + std::to_string(i);
+                }
+              }
+          char line[160];
+          std::snprintf(line, sizeof line, "run_attention isa=%s causal=%d kv_heads=%lld threads=%d err/bound=%.2f",
+                        isa_name(isa), int(causal), (long long)hkv, threads, worst);
+          report(counts, bad.empty(), verbose, std::string(line) + (bad.empty() ? "" : ":" + bad.substr(0, 200)));
+        }
+  }
+}
+
 // The SIMD activation quantizers (x86: quantize_act_avx2, which the AVX2 and AVX-512 levels use)
 // against quantize_act_scalar, bit for bit (codes with their padding, scales, sums), on segments of
 // 128 over K = 1 .. 1000, rows strided past K: Gaussian x with one segment all zero, one holding an
@@ -744,6 +882,7 @@ int main(int argc, char** argv) {
     }
   if (only.empty()) {
     run_stage_checks(verbose, counts), run_attend_checks(isas, verbose, counts);
+    run_attend_rows_checks(isas, verbose, counts);
     run_quantizer_checks(isas, verbose, counts);
   }
   std::printf("SUMMARY records=%zu isas=%zu pass=%d fail=%d\n", records.size(), isas.size(), counts.pass, counts.fail);

@@ -10,6 +10,7 @@ model (mean pooling over the attention mask). Nothing is downloaded.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import statistics
@@ -25,6 +26,7 @@ import sparseinfer as si
 
 from ..backends import cpu_routes
 from ..eval.data import sentences
+from ..runtime import attention
 from ..runtime.modules import CompressedLinear
 from . import models
 
@@ -38,6 +40,7 @@ CALIB_SENTENCES = 32  # extra sentences, for recipes whose methods need calibrat
 # median of 3 put int8 at 1.22x where 7 interleaved rounds gave 1.72x (bench/README.md); 7 cost the
 # demo ~10 s more.
 REPEATS = 7
+ATTENTION_ROW = "dense+attention"
 
 
 @dataclass
@@ -153,7 +156,8 @@ def measuring_every_route():
 def run(n_sentences: int = 256, recipes=DEFAULT_RECIPES, batch_size: int = 64, repeats: int | None = None,
         save_load: str | None = "2:4+int8", out=print, progress: bool | None = None, latency_batch: int = 16,
         act: str | None = None) -> dict:
-    """Run the demo; print with ``out``; return {"dense": Row, "rows": [Row], "save_load": {...}}.
+    """Run the demo; print with ``out``; return {"dense": Row, "rows": [Row], "attention": Row | None,
+    "save_load": {...}} ("attention": the dense model on sparseinfer's attention kernel).
 
     Quality batches hold ``batch_size`` sentences of similar length (sorted, as sentence-
     transformers does, so little padding); latency is timed on the first ``latency_batch``
@@ -214,8 +218,23 @@ def run(n_sentences: int = 256, recipes=DEFAULT_RECIPES, batch_size: int = 64, r
                         ms, pair_ms, backends, layer_ratio, ms1, pair1_ms))
         if recipe == keep:
             kept_model = compressed
+    # the attention kernel alone, in the dense model: every compressed row runs it too (si.compress
+    # installs it), so this row shows what the rows owe to it rather than to their compressed layers
+    attend = copy.deepcopy(model)
+    extra = []
+    if attention.install(attend):
+        bar.set_postfix_str(ATTENTION_ROW)
+        cos = cosine(models.embed(attend, batches), dense_emb)
+        ms, pair_ms = paired_latency_ms(attend, model, timed, repeats)
+        ms1, pair1_ms = paired_latency_ms(attend, model, single, 5 * repeats)
+        extra.append(Row(ATTENTION_ROW, size, size, cos.mean().item(), cos.min().item(), ms, pair_ms, "torch+cpu", 1.0,
+                         ms1, pair1_ms))
+    result["attention"] = extra[0] if extra else None
     bar.close()
-    out(format_table(rows, dense))
+    out(format_table(rows + extra, dense))
+    if extra:
+        out(f"{ATTENTION_ROW}: the dense model with sparseinfer's attention kernel, which every compressed model above "
+            f"runs too (sparseinfer/runtime/attention.py); the rest of a row's speed is its compressed layers'")
     if kept_model is not None:
         result["save_load"] = check_save_load(kept_model, keep, tokenizer, batches, out, act)
     return result

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from ..formats import format_of, pack
 from ..recipe import LayerRecipe, Recipe
+from ..runtime import attention
 from ..runtime.embedding import CompressedEmbedding, gathers_rows
 from ..runtime.fused import fuse_shared_inputs
 from ..runtime.modules import CompressedConv2d, CompressedLinear
@@ -104,4 +105,5 @@ def compress_with_recipe(model: nn.Module, recipe, calib=None, *, inplace: bool 
     # q / k / v and gate / up read one input: one packed call each (runtime/fused.py); MiniLM
     # int8 at the batch of 16: 1.78-1.79x -> 1.83x dense in memory, 1.72-1.81x -> 1.90-1.91x loaded
     fuse_shared_inputs(model)
+    attention.install(model)  # a transformers model's attention on sparseinfer's kernel (runtime/attention.py)
     return model

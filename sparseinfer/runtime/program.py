@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import ops  # noqa: F401  (registers torch.ops.sparseinfer.packed_linear for the deserializer)
+from . import attention, ops  # noqa: F401  (ops registers torch.ops.sparseinfer.packed_linear for the deserializer)
 from .errors import ArtifactError, ExportError
 from .fused import fuse_shared_inputs
 from .layers import set_submodule
@@ -272,6 +272,7 @@ def load_program(path: Path, manifest: dict, tensors: dict, layers: dict, device
     try:
         swap_packed_calls(gm, layers, backend)
         fuse_shared_inputs(gm)  # q / k / v, gate / up: one call each, as in the model that was saved
+        attention.use_in_program(gm)  # its attention on sparseinfer's kernel, as the model's that was saved
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         if isinstance(err, ArtifactError):
             raise

@@ -60,7 +60,7 @@ from torch import nn
 
 from .._version import __version__
 from ..act import check_act
-from . import hf
+from . import attention, hf
 from .atomic import directory_lock, fsync_dir, remove_interrupted_saves, replace_directory, umask, write_bytes
 from .errors import ArtifactError, ExportError  # noqa: F401  (public: callers catch them from here)
 from .fused import fuse_shared_inputs
@@ -333,6 +333,7 @@ def load(path, device="cpu", model: nn.Module | None = None, *, backend: str | N
         hf.check_filled(module, str(path))
         module = module.to(device)
         fuse_shared_inputs(module)  # q/k/v and gate/up: one call each per token
+        attention.install(module)
     elif not manifest.get("program"):
         raise ArtifactError(f"{str(path)!r} was saved with export=False and holds no architecture: build the model "
                             f"and pass it, load(path, model=skeleton)")

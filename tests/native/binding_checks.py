@@ -240,9 +240,38 @@ def decoder() -> None:
     print("decoder: ok", flush=True)
 
 
+def attention() -> None:
+    """_C.attention on every ISA: a padding mask (stride-0 rows), causal rows, grouped-query heads, q / k /
+    v as views of one joint tensor, rows that see no key; then arguments it refuses."""
+    gen = torch.Generator().manual_seed(3)
+    batch, heads, kv, rows, dim = 3, 4, 2, 37, 20
+    qkv = torch.randn(batch, rows, (heads + 2 * kv) * dim, generator=gen)
+    q, k, v = (t.view(batch, rows, -1, dim).transpose(1, 2) for t in qkv.split([heads * dim, kv * dim, kv * dim], -1))
+    visible = torch.arange(rows)[None] < torch.tensor([rows, 5, 1])[:, None]
+    visible[1, 0] = False
+    mask = visible[:, None, None, :].expand(batch, 1, rows, rows).view(torch.uint8)
+    results = {}
+    for isa in ISAS:
+        for causal in (False, True):
+            out = torch.full((batch, rows, heads, dim), float("nan"))
+            check(C.attention(q, k, v, out, mask, dim ** -0.5, causal, 3, isa), f"attention {isa} refused a padding mask")
+            check(bool(torch.isfinite(out).all()), f"attention {isa}: non-finite output")
+            results[(isa, causal)] = out
+    for (isa, causal), out in results.items():
+        first = results[(ISAS[0], causal)]
+        check(((out - first).abs().max() <= 1e-5 * first.abs().max()).item(), f"attention {isa} differs")
+    out = torch.empty(batch, rows, heads, dim)
+    refused(lambda: C.attention(q, k, v, out, mask[:2]), match="mask must have shape")
+    refused(lambda: C.attention(q, k, v, out[:, :-1]), match="out must have shape")
+    shared = torch.randn(batch, rows, heads, dim)  # q's own memory as out
+    refused(lambda: C.attention(shared.transpose(1, 2), k, v, shared), match="out must not overlap q")
+    print("attention: ok", flush=True)
+
+
 every_format_and_shape()
 bad_arguments()
 decoder()
+attention()
 moved_and_rewritten_sources()
 concurrent_rebuilds()
 print(f"OK {CHECKS} checks")

@@ -41,6 +41,7 @@ DecodeOps decode_ops_neon() {
   DecodeOps ops = decode_math::ops();
   ops.attend_part = attend_simd::attend_part<float>;
   ops.attend_part_f16 = attend_simd::attend_part<uint16_t>;
+  ops.attend_rows = attend_simd::attend_rows;
   return ops;
 }
 

@@ -125,6 +125,131 @@ inline void attend_part(const float* q, int64_t G, const T* k, const T* v, int64
   }
 }
 
+// DecodeOps::attend_rows in vectors (attend_rows, at the end): Simd::kHeads query rows at a time,
+// their scores W keys per vector (each load of transposed keys serves every row), e^(s - max) in
+// lanes, then each value row read once for the rows of the group, their accumulators in registers.
+
+// Scores of GS rows over keys [t, t + NB * W): a GS x NB register tile, per head element one load
+// of each key vector and one broadcast per row.
+template <int GS, int NB>
+inline void scores_tile(const float* q, int64_t qs, int64_t d, const float* kt, int64_t np, int64_t t, float scale,
+                        float* s) {
+  V acc[GS][NB];
+  for (int r = 0; r < GS; ++r)
+    for (int u = 0; u < NB; ++u) acc[r][u] = Simd::zero();
+  for (int64_t e = 0; e < d; ++e) {
+    V kv[NB];
+    for (int u = 0; u < NB; ++u) kv[u] = Simd::load(kt + e * np + t + u * W);
+    for (int r = 0; r < GS; ++r) {
+      const V qr = Simd::set1(q[r * qs + e]);
+      for (int u = 0; u < NB; ++u) acc[r][u] = Simd::fmadd(qr, kv[u], acc[r][u]);
+    }
+  }
+  const V sc = Simd::set1(scale);
+  for (int r = 0; r < GS; ++r)
+    for (int u = 0; u < NB; ++u) Simd::store(s + r * np + t + u * W, Simd::mul(acc[r][u], sc));
+}
+
+template <int GS>
+inline void scores_rows(const float* q, int64_t qs, int64_t d, const float* kt, int64_t np, int64_t keys, float scale,
+                        float* s) {
+  int64_t t = 0;
+  for (; t + 4 * W <= keys; t += 4 * W) scores_tile<GS, 4>(q, qs, d, kt, np, t, scale, s);
+  switch ((keys - t) / W) {
+    case 3: scores_tile<GS, 3>(q, qs, d, kt, np, t, scale, s); break;
+    case 2: scores_tile<GS, 2>(q, qs, d, kt, np, t, scale, s); break;
+    case 1: scores_tile<GS, 1>(q, qs, d, kt, np, t, scale, s); break;
+    default: break;
+  }
+}
+
+// out rows [GS] columns [c, c + NV * W) = sum over keys t < keys of p[r][t] v_t, times inv[r]
+template <int GS, int NV>
+inline void values_rows(const AttendRows& a, const float* p, int64_t keys, int64_t c, const float* inv, float* out) {
+  const int64_t np = a.np;
+  V acc[GS][NV];
+  for (int r = 0; r < GS; ++r)
+    for (int u = 0; u < NV; ++u) acc[r][u] = Simd::zero();
+  for (int64_t t = 0; t < keys; ++t) {
+    V row[NV];
+    const float* vt = a.v + a.idx[t] * a.v_stride + c;
+    for (int u = 0; u < NV; ++u) row[u] = Simd::load(vt + u * W);
+    for (int r = 0; r < GS; ++r) {
+      const V pr = Simd::set1(p[r * np + t]);
+      for (int u = 0; u < NV; ++u) acc[r][u] = Simd::fmadd(pr, row[u], acc[r][u]);
+    }
+  }
+  for (int r = 0; r < GS; ++r)
+    for (int u = 0; u < NV; ++u) Simd::store(out + r * a.out_stride + c + u * W, Simd::mul(acc[r][u], Simd::set1(inv[r])));
+}
+
+// Rows [i, i + GS) of a.
+template <int GS>
+inline void attend_group(const AttendRows& a, int64_t i) {
+  const int64_t np = a.np, d = a.d;
+  const int64_t* nk = a.nk + i;
+  float* scores = a.scores;
+  float* out = a.out + i * a.out_stride;
+  int64_t keys = 0;  // the most any row of the group sees
+  for (int r = 0; r < GS; ++r) keys = nk[r] > keys ? nk[r] : keys;
+  const int64_t span = (keys + W - 1) / W * W;  // <= np: np is a multiple of kAttendPad, itself of W
+  scores_rows<GS>(a.q + i * a.q_stride, a.q_stride, d, a.kt, np, span, a.scale, scores);
+  // The rows' softmax steps interleaved (independent chains: one row's took ~40 cycles of latency
+  // per vector). A block that runs past a row's keys is clipped in its lanes (kClip, kKeep windows):
+  // scalar loops over the tail put a dependent max and add per key on the path (~100 cycles a row
+  // at 46 keys), and scalar stores before a vector load stall its store forwarding.
+  alignas(64) static const float kClip[32] = {
+      3.0e38f, 3.0e38f, 3.0e38f, 3.0e38f, 3.0e38f, 3.0e38f, 3.0e38f, 3.0e38f,  // min(x, 3e38): x
+      3.0e38f, 3.0e38f, 3.0e38f, 3.0e38f, 3.0e38f, 3.0e38f, 3.0e38f, 3.0e38f,
+      -3.0e38f, -3.0e38f, -3.0e38f, -3.0e38f, -3.0e38f, -3.0e38f, -3.0e38f, -3.0e38f,  // -3e38: hidden
+      -3.0e38f, -3.0e38f, -3.0e38f, -3.0e38f, -3.0e38f, -3.0e38f, -3.0e38f, -3.0e38f};
+  alignas(64) static const float kKeep[32] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+                                              0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+  // lanes [0, m) shown, m = keys left in the row from t (0 .. W <= 16): the windows at 16 - m
+  const auto shown = [&](int r, int64_t t) {
+    const int64_t m = nk[r] - t;
+    return m >= W ? W : m < 0 ? 0 : m;
+  };
+  V top[GS], sum[GS];
+  for (int r = 0; r < GS; ++r) top[r] = Simd::set1(-3.0e38f), sum[r] = Simd::zero();
+  for (int64_t t = 0; t < span; t += W)
+    for (int r = 0; r < GS; ++r) {
+      V x = Simd::load(scores + r * np + t);
+      const int64_t m = shown(r, t);
+      if (m < W) x = Simd::min(x, Simd::load(kClip + 16 - m));
+      top[r] = Simd::max(top[r], x);
+    }
+  V shift[GS];
+  for (int r = 0; r < GS; ++r) shift[r] = Simd::set1(Simd::hmax(top[r]));
+  for (int64_t t = 0; t < span; t += W)
+    for (int r = 0; r < GS; ++r) {
+      float* s = scores + r * np + t;
+      V e = exp_lanes(Simd::sub(Simd::load(s), shift[r]));
+      const int64_t m = shown(r, t);
+      if (m < W) e = Simd::mul(e, Simd::load(kKeep + 16 - m));  // exactly 0 past the keys
+      Simd::store(s, e);
+      sum[r] = Simd::add(sum[r], e);
+    }
+  float inv[GS];
+  for (int r = 0; r < GS; ++r) inv[r] = 1.0f / Simd::hsum(sum[r]);
+  int64_t c = 0;
+  for (; c + 4 * W <= d; c += 4 * W) values_rows<GS, 4>(a, scores, keys, c, inv, out);
+  switch ((d - c) / W) {
+    case 3: values_rows<GS, 3>(a, scores, keys, c, inv, out); break;
+    case 2: values_rows<GS, 2>(a, scores, keys, c, inv, out); break;
+    case 1: values_rows<GS, 1>(a, scores, keys, c, inv, out); break;
+    default: break;
+  }
+}
+
+inline void attend_rows(const AttendRows& a) {
+  if (a.d % W) return decode_math::attend_rows(a);
+  constexpr int G = Simd::kHeads;
+  int64_t i = 0;
+  for (; i + G <= a.g; i += G) attend_group<G>(a, i);
+  for (; i < a.g; ++i) attend_group<1>(a, i);
+}
+
 }  // namespace attend_simd
 }  // namespace
 }  // namespace sparseinfer

@@ -19,6 +19,27 @@
 
 namespace sparseinfer {
 
+// Keys per row of attend_rows' transposed keys: a multiple of this (every group's vector width).
+constexpr int64_t kAttendPad = 16;
+
+// g query rows of one head over the keys they see, normalised: out row i = sum_t p_it v_t / sum_t p_it,
+// p_it = e^(s_it - max_t s_it), s_it = scale * (q_i . k_t), over the first nk[i] >= 1 keys.
+struct AttendRows {
+  const float* q = nullptr;   // query row i at q + i * q_stride, d floats
+  int64_t q_stride = 0, g = 0;
+  const float* kt = nullptr;  // the keys transposed, [d][np] (keys_transposed); np a multiple of kAttendPad
+  int64_t np = 0;
+  const float* v = nullptr;   // value of key t at v + idx[t] * v_stride
+  int64_t v_stride = 0;
+  const int32_t* idx = nullptr;
+  int64_t d = 0;
+  const int64_t* nk = nullptr;  // [g], each <= np
+  float scale = 1.0f;
+  float* scores = nullptr;      // g * np floats of scratch
+  float* out = nullptr;         // row i at out + i * out_stride
+  int64_t out_stride = 0;
+};
+
 struct DecodeOps {
   // out[i] = w[i] * (x[i] / sqrt(mean(x^2) + eps)), i < n (transformers' LlamaRMSNorm)
   void (*rms_norm)(const float* x, const float* w, float eps, int64_t n, float* out);
@@ -35,6 +56,13 @@ struct DecodeOps {
   // The same over a half-precision cache: k, v as IEEE fp16 bits (each value widened exactly).
   void (*attend_part_f16)(const float* q, int64_t G, const uint16_t* k, const uint16_t* v, int64_t d, int64_t t0,
                           int64_t t1, float scale, float* scores, float* m, float* l, float* o);
+  // Attention of a block of query rows over whole sequences (prefill, encoders: dispatch.cpp,
+  // run_attention): AttendRows says what.
+  void (*attend_rows)(const AttendRows& a);
+  // The keys such a block sees, transposed: kt[e * np + t] = k[idx[t] * stride + e] for t < n, and 0
+  // for t in [n, np) (read by whole vectors, never used), e < d.
+  void (*keys_transposed)(const float* k, int64_t stride, const int32_t* idx, int64_t n, int64_t d, float* kt,
+                          int64_t np);
   // out[i] = silu(gate[i]) * up[i]
   void (*silu_mul)(const float* gate, const float* up, int64_t n, float* out);
   // x[i] += y[i]
@@ -183,6 +211,45 @@ inline void attend_merge(const float* m, const float* l, const float* o, int64_t
   for (int64_t i = 0; i < d; ++i) out[i] *= inv;
 }
 
+// DecodeOps::attend_rows in plain loops: scores key-wise (the loop over t vectorizes), then
+// exp_shifted, then the values.
+inline void attend_rows(const AttendRows& a) {
+  const int64_t d = a.d;
+  for (int64_t i = 0; i < a.g; ++i) {
+    const int64_t n = a.nk[i];
+    const float* q = a.q + i * a.q_stride;
+    float* s = a.scores + i * a.np;
+    for (int64_t t = 0; t < n; ++t) s[t] = 0.0f;
+    for (int64_t e = 0; e < d; ++e) {
+      const float qe = q[e];
+      const float* ke = a.kt + e * a.np;
+      for (int64_t t = 0; t < n; ++t) s[t] += qe * ke[t];
+    }
+    float top = -3.0e38f;
+    for (int64_t t = 0; t < n; ++t) {
+      s[t] *= a.scale;
+      top = s[t] > top ? s[t] : top;
+    }
+    const float inv = 1.0f / exp_shifted(s, n, top);
+    float* y = a.out + i * a.out_stride;
+    for (int64_t e = 0; e < d; ++e) y[e] = 0.0f;
+    for (int64_t t = 0; t < n; ++t) {
+      const float* vt = a.v + a.idx[t] * a.v_stride;
+      for (int64_t e = 0; e < d; ++e) y[e] += s[t] * vt[e];
+    }
+    for (int64_t e = 0; e < d; ++e) y[e] *= inv;
+  }
+}
+
+inline void keys_transposed(const float* k, int64_t stride, const int32_t* idx, int64_t n, int64_t d, float* kt,
+                            int64_t np) {
+  for (int64_t e = 0; e < d; ++e) {  // t innermost: contiguous stores, indexed loads (gathers where there are)
+    float* row = kt + e * np;
+    for (int64_t t = 0; t < n; ++t) row[t] = k[idx[t] * stride + e];
+    for (int64_t t = n; t < np; ++t) row[t] = 0.0f;
+  }
+}
+
 inline void silu_mul(const float* gate, const float* up, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = gate[i] / (1.0f + exp_approx(-gate[i])) * up[i];
 }
@@ -217,7 +284,8 @@ inline void gemv(const float* w, int64_t k, const float* x, const float* bias, i
 }
 
 inline DecodeOps ops() {
-  return DecodeOps{rms_norm, rope, attend_part<float>, attend_part<uint16_t>, silu_mul, add, gemv};
+  return DecodeOps{rms_norm, rope, attend_part<float>, attend_part<uint16_t>, attend_rows, keys_transposed, silu_mul,
+                   add, gemv};
 }
 
 }  // namespace decode_math

@@ -127,4 +127,30 @@ Status prepare_row_call(const LinearCall& call, const WeightView& w, Isa isa, Ro
 // Multiply-adds per output column and batch row of w's kernels (how run_linear sizes its split).
 int64_t work_per_column(const WeightView& w);
 
+// Attention over whole sequences (an encoder's, or a prompt's), for transformers' attention interface
+// (sparseinfer/runtime/attention.py): out[b, i, h, :] = softmax_j(scale * q[b, h, i] . k[b, h', j]) v[b, h', j]
+// over the keys j a query may see, h' = h / (H / Hkv) (grouped-query heads share a KV head). Keys a
+// query may see: every j with mask[b, 0, 0, j] != 0 (all where mask is null), and with causal also
+// j <= i. q, k, v: fp32 with unit stride along D and any other strides (views of one joint q / k / v
+// output need no copy); out: fp32 [B, Lq, H, D] contiguous, the layout the output projection reads.
+// A query that may see no key gets zeros. Per (b, h) the keys it may see are gathered into
+// contiguous rows (the keys transposed) and DecodeOps::attend_rows runs over them.
+struct AttentionCall {
+  const float* q = nullptr;
+  const float* k = nullptr;
+  const float* v = nullptr;
+  float* out = nullptr;
+  int64_t B = 0, H = 0, Hkv = 0, Lq = 0, Lk = 0, D = 0;
+  int64_t q_stride[3] = {}, k_stride[3] = {}, v_stride[3] = {};  // elements between batches, heads, rows
+  // mask [B][mask_rows][Lk] bytes (nonzero: visible) at these strides (0 broadcasts), or nullptr
+  const uint8_t* mask = nullptr;
+  int64_t mask_rows = 0, mask_stride[3] = {};
+  float scale = 1.0f;
+  bool causal = false;
+};
+// Whether every row of call.mask shows the same keys (a padding mask), the only masks run_attention
+// takes (it reads row 0).
+bool mask_hides_keys_only(const AttentionCall& call);
+Status run_attention(const AttentionCall& call, Isa isa, int threads);
+
 }  // namespace sparseinfer

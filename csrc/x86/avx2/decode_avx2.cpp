@@ -55,6 +55,7 @@ DecodeOps decode_ops_avx2() {
   DecodeOps ops = decode_math::ops();
   ops.attend_part = attend_simd::attend_part<float>;
   ops.attend_part_f16 = attend_simd::attend_part<uint16_t>;
+  ops.attend_rows = attend_simd::attend_rows;
   return ops;
 }
 
