@@ -14,6 +14,10 @@ first, with no first-use measuring budget (so route measurements, if this machin
 --load adds a row per recipe for its model saved and loaded back (``si.save`` with the batch as the
 example input, ``si.load``: the exported program, as a deployment runs it).
 
+A "dense+attention" row is the dense model on sparseinfer's attention kernel alone (runtime/attention.py),
+which every compressed model runs too; --torch-attention gives the compressed models torch's attention
+back, so their rows show their compressed layers' gain alone (as before that kernel).
+
 --force pick,last,dense adds rows for each recipe with every layer's route replaced (a what-if, by
 replacing cpu_routes.decide): "pick" the table's kernel, "last" the last of _C.kernel_candidates
 (e.g. a measured-only kernel), "dense" the dense fallback (with its fp32 copy where it would keep one).
@@ -22,6 +26,7 @@ replacing cpu_routes.decide): "pick" the table's kernel, "last" the last of _C.k
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import statistics
@@ -35,6 +40,7 @@ from sparseinfer import _native
 from sparseinfer.apps import demo, models
 from sparseinfer.backends import cpu_routes
 from sparseinfer.eval.data import sentences
+from sparseinfer.runtime import attention
 
 
 def forced(kind: str):
@@ -59,14 +65,21 @@ def main() -> None:
     ap.add_argument("--act", default=None)
     ap.add_argument("--load", action="store_true", help="add rows for each recipe saved and loaded back")
     ap.add_argument("--force", default="", help="comma-separated: pick, last, dense (rows with every route forced)")
+    ap.add_argument("--torch-attention", action="store_true",
+                    help="compressed models run torch's attention (as before runtime/attention.py): their layers' gain alone")
     args = ap.parse_args()
     model, tokenizer, _ = models.load_hf(models.MINILM)
     texts = sentences(args.batch + demo.CALIB_SENTENCES)
     calib = [models.tokenize(tokenizer, texts[args.batch:][i:i + 16]) for i in range(0, demo.CALIB_SENTENCES, 16)]
     inputs = {"batch": models.tokenize(tokenizer, texts[:args.batch]), "one": models.tokenize(tokenizer, texts[:1])}
     nets = {"dense": model}
+    attend = copy.deepcopy(model)  # the dense model on sparseinfer's attention kernel, which si.compress installs
+    if attention.install(attend):
+        nets[demo.ATTENTION_ROW] = attend
     for r in args.recipes:
         nets[r] = si.set_act(si.compress(model, r, calib=calib, progress=False), args.act)
+        if args.torch_attention:
+            nets[r].set_attn_implementation("sdpa")
     if args.load:
         saved = tempfile.TemporaryDirectory()  # removed when main() returns
         for r in args.recipes:

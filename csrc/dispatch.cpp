@@ -859,9 +859,12 @@ Status run_linear(const LinearCall& call, const WeightView& w, Isa isa, int thre
 
 namespace {
 
-// Query rows per task: enough to share each pass over the values (attend_part reads a value row once
+// Query rows per task: enough to share each pass over the values (attend_rows reads a value row once
 // per Simd::kHeads rows), few enough that the scores stay in L1 / L2 (64 rows x 2K keys: 512 KB).
 constexpr int64_t kAttendRows = 64;
+// Below this many multiply-adds a thread, one thread: attention runs ~15-25 G multiply-adds / s on a
+// core (softmax and gathers besides the dot products), so this is ~10-15 us of work, about a fork-join.
+constexpr int64_t kMinAttendWorkPerThread = int64_t(1) << 18;
 
 struct AttendContext {
   const AttentionCall* c;
@@ -955,9 +958,8 @@ Status run_attention(const AttentionCall& c, Isa isa, int threads) {
   if (blocks < want) blocks = want < c.Lq ? want : c.Lq;
   x.rows = (c.Lq + blocks - 1) / blocks;
   x.blocks = (c.Lq + x.rows - 1) / x.rows;
-  // one thread below kMinWorkPerThread multiply-adds a thread (a one-sentence MiniLM layer: ~0.8M)
-  const int64_t work = heads * c.Lq * c.Lk * c.D * 2;
-  int64_t nt = work / kMinWorkPerThread;
+  const int64_t work = heads * c.Lq * c.Lk * c.D * 2;  // a one-sentence MiniLM layer: 0.84M
+  int64_t nt = work / kMinAttendWorkPerThread;
   if (nt > threads) nt = threads;
   if (nt < 1) nt = 1;
   parallel_run(heads * x.blocks, int(nt), attend_task, &x);

@@ -230,3 +230,10 @@ def test_a_compiled_model_computes_eagers_bits():
         finally:
             torch._dynamo.reset()
     assert torch.equal(eager, compiled)
+
+
+def test_explain_says_which_attention_runs():
+    model = si.compress(_bert(), "int8", progress=False)
+    assert any(n.startswith("attention: sparseinfer's CPU kernel") for n in si.explain(model).notes)
+    model.set_attn_implementation("sdpa")
+    assert "attention: transformers' 'sdpa'" in si.explain(model).notes

@@ -150,14 +150,18 @@ def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
     return out, None
 
 
-def register() -> None:
-    """Registers ``attention`` with transformers as "sparseinfer" (with SDPA's masks)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
-
+def register() -> bool:
+    """Registers ``attention`` with transformers as "sparseinfer" (with SDPA's masks); False where the
+    installed transformers has no attention interface (before 4.48: its models call torch directly)."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+    except ImportError:
+        return False
     if NAME not in ALL_MASK_ATTENTION_FUNCTIONS:
         AttentionInterface.register(NAME, attention)
         AttentionMaskInterface.register(NAME, sdpa_mask)
+    return True
 
 
 def install(model: nn.Module) -> bool:
@@ -165,11 +169,21 @@ def install(model: nn.Module) -> bool:
     True if it did. Other models, and models that chose another attention, stay as they are."""
     config = getattr(model, "config", None)
     if (_native._C is None or getattr(config, "_attn_implementation", None) != "sdpa"
-            or not hasattr(model, "set_attn_implementation")):
+            or not hasattr(model, "set_attn_implementation") or not register()):
         return False
-    register()
-    model.set_attn_implementation(NAME)
+    try:
+        model.set_attn_implementation(NAME)
+    except (ValueError, NotImplementedError):  # a model class that takes no registered attention
+        return False
     return config._attn_implementation == NAME
+
+
+def describe(implementation: str) -> str:
+    """What a transformers model whose config names ``implementation`` runs for attention (si.explain)."""
+    if implementation == NAME:
+        return ("sparseinfer's CPU kernel (fp32 CPU calls with no mask or a padding mask, causal or not; "
+                "torch's SDPA for the rest); model.set_attn_implementation('sdpa') for torch's")
+    return f"transformers' {implementation!r}"
 
 
 def use_in_program(gm: torch.fx.GraphModule) -> int:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..backends import cpu_heap, resolve
+from . import attention
 from .modules import CompressedConv2d, CompressedLinear
 from .serialization import RECIPE_ATTR
 
@@ -74,7 +75,8 @@ def explain(model: nn.Module, batch: int = 1, dtype: torch.dtype = torch.float32
     runs (act) and why (measured times or the table and rule that decided, and the act mode); a
     layer joined with its siblings (q / k / v, gate / up) reports the joint call it runs as.
     ``.dense`` (printed below the table) lists the weight layers that stayed dense and why, ``.notes``
-    process-wide settings that apply (the CPU allocator's: backends/cpu_heap.py)."""
+    process-wide settings that apply (the CPU allocator's: backends/cpu_heap.py) and, for a transformers
+    model, which attention it runs (runtime/attention.py)."""
     rows = Explanation(dense=_dense_layers(model))
     names = {id(m): name for name, m in model.named_modules()}
     for name, module in model.named_modules():
@@ -97,4 +99,7 @@ def explain(model: nn.Module, batch: int = 1, dtype: torch.dtype = torch.float32
                      "ratio": f"{w.dense_nbytes / w.nbytes:.2f}x", "backend": b.name, **about})
     if any(r["backend"] == "cpu" for r in rows):
         rows.notes.append(f"cpu allocator: {cpu_heap.setting()}")
+    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if implementation is not None:
+        rows.notes.append(f"attention: {attention.describe(implementation)}")
     return rows
