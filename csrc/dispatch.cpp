@@ -860,8 +860,9 @@ Status run_linear(const LinearCall& call, const WeightView& w, Isa isa, int thre
 namespace {
 
 // Query rows per task: enough to share each pass over the values (attend_rows reads a value row once
-// per Simd::kHeads rows), few enough that the scores stay in L1 / L2 (64 rows x 2K keys: 512 KB).
-constexpr int64_t kAttendRows = 64;
+// per 4 rows) and each gathered key (every row block gathers its keys again), few enough that the
+// scores stay in L2 (128 rows x 2K keys: 1 MB).
+constexpr int64_t kAttendRows = 128;
 // Below this many multiply-adds a thread, one thread: attention runs ~15-25 G multiply-adds / s on a
 // core (softmax and gathers besides the dot products), so this is ~10-15 us of work, about a fork-join.
 constexpr int64_t kMinAttendWorkPerThread = int64_t(1) << 18;
@@ -887,10 +888,13 @@ void attend_task(void* p, int64_t task) {
   if (c.causal)
     while (n > 0 && keys[n - 1] > r1 - 1) --n;
   const int64_t np = (n + kAttendPad - 1) / kAttendPad * kAttendPad;
-  float* kt = scratch<float, 3>(size_t(d * np + g * np));  // keys transposed [d][np], scores [g][np]
+  // scratch: keys transposed [d][np], values [n][d], scores [g][np]
+  float* kt = scratch<float, 3>(size_t(d * np + n * d + g * np));
   int64_t* nk = scratch<int64_t, 0>(size_t(g));
   if (!kt || !nk) return x.out_of_memory.store(true);
-  x.ops.keys_transposed(c.k + b * c.k_stride[0] + hk * c.k_stride[1], c.k_stride[2], keys, n, d, kt, np);
+  float* vp = kt + d * np;
+  x.ops.pack_keys_values(c.k + b * c.k_stride[0] + hk * c.k_stride[1], c.k_stride[2],
+                         c.v + b * c.v_stride[0] + hk * c.v_stride[1], c.v_stride[2], keys, n, d, kt, np, vp);
   for (int64_t i = 0, seen = 0; i < g; ++i) {
     if (c.causal)
       while (seen < n && keys[seen] <= r0 + i) ++seen;
@@ -899,8 +903,7 @@ void attend_task(void* p, int64_t task) {
   AttendRows a;
   a.q = c.q + b * c.q_stride[0] + h * c.q_stride[1] + r0 * c.q_stride[2], a.q_stride = c.q_stride[2];
   a.kt = kt, a.np = np;
-  a.v = c.v + b * c.v_stride[0] + hk * c.v_stride[1], a.v_stride = c.v_stride[2], a.idx = keys;
-  a.d = d, a.scale = c.scale, a.scores = kt + d * np;
+  a.v = vp, a.d = d, a.scale = c.scale, a.scores = vp + n * d;
   a.out = c.out + ((b * c.Lq + r0) * c.H + h) * d, a.out_stride = c.H * d;  // out[b, r0 + i, h, :]
   for (int64_t i = 0; i < g;) {  // runs of rows that see some key go to attend_rows; the others get zeros
     if (nk[i] == 0) {
@@ -938,7 +941,7 @@ Status run_attention(const AttentionCall& c, Isa isa, int threads) {
   if (c.B == 0 || c.Lq == 0) return Status::ok;
   AttendContext x;
   x.c = &c, x.ops = decode_ops(isa);
-  if (!x.ops.attend_rows || !x.ops.keys_transposed) return Status::internal_error;
+  if (!x.ops.attend_rows || !x.ops.pack_keys_values) return Status::internal_error;
   // the keys each batch row may see (row 0 of its mask), gathered once for every head
   int32_t* keys = scratch<int32_t, 1>(size_t(c.B * c.Lk + c.B));
   if (!keys) return Status::out_of_memory;

@@ -24,7 +24,7 @@
 //
 // Also run_stages' ordering (run_stage_checks), the native decode step's attention on every ISA
 // (run_attend_checks: decode.h attend_part over fp32 and fp16 caches, and attend_merge), attention over
-// whole sequences (run_attend_rows_checks: attend_rows and keys_transposed, then run_attention), and the
+// whole sequences (run_attend_rows_checks: attend_rows and pack_keys_values, then run_attention), and the
 // SIMD activation quantizer against the scalar one on adversarial segments (run_quantizer_checks).
 //
 // Output, one line each: "FEATURES ...", "ISAS ...", "PASS|FAIL <case> isa=.. kernel=.. ...", and
@@ -625,7 +625,7 @@ void run_attend_checks(const std::vector<Isa>& isas, bool verbose, Counts& count
   }
 }
 
-// decode_ops(isa).attend_rows over keys_transposed, against a double-precision reference: head sizes
+// decode_ops(isa).attend_rows over pack_keys_values' gather, against a double-precision reference: head sizes
 // 1-128 (multiples of every vector width and not), 1-9 rows (whole kHeads groups and a remainder), every
 // row seeing the same n keys or each a different prefix (as causal rows do), n from 1 to 130 (not
 // multiples of 16), keys gathered through an index (every other key of a longer sequence), q, v and out
@@ -683,15 +683,15 @@ void run_attend_rows_checks(const std::vector<Isa>& isas, bool verbose, Counts& 
             for (int64_t t = 0; t < n; ++t) idx[size_t(t)] = int32_t(2 * t + 1);
             std::vector<int64_t> nk(static_cast<size_t>(g));
             for (int64_t i = 0; i < g; ++i) nk[size_t(i)] = prefixes ? 1 + (i * (n - 1)) / (g > 1 ? g - 1 : 1) : n;
-            std::vector<float> kt(size_t(d * np), nan), scores(size_t(g * np), nan);
+            std::vector<float> kt(size_t(d * np), nan), vp(size_t(n * d), nan), scores(size_t(g * np), nan);
             std::vector<float> out(size_t(g * stride), guard);
             for (int64_t i = 0; i < g; ++i)
               for (int64_t e = 0; e < d; ++e) out[size_t(i * stride + e)] = nan;
             const float scale = 1.0f / std::sqrt(float(d));
-            ops.keys_transposed(k.data(), stride, idx.data(), n, d, kt.data(), np);
+            ops.pack_keys_values(k.data(), stride, v.data(), stride, idx.data(), n, d, kt.data(), np, vp.data());
             AttendRows a;
             a.q = q.data(), a.q_stride = stride, a.g = g, a.kt = kt.data(), a.np = np;
-            a.v = v.data(), a.v_stride = stride, a.idx = idx.data(), a.d = d, a.nk = nk.data(), a.scale = scale;
+            a.v = vp.data(), a.d = d, a.nk = nk.data(), a.scale = scale;
             a.scores = scores.data(), a.out = out.data(), a.out_stride = stride;
             ops.attend_rows(a);
             for (int64_t i = 0; i < g; ++i) {

@@ -125,9 +125,13 @@ inline void attend_part(const float* q, int64_t G, const T* k, const T* v, int64
   }
 }
 
-// DecodeOps::attend_rows in vectors (attend_rows, at the end): Simd::kHeads query rows at a time,
-// their scores W keys per vector (each load of transposed keys serves every row), e^(s - max) in
-// lanes, then each value row read once for the rows of the group, their accumulators in registers.
+// DecodeOps::attend_rows in vectors (attend_rows, at the end): kRows query rows at a time, their
+// scores W keys per vector (each load of transposed keys serves every row), e^(s - max) in lanes, then
+// each value row read once for the rows of the group, their accumulators in registers. Register tiles:
+// kRows rows x up to kTile vectors (the decode step's value tile: kHeads vectors, 4 x 4 in 32 registers,
+// 4 x 2 in AVX2's 16: with 4 x 4 there the compiler reloaded each key vector for every row).
+constexpr int kRows = 4;
+constexpr int kTile = Simd::kHeads;
 
 // Scores of GS rows over keys [t, t + NB * W): a GS x NB register tile, per head element one load
 // of each key vector and one broadcast per row.
@@ -154,8 +158,8 @@ template <int GS>
 inline void scores_rows(const float* q, int64_t qs, int64_t d, const float* kt, int64_t np, int64_t keys, float scale,
                         float* s) {
   int64_t t = 0;
-  for (; t + 4 * W <= keys; t += 4 * W) scores_tile<GS, 4>(q, qs, d, kt, np, t, scale, s);
-  switch ((keys - t) / W) {
+  for (; t + kTile * W <= keys; t += kTile * W) scores_tile<GS, kTile>(q, qs, d, kt, np, t, scale, s);
+  switch ((keys - t) / W) {  // fewer than kTile vectors left
     case 3: scores_tile<GS, 3>(q, qs, d, kt, np, t, scale, s); break;
     case 2: scores_tile<GS, 2>(q, qs, d, kt, np, t, scale, s); break;
     case 1: scores_tile<GS, 1>(q, qs, d, kt, np, t, scale, s); break;
@@ -172,7 +176,7 @@ inline void values_rows(const AttendRows& a, const float* p, int64_t keys, int64
     for (int u = 0; u < NV; ++u) acc[r][u] = Simd::zero();
   for (int64_t t = 0; t < keys; ++t) {
     V row[NV];
-    const float* vt = a.v + a.idx[t] * a.v_stride + c;
+    const float* vt = a.v + t * a.d + c;
     for (int u = 0; u < NV; ++u) row[u] = Simd::load(vt + u * W);
     for (int r = 0; r < GS; ++r) {
       const V pr = Simd::set1(p[r * np + t]);
@@ -233,8 +237,8 @@ inline void attend_group(const AttendRows& a, int64_t i) {
   float inv[GS];
   for (int r = 0; r < GS; ++r) inv[r] = 1.0f / Simd::hsum(sum[r]);
   int64_t c = 0;
-  for (; c + 4 * W <= d; c += 4 * W) values_rows<GS, 4>(a, scores, keys, c, inv, out);
-  switch ((d - c) / W) {
+  for (; c + kTile * W <= d; c += kTile * W) values_rows<GS, kTile>(a, scores, keys, c, inv, out);
+  switch ((d - c) / W) {  // fewer than kTile vectors left
     case 3: values_rows<GS, 3>(a, scores, keys, c, inv, out); break;
     case 2: values_rows<GS, 2>(a, scores, keys, c, inv, out); break;
     case 1: values_rows<GS, 1>(a, scores, keys, c, inv, out); break;
@@ -244,9 +248,8 @@ inline void attend_group(const AttendRows& a, int64_t i) {
 
 inline void attend_rows(const AttendRows& a) {
   if (a.d % W) return decode_math::attend_rows(a);
-  constexpr int G = Simd::kHeads;
   int64_t i = 0;
-  for (; i + G <= a.g; i += G) attend_group<G>(a, i);
+  for (; i + kRows <= a.g; i += kRows) attend_group<kRows>(a, i);
   for (; i < a.g; ++i) attend_group<1>(a, i);
 }
 

@@ -27,11 +27,9 @@ constexpr int64_t kAttendPad = 16;
 struct AttendRows {
   const float* q = nullptr;   // query row i at q + i * q_stride, d floats
   int64_t q_stride = 0, g = 0;
-  const float* kt = nullptr;  // the keys transposed, [d][np] (keys_transposed); np a multiple of kAttendPad
+  const float* kt = nullptr;  // the keys transposed, [d][np] (pack_keys_values); np a multiple of kAttendPad
   int64_t np = 0;
-  const float* v = nullptr;   // value of key t at v + idx[t] * v_stride
-  int64_t v_stride = 0;
-  const int32_t* idx = nullptr;
+  const float* v = nullptr;   // the values, [n][d] (pack_keys_values)
   int64_t d = 0;
   const int64_t* nk = nullptr;  // [g], each <= np
   float scale = 1.0f;
@@ -59,10 +57,12 @@ struct DecodeOps {
   // Attention of a block of query rows over whole sequences (prefill, encoders: dispatch.cpp,
   // run_attention): AttendRows says what.
   void (*attend_rows)(const AttendRows& a);
-  // The keys such a block sees, transposed: kt[e * np + t] = k[idx[t] * stride + e] for t < n, and 0
-  // for t in [n, np) (read by whole vectors, never used), e < d.
-  void (*keys_transposed)(const float* k, int64_t stride, const int32_t* idx, int64_t n, int64_t d, float* kt,
-                          int64_t np);
+  // The keys and values such a block sees, gathered: kt[e * np + t] = k[idx[t] * k_stride + e] (the keys
+  // transposed; 0 for t in [n, np): read by whole vectors, never used) and vp[t * d + e] = v[idx[t] *
+  // v_stride + e], for t < n, e < d. (Every group of rows reads every value row again: from a model's
+  // q / k / v output they lie a whole token apart, a page each at BERT-base's sizes.)
+  void (*pack_keys_values)(const float* k, int64_t k_stride, const float* v, int64_t v_stride, const int32_t* idx,
+                           int64_t n, int64_t d, float* kt, int64_t np, float* vp);
   // out[i] = silu(gate[i]) * up[i]
   void (*silu_mul)(const float* gate, const float* up, int64_t n, float* out);
   // x[i] += y[i]
@@ -234,19 +234,23 @@ inline void attend_rows(const AttendRows& a) {
     float* y = a.out + i * a.out_stride;
     for (int64_t e = 0; e < d; ++e) y[e] = 0.0f;
     for (int64_t t = 0; t < n; ++t) {
-      const float* vt = a.v + a.idx[t] * a.v_stride;
+      const float* vt = a.v + t * d;
       for (int64_t e = 0; e < d; ++e) y[e] += s[t] * vt[e];
     }
     for (int64_t e = 0; e < d; ++e) y[e] *= inv;
   }
 }
 
-inline void keys_transposed(const float* k, int64_t stride, const int32_t* idx, int64_t n, int64_t d, float* kt,
-                            int64_t np) {
-  for (int64_t e = 0; e < d; ++e) {  // t innermost: contiguous stores, indexed loads (gathers where there are)
+inline void pack_keys_values(const float* k, int64_t k_stride, const float* v, int64_t v_stride, const int32_t* idx,
+                             int64_t n, int64_t d, float* kt, int64_t np, float* vp) {
+  for (int64_t e = 0; e < d; ++e) {  // t innermost: contiguous stores
     float* row = kt + e * np;
-    for (int64_t t = 0; t < n; ++t) row[t] = k[idx[t] * stride + e];
+    for (int64_t t = 0; t < n; ++t) row[t] = k[idx[t] * k_stride + e];
     for (int64_t t = n; t < np; ++t) row[t] = 0.0f;
+  }
+  for (int64_t t = 0; t < n; ++t) {
+    const float* src = v + idx[t] * v_stride;
+    for (int64_t e = 0; e < d; ++e) vp[t * d + e] = src[e];
   }
 }
 
@@ -284,7 +288,7 @@ inline void gemv(const float* w, int64_t k, const float* x, const float* bias, i
 }
 
 inline DecodeOps ops() {
-  return DecodeOps{rms_norm, rope, attend_part<float>, attend_part<uint16_t>, attend_rows, keys_transposed, silu_mul,
+  return DecodeOps{rms_norm, rope, attend_part<float>, attend_part<uint16_t>, attend_rows, pack_keys_values, silu_mul,
                    add, gemv};
 }
 
