@@ -89,6 +89,22 @@ def test_every_isa_and_thread_count_gives_one_set_of_bits_per_isa():
         assert (((runs[0].double() - want).abs() / (magnitude + 1e-30))[:, 1:].max() < TOL), isa
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_large_logits_give_zero_weights_not_garbage(isa):
+    """Scores spread over thousands (the exp's floor, e^-80, stands for 0): no NaN or inf, and the worst
+    error within twice torch's own fp32 one (float scores of magnitude ~1000 carry ~1e-4) plus TOL."""
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = _joint_qkv(2, 3, 3, 40, 16, gen)
+    q = q * 50
+    out = torch.full((2, 40, 3, 16), float("nan"))
+    assert C.attention(q, k, v, out, None, 0.25, False, 2, isa)
+    want, magnitude = _reference(q, k, v, scale=0.25)
+    torchs = F.scaled_dot_product_attention(q, k, v, scale=0.25).transpose(1, 2)
+    torch_err = ((torchs.double() - want).abs() / (magnitude + 1e-30)).max()
+    err = ((out.double() - want).abs() / (magnitude + 1e-30)).max()
+    assert torch.isfinite(out).all() and err <= 2 * torch_err + TOL, (err, torch_err)
+
+
 def test_a_mask_that_is_not_padding_goes_back_to_torch():
     """Rows that see different keys (a sliding window, a block mask): _C.attention leaves out alone and
     says so; sdpa() then gives torch's own result, bit for bit."""

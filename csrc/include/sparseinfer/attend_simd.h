@@ -24,7 +24,7 @@ constexpr int W = Simd::W;
 
 // decode_math::exp_approx in W lanes (the same operations, so the same bits).
 inline V exp_lanes(V x) {
-  x = Simd::min(Simd::max(x, Simd::set1(-87.3f)), Simd::set1(88.3f));
+  x = Simd::min(Simd::max(x, Simd::set1(-80.0f)), Simd::set1(88.3f));  // (the floor: exp_approx's)
   const V round = Simd::set1(12582912.0f);
   V r = Simd::add(Simd::mul(x, Simd::set1(1.44269504088896341f)), round);
   r = Simd::sub(r, round);
