@@ -9,14 +9,15 @@ each recipe after it, which on a busy machine moves its ratios by tens of percen
 The inputs are the demo's: its latency batch (the first 16 sentences, natural order, padded to the
 longest) and one sentence; default act (SPARSEINFER_ACT, else auto). Each model runs once untimed
 first, with no first-use measuring budget (so route measurements, if this machine's cache lacks them, happen there), then
---rounds rounds; speed = dense time / recipe time of the median round (and of the best one).
+--rounds rounds; speed = dense time / recipe time of the median round (and of the best one, and the
+median of the rounds' own ratios: the steadiest of the three on a shared host).
 
 --load adds a row per recipe for its model saved and loaded back (``si.save`` with the batch as the
 example input, ``si.load``: the exported program, as a deployment runs it).
 
 A "dense+attention" row is the dense model on sparseinfer's attention kernel alone (runtime/attention.py),
-which every compressed model runs too; --torch-attention gives the compressed models torch's attention
-back, so their rows show their compressed layers' gain alone (as before that kernel).
+which every compressed model runs too; --torch-attention adds a row per recipe for its model on torch's
+attention (as before that kernel), timed in the same rounds.
 
 --force pick,last,dense adds rows for each recipe with every layer's route replaced (a what-if, by
 replacing cpu_routes.decide): "pick" the table's kernel, "last" the last of _C.kernel_candidates
@@ -66,7 +67,7 @@ def main() -> None:
     ap.add_argument("--load", action="store_true", help="add rows for each recipe saved and loaded back")
     ap.add_argument("--force", default="", help="comma-separated: pick, last, dense (rows with every route forced)")
     ap.add_argument("--torch-attention", action="store_true",
-                    help="compressed models run torch's attention (as before runtime/attention.py): their layers' gain alone")
+                    help="add a row per recipe for its model on torch's attention (as before runtime/attention.py)")
     args = ap.parse_args()
     model, tokenizer, _ = models.load_hf(models.MINILM)
     texts = sentences(args.batch + demo.CALIB_SENTENCES)
@@ -78,8 +79,10 @@ def main() -> None:
         nets[demo.ATTENTION_ROW] = attend
     for r in args.recipes:
         nets[r] = si.set_act(si.compress(model, r, calib=calib, progress=False), args.act)
-        if args.torch_attention:
-            nets[r].set_attn_implementation("sdpa")
+    if args.torch_attention:
+        for r in args.recipes:
+            nets[f"{r} [torch attention]"] = copy.deepcopy(nets[r])
+            nets[f"{r} [torch attention]"].set_attn_implementation("sdpa")
     if args.load:
         saved = tempfile.TemporaryDirectory()  # removed when main() returns
         for r in args.recipes:
@@ -112,15 +115,17 @@ def main() -> None:
     print(f"MiniLM-L6, {torch.get_num_threads()} threads, ISA {_native.require_native().active_isa()}, "
           f"batch {rows[0]}x{rows[1]} tokens, one sentence {inputs['one']['input_ids'].shape[1]} tokens, "
           f"{args.rounds} interleaved rounds\n")
-    print("| recipe | batch ms (median) | speed (median / best round) | one sentence ms | speed (median / best) |")
+    print("| recipe | batch ms (median) | speed (median / best round / per round) | one sentence ms | speed (median / "
+          "best / per round) |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for name in variants:
         cells = []
         for size in inputs:
-            med = statistics.median(times[(name, size)])
-            best = min(times[(name, size)])
-            dmed, dbest = statistics.median(times[("dense", size)]), min(times[("dense", size)])
-            cells += [f"{med * 1e3:.1f}", f"{dmed / med:.2f}x / {dbest / best:.2f}x"]
+            mine, dense = times[(name, size)], times[("dense", size)]
+            med, best = statistics.median(mine), min(mine)
+            per_round = statistics.median(d / t for d, t in zip(dense, mine))  # each round's own dense
+            cells += [f"{med * 1e3:.1f}",
+                      f"{statistics.median(dense) / med:.2f}x / {min(dense) / best:.2f}x / {per_round:.2f}x"]
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
