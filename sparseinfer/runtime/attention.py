@@ -1,8 +1,8 @@
 """Attention over whole sequences (encoders, prompts) on sparseinfer's CPU kernel, ``_C.attention``.
 
 On a CPU, torch's fused attention costs far more than its arithmetic at an encoder's sizes: MiniLM at
-the demo's batch of 16 (16 x 12 heads x 46 x 46, a padding mask) spent 1.6-2.3 ms a layer in it, more
-than 10 % of the dense forward, against 0.6-0.8 ms here (bench/README.md). The kernel takes q / k / v
+the demo's batch of 16 (16 x 12 heads x 46 x 46, a padding mask) spent 1.3-2.0 ms a layer in it, about
+10 % of the dense forward, against 0.4-0.7 ms here (bench/README.md). The kernel takes q / k / v
 as the strided views a model hands over (one joint q / k / v output needs no copy), gathers the keys
 a padding mask leaves visible (padded keys cost nothing), and writes the [batch, rows, heads, head
 size] layout the output projection reads.
@@ -19,9 +19,8 @@ What runs here: fp32 CPU tensors, no gradient, no dropout, no mask or a mask tha
 from every query row (padding), causal attention (top-left, as torch's is_causal), grouped-query
 heads; under torch.compile too (one opaque op). Anything else (masks of other shapes, attention
 weights asked for, soft-capping, sinks, position biases, torch.export) goes to torch / transformers
-unchanged. The arithmetic is the
-decode step's (decode.h: its exp; float sums in another order than ATen's): within ~1e-6 of torch's
-(tests/test_attention.py).
+unchanged. The arithmetic is the decode step's (decode.h: its exp; float sums in another order than
+ATen's): within ~1e-6 of torch's (tests/test_attention.py).
 """
 
 from __future__ import annotations
