@@ -15,6 +15,7 @@ markdown table: best time per call, sparseinfer's speed against each, and its G 
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import torch
@@ -43,6 +44,11 @@ def inputs(batch, heads, kv, rows, dim, padding, gen):
         lengths = torch.tensor([max(1, rows - 5 * b) for b in range(batch)])
         mask = (torch.arange(rows)[None] < lengths[:, None])[:, None, None, :].expand(batch, 1, rows, rows)
     return q, k, v, mask
+
+
+def torch_sdpa(q, k, v, mask, causal, groups):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                          enable_gqa=groups > 1).transpose(1, 2).contiguous()
 
 
 def eager(q, k, v, mask, causal, groups):
@@ -86,10 +92,9 @@ def main() -> None:
         groups = heads // kv
         with torch.inference_mode():
             fns = {
-                "ours": lambda: attention.kernel(q, k, v, mask, None, causal, gqa=True),
-                "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                                               enable_gqa=groups > 1).transpose(1, 2).contiguous(),
-                "eager": lambda: eager(q, k, v, mask, causal, groups),
+                "ours": functools.partial(attention.kernel, q, k, v, mask, None, causal, gqa=True),
+                "sdpa": functools.partial(torch_sdpa, q, k, v, mask, causal, groups),
+                "eager": functools.partial(eager, q, k, v, mask, causal, groups),
             }
             ours = fns["ours"]()
             assert ours is not None, f"{name}: the kernel refused"
