@@ -693,7 +693,7 @@ bool attention(py::handle q_obj, py::handle k_obj, py::handle v_obj, py::handle 
   check_shape(v, {B, Hkv, Lk, D}, "the shape of k");
   if (Hkv < 1 || H % Hkv)
     value_error("q's " + std::to_string(H) + " heads must be a multiple of k's " + std::to_string(Hkv) + " (grouped-query)");
-  if (D < 1) value_error("the head size must be >= 1, got q " + q.shape_str());
+  if (H < 1 || D < 1) value_error("q must have at least one head of size >= 1, got " + q.shape_str());
   for (const Tensor* t : {&q, &k, &v})
     if (t->shape[3] > 1 && t->strides[3] != 1)
       value_error(t->name + " must have unit stride along its last dim (head size), got strides " + t->strides_str());

@@ -163,6 +163,8 @@ def test_bad_arguments_are_refused_with_their_names():
         C.attention(torch.randn(1, 2, 5, 16)[..., ::2], q, q, out)
     with pytest.raises(ValueError, match="multiple of k's 3"):
         C.attention(q, torch.randn(1, 3, 5, 8), torch.randn(1, 3, 5, 8), out)
+    with pytest.raises(ValueError, match="at least one head"):
+        C.attention(torch.randn(1, 0, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8), torch.empty(1, 5, 0, 8))
     with pytest.raises(ValueError, match="v must have shape"):
         C.attention(q, q, torch.randn(1, 2, 4, 8), out)
     with pytest.raises(ValueError, match="out must have shape"):
