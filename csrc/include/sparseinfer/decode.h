@@ -1,12 +1,15 @@
 // The math of a batch-1 decoder step between its linear calls (RMSNorm, rotary embedding, attention
 // over the KV cache, SiLU gate, residual add), for the native decode step (bindings.cpp, Decoder;
 // sparseinfer/lean_llama.py). Per step these are a few thousand flops each, where a torch op costs
-// microseconds of dispatch: run from Python they took more of a SmolLM2 step than its kernels.
+// microseconds of dispatch: run from Python they took more of a SmolLM2 step than its kernels. Also
+// attention over whole sequences (attend_rows, pack_keys_values: dispatch.cpp, run_attention), which
+// shares the decode step's exp and vector types.
 //
 // One implementation, plain loops written so the compiler vectorizes them (fixed-width partial sums
 // for the reductions, a branch-free exp), compiled in each ISA group with that group's flags:
 // ref/decode_ref.cpp, x86/avx2/decode_avx2.cpp, x86/avx512/decode_avx512.cpp, arm/neon/decode_neon.cpp.
-// The vector groups replace attend_part with attend_simd.h's (it uses these loops for what it leaves).
+// The vector groups replace attend_part and attend_rows with attend_simd.h's (which use these loops for
+// what they leave).
 // The functions have internal linkage (an anonymous namespace) so that each group keeps its own copy.
 // Float arithmetic, not transformers' bit for bit: the sums are ordered differently from ATen's.
 #pragma once
@@ -116,7 +119,7 @@ inline float dot(const float* a, const T* b, int64_t n) {
 // vectorize: x = r ln2 + f with r integral and |f| <= ln2 / 2, e^f by its Taylor polynomial to f^7.
 // The floor keeps results normal: near -87.3 they were subnormal (e^-87.3 ~ 2^-126), and a softmax
 // weight that small times a value is a subnormal product each time, microcode-assisted on x86 (scores
-// spread over more than 87, as large attention logits make: 7x slower). e^-80 ~ 1.8e-35 stands for 0.
+// spread over more than 87, as large attention logits make: 5x slower). e^-80 ~ 1.8e-35 stands for 0.
 inline float exp_approx(float x) {
   x = x < -80.0f ? -80.0f : x;
   x = x > 88.3f ? 88.3f : x;
