@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import time
+import math
 
 import torch
 import torch.nn.functional as F
 
 from sparseinfer import _native
+from sparseinfer.backends.cpu_routes import time_interleaved
 from sparseinfer.runtime import attention
 
 # (name, batch, heads, kv heads, rows, head size, padding, causal); "large logits": q scaled by 30, scores
@@ -61,19 +62,6 @@ def eager(q, k, v, mask, causal, groups):
     return (s.softmax(-1) @ v).transpose(1, 2).contiguous()
 
 
-def best_of(fns: dict, rounds: int) -> dict:
-    for fn in fns.values():
-        fn()
-    best = dict.fromkeys(fns, float("inf"))
-    names = list(fns)
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            t0 = time.perf_counter()
-            fns[name]()
-            best[name] = min(best[name], time.perf_counter() - t0)
-    return best
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -100,7 +88,7 @@ def main() -> None:
             assert ours is not None, f"{name}: the kernel refused"
             err = (ours - fns["sdpa"]()).abs().max().item()
             assert err < 1e-4, f"{name}: differs from torch's SDPA by {err:.2e}"
-            best = best_of(fns, args.rounds)
+            best = time_interleaved(fns, args.rounds, math.inf)
         macs = 2 * batch * heads * rows * rows * dim
         print(f"| {name} | {batch} x {heads}/{kv} x {rows} x {dim}{' (padded)' if padding else ''}"
               f"{' causal' if causal else ''} | {best['ours'] * 1e6:,.0f} µs | {best['sdpa'] * 1e6:,.0f} µs | "

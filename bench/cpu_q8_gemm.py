@@ -15,7 +15,7 @@ Prints one markdown table: time per call and speed vs torch fp32 (and vs FBGEMM 
 from __future__ import annotations
 
 import argparse
-import time
+import math
 
 import torch
 import torch.nn.functional as F
@@ -24,25 +24,13 @@ import sparseinfer as si
 from sparseinfer import _native
 from sparseinfer.apps import benchmarking as sb
 from sparseinfer.backends.cpu import build_native_weight
+from sparseinfer.backends.cpu_routes import time_interleaved
 
 THREADS = 2
 FORMATS = {"int8": {}, "int4-g128": {"group_size": 128}, "2:4+int8": {}, "2:4+int4-g64": {"group_size": 64}}
 VNNI_KERNELS = {"int8": "int8_q8_gemm_vnni_avx512", "int4-g128": "int4_q8_gemm_vnni_avx512",
                 "2:4+int8": "nm_int8_q8_tiles_vnni_avx512", "2:4+int4-g64": "nm_int4_q8_tiles_vnni_avx512"}
 TILE4X4_KERNELS = {f: k.replace("_vnni_", "_vnni4x4_") for f, k in VNNI_KERNELS.items()}
-
-
-def best_of(fns: dict, rounds: int) -> dict:
-    for fn in fns.values():
-        fn()
-    best = dict.fromkeys(fns, float("inf"))
-    names = list(fns)
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            t0 = time.perf_counter()
-            fns[name]()
-            best[name] = min(best[name], time.perf_counter() - t0)
-    return best
 
 
 def main():
@@ -83,7 +71,7 @@ def main():
                 if vnni and not amx and f.startswith("2:4"):
                     fns[f + "@avx2"] = lambda h=h, x=x, out=out: C.linear(x, h, out, None, num_threads=THREADS,
                                                                           isa="avx2", act="int8")
-            t = best_of(fns, args.rounds)
+            t = time_interleaved(fns, args.rounds, math.inf)
             cells = []
             for f, h in handles.items():
                 cell = f"{t[f] * 1e6:,.0f} µs = {t['fp32'] / t[f]:.2f}×"
